@@ -1,0 +1,116 @@
+"""The MLLM embedder: last non-pad token of the last hidden layer, L2-normalised (method reference 3.1).
+
+Queries and candidates go through the same network; the only asymmetry is the instruction text, which
+comes with the data (``Item.instruction``), never from code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.images import load_image
+from ..data.schema import Item
+from .backbone import load_backbone, resolve_dtype
+from .formatting import INPUT_FORMATS, format_item
+from .processor import ImageOptions, VLProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def language_core(model):
+    """The backbone without the LM head (``Qwen2VLModel``), through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last real token; works for left and right padding."""
+    seq_len = attention_mask.shape[1]
+    last = seq_len - 1 - attention_mask.flip(dims=[1]).int().argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class Embedder:
+    """Encode (text, image) items into float32, unit-norm vectors."""
+
+    def __init__(self, model, processor: VLProcessor, input_format: str = "official",
+                 image_root: str | os.PathLike | None = None, device: str | torch.device | None = None):
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        self.model = model
+        self.processor = processor
+        self.input_format = input_format
+        self.image_root = image_root
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, input_format: str = "official",
+                        adapter: str | os.PathLike | None = None, dtype: str = "auto",
+                        device: str | None = None, image_options: ImageOptions | None = None,
+                        image_root: str | os.PathLike | None = None, processor_backend: str = "auto") -> "Embedder":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_backbone(name_or_path, dtype=dtype, device=device)
+        if adapter is not None:
+            from .lora import load_adapter
+
+            model = load_adapter(model, adapter)
+        processor = VLProcessor.from_pretrained(name_or_path, model.config.model_type, processor_backend,
+                                                image_options)
+        return cls(model.eval(), processor, input_format, image_root, device)
+
+    @property
+    def dim(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "text_config", cfg).hidden_size
+
+    def prepare(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        texts = [format_item(it, self.input_format) for it in items]
+        images = [load_image(it, self.image_root) for it in items]
+        return self.processor(texts, images)
+
+    def embed_inputs(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Differentiable embeddings (float32, normalised) of prepared inputs: the training entry point."""
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        out = language_core(self.model)(**inputs, use_cache=False, return_dict=True)
+        pooled = last_token_pool(out.last_hidden_state, inputs["attention_mask"])
+        return F.normalize(pooled.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> np.ndarray:
+        """[N, dim] float32 unit vectors, in input order."""
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        start = time.perf_counter()
+        for i in range(0, len(items), batch_size):
+            batch = items[i:i + batch_size]
+            out[i:i + len(batch)] = self.embed_inputs(self.prepare(batch)).cpu().numpy()
+            if progress:
+                done = i + len(batch)
+                logger.info("encoded %d/%d items (%.1f items/s)", done, len(items),
+                            done / max(time.perf_counter() - start, 1e-9))
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the model (adapter merged) with its tokenizer and image processor as a loadable folder."""
+        from .lora import merged
+
+        path = Path(path)
+        merged(self.model).save_pretrained(path)
+        self.processor.tokenizer.save_pretrained(path)
+        self.processor.image_processor.save_pretrained(path)
+        return path
+
+
+def default_dtype_name() -> str:
+    return "bfloat16" if resolve_dtype("auto") == torch.bfloat16 else "float32"

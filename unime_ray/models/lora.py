@@ -1,0 +1,64 @@
+"""LoRA / DoRA adapters on the language model through peft: apply, save, load, merge.
+
+The official UniME-V2 setting is DoRA with r=16, alpha=64, dropout 0.1, Gaussian init, on the language
+model's projections (its target list only matches q/k/v/o and down_proj of Qwen2-VL's LLM). Adapters
+attach to the language model only: the regex below never matches the vision tower.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 64
+    dropout: float = 0.1
+    use_dora: bool = True
+    init: str = "gaussian"
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def target_regex(self) -> str:
+        names = "|".join(self.target_modules)
+        return rf".*language_model.*\.({names})$"
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        init = True if self.init in ("default", "kaiming") else self.init
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.use_dora,
+                          init_lora_weights=init, target_modules=self.target_regex(), bias="none")
+
+
+def apply_lora(model, settings: LoraSettings | None = None):
+    from peft import get_peft_model
+
+    settings = settings or LoraSettings()
+    return get_peft_model(model, settings.to_peft())
+
+
+def save_adapter(model, path: str | os.PathLike) -> Path:
+    if not hasattr(model, "peft_config"):
+        raise ValueError("model has no adapter to save; apply_lora first")
+    model.save_pretrained(str(path))
+    return Path(path)
+
+
+def load_adapter(model, path: str | os.PathLike, trainable: bool = False):
+    from peft import PeftModel
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a peft adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+
+
+def merged(model):
+    """The plain backbone with adapter weights folded in (a no-op for a model without adapters)."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model

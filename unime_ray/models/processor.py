@@ -1,0 +1,156 @@
+"""Turn formatted texts and images into Qwen2-VL / Qwen2.5-VL model inputs.
+
+Two interchangeable backends produce identical tensors (a test checks it):
+
+* ``hf``: the Hugging Face processor. ``AutoProcessor`` cannot be built without torchvision (its video
+  processor is a torchvision-only class), so when the normal construction fails we build the same
+  processor class for images only, which runs Hugging Face's own expansion code.
+* ``manual``: our own expansion of each ``<|image_pad|>`` into ``t*h*w / merge**2`` copies, using only
+  the tokenizer and the (PIL) image processor: the path that works on any install.
+
+Images can be resized first (``ImageOptions.resize``, e.g. 672x672 as in UniME-V2 training) and bounded
+by a pixel budget (``min_pixels``/``max_pixels``, e.g. 256*28*28 .. 1280*28*28).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images are sized before the vision tower (see the method reference, section 3.1)."""
+
+    resize: tuple[int, int] | None = None     # (width, height), e.g. (672, 672); None keeps the image size
+    min_pixels: int | None = None             # None: the checkpoint's image-processor setting
+    max_pixels: int | None = None
+
+    def __post_init__(self):
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) <= 0):
+            raise ValueError(f"resize must be (width, height) with positive sizes, got {self.resize}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        if self.resize is not None and image.size != tuple(self.resize):
+            return image.resize(tuple(self.resize), Image.Resampling.BICUBIC)
+        return image
+
+    def size_kwargs(self, image_processor) -> dict[str, Any]:
+        if self.min_pixels is None and self.max_pixels is None:
+            return {}
+        size = dict(image_processor.size) if image_processor.size is not None else {}
+        lo = self.min_pixels if self.min_pixels is not None else size.get("shortest_edge")
+        hi = self.max_pixels if self.max_pixels is not None else size.get("longest_edge")
+        return {"size": {"shortest_edge": lo, "longest_edge": hi}}
+
+
+def _hf_processor(tokenizer, image_processor, model_type: str):
+    """The Hugging Face processor object, built for images only when the full one cannot be built."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+    cls = Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else Qwen2VLProcessor
+    try:
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
+    except Exception as exc:  # torchvision-only video processor: build the image-only processor
+        logger.debug("full %s unavailable (%s); using it for images only", cls.__name__, exc)
+    proc = cls.__new__(cls)
+    proc.chat_template = getattr(tokenizer, "chat_template", None)
+    proc.tokenizer = tokenizer
+    proc.image_processor = image_processor
+    proc.image_token, proc.video_token = IMAGE_PAD, VIDEO_PAD
+    proc.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    proc.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    return proc
+
+
+class VLProcessor:
+    """(formatted text, optional image) batches -> model inputs, left-padded."""
+
+    def __init__(self, tokenizer, image_processor, model_type: str = "qwen2_vl", backend: str = "auto",
+                 image_options: ImageOptions | None = None):
+        if backend not in ("auto", "hf", "manual"):
+            raise ValueError(f"processor backend must be auto, hf or manual, got {backend!r}")
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # so position -1 is each row's last real token
+        self.image_processor = image_processor
+        self.model_type = model_type
+        self.image_options = image_options or ImageOptions()
+        self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.pad_id = tokenizer.pad_token_id
+        self._hf = None
+        if backend in ("auto", "hf"):
+            try:
+                self._hf = _hf_processor(tokenizer, image_processor, model_type)
+            except Exception as exc:
+                if backend == "hf":
+                    raise
+                logger.info("Hugging Face processor unavailable (%s); using the manual processor", exc)
+        self.backend = "hf" if self._hf is not None else "manual"
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, model_type: str | None = None, backend: str = "auto",
+                        image_options: ImageOptions | None = None) -> "VLProcessor":
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # The PIL image processor is the torchvision-free twin of Qwen2VLImageProcessor (same outputs).
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
+        if model_type is None:
+            from .backbone import load_config
+
+            model_type = load_config(path).model_type
+        return cls(tokenizer, image_processor, model_type, backend, image_options)
+
+    def _images(self, images: Sequence[Image.Image | None]) -> list[Image.Image]:
+        return [self.image_options.prepare(im) for im in images if im is not None]
+
+    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """``texts[i]`` holds one ``<|image_pad|>`` exactly when ``images[i]`` is not None."""
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts but {len(images)} image slots")
+        for i, (t, im) in enumerate(zip(texts, images)):
+            n = t.count(IMAGE_PAD)
+            if n != (im is not None):
+                raise ValueError(f"batch item {i}: {n} image placeholders for {int(im is not None)} images")
+        backend = backend or self.backend
+        pil = self._images(images)
+        if backend == "hf":
+            if self._hf is None:
+                raise RuntimeError("the Hugging Face processor is not available here")
+            out = self._hf(images=pil or None, text=list(texts), return_tensors="pt", padding=True,
+                           padding_side="left", return_mm_token_type_ids=True,
+                           **self.image_options.size_kwargs(self.image_processor))
+            return dict(out)
+        return self._manual(list(texts), pil)
+
+    def _manual(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        vision: dict[str, torch.Tensor] = {}
+        expanded = texts
+        if images:
+            vision = dict(self.image_processor(images=images, return_tensors="pt",
+                                               **self.image_options.size_kwargs(self.image_processor)))
+            merge = self.image_processor.merge_size ** 2
+            counts = iter((vision["image_grid_thw"].prod(dim=1) // merge).tolist())
+            expanded = [t.replace(IMAGE_PAD, IMAGE_PAD * next(counts)) if IMAGE_PAD in t else t for t in texts]
+        enc = self.tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+               # transformers 5 needs the token types (0 text, 1 image) to place M-RoPE positions.
+               "mm_token_type_ids": (enc["input_ids"] == self.image_pad_id).long()}
+        out.update(vision)
+        return out
