@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .io import iter_rows, write_rows
-from .schema import (IMAGE_MARKER, PAIR_SCHEMA, Item, empty_row, item_from_row, item_to_columns,
+from .schema import (IMAGE_MARKER, PAIR_SCHEMA, SCHEMAS, Item, empty_row, item_from_row, item_to_columns,
                      negatives_from_row, negatives_to_columns)
 from .validate import DataError, Quarantine, RowAccount, validate_rows
 
@@ -303,25 +303,34 @@ def convert_records(records: Iterable[Any], fmt: str, *, source: str, task: str 
             quarantine.add(exc, rec)
 
 
-def import_pairs(input_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
-                 quarantine_path: str | os.PathLike, task: str | None = None,
+def import_table(input_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
+                 quarantine_path: str | os.PathLike, kind: str = "pairs", task: str | None = None,
                  image_root: str | os.PathLike | None = None, check_images: bool = True,
                  rows_per_shard: int = 10_000) -> RowAccount:
-    """Convert and validate ``input_path`` into a canonical pair table at ``out_dir``.
+    """Convert and validate ``input_path`` into a canonical table (``kind`` pairs or candidates) at ``out_dir``.
 
-    Returns the row account; ``rows_in = rows_out + rows_quarantined`` holds and is checked.
+    Returns the row account; ``rows_in = rows_out + rows_quarantined`` holds and is checked. Candidate
+    pools only come in the canonical format.
     """
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown table kind {kind!r}; choose one of {', '.join(SCHEMAS)}")
+    if kind == "candidates" and fmt != "canonical":
+        raise ValueError("candidate pools are read in the canonical format only")
     source = str(input_path)
     quarantine = Quarantine(quarantine_path)
     account = RowAccount()
     converted = convert_records(read_records(input_path), fmt, source=source, task=task,
                                 quarantine=quarantine, account=account)
-    valid = validate_rows(converted, "pairs", source=source, quarantine=quarantine, account=account,
+    valid = validate_rows(converted, kind, source=source, quarantine=quarantine, account=account,
                           image_root=image_root, check_images=check_images)
-    write_rows(valid, out_dir, PAIR_SCHEMA, rows_per_shard)
+    write_rows(valid, out_dir, SCHEMAS[kind], rows_per_shard)
     quarantine.write()
     account.check()
     return account
+
+
+def import_pairs(input_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, **kwargs) -> RowAccount:
+    return import_table(input_path, fmt, out_dir, kind="pairs", **kwargs)
 
 
 def export_pairs(pairs_path: str | os.PathLike, fmt: str, out_path: str | os.PathLike,

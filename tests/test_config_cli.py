@@ -1,0 +1,106 @@
+"""Configs (presets, overrides, clear errors) and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from unime_ray.cli import build_parser, main
+from unime_ray.config import ConfigError, RunConfig, apply_override, list_presets, load_run_config
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_loads(preset):
+    cfg = load_run_config(preset=preset)
+    assert isinstance(cfg, RunConfig) and cfg.name == preset
+
+
+def test_presets_exist():
+    assert {"demo", "synthetic", "paper-qwen2vl-2b"} <= set(list_presets())
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_run_config(preset="demo", overrides=["embed.batch_size=4", "models.image_resize=[672, 672]",
+                                                    "ray.address=null", "data.source=synthetic"])
+    assert cfg.embed.batch_size == 4 and cfg.models.image_resize == (672, 672)
+    assert cfg.ray.address is None and cfg.data.source == "synthetic"
+    d: dict = {}
+    apply_override(d, "a.b.c=1.5")
+    assert d == {"a": {"b": {"c": 1.5}}}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("embed.batch_sise=4", "embed.batch_sise: unknown key"),
+    ("nonsense=1", "nonsense: unknown key"),
+    ("embed.batch_size=zero", "embed.batch_size"),
+    ("embed.min_actors=5", "min_actors (5) > max_actors"),
+    ("models.input_format=llava", "models.input_format"),
+    ("data.source=official", "needs data.train_path"),
+])
+def test_bad_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_run_config(preset="demo", overrides=[override])
+    assert message in str(exc.value)
+
+
+def test_unknown_preset_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*demo"):
+        load_run_config(preset="nope")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_run_config(preset="demo", overrides=["embed.batch_size"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_run_config(config_path=bad)
+
+
+def test_config_file_round_trip(tmp_path):
+    cfg = load_run_config(preset="synthetic", overrides=["seed=7"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_run_config(config_path=path) == cfg
+
+
+def test_model_refs():
+    cfg = load_run_config(preset="demo", overrides=["run_dir=/tmp/x"])
+    assert cfg.model_ref("./models/tiny") == "/tmp/x/models/tiny"
+    assert cfg.model_ref("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct"
+    assert cfg.model_ref("/abs/ckpt") == "/abs/ckpt"
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "unime_ray.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ("pipeline", "prepare", "export", "embed", "make-tiny-models", "make-demo-data", "config",
+                "model-info"):
+        assert cmd in out
+
+
+def test_cli_config_show_and_errors(capsys):
+    assert main(["config", "show", "--preset", "synthetic", "-o", "embed.batch_size=3"]) == 0
+    assert "batch_size: 3" in capsys.readouterr().out
+    assert main(["config", "show", "--preset", "demo", "-o", "embed.bogus=1"]) == 2
+    assert "embed.bogus: unknown key" in capsys.readouterr().err
+
+
+def test_cli_make_tiny_models_and_model_info(tmp_path, capsys):
+    assert main(["make-tiny-models", str(tmp_path), "--vocab-size", "400"]) == 0
+    assert (tmp_path / "tiny-qwen2-vl" / "config.json").is_file()
+    assert (tmp_path / "tiny-qwen2.5-vl" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["model-info", "Qwen/Qwen2-VL-2B-Instruct"]) == 0
+    assert "2,208,985,600" in capsys.readouterr().out
+    assert main(["model-info", str(tmp_path / "tiny-qwen2-vl"), "--dtype", "float32"]) == 0
+    assert main(["model-info", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_cli_make_demo_data_synthetic(tmp_path, capsys):
+    assert main(["make-demo-data", str(tmp_path / "d"), "--synthetic"]) == 0
+    assert (tmp_path / "d" / "summary.json").is_file()
+
+
+def test_parser_requires_a_command():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])

@@ -1,0 +1,224 @@
+"""Backbones, processor, formatting, embedder and adapters on tiny Qwen2-VL / Qwen2.5-VL checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unime_ray.data.schema import Item
+from unime_ray.models import (Embedder, ImageOptions, LoraSettings, ModelNotFoundError, UnsupportedArchitectureError,
+                              VLProcessor, apply_lora, build_random_backbone, format_item, load_adapter,
+                              load_backbone, save_adapter)
+from unime_ray.models.backbone import SHIPPED_CONFIGS
+from unime_ray.models.embedder import last_token_pool
+from unime_ray.models.processor import IMAGE_PAD
+
+from .conftest import make_png
+
+ARCHS = ["qwen2_vl", "qwen2_5_vl"]
+
+
+def mixed_items() -> list[Item]:
+    return [
+        Item(text="a red car", instruction="Represent the text:"),
+        Item(image=make_png(60, 80, seed=1), instruction="Represent the given image"),
+        Item(text="<image> what colour is it?", image=make_png(100, 50, seed=2)),
+        Item(text="short"),
+        Item(image=make_png(28, 28, seed=3)),
+    ]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def test_tiny_checkpoints_are_ordinary_hf_folders(tiny_models, arch):
+    folder = tiny_models[arch]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "preprocessor_config.json"):
+        assert (folder / f).is_file(), f
+    assert json.loads((folder / "config.json").read_text())["model_type"] == arch
+    model = load_backbone(folder, dtype="float32")
+    assert type(model).__name__ == {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[arch]
+
+
+def test_tokenizer_has_single_token_answers_and_digits(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["qwen2_vl"])
+    for word in ["Yes", "No", *"0123456789"]:
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    assert tok.convert_tokens_to_ids(IMAGE_PAD) != tok.unk_token_id
+
+
+def test_tiny_models_are_deterministic(tmp_path):
+    from unime_ray.models.tiny import TinySpec, make_tiny_models
+
+    spec = TinySpec(vocab_size=400)
+    a = make_tiny_models(tmp_path / "a", seed=3, spec=spec, archs=["qwen2_vl"])["qwen2_vl"]
+    b = make_tiny_models(tmp_path / "b", seed=3, spec=spec, archs=["qwen2_vl"])["qwen2_vl"]
+    c = make_tiny_models(tmp_path / "c", seed=4, spec=spec, archs=["qwen2_vl"])["qwen2_vl"]
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError) as exc:
+        load_backbone(tmp_path)
+    assert "gpt2" in str(exc.value) and "qwen2_vl" in str(exc.value) and "qwen2_5_vl" in str(exc.value)
+
+
+def test_unknown_model_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a local checkpoint folder"):
+        load_backbone("no-such-org/no-such-model-xyz")
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_backbone(str(tmp_path / "missing"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_backbone(tmp_path)
+
+
+@pytest.mark.parametrize("name,expected", [("Qwen/Qwen2-VL-2B-Instruct", (2_208_985_600, 1536)),
+                                           ("Qwen/Qwen2-VL-7B-Instruct", (8_291_375_616, 3584)),
+                                           ("Qwen/Qwen2.5-VL-7B-Instruct", (8_292_166_656, 3584))])
+def test_real_size_models_build_on_meta(name, expected):
+    model = build_random_backbone(name, device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    assert (n, model.config.text_config.hidden_size) == expected
+    assert next(model.parameters()).device.type == "meta"
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert set(SHIPPED_CONFIGS) >= {name}
+
+
+def test_formats():
+    img = Item(text="<image>\nRepresent the given image with the following question: what?\n", image=b"x")
+    assert format_item(img, "official") == f"{IMAGE_PAD}\nRepresent the given image with the following question: what?\n"
+    bare = Item(instruction="Represent the given image", image=b"x")
+    assert format_item(bare, "official") == f"{IMAGE_PAD}\nRepresent the given image"
+    assert format_item(Item(text="hello", instruction="Find:"), "official") == "Find: hello"
+    chat = format_item(bare, "chat")
+    assert chat == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>Represent the given image<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="unknown input format"):
+        format_item(bare, "llava")
+
+
+def test_chat_format_matches_the_tokenizer_template(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["qwen2_vl"])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Represent the given image"}]}]
+    via_template = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert format_item(Item(instruction="Represent the given image", image=b"x"), "chat") == via_template
+
+
+def test_hf_and_manual_processors_give_identical_inputs(tiny_models, arch):
+    proc = VLProcessor.from_pretrained(tiny_models[arch], backend="auto")
+    assert proc.backend == "hf"
+    items = mixed_items()
+    from unime_ray.data.images import load_image
+
+    for fmt in ("official", "chat"):
+        texts = [format_item(it, fmt) for it in items]
+        images = [load_image(it) for it in items]
+        hf, manual = proc(texts, images, backend="hf"), proc(texts, images, backend="manual")
+        assert set(hf) == set(manual) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
+                                          "image_grid_thw"}
+        for k in hf:
+            assert torch.equal(hf[k], manual[k]), (fmt, k)
+        # each image expanded to t*h*w/4 placeholder tokens
+        n_pad = (manual["input_ids"] == proc.image_pad_id).sum().item()
+        assert n_pad == int(manual["image_grid_thw"].prod(dim=1).sum().item()) // 4
+
+
+def test_processor_image_options(tiny_models):
+    from PIL import Image
+
+    proc = VLProcessor.from_pretrained(tiny_models["qwen2_vl"], backend="manual",
+                                       image_options=ImageOptions(resize=(112, 112), max_pixels=112 * 112))
+    im = Image.new("RGB", (300, 40), (255, 0, 0))
+    out = proc([IMAGE_PAD], [im])
+    assert out["image_grid_thw"].tolist() == [[1, 8, 8]]  # 112/14 = 8 patches a side
+    small = VLProcessor.from_pretrained(tiny_models["qwen2_vl"], backend="manual",
+                                        image_options=ImageOptions(max_pixels=56 * 56))
+    assert small([IMAGE_PAD], [Image.new("RGB", (200, 200))])["image_grid_thw"].prod().item() <= 16
+    with pytest.raises(ValueError, match="image placeholders"):
+        proc(["no placeholder"], [im])
+    with pytest.raises(ValueError):
+        ImageOptions(min_pixels=100, max_pixels=10)
+
+
+def test_last_token_pool_left_and_right_padding():
+    h = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert last_token_pool(h, left).flatten().tolist() == [3.0, 7.0]
+    assert last_token_pool(h, right).flatten().tolist() == [1.0, 7.0]
+
+
+@pytest.mark.parametrize("input_format", ["official", "chat"])
+def test_embeddings_unit_norm_and_batch_invariant(tiny_models, arch, input_format):
+    emb = Embedder.from_pretrained(tiny_models[arch], input_format=input_format, dtype="float32")
+    items = mixed_items()
+    batched = emb.encode(items, batch_size=len(items))
+    alone = np.stack([emb.encode([it])[0] for it in items])
+    assert batched.dtype == np.float32 and batched.shape == (len(items), emb.dim)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    # different items give different vectors (the model is not collapsed)
+    assert np.abs(batched[0] - batched[3]).max() > 1e-4
+
+
+def test_embedding_equals_manual_forward(tiny_models):
+    """Independent check of pooling: last-layer hidden state at the last real token, normalised."""
+    emb = Embedder.from_pretrained(tiny_models["qwen2_vl"], dtype="float32")
+    items = [Item(text="a red car"), Item(text="a much longer text about a small blue circle")]
+    vecs = emb.encode(items)
+    for item, vec in zip(items, vecs):
+        ids = emb.processor.tokenizer(format_item(item, "official"), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = emb.model(input_ids=ids, output_hidden_states=True)
+        h = out.hidden_states[-1][0, -1].numpy()
+        np.testing.assert_allclose(vec, h / np.linalg.norm(h), atol=1e-5)
+
+
+def test_lora_save_load_merge(tiny_models, tmp_path):
+    base = load_backbone(tiny_models["qwen2_vl"], dtype="float32")
+    model = apply_lora(base, LoraSettings(r=4, alpha=16, dropout=0.0))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("language_model" in n for n in names) and not any("visual" in n for n in names)
+    with torch.no_grad():  # make the adapter non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    proc = VLProcessor.from_pretrained(tiny_models["qwen2_vl"])
+    items = mixed_items()
+    with_adapter = Embedder(model.eval(), proc).encode(items)
+    plain = Embedder(load_backbone(tiny_models["qwen2_vl"], dtype="float32"), proc).encode(items)
+    assert np.abs(with_adapter - plain).max() > 1e-3
+
+    save_adapter(model, tmp_path / "adapter")
+    reloaded = load_adapter(load_backbone(tiny_models["qwen2_vl"], dtype="float32"), tmp_path / "adapter")
+    np.testing.assert_allclose(Embedder(reloaded.eval(), proc).encode(items), with_adapter, atol=1e-5)
+
+    merged_dir = Embedder(reloaded, proc).save(tmp_path / "merged")
+    from_merged = Embedder.from_pretrained(merged_dir, dtype="float32").encode(items)
+    np.testing.assert_allclose(from_merged, with_adapter, atol=1e-4)
+
+    via_flag = Embedder.from_pretrained(tiny_models["qwen2_vl"], adapter=tmp_path / "adapter", dtype="float32")
+    np.testing.assert_allclose(via_flag.encode(items), with_adapter, atol=1e-5)
+
+
+def test_official_lora_setting_is_dora():
+    cfg = LoraSettings().to_peft()
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_dora) == (16, 64, 0.1, True)
+    assert cfg.init_lora_weights == "gaussian"

@@ -1,0 +1,262 @@
+"""``unime-ray``: one command line, a subcommand per stage and tool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("unime_ray.cli")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default=None, help=f"a preset name (see `unime-ray config list`)"
+                   + (f"; default {default_preset}" if default_preset else ""))
+    g.add_argument("--config", default=None, help="a YAML config file")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. -o embed.batch_size=8 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="shortcut for -o run_dir=PATH")
+    p.set_defaults(default_preset=default_preset)
+
+
+def _config_from_args(args):
+    from .config import load_run_config
+
+    overrides = list(args.override)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    preset = args.preset or (None if args.config else args.default_preset)
+    return load_run_config(preset=preset, config_path=args.config, overrides=overrides)
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_pipeline
+
+    cfg = _config_from_args(args)
+    only = args.stages.split(",") if args.stages else None
+    manifest = run_pipeline(cfg, force=args.force, only=only)
+    run_dir = Path(cfg.run_dir).resolve()
+    print(f"\nrun directory: {run_dir}")
+    for name, st in manifest.data["stages"].items():
+        print(f"  {name:<8} {st.get('status'):<9} {st.get('seconds', '')}")
+    report = run_dir / "report.md"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.convert import import_table
+
+    out = Path(args.out)
+    quarantine = Path(args.quarantine) if args.quarantine else out.parent / f"{out.name}.quarantine.parquet"
+    account = import_table(args.input, args.format, out, quarantine_path=quarantine, kind=args.kind,
+                           task=args.task, image_root=args.image_root, check_images=not args.no_check_images,
+                           rows_per_shard=args.rows_per_shard)
+    print(f"{args.input} -> {out}: {account.summary()}")
+    print(f"quarantine: {quarantine}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .data.convert import export_pairs
+
+    n = export_pairs(args.input, args.format, args.out, image_dir=args.image_dir)
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .retrieval.embed import EmbedderSpec, embed_table_local, embed_table_ray
+
+    spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
+                        image_root=args.image_root)
+    prefix = args.prefix if args.prefix is not None else ("query_" if _is_pair_table(args.table) else "")
+    if args.no_ray:
+        stats = embed_table_local(spec.build(), args.table, args.out, prefix=prefix, batch_size=args.batch_size)
+    else:
+        from .utils.ray_utils import init_ray
+
+        init_ray(num_cpus=args.num_cpus)
+        stats = embed_table_ray(spec, args.table, args.out, prefix=prefix, batch_size=args.batch_size,
+                                min_actors=args.min_actors, max_actors=args.max_actors,
+                                num_gpus=args.num_gpus_per_actor)
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
+def _is_pair_table(path: str) -> bool:
+    from .data.io import shard_paths
+    import pyarrow.parquet as pq
+
+    shards = shard_paths(path)
+    return bool(shards) and "query_text" in pq.read_schema(shards[0]).names
+
+
+def cmd_make_tiny_models(args) -> int:
+    from .models.tiny import TinySpec, make_tiny_models
+
+    corpus: list[str] = []
+    if args.corpus:
+        from .data.io import iter_rows
+
+        for row in iter_rows(args.corpus):
+            corpus.extend(v for k, v in row.items() if isinstance(v, str) and v and
+                          k.endswith(("text", "instruction")))
+    spec = TinySpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, vocab_size=args.vocab_size)
+    written = make_tiny_models(args.out, seed=args.seed, spec=spec, corpus=corpus)
+    for arch, path in written.items():
+        print(f"{arch}: {path}")
+    return 0
+
+
+def cmd_make_demo_data(args) -> int:
+    from .data.demo import MissingSystemPackages, make_demo_data
+
+    try:
+        summary = make_demo_data(args.out, source="synthetic" if args.synthetic else "emoji", seed=args.seed,
+                                 eval_fraction=args.eval_fraction, max_items=args.max_items,
+                                 image_size=args.image_size)
+    except MissingSystemPackages as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import list_presets
+
+    if args.action == "list":
+        for name in list_presets():
+            print(name)
+        return 0
+    print(_config_from_args(args).to_yaml())
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    from .models.backbone import SHIPPED_CONFIGS, architecture_of, build_random_backbone, count_parameters
+
+    if args.name in SHIPPED_CONFIGS or args.name.replace(".json", "") in {Path(v).stem for v in
+                                                                           SHIPPED_CONFIGS.values()}:
+        model = build_random_backbone(args.name, device="meta", dtype=args.dtype)
+        source = "shipped config, meta device"
+    else:
+        from .models.backbone import load_backbone
+
+        model = load_backbone(args.name, dtype=args.dtype)
+        source = "checkpoint"
+    arch = architecture_of(model.config, args.name)
+    n = count_parameters(model)
+    bytes_per = 2 if args.dtype in ("bfloat16", "float16") else 4
+    text = getattr(model.config, "text_config", model.config)
+    print(f"{args.name} ({source})\n  architecture: {arch.model_type}\n  parameters: {n:,}\n"
+          f"  embedding dim: {text.hidden_size}\n  weights in {args.dtype}: {n * bytes_per / 2**30:.2f} GiB")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unime-ray", description="UniME-V2 universal multimodal embeddings on Ray.")
+    parser.add_argument("--log-level", default=os.environ.get("UNIME_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("pipeline", help="run (or resume) the staged pipeline")
+    _add_config_args(p, default_preset="demo")
+    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
+    p.add_argument("--force", action="store_true", help="rerun stages even if complete")
+    p.set_defaults(func=cmd_pipeline)
+
+    from .data.convert import FORMATS
+
+    p = sub.add_parser("prepare", help="convert + validate a dataset into a canonical table (bad rows quarantined)")
+    p.add_argument("--input", required=True, help="JSON / JSONL / Parquet file or folder")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output folder of Parquet shards")
+    p.add_argument("--kind", default="pairs", choices=["pairs", "candidates"])
+    p.add_argument("--task", default=None, help="task/dataset name (MMEB rows carry none)")
+    p.add_argument("--image-root", default=None, help="folder that image paths are relative to")
+    p.add_argument("--no-check-images", action="store_true", help="skip decoding images (faster, less safe)")
+    p.add_argument("--quarantine", default=None, help="quarantine file (default OUT.quarantine.parquet)")
+    p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("export", help="export a canonical pair table (official JSON, MMEB-train/eval JSONL)")
+    p.add_argument("--input", required=True)
+    p.add_argument("--format", required=True, choices=["official", "mmeb-train", "mmeb-eval"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-dir", default=None, help="where inline images are written as files")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="encode a canonical table with an embedder (Ray Data actor pool)")
+    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    p.add_argument("--table", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prefix", default=None, help="item columns prefix (default: query_ for pair tables)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder")
+    p.add_argument("--input-format", default="official", choices=["official", "chat"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--min-actors", type=int, default=1)
+    p.add_argument("--max-actors", type=int, default=2)
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    p.add_argument("--no-ray", action="store_true", help="encode in this process")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("make-tiny-models", help="write tiny Qwen2-VL / Qwen2.5-VL checkpoints (offline)")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", default=None, help="a canonical table whose texts train the tokenizer")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.set_defaults(func=cmd_make_tiny_models)
+
+    p = sub.add_parser("make-demo-data", help="build the offline emoji (or synthetic shapes) dataset")
+    p.add_argument("out")
+    p.add_argument("--synthetic", action="store_true", help="shapes and colours; needs no system packages")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-items", type=int, default=None)
+    p.add_argument("--eval-fraction", type=float, default=0.2)
+    p.add_argument("--image-size", type=int, default=64)
+    p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("config", help="list presets or show a resolved config")
+    p.add_argument("action", choices=["list", "show"])
+    _add_config_args(p, default_preset="demo")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("model-info", help="architecture and size of a model (shipped configs build on meta)")
+    p.add_argument("name", help="a hub id with a shipped config (e.g. Qwen/Qwen2-VL-2B-Instruct) or a folder")
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(func=cmd_model_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .utils.logs import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    from .config import ConfigError
+    from .data.validate import DataError
+    from .models.backbone import ModelNotFoundError, UnsupportedArchitectureError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

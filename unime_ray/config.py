@@ -1,0 +1,221 @@
+"""Typed run configuration: YAML presets + command-line overrides, validated with clear errors.
+
+One :class:`RunConfig` describes a whole run; each stage reads its own section. Presets live in
+``unime_ray/presets/*.yaml``; ``-o section.key=value`` overrides any field (values parsed as YAML).
+Unknown keys are errors, with the dotted path of the key in the message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Section):
+    """Where stages run: ``address: null`` starts a local Ray on this machine."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=2, ge=1)
+    num_gpus: int | None = Field(default=None, ge=0)
+    include_dashboard: bool = True
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+
+class TinyModelConfig(_Section):
+    """Tiny random-weight checkpoints built offline (tests and the demo)."""
+
+    make: bool = True
+    seed: int = 0
+    hidden_size: int = Field(default=64, ge=8)
+    intermediate_size: int = Field(default=128, ge=8)
+    num_hidden_layers: int = Field(default=2, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    num_key_value_heads: int = Field(default=2, ge=1)
+    vision_depth: int = Field(default=2, ge=1)
+    vocab_size: int = Field(default=1024, ge=300)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 8:
+            raise ValueError("hidden_size / num_attention_heads must be a multiple of 8")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelsConfig(_Section):
+    """Which checkpoints each role uses: hub ids (e.g. Qwen/Qwen2-VL-2B-Instruct) or folders (``./`` = run dir)."""
+
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    embedder: str = "./models/tiny-qwen2-vl"
+    judge: str = "./models/tiny-qwen2.5-vl"
+    input_format: Literal["official", "chat"] = "official"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    processor_backend: Literal["auto", "hf", "manual"] = "auto"
+    image_resize: tuple[int, int] | None = None
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+
+class DataConfig(_Section):
+    """The input data: a built-in demo dataset, or a file in one of the supported formats."""
+
+    source: Literal["emoji", "synthetic", "official", "mmeb-train", "mmeb-eval", "canonical"] = "emoji"
+    train_path: str | None = None
+    eval_path: str | None = None
+    image_root: str | None = None
+    task: str | None = None
+    seed: int = 0
+    max_items: int | None = Field(default=None, ge=2)
+    eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    image_size: int = Field(default=64, ge=16)
+    check_images: bool = True
+    rows_per_shard: int = Field(default=2000, ge=1)
+
+    @model_validator(mode="after")
+    def _paths_for_files(self):
+        if self.source not in ("emoji", "synthetic") and not (self.train_path or self.eval_path):
+            raise ValueError(f"data.source={self.source!r} needs data.train_path and/or data.eval_path")
+        return self
+
+
+class EmbedConfig(_Section):
+    """Encoding tables with the embedder over a Ray Data actor pool."""
+
+    batch_size: int = Field(default=16, ge=1)
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=2, ge=1)
+    num_cpus_per_actor: float = Field(default=1.0, gt=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    tables: list[Literal["eval_pairs", "eval_candidates", "train_pairs", "train_candidates"]] = Field(
+        default_factory=lambda: ["eval_pairs", "eval_candidates"])
+
+    @model_validator(mode="after")
+    def _pool(self):
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = "run"
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    stages: list[str] | None = None   # None: every stage the pipeline knows, in order
+    ray: RayConfig = Field(default_factory=RayConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("run_dir must not be empty")
+        return v
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def path(self, p: str | os.PathLike) -> Path:
+        """A config path: absolute as given, otherwise relative to the run dir."""
+        q = Path(os.path.expanduser(str(p)))
+        return q if q.is_absolute() else Path(self.run_dir).resolve() / q
+
+    def model_ref(self, ref: str) -> str:
+        """``./x``, ``../x``, ``/x`` or ``~/x`` is a folder (``./`` relative to the run dir); else a hub id."""
+        if ref.startswith(("/", "~", "./", "../")):
+            return str(self.path(ref))
+        return ref
+
+    def section_hash(self, *names: str) -> str:
+        data = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.path=value")
+    key, raw = override.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {override!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {override!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<top>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_run_config(preset: str | None = None, config_path: str | os.PathLike | None = None,
+                    overrides: list[str] | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from a preset name or YAML file, then overrides."""
+    if preset and config_path:
+        raise ConfigError("give a preset or a config file, not both")
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if preset:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+        data, source = _load_yaml(path), f"preset {preset}"
+    elif config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data, source = _load_yaml(path), str(path)
+    for ov in overrides or []:
+        apply_override(data, ov)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

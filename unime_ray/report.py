@@ -1,0 +1,82 @@
+"""The run report: Markdown tables (and a plot) summarising what each stage did, from the manifest."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _data_accounting(stages: dict[str, Any]) -> list[list[Any]]:
+    tables = stages.get("prepare", {}).get("outputs", {}).get("tables", {})
+    rows = []
+    for name, acc in tables.items():
+        reasons = ", ".join(f"{k}: {v}" for k, v in acc.get("reasons", {}).items()) or "-"
+        rows.append([name, acc["rows_in"], acc["rows_out"], acc["rows_quarantined"], reasons])
+    return rows
+
+
+def _plot_accounting(rows: list[list[Any]], path: Path) -> Path | None:
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is a dependency; stay useful without it anyway
+        return None
+    names = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.barh(names, [r[2] for r in rows], label="kept", color="#4c72b0")
+    ax.barh(names, [r[3] for r in rows], left=[r[2] for r in rows], label="quarantined", color="#dd8452")
+    ax.set_xlabel("rows")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
+    stages = manifest.get("stages", {})
+    parts = [f"# unime-ray run report\n\nRun directory: `{run_dir}`\n"]
+    parts.append("## Stages\n")
+    parts.append(markdown_table(["stage", "status", "seconds"],
+                                [[n, s.get("status"), s.get("seconds")] for n, s in stages.items()]))
+    data = stages.get("data", {}).get("outputs", {})
+    if data.get("summary"):
+        summ = data["summary"]
+        parts.append("\n## Data\n")
+        parts.append(f"Source: {summ.get('source')}, seed {summ.get('seed')}.\n")
+    acc_rows = _data_accounting(stages)
+    if acc_rows:
+        parts.append("\n## Row accounting (in = out + quarantined)\n")
+        parts.append(markdown_table(["table", "in", "out", "quarantined", "reasons"], acc_rows))
+        plot = _plot_accounting(acc_rows, run_dir / "report_rows.png")
+        if plot:
+            parts.append(f"\n![rows]({plot.name})\n")
+    emb = stages.get("embed", {}).get("outputs", {})
+    if emb.get("tables"):
+        parts.append("\n## Embedding\n")
+        parts.append(f"Embedder: `{emb.get('embedder')}`\n")
+        parts.append(markdown_table(["table", "rows embedded (this run)", "seconds", "items/s"],
+                                    [[t, s["rows_embedded"], s["seconds"], s["items_per_s"]]
+                                     for t, s in emb["tables"].items()]))
+    path = run_dir / "report.md"
+    path.write_text("\n".join(parts) + "\n")
+    logger.info("report written to %s", path)
+    return path

@@ -1,0 +1,1 @@
+"""Shared plumbing: logging, Ray start-up, progress reporting, run manifests."""
