@@ -281,26 +281,30 @@ FORMATS = ("official", "mmeb-train", "mmeb-eval", "canonical")
 
 
 def convert_records(records: Iterable[Any], fmt: str, *, source: str, task: str | None,
-                    quarantine: Quarantine, account: RowAccount) -> Iterator[dict[str, Any]]:
-    """Convert external records; structurally bad ones go to the quarantine (counted as rows in)."""
+                    quarantine: Quarantine, account: RowAccount) -> Iterator[tuple[int, dict[str, Any], Any]]:
+    """Convert external records to ``(input row number, canonical row, original record)``.
+
+    Structurally bad records go to the quarantine (counted as rows in) and are not yielded.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
     for index, rec in enumerate(records):
         try:
             if fmt == "canonical":
-                yield rec
-                continue
-            if fmt == "official":
-                yield official_record_to_row(rec, index, source, default_task=task or "unknown")
+                row = rec
+            elif fmt == "official":
+                row = official_record_to_row(rec, index, source, default_task=task or "unknown")
             elif fmt == "mmeb-train":
-                yield mmeb_train_record_to_row(rec, index, source, task or Path(source).stem)
+                row = mmeb_train_record_to_row(rec, index, source, task or Path(source).stem)
             else:
-                yield mmeb_eval_record_to_row(rec, index, source, task or Path(source).stem)
+                row = mmeb_eval_record_to_row(rec, index, source, task or Path(source).stem)
         except DataError as exc:
             account.rows_in += 1
             account.rows_quarantined += 1
             account.reasons[f"{exc.field.split('[')[0]}: structure"] += 1
             quarantine.add(exc, rec)
+            continue
+        yield index, row, rec
 
 
 def import_table(input_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
@@ -322,7 +326,7 @@ def import_table(input_path: str | os.PathLike, fmt: str, out_dir: str | os.Path
     converted = convert_records(read_records(input_path), fmt, source=source, task=task,
                                 quarantine=quarantine, account=account)
     valid = validate_rows(converted, kind, source=source, quarantine=quarantine, account=account,
-                          image_root=image_root, check_images=check_images)
+                          image_root=image_root, check_images=check_images, indexed=True)
     write_rows(valid, out_dir, SCHEMAS[kind], rows_per_shard)
     quarantine.write()
     account.check()

@@ -5,6 +5,7 @@ Every validating stage reports ``rows_in = rows_out + rows_quarantined``; :class
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -118,11 +119,28 @@ def _check_item_content(item: Item, prefix: str, err, *, required: bool, check_i
         raise err(f"{prefix}text", f"has the image marker {IMAGE_MARKER!r} but no image")
     if check_images and item.has_image:
         field_name = f"{prefix}image" if item.image else f"{prefix}image_path"
-        try:
-            data = item.image if item.image else read_image_bytes(item.image_path, image_root)
-            decode_image(data)
-        except ImageError as exc:
-            raise err(field_name, str(exc)) from None
+        problem = _inline_image_problem(item.image) if item.image else _path_image_problem(
+            item.image_path, None if image_root is None else str(image_root))
+        if problem:
+            raise err(field_name, problem)
+
+
+def _inline_image_problem(data: bytes) -> str | None:
+    try:
+        decode_image(data)
+    except ImageError as exc:
+        return str(exc)
+    return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _path_image_problem(image_path: str, image_root: str | None) -> str | None:
+    """Decode each referenced file once per process: eval rows repeat the same distractor images."""
+    try:
+        decode_image(read_image_bytes(image_path, image_root))
+    except ImageError as exc:
+        return str(exc)
+    return None
 
 
 def _check_score(value: Any, field_name: str, err) -> None:
@@ -174,12 +192,18 @@ def validate_row(row: Mapping[str, Any], kind: str, *, source: str, index: int,
         _check_score(score, f"neg_score[{j}]", err)
 
 
-def validate_rows(rows: Iterable[Mapping[str, Any]], kind: str, *, source: str, quarantine: Quarantine,
+def validate_rows(rows: Iterable[Any], kind: str, *, source: str, quarantine: Quarantine,
                   account: RowAccount, image_root: str | os.PathLike | None = None,
-                  check_images: bool = True, seen_ids: set[str] | None = None) -> Iterator[Mapping[str, Any]]:
-    """Yield the valid rows; put the rest (with reasons) in ``quarantine``. Later duplicates of an id are bad."""
+                  check_images: bool = True, seen_ids: set[str] | None = None,
+                  indexed: bool = False) -> Iterator[Mapping[str, Any]]:
+    """Yield the valid rows; put the rest (with reasons) in ``quarantine``. Later duplicates of an id are bad.
+
+    With ``indexed=True`` the input is ``(input_row_number, row, original_record)`` triples, so errors
+    name the row of the input file and the quarantine keeps the record as it was read.
+    """
     seen = seen_ids if seen_ids is not None else set()
-    for index, row in enumerate(rows):
+    for position, entry in enumerate(rows):
+        index, row, record = entry if indexed else (position, entry, entry)
         account.rows_in += 1
         try:
             if not isinstance(row, Mapping):
@@ -188,7 +212,7 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], kind: str, *, source: str, 
             if row["id"] in seen:
                 raise DataError(source, index, "id", "duplicate id", row["id"])
         except DataError as exc:
-            quarantine.add(exc, row)
+            quarantine.add(exc, record)
             account.rows_quarantined += 1
             account.reasons[exc.field.split(".")[0].split("[")[0] + ": " + _reason_kind(exc.reason)] += 1
             continue
