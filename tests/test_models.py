@@ -222,3 +222,27 @@ def test_official_lora_setting_is_dora():
     cfg = LoraSettings().to_peft()
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_dora) == (16, 64, 0.1, True)
     assert cfg.init_lora_weights == "gaussian"
+
+
+def test_position_modes(tiny_models):
+    from unime_ray.models.embedder import sequential_position_ids
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    pos = sequential_position_ids(mask)
+    assert pos.shape == (3, 2, 5)
+    assert pos[0].tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]] and torch.equal(pos[0], pos[2])
+
+    items = mixed_items()
+    seq = Embedder.from_pretrained(tiny_models["qwen2_vl"], dtype="float32")
+    assert seq.positions == "sequential"  # official format -> as the released models
+    mrope = Embedder.from_pretrained(tiny_models["qwen2_vl"], dtype="float32", positions="mrope")
+    assert Embedder.from_pretrained(tiny_models["qwen2_vl"], input_format="chat").positions == "mrope"
+    a, b = seq.encode(items), mrope.encode(items)
+    has_image = [it.has_image for it in items]
+    # text-only items are unaffected; image items get different positions, hence different vectors
+    np.testing.assert_allclose(a[[not h for h in has_image]], b[[not h for h in has_image]], atol=1e-5)
+    assert np.abs(a[has_image] - b[has_image]).max() > 1e-4
+    # sequential mode is batch-invariant too
+    np.testing.assert_allclose(a, np.stack([seq.encode([it])[0] for it in items]), atol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        Embedder(seq.model, seq.processor, positions="2d")

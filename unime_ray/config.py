@@ -68,6 +68,8 @@ class ModelsConfig(_Section):
     input_format: Literal["official", "chat"] = "official"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     processor_backend: Literal["auto", "hf", "manual"] = "auto"
+    # image-token positions: sequential (as the released UniME-V2 models), mrope, or auto (by input_format)
+    positions: Literal["auto", "mrope", "sequential"] = "auto"
     image_resize: tuple[int, int] | None = None
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)

@@ -169,7 +169,7 @@ def stage_embed(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     spec = EmbedderSpec(model=cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
                         image_root=manifest.outputs("prepare").get("image_root"),
                         processor_backend=m.processor_backend, image_resize=m.image_resize,
-                        min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+                        min_pixels=m.min_pixels, max_pixels=m.max_pixels, positions=m.positions)
     r = cfg.ray
     init_ray(r.address, r.num_cpus, r.num_gpus, r.include_dashboard, r.env_vars)
     results = {}

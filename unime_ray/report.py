@@ -56,12 +56,15 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
     parts = [f"# unime-ray run report\n\nRun directory: `{run_dir}`\n"]
     parts.append("## Stages\n")
     parts.append(markdown_table(["stage", "status", "seconds"],
-                                [[n, s.get("status"), s.get("seconds")] for n, s in stages.items()]))
+                                [[n, s.get("status"), s.get("seconds")] for n, s in stages.items()
+                                 if n != "report"]))
     data = stages.get("data", {}).get("outputs", {})
     if data.get("summary"):
         summ = data["summary"]
         parts.append("\n## Data\n")
-        parts.append(f"Source: {summ.get('source')}, seed {summ.get('seed')}.\n")
+        items = summ.get("items", {})
+        parts.append(f"Source: {summ.get('source')}, seed {summ.get('seed')}; items: "
+                     + ", ".join(f"{k} {v}" for k, v in items.items()) + ".\n")
     acc_rows = _data_accounting(stages)
     if acc_rows:
         parts.append("\n## Row accounting (in = out + quarantined)\n")

@@ -38,13 +38,38 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+POSITION_MODES = ("auto", "mrope", "sequential")
+
+
+def sequential_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D positions over the real tokens, copied to M-RoPE's 3 axes: shape [3, batch, seq].
+
+    This is what the released UniME-V2 embedders saw: without ``<|vision_start|>`` the transformers 4
+    ``get_rope_index`` found no image and numbered every token sequentially (method reference 3.1).
+    """
+    pos = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    pos = pos.masked_fill(attention_mask == 0, 1)
+    return pos.unsqueeze(0).expand(3, -1, -1)
+
+
 class Embedder:
-    """Encode (text, image) items into float32, unit-norm vectors."""
+    """Encode (text, image) items into float32, unit-norm vectors.
+
+    ``positions``: ``mrope`` lets the backbone place image tokens on its 2-D grid (transformers 5
+    default); ``sequential`` numbers all tokens 1-D as the released UniME-V2 models were trained;
+    ``auto`` is ``sequential`` for the ``official`` format and ``mrope`` for ``chat``.
+    """
 
     def __init__(self, model, processor: VLProcessor, input_format: str = "official",
-                 image_root: str | os.PathLike | None = None, device: str | torch.device | None = None):
+                 image_root: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                 positions: str = "auto"):
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        if positions not in POSITION_MODES:
+            raise ValueError(f"unknown positions mode {positions!r}; choose one of {', '.join(POSITION_MODES)}")
+        if positions == "auto":
+            positions = "sequential" if input_format == "official" else "mrope"
+        self.positions = positions
         self.model = model
         self.processor = processor
         self.input_format = input_format
@@ -55,7 +80,8 @@ class Embedder:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, input_format: str = "official",
                         adapter: str | os.PathLike | None = None, dtype: str = "auto",
                         device: str | None = None, image_options: ImageOptions | None = None,
-                        image_root: str | os.PathLike | None = None, processor_backend: str = "auto") -> "Embedder":
+                        image_root: str | os.PathLike | None = None, processor_backend: str = "auto",
+                        positions: str = "auto") -> "Embedder":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_backbone(name_or_path, dtype=dtype, device=device)
         if adapter is not None:
@@ -64,7 +90,7 @@ class Embedder:
             model = load_adapter(model, adapter)
         processor = VLProcessor.from_pretrained(name_or_path, model.config.model_type, processor_backend,
                                                 image_options)
-        return cls(model.eval(), processor, input_format, image_root, device)
+        return cls(model.eval(), processor, input_format, image_root, device, positions)
 
     @property
     def dim(self) -> int:
@@ -81,6 +107,8 @@ class Embedder:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        if self.positions == "sequential":
+            inputs["position_ids"] = sequential_position_ids(inputs["attention_mask"])
         out = language_core(self.model)(**inputs, use_cache=False, return_dict=True)
         pooled = last_token_pool(out.last_hidden_state, inputs["attention_mask"])
         return F.normalize(pooled.float(), dim=-1)

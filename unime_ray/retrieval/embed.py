@@ -44,6 +44,7 @@ class EmbedderSpec:
     min_pixels: int | None = None
     max_pixels: int | None = None
     device: str | None = None
+    positions: str = "auto"
 
     def build(self):
         from ..models import Embedder, ImageOptions
@@ -52,7 +53,8 @@ class EmbedderSpec:
                                self.max_pixels)
         return Embedder.from_pretrained(self.model, input_format=self.input_format, adapter=self.adapter,
                                         dtype=self.dtype, device=self.device, image_options=options,
-                                        image_root=self.image_root, processor_backend=self.processor_backend)
+                                        image_root=self.image_root, processor_backend=self.processor_backend,
+                                        positions=self.positions)
 
 
 def item_columns(prefix: str) -> list[str]:
