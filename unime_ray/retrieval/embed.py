@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.io import iter_batches, shard_paths, write_table_atomic
+from ..data.io import shard_paths
 from ..data.schema import Item
-from ..utils.logs import Progress
+from ..utils.shards import map_shards_local, map_shards_ray
 
 logger = logging.getLogger(__name__)
 
@@ -94,99 +93,52 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return ids, np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def pending_shards(table: str | os.PathLike, out_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """(input shard, output shard) pairs whose output does not exist yet."""
-    out_dir = Path(out_dir)
-    return [(s, out_dir / s.name) for s in shard_paths(table) if not (out_dir / s.name).exists()]
-
-
-def _shard_rows(shard: Path) -> int:
-    return pq.ParquetFile(shard).metadata.num_rows
-
-
-def embed_table_local(embedder, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
-                      batch_size: int = 16) -> dict[str, Any]:
-    """Single-process driver; returns counts and throughput."""
-    todo = pending_shards(table, out_dir)
-    total = sum(_shard_rows(s) for s, _ in todo)
-    progress = Progress(logger, f"embedding {Path(table).name}", total)
-    for shard, out in todo:
-        ids: list[str] = []
-        vecs = []
-        for batch in iter_batches(shard, batch_size=batch_size, columns=item_columns(prefix)):
-            cols = batch.to_pydict()
-            vecs.append(embedder.encode(items_from_columns(cols, prefix), batch_size=batch_size))
-            ids.extend(cols["id"])
-            progress.update(len(cols["id"]))
-        dim = embedder.dim
-        write_table_atomic(embeddings_table(ids, np.concatenate(vecs) if vecs else np.zeros((0, dim))), out)
-    return {"rows_embedded": total, "shards_written": len(todo), "seconds": progress.elapsed,
-            "items_per_s": progress.rate if total else 0.0}
+def _builder(dim_hint: int | None = None):
+    def build(cols: dict[str, list]) -> pa.Table:
+        ids = cols.get("id", [])
+        if not ids:
+            return embeddings_table([], np.zeros((0, dim_hint or 1), dtype=np.float32))
+        return embeddings_table([str(i) for i in ids], np.stack(cols["embedding"]))
+    return build
 
 
 class EmbedActor:
-    """Ray Data actor: loads the embedder once, then encodes batches of table rows."""
+    """Loads the embedder once (per process or Ray actor), then encodes batches of table rows."""
 
-    def __init__(self, spec: dict[str, Any], prefix: str, batch_size: int):
+    def __init__(self, spec: dict[str, Any] | None, prefix: str, batch_size: int, embedder=None):
         import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.embedder = EmbedderSpec(**spec).build()
+        if os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        self.embedder = embedder if embedder is not None else EmbedderSpec(**spec).build()
         self.prefix = prefix
         self.batch_size = batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        items = items_from_columns({k: list(v) for k, v in batch.items()}, self.prefix)
-        vectors = self.embedder.encode(items, batch_size=self.batch_size)
-        return {"id": np.asarray(batch["id"], dtype=object), "path": np.asarray(batch["path"], dtype=object),
-                "embedding": vectors}
+    def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
+        vectors = self.embedder.encode(items_from_columns(batch, self.prefix), batch_size=self.batch_size)
+        return {"id": list(batch["id"]), "embedding": vectors}
+
+
+def _stats(s: dict[str, Any]) -> dict[str, Any]:
+    return {"rows_embedded": s["rows"], "shards_written": s["shards_written"], "seconds": s["seconds"],
+            "items_per_s": s["rows_per_s"]}
+
+
+def embed_table_local(embedder_or_spec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
+                      batch_size: int = 16) -> dict[str, Any]:
+    """Single-process driver (an :class:`EmbedderSpec` or a built embedder); returns counts and throughput."""
+    if isinstance(embedder_or_spec, EmbedderSpec):
+        actor = EmbedActor(asdict(embedder_or_spec), prefix, batch_size)
+    else:
+        actor = EmbedActor(None, prefix, batch_size, embedder=embedder_or_spec)
+    return _stats(map_shards_local(actor, table, out_dir, _builder(actor.embedder.dim), item_columns(prefix),
+                                   batch_size, what="embedded"))
 
 
 def embed_table_ray(spec: EmbedderSpec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
                     batch_size: int = 16, min_actors: int = 1, max_actors: int = 2, num_cpus: float = 1.0,
                     num_gpus: float = 0.0) -> dict[str, Any]:
     """Ray Data driver over an autoscaling actor pool (Ray must be initialised)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    todo = pending_shards(table, out_dir)
-    if not todo:
-        return {"rows_embedded": 0, "shards_written": 0, "seconds": 0.0, "items_per_s": 0.0}
-    expected = {s.name: _shard_rows(s) for s, _ in todo}
-    outputs = {s.name: o for s, o in todo}
-    total = sum(expected.values())
-    for name, n in list(expected.items()):
-        if n == 0:  # an empty shard yields no batches: write its (empty) output directly
-            write_table_atomic(embeddings_table([], np.zeros((0, 1), dtype=np.float32)), outputs[name])
-            del expected[name]
-    progress = Progress(logger, f"embedding {Path(table).name} on Ray", total)
-    if expected:
-        ds = ray.data.read_parquet([str(s) for s, _ in todo if s.name in expected], columns=item_columns(prefix),
-                                   include_paths=True)
-        out = ds.map_batches(EmbedActor, fn_constructor_kwargs={"spec": asdict(spec), "prefix": prefix,
-                                                                "batch_size": batch_size},
-                             batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus,
-                             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors))
-        buffers: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
-        for name, ids, vectors in _iter_grouped(out):
-            buf = buffers[name]
-            buf[0].extend(ids)
-            buf[1].append(vectors)
-            progress.update(len(ids))
-            if len(buf[0]) == expected[name]:
-                write_table_atomic(embeddings_table(buf[0], np.concatenate(buf[1])), outputs[name])
-                del buffers[name]
-        if buffers:
-            raise RuntimeError(f"embedding incomplete for shards {sorted(buffers)}")
-    return {"rows_embedded": total, "shards_written": len(todo), "seconds": progress.elapsed,
-            "items_per_s": progress.rate}
-
-
-def _iter_grouped(ds) -> Iterator[tuple[str, list[str], np.ndarray]]:
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        names = np.array([os.path.basename(str(p)) for p in batch["path"]])
-        vectors = np.asarray(np.stack(batch["embedding"]) if batch["embedding"].dtype == object
-                             else batch["embedding"], dtype=np.float32)
-        for name in np.unique(names):
-            mask = names == name
-            yield str(name), [str(i) for i in batch["id"][mask]], vectors[mask]
+    return _stats(map_shards_ray(EmbedActor, {"spec": asdict(spec), "prefix": prefix, "batch_size": batch_size},
+                                 table, out_dir, _builder(), item_columns(prefix), batch_size, min_actors,
+                                 max_actors, num_cpus, num_gpus, what="embedded"))

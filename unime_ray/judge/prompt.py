@@ -1,0 +1,123 @@
+"""The judge's pairwise prompt, its placement of images and texts, and the Yes/No score.
+
+The judge reads one (query, candidate) pair in a single user turn of the Qwen chat template:
+
+    I will provide you with a query and a candidate. Please evaluate whether the candidate meets the
+    requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'.
+    Query: [query image] <query text>, Candidate: [candidate image] <candidate text>.
+
+and the score is s = e_yes / (e_yes + e_no) over the logits of the "Yes" and "No" tokens at the first
+generated position (method reference, section 1, S2). Everything up to "Candidate: " depends on the query
+alone, so a query's ~51 prompts share that prefix (prefix caching / KV reuse).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..data.schema import IMAGE_MARKER, Item
+from ..models.formatting import DEFAULT_SYSTEM_PROMPT, chat_prompt
+
+PAIRWISE_INSTRUCTION = (
+    "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
+    "requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'."
+)
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    """The pairwise prompt; ``version`` is stored with every score so reruns never mix prompts."""
+
+    instruction: str = PAIRWISE_INSTRUCTION
+    query_label: str = "Query: "
+    candidate_label: str = ", Candidate: "
+    closing: str = "."
+    system: str | None = DEFAULT_SYSTEM_PROMPT
+    yes: str = "Yes"
+    no: str = "No"
+    version: str = "pairwise-v1"
+
+
+def _item_parts(item: Item) -> list[tuple[str, str]]:
+    """An item's image (where its marker is, else first) and text, as chat parts."""
+    text = item.prompt_text()
+    parts: list[tuple[str, str]] = []
+    if IMAGE_MARKER in text:
+        before, after = text.split(IMAGE_MARKER, 1)
+        before, after = before.strip(), after.strip()
+    else:
+        before, after = "", text.strip()
+    if before:
+        parts.append(("text", before + (" " if item.has_image or after else "")))
+    if item.has_image:
+        parts.append(("image", ""))
+    if after:
+        parts.append(("text", after))
+    return parts
+
+
+def judge_parts(query: Item, candidate: Item, prompt: JudgePrompt = JudgePrompt()) -> list[tuple[str, str]]:
+    return ([("text", f"{prompt.instruction} {prompt.query_label}")] + _item_parts(query)
+            + [("text", prompt.candidate_label)] + _item_parts(candidate) + [("text", prompt.closing)])
+
+
+def judge_text(query: Item, candidate: Item, prompt: JudgePrompt = JudgePrompt()) -> str:
+    """The full chat prompt (with one ``<|vision_start|><|image_pad|><|vision_end|>`` per image)."""
+    return chat_prompt(_merge_text(judge_parts(query, candidate, prompt)), prompt.system)
+
+
+def judge_segments(query: Item, candidate: Item, prompt: JudgePrompt = JudgePrompt()) -> tuple[str, str]:
+    """(prefix, suffix) of the prompt: the prefix depends on the query alone.
+
+    Both backends tokenize the two segments separately and concatenate the ids, so the query's prefix is
+    the same token sequence for all its candidates (BPE merges never cross the boundary) and every backend
+    scores exactly the same tokens.
+    """
+    full = judge_text(query, candidate, prompt)
+    prefix = chat_prompt(_merge_text([("text", f"{prompt.instruction} {prompt.query_label}")] + _item_parts(query)
+                                     + [("text", prompt.candidate_label)]), prompt.system,
+                         add_generation_prompt=False)[: -len("<|im_end|>\n")]
+    if not full.startswith(prefix):  # cannot happen with chat_prompt; guards future template changes
+        raise AssertionError("judge prompt prefix is not a prefix of the prompt")
+    return prefix, full[len(prefix):]
+
+
+def _merge_text(parts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for kind, value in parts:
+        if kind == "text" and out and out[-1][0] == "text":
+            out[-1] = ("text", out[-1][1] + value)
+        else:
+            out.append((kind, value))
+    return out
+
+
+def judge_images(query: Item, candidate: Item) -> list[Item]:
+    """The items whose images appear in the prompt, in prompt order."""
+    return [it for it in (query, candidate) if it.has_image]
+
+
+def answer_token_ids(tokenizer, prompt: JudgePrompt = JudgePrompt()) -> tuple[int, int]:
+    """Token ids of the answers; each must be a single token (it is for Qwen tokenizers)."""
+    ids = []
+    for word in (prompt.yes, prompt.no):
+        tok = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(tok) != 1:
+            raise ValueError(f"the judge's answer {word!r} is {len(tok)} tokens for this tokenizer; it must be one")
+        ids.append(tok[0])
+    return ids[0], ids[1]
+
+
+def yes_probability(logit_yes: float, logit_no: float) -> float:
+    """s = e^yes / (e^yes + e^no), computed stably (a logistic of the difference)."""
+    d = logit_yes - logit_no
+    if d >= 0:
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
+
+
+def yes_probabilities(logit_yes: Sequence[float], logit_no: Sequence[float]) -> list[float]:
+    return [yes_probability(a, b) for a, b in zip(logit_yes, logit_no)]
