@@ -42,11 +42,26 @@ def cmd_pipeline(args) -> int:
     manifest = run_pipeline(cfg, force=args.force, only=only)
     run_dir = Path(cfg.run_dir).resolve()
     print(f"\nrun directory: {run_dir}")
-    for name, st in manifest.data["stages"].items():
-        print(f"  {name:<8} {st.get('status'):<9} {st.get('seconds', '')}")
+    from .pipeline import STAGE_NAMES
+
+    for name in STAGE_NAMES:
+        st = manifest.stage(name)
+        if st:
+            print(f"  {name:<8} {st.get('status'):<9} {st.get('seconds', '')}")
     report = run_dir / "report.md"
     if report.is_file():
         print(f"report: {report}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    """A pipeline stage on its own (after the stages it needs, which are skipped when complete)."""
+    from .pipeline import run_pipeline, stages_through
+
+    cfg = _config_from_args(args)
+    manifest = run_pipeline(cfg, force=args.force, only=stages_through(args.stage))
+    st = manifest.stage(args.stage)
+    print(json.dumps(st.get("outputs", {}), indent=1, default=str))
     return 0
 
 
@@ -172,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
     p.add_argument("--force", action="store_true", help="rerun stages even if complete")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("retrieve", help="stage S1: top-K candidates per query below delta (sharded FAISS)")
+    _add_config_args(p, default_preset="demo")
+    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
+    p.set_defaults(func=cmd_stage, stage="retrieve")
 
     from .data.convert import FORMATS
 

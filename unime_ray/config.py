@@ -115,6 +115,23 @@ class EmbedConfig(_Section):
         return self
 
 
+class RetrieveConfig(_Section):
+    """Global retrieval (stage S1): top-K candidates per query below the threshold delta."""
+
+    split: Literal["train", "eval"] = "train"
+    top_k: int = Field(default=50, ge=1)
+    # "positive": the query's similarity to its own positive (the paper's Fig. 2); a number; or null (none)
+    delta: Literal["positive"] | float | None = "positive"
+    fill: bool = False            # search deeper so top_k remain after the delta drop (paper's Rank_50 over x<delta)
+    pool: Literal["task", "global"] = "task"
+    index_kind: Literal["flat", "ivf"] = "flat"
+    num_shards: int = Field(default=1, ge=1)
+    nlist: int | None = Field(default=None, ge=1)
+    nprobe: int = Field(default=16, ge=1)
+    search_batch_size: int = Field(default=4096, ge=1)
+    search_actors: int = Field(default=0, ge=0)   # 0: search in the driver; >0: a Ray actor pool of that size
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -126,6 +143,7 @@ class RunConfig(BaseModel):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
 
     @field_validator("run_dir")
     @classmethod

@@ -161,30 +161,66 @@ def stage_prepare(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
 
 
 def stage_embed(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
-    from .retrieval.embed import EmbedderSpec, embed_table_ray
-    from .utils.ray_utils import init_ray
+    from .retrieval.embed import embed_table_ray
 
-    prepared = manifest.outputs("prepare")["tables"]
-    m = cfg.models
-    spec = EmbedderSpec(model=cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
-                        image_root=manifest.outputs("prepare").get("image_root"),
-                        processor_backend=m.processor_backend, image_resize=m.image_resize,
-                        min_pixels=m.min_pixels, max_pixels=m.max_pixels, positions=m.positions)
-    r = cfg.ray
-    init_ray(r.address, r.num_cpus, r.num_gpus, r.include_dashboard, r.env_vars)
+    prepared = manifest.outputs("prepare")
+    spec = _embedder_spec(cfg, prepared.get("image_root"))
+    _init_ray(cfg)
     results = {}
     for table in cfg.embed.tables:
-        if table not in prepared:
+        if table not in prepared["tables"]:
             logger.warning("embed: table %s was not prepared; skipping it", table)
             continue
         prefix = "query_" if table.endswith("pairs") else ""
         e = cfg.embed
-        stats = embed_table_ray(spec, prepared[table]["path"], _stage_dir(cfg, "embed") / table, prefix=prefix,
-                                batch_size=e.batch_size, min_actors=e.min_actors, max_actors=e.max_actors,
-                                num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor)
+        stats = embed_table_ray(spec, prepared["tables"][table]["path"], _stage_dir(cfg, "embed") / table,
+                                prefix=prefix, batch_size=e.batch_size, min_actors=e.min_actors,
+                                max_actors=e.max_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor)
         results[table] = {**stats, "path": str(_stage_dir(cfg, "embed") / table)}
         logger.info("embed %s: %d rows at %.1f items/s", table, stats["rows_embedded"], stats["items_per_s"])
     return {"tables": results, "embedder": spec.model}
+
+
+def _embedder_spec(cfg: RunConfig, image_root: str | None):
+    from .retrieval.embed import EmbedderSpec
+
+    m = cfg.models
+    return EmbedderSpec(model=cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
+                        image_root=image_root, processor_backend=m.processor_backend, image_resize=m.image_resize,
+                        min_pixels=m.min_pixels, max_pixels=m.max_pixels, positions=m.positions)
+
+
+def _init_ray(cfg: RunConfig) -> None:
+    from .utils.ray_utils import init_ray
+
+    r = cfg.ray
+    init_ray(r.address, r.num_cpus, r.num_gpus, r.include_dashboard, r.env_vars)
+
+
+def stage_retrieve(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    from .retrieval.index import IndexSpec
+    from .retrieval.stage import RetrieveSettings, run_retrieval
+
+    prepared = manifest.outputs("prepare")
+    r, e = cfg.retrieve, cfg.embed
+    tables = prepared["tables"]
+    pairs = tables.get(f"{r.split}_pairs")
+    if pairs is None:
+        raise ValueError(f"retrieve.split={r.split!r} but no {r.split} pairs were prepared")
+    candidates = tables.get(f"{r.split}_candidates")
+    settings = RetrieveSettings(top_k=r.top_k, delta=r.delta, fill=r.fill, pool=r.pool,
+                                index=IndexSpec(kind=r.index_kind, num_shards=r.num_shards, nlist=r.nlist,
+                                                nprobe=r.nprobe, seed=cfg.seed),
+                                search_batch_size=r.search_batch_size)
+    _init_ray(cfg)
+    out = run_retrieval(pairs["path"], candidates["path"] if candidates else None, _stage_dir(cfg, "retrieve"),
+                        _embedder_spec(cfg, prepared.get("image_root")), settings, use_ray=True,
+                        batch_size=e.batch_size, min_actors=e.min_actors, max_actors=e.max_actors,
+                        num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
+                        search_actors=r.search_actors)
+    logger.info("retrieve: %d queries, %.1f candidates each on average, %d without any", out["queries"],
+                out["mean_candidates"], out["queries_without_candidates"])
+    return out
 
 
 def stage_report(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -198,10 +234,20 @@ STAGES: list[Stage] = [
     Stage("data", ("data",), stage_data),
     Stage("models", ("models",), stage_models),
     Stage("prepare", ("data",), stage_prepare),
-    Stage("embed", ("models", "embed"), stage_embed, clear_on_rerun=True),
+    Stage("embed", ("models", "embed"), stage_embed),
+    Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve),
     Stage("report", (), stage_report, clear_on_rerun=False),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
+OPTIONAL_STAGES = {"embed", "report"}   # nothing downstream reads their outputs
+
+
+def stages_through(name: str) -> list[str]:
+    """The stages a stage needs, then the stage: what ``unime-ray <stage>`` runs (completed ones are skipped)."""
+    if name not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    upto = STAGE_NAMES[: STAGE_NAMES.index(name) + 1]
+    return [s for s in upto if s == name or s not in OPTIONAL_STAGES]
 
 
 def _stage_key(cfg: RunConfig, stage: Stage, upstream: str) -> str:

@@ -79,6 +79,14 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
         parts.append(markdown_table(["table", "rows embedded (this run)", "seconds", "items/s"],
                                     [[t, s["rows_embedded"], s["seconds"], s["items_per_s"]]
                                      for t, s in emb["tables"].items()]))
+    ret = stages.get("retrieve", {}).get("outputs", {})
+    if ret.get("queries") is not None:
+        parts.append("\n## Global retrieval\n")
+        parts.append(markdown_table(
+            ["queries", "mean candidates", "queries without candidates", "mean dropped by delta", "pools",
+             "search rows/s"],
+            [[ret["queries"], ret["mean_candidates"], ret["queries_without_candidates"], ret["mean_dropped_by_delta"],
+              ret["pools"], ret["search"]["rows_per_s"]]]))
     path = run_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
     logger.info("report written to %s", path)

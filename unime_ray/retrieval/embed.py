@@ -93,19 +93,24 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return ids, np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def _builder(dim_hint: int | None = None):
+def _builder(dim_hint: int | None = None, passthrough: tuple[str, ...] = ()):
     def build(cols: dict[str, list]) -> pa.Table:
         ids = cols.get("id", [])
         if not ids:
-            return embeddings_table([], np.zeros((0, dim_hint or 1), dtype=np.float32))
-        return embeddings_table([str(i) for i in ids], np.stack(cols["embedding"]))
+            table = embeddings_table([], np.zeros((0, dim_hint or 1), dtype=np.float32))
+        else:
+            table = embeddings_table([str(i) for i in ids], np.stack(cols["embedding"]))
+        for c in passthrough:
+            table = table.append_column(c, pa.array(cols.get(c, []), type=pa.string()))
+        return table
     return build
 
 
 class EmbedActor:
     """Loads the embedder once (per process or Ray actor), then encodes batches of table rows."""
 
-    def __init__(self, spec: dict[str, Any] | None, prefix: str, batch_size: int, embedder=None):
+    def __init__(self, spec: dict[str, Any] | None, prefix: str, batch_size: int, embedder=None,
+                 passthrough: tuple[str, ...] = ()):
         import torch
 
         if os.environ.get("OMP_NUM_THREADS"):
@@ -113,10 +118,13 @@ class EmbedActor:
         self.embedder = embedder if embedder is not None else EmbedderSpec(**spec).build()
         self.prefix = prefix
         self.batch_size = batch_size
+        self.passthrough = tuple(passthrough)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         vectors = self.embedder.encode(items_from_columns(batch, self.prefix), batch_size=self.batch_size)
-        return {"id": list(batch["id"]), "embedding": vectors}
+        out = {"id": list(batch["id"]), "embedding": vectors}
+        out.update({c: list(batch[c]) for c in self.passthrough})
+        return out
 
 
 def _stats(s: dict[str, Any]) -> dict[str, Any]:
@@ -125,20 +133,24 @@ def _stats(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def embed_table_local(embedder_or_spec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
-                      batch_size: int = 16) -> dict[str, Any]:
-    """Single-process driver (an :class:`EmbedderSpec` or a built embedder); returns counts and throughput."""
+                      batch_size: int = 16, passthrough: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Single-process driver (an :class:`EmbedderSpec` or a built embedder); returns counts and throughput.
+
+    ``passthrough`` columns of the input (strings, e.g. ``task``, ``pos_id``) are copied to the output.
+    """
     if isinstance(embedder_or_spec, EmbedderSpec):
-        actor = EmbedActor(asdict(embedder_or_spec), prefix, batch_size)
+        actor = EmbedActor(asdict(embedder_or_spec), prefix, batch_size, passthrough=passthrough)
     else:
-        actor = EmbedActor(None, prefix, batch_size, embedder=embedder_or_spec)
-    return _stats(map_shards_local(actor, table, out_dir, _builder(actor.embedder.dim), item_columns(prefix),
-                                   batch_size, what="embedded"))
+        actor = EmbedActor(None, prefix, batch_size, embedder=embedder_or_spec, passthrough=passthrough)
+    return _stats(map_shards_local(actor, table, out_dir, _builder(actor.embedder.dim, tuple(passthrough)),
+                                   item_columns(prefix) + list(passthrough), batch_size, what="embedded"))
 
 
 def embed_table_ray(spec: EmbedderSpec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
                     batch_size: int = 16, min_actors: int = 1, max_actors: int = 2, num_cpus: float = 1.0,
-                    num_gpus: float = 0.0) -> dict[str, Any]:
+                    num_gpus: float = 0.0, passthrough: tuple[str, ...] = ()) -> dict[str, Any]:
     """Ray Data driver over an autoscaling actor pool (Ray must be initialised)."""
-    return _stats(map_shards_ray(EmbedActor, {"spec": asdict(spec), "prefix": prefix, "batch_size": batch_size},
-                                 table, out_dir, _builder(), item_columns(prefix), batch_size, min_actors,
-                                 max_actors, num_cpus, num_gpus, what="embedded"))
+    kwargs = {"spec": asdict(spec), "prefix": prefix, "batch_size": batch_size, "passthrough": tuple(passthrough)}
+    return _stats(map_shards_ray(EmbedActor, kwargs, table, out_dir, _builder(None, tuple(passthrough)),
+                                 item_columns(prefix) + list(passthrough), batch_size, min_actors, max_actors,
+                                 num_cpus, num_gpus, what="embedded"))

@@ -1,0 +1,297 @@
+"""The vLLM judge backend: engine/sampling arguments, token requests, output parsing (no vLLM needed),
+and one GPU test that checks vLLM's scores against a transformers forward."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_png
+from unime_ray.data.schema import Item
+from unime_ray.judge.prompt import JudgePrompt, answer_token_ids, judge_segments
+from unime_ray.judge.vllm_backend import (VLLM_MISSING, JudgeOutputError, VLLMJudge, VLLMJudgeConfig, build_request,
+                                          engine_kwargs, parse_yes_no, sampling_params_kwargs)
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from unime_ray.models.tiny import train_tokenizer
+
+    return train_tokenizer([], 512)
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# --- Stand-ins for vLLM's output classes --------------------------------------------------------------
+# Recorded from https://docs.vllm.ai/en/latest/api/vllm/logprobs/ (vllm/logprobs.py):
+#     @dataclass
+#     class Logprob:
+#         logprob: float                      # "The logprob of chosen token"
+#         rank: Optional[int] = None          # "The vocab rank of chosen token (>=1)"
+#         decoded_token: Optional[str] = None
+#     SampleLogprobs = list[dict[int, Logprob]]   # one dict per generated token
+# and RequestOutput.outputs: list[CompletionOutput], CompletionOutput.logprobs: SampleLogprobs | None.
+# For one greedy token with logprobs=2, allowed_token_ids=[yes, no] and processed_logprobs, an output is
+#     RequestOutput(outputs=[CompletionOutput(index=0, text="Yes", token_ids=[yes],
+#         logprobs=[{yes: Logprob(logprob=-0.22, rank=1, decoded_token="Yes"),
+#                    no: Logprob(logprob=-1.61, rank=2, decoded_token="No")}])])
+# Only the attributes the backend reads are mirrored.
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int = 0
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    logprobs: list | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str = "0"
+    prompt_token_ids: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+
+
+YES, NO = 312, 287
+
+
+def _softmax_yes(logit_yes, logit_no):
+    z = np.array([logit_yes, logit_no], dtype=np.float64)
+    e = np.exp(z - z.max())
+    return float(e[0] / e.sum())
+
+
+# --- engine / sampling arguments ----------------------------------------------------------------------
+
+def test_engine_kwargs_defaults():
+    kw = engine_kwargs(VLLMJudgeConfig(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    assert kw["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert kw["enable_prefix_caching"] is True
+    assert kw["logprobs_mode"] == "processed_logprobs"
+    assert kw["max_logprobs"] >= 2
+    assert kw["limit_mm_per_prompt"]["image"] == 2
+    assert kw["load_format"] == "auto" and kw["dtype"] == "bfloat16"
+    assert "mm_processor_kwargs" not in kw
+
+
+def test_engine_kwargs_passthrough():
+    cfg = VLLMJudgeConfig(model="/ckpt/judge", load_format="dummy", tensor_parallel_size=2, max_images_per_prompt=1,
+                          min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
+                          extra_engine_kwargs={"enforce_eager": True, "max_num_seqs": 64})
+    kw = engine_kwargs(cfg)
+    assert kw["load_format"] == "dummy"
+    assert kw["tensor_parallel_size"] == 2
+    assert kw["limit_mm_per_prompt"]["image"] == 1
+    assert kw["mm_processor_kwargs"] == {"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28}
+    assert kw["enforce_eager"] is True and kw["max_num_seqs"] == 64
+    assert kw["logprobs_mode"] == "processed_logprobs"
+
+
+def test_engine_kwargs_refuses_raw_logprobs():
+    with pytest.raises(ValueError, match="processed_logprobs"):
+        engine_kwargs(VLLMJudgeConfig(model="m", extra_engine_kwargs={"logprobs_mode": "raw_logprobs"}))
+    with pytest.raises(ValueError, match="max_logprobs"):
+        engine_kwargs(VLLMJudgeConfig(model="m", extra_engine_kwargs={"max_logprobs": 1}))
+
+
+def test_sampling_params_kwargs():
+    kw = sampling_params_kwargs(YES, NO)
+    assert kw == {"max_tokens": 1, "temperature": 0.0, "logprobs": 2, "allowed_token_ids": [YES, NO]}
+
+
+# --- requests -----------------------------------------------------------------------------------------
+
+def test_build_request_images_in_prompt_order(tok):
+    q_png, c_png = make_png(40, 30, seed=1), make_png(20, 50, seed=2)
+    query = Item(text="a red car", instruction="Find an image caption describing the given image.", image=q_png)
+    cand = Item(text="a photo of a red car.", image=c_png)
+    req = build_request(tok, query, cand)
+    prefix, suffix = judge_segments(query, cand)
+    assert req["prompt_token_ids"] == _ids(tok, prefix) + _ids(tok, suffix)
+    assert tok.decode(req["prompt_token_ids"]) == prefix + suffix
+    # one (unexpanded) pad per image: vLLM expands each into the image's feature tokens
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert req["prompt_token_ids"].count(pad) == 2
+    assert req["prompt_token_ids"].count(tok.convert_tokens_to_ids("<|vision_start|>")) == 2
+    images = req["multi_modal_data"]["image"]
+    assert [im.size for im in images] == [(40, 30), (20, 50)]       # query image first, then candidate
+    assert all(im.mode == "RGB" for im in images)
+    assert set(req) == {"prompt_token_ids", "multi_modal_data"}
+
+
+def test_build_request_text_only(tok):
+    req = build_request(tok, Item(text="a red car"), Item(text="a blue circle"))
+    assert "multi_modal_data" not in req
+    assert tok.convert_tokens_to_ids("<|image_pad|>") not in req["prompt_token_ids"]
+
+
+def test_build_request_candidate_image_only_and_image_root(tok, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "c.png").write_bytes(make_png(28, 28, seed=3))
+    req = build_request(tok, Item(text="a red car"), Item(text="<image> a photo", image_path="imgs/c.png"),
+                        image_root=tmp_path)
+    assert [im.size for im in req["multi_modal_data"]["image"]] == [(28, 28)]
+    assert req["prompt_token_ids"].count(tok.convert_tokens_to_ids("<|image_pad|>")) == 1
+
+
+def test_build_request_shares_query_prefix(tok):
+    query = Item(text="a red car", image=make_png(seed=4))
+    a = build_request(tok, query, Item(text="first candidate"))["prompt_token_ids"]
+    b = build_request(tok, query, Item(text="another one"))["prompt_token_ids"]
+    n = len(_ids(tok, judge_segments(query, Item(text="x"))[0]))
+    assert a[:n] == b[:n] and a != b
+
+
+def test_build_request_rejects_literal_pad(tok):
+    with pytest.raises(ValueError, match="image_pad"):
+        build_request(tok, Item(text="look <|image_pad|> here"), Item(text="a blue circle"))
+
+
+# --- parsing ------------------------------------------------------------------------------------------
+
+def test_parse_renormalised_pair():
+    p = 0.8
+    out = RequestOutput(outputs=[CompletionOutput(text="Yes", token_ids=[YES], logprobs=[{
+        YES: Logprob(math.log(p), 1, "Yes"), NO: Logprob(math.log(1 - p), 2, "No")}])])
+    assert parse_yes_no(out.outputs[0].logprobs, YES, NO) == pytest.approx(p, abs=1e-12)
+
+
+def test_parse_raw_logprobs_not_summing_to_one():
+    # full-vocabulary logprobs: log_softmax over the vocabulary, so the pair does not sum to 1
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=50)
+    logits[3], logits[7] = 1.3, 0.4
+    log_z = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+    lp = logits - log_z
+    assert math.exp(lp[3]) + math.exp(lp[7]) < 0.9
+    entry = {3: Logprob(float(lp[3]), 1, "Yes"), 7: Logprob(float(lp[7]), 4, "No"), 11: Logprob(float(lp[11]), 2)}
+    assert parse_yes_no([entry], 3, 7) == pytest.approx(_softmax_yes(logits[3], logits[7]), abs=1e-12)
+
+
+def test_parse_plain_floats():
+    assert parse_yes_no([{YES: -2.0, NO: -0.5}], YES, NO) == pytest.approx(_softmax_yes(-2.0, -0.5), abs=1e-12)
+
+
+def test_parse_missing_no_raises():
+    with pytest.raises(JudgeOutputError, match="No"):
+        parse_yes_no([{YES: Logprob(-0.1, 1, "Yes"), 5: Logprob(-3.0, 2, "Maybe")}], YES, NO)
+    with pytest.raises(ValueError):  # JudgeOutputError is a ValueError
+        parse_yes_no([{NO: -0.1}], YES, NO)
+
+
+def test_parse_empty_raises():
+    for empty in (None, []):
+        with pytest.raises(JudgeOutputError, match="no logprobs"):
+            parse_yes_no(empty, YES, NO)
+
+
+def test_parse_extreme_logprobs():
+    # a naive exp(lp) / (exp(lp_yes) + exp(lp_no)) underflows to 0/0 here; math.exp(1000) would overflow
+    assert 0.0 <= parse_yes_no([{YES: -1000.0, NO: 0.0}], YES, NO) < 1e-300
+    assert parse_yes_no([{YES: 0.0, NO: -1000.0}], YES, NO) == 1.0
+    assert parse_yes_no([{YES: Logprob(-1000.0), NO: Logprob(-1000.0 - math.log(3))}], YES, NO) == pytest.approx(0.75)
+    assert parse_yes_no([{YES: 0.0, NO: -math.inf}], YES, NO) == 1.0
+    with pytest.raises(JudgeOutputError):
+        parse_yes_no([{YES: float("nan"), NO: 0.0}], YES, NO)
+
+
+# --- the judge object ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
+def test_judge_without_vllm_raises_clear_error():
+    with pytest.raises(RuntimeError) as info:
+        VLLMJudge(VLLMJudgeConfig(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    assert str(info.value) == VLLM_MISSING
+    assert "unime-ray[gpu]" in str(info.value) and "transformers backend" in str(info.value)
+
+
+class _FakeLLM:
+    """Answers P(Yes) = (k+1)/10 for the candidate text 'candidate number k', as renormalised logprobs."""
+
+    def __init__(self, tok, yes, no):
+        self.tok, self.yes, self.no, self.calls = tok, yes, no, []
+
+    def generate(self, requests, sampling_params, use_tqdm=True):
+        self.calls.append((requests, sampling_params, use_tqdm))
+        outs = []
+        for req in requests:
+            k = int(re.search(r"candidate number (\d+)", self.tok.decode(req["prompt_token_ids"])).group(1))
+            p = (k + 1) / 10
+            outs.append(RequestOutput(outputs=[CompletionOutput(logprobs=[{
+                self.yes: Logprob(math.log(p), 1), self.no: Logprob(math.log1p(-p), 2)}])]))
+        return outs
+
+
+def test_score_groups_queries_and_restores_order(tok):
+    judge = VLLMJudge.__new__(VLLMJudge)  # no engine: the fake stands in for vllm.LLM
+    judge.prompt, judge.image_root, judge.tokenizer = JudgePrompt(), None, tok
+    judge.yes_id, judge.no_id = answer_token_ids(tok)
+    judge.sampling_params = sampling_params_kwargs(judge.yes_id, judge.no_id)
+    judge.llm = _FakeLLM(tok, judge.yes_id, judge.no_id)
+    q0, q1 = Item(text="a red car"), Item(text="a blue circle", image=make_png(seed=5))
+    pairs = [(q0, Item(text="candidate number 0")), (q1, Item(text="candidate number 1")),
+             (q0, Item(text="candidate number 2")), (q1, Item(text="candidate number 3")),
+             (q0, Item(text="candidate number 4"))]
+    scores = judge.score(pairs)
+    assert scores.dtype == np.float64
+    np.testing.assert_allclose(scores, [0.1, 0.2, 0.3, 0.4, 0.5], atol=1e-12)
+    (requests, sp, use_tqdm), = judge.llm.calls     # one generate call with every request
+    assert use_tqdm is False and sp["allowed_token_ids"] == [judge.yes_id, judge.no_id]
+    sent = [int(re.search(r"number (\d+)", tok.decode(r["prompt_token_ids"])).group(1)) for r in requests]
+    assert sent == [0, 2, 4, 1, 3]                   # same-query requests adjacent
+    assert judge.score([]).shape == (0,)
+
+
+# --- GPU: vLLM against an independent transformers forward ------------------------------------------
+
+@pytest.mark.gpu
+def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from unime_ray.models import TinySpec, load_backbone, make_tiny_models
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: simpler under pytest
+    # head_dim 64 for text and vision: vLLM's attention kernels do not take the default tiny head_dim 16 / 8
+    spec = TinySpec(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                    vision_embed_dim=128, vision_heads=2)
+    folder = make_tiny_models(tmp_path, spec=spec, archs=("qwen2_5_vl",))["qwen2_5_vl"]
+    judge = VLLMJudge(VLLMJudgeConfig(model=str(folder), dtype="float32", max_model_len=2048,
+                                      gpu_memory_utilization=0.3, extra_engine_kwargs={"enforce_eager": True}))
+    text_pairs = [(Item(text="a red car"), Item(text="a photo of a red car.")),
+                  (Item(text="a red car"), Item(text="a small blue circle.")),
+                  (Item(text="Find an emoji image that matches the name:", instruction="smile"),
+                   Item(text="a yellow triangle."))]
+    image_pair = (Item(text="<image> Represent the given image.", image=make_png(56, 56, seed=6)),
+                  Item(text="a large green square.", image=make_png(84, 56, seed=7)))
+    scores = judge.score(text_pairs + [image_pair])
+    assert scores.shape == (4,) and np.all((scores > 0) & (scores < 1))
+
+    model = load_backbone(folder, dtype="float32", device="cuda")
+    yes, no = judge.yes_id, judge.no_id
+    for (query, cand), got in zip(text_pairs, scores):
+        ids = build_request(judge.tokenizer, query, cand)["prompt_token_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].double()
+        ref = torch.softmax(logits[[yes, no]], dim=0)[0].item()
+        assert got == pytest.approx(ref, abs=1e-3)

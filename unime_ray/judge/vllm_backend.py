@@ -1,0 +1,210 @@
+"""The MLLM judge on vLLM: P(Yes) / (P(Yes) + P(No)) for (query, candidate) pairs at GPU throughput.
+
+vLLM is imported lazily: it only exists on CUDA machines (the ``gpu`` extra). Everything that does not need
+the engine (engine and sampling arguments, request building, output parsing) is plain Python and is tested
+without it.
+
+How the score is read (vLLM 0.33-era API):
+
+* Sampling: ``SamplingParams(max_tokens=1, temperature=0, logprobs=2, allowed_token_ids=[yes, no])``.
+  The sampler applies the allowed-token whitelist to the logits before it samples. With the engine argument
+  ``logprobs_mode="processed_logprobs"`` the returned logprobs are computed *after* that step, so they are
+  the log-softmax over the pair and both ids always come back. With the default ``raw_logprobs`` they are
+  computed from the raw logits first, and "No" can be missing from the top-k
+  (https://docs.vllm.ai/en/latest/api/vllm/v1/sample/sampler/, "steps in order": 1 raw logprobs,
+  3 allowed token ids, 7 greedy sample + processed logprobs; also shared/reference/ray_vllm_patterns.md B.2).
+* Output: ``RequestOutput.outputs[0].logprobs`` is ``SampleLogprobs = list[dict[int, Logprob]]`` (one
+  dict per generated token) with ``Logprob(logprob, rank, decoded_token)``
+  (https://docs.vllm.ai/en/latest/api/vllm/logprobs/; the ``FlatLogprobs`` variant is indexable the same
+  way). The score is ``exp(lp_yes) / (exp(lp_yes) + exp(lp_no))``, which is right whether or not vLLM
+  renormalised over the pair.
+* Inputs: a token prompt ``{"prompt_token_ids": [...], "multi_modal_data": {"image": [PIL, ...]}}``
+  (``TokensPrompt``, https://docs.vllm.ai/en/v0.8.3/api/offline_inference/llm_inputs.html). For token
+  prompts with multimodal data vLLM runs the HF processor on the images only and then applies the model's
+  prompt updates itself ("Tokenized Prompt Inputs" / "Automatic prompt updating",
+  https://docs.vllm.ai/en/latest/design/mm_processing/). For Qwen2-VL / Qwen2.5-VL that update is a
+  ``PromptReplacement`` whose target is ONE ``<|image_pad|>`` id, replaced by ``grid_t*grid_h*grid_w /
+  merge_size**2`` copies (``Qwen2VLMultiModalProcessor._get_prompt_updates`` in
+  ``vllm/model_executor/models/qwen2_vl.py``), matching the offline example that writes
+  ``<|vision_start|><|image_pad|><|vision_end|>`` once per image
+  (https://github.com/vllm-project/vllm/blob/main/examples/offline_inference/vision_language.py,
+  ``run_qwen2_5_vl``). So our token prompts carry one unexpanded pad per image.
+* Engine: ``enable_prefix_caching`` (a query's ~51 prompts share the prefix), ``limit_mm_per_prompt``,
+  ``mm_processor_kwargs={"min_pixels", "max_pixels"}`` (as in the same example), ``load_format="dummy"``
+  for weight-free throughput runs (random weights; scores are meaningless there).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..data.images import load_image
+from ..data.schema import Item
+from ..models.processor import IMAGE_PAD
+from .prompt import JudgePrompt, answer_token_ids, judge_images, judge_segments, yes_probability
+
+VLLM_MISSING = ("vLLM is not installed; pip install 'unime-ray[gpu]' on a CUDA machine, "
+                "or use the transformers backend")
+
+
+class JudgeOutputError(ValueError):
+    """A vLLM output that does not carry the Yes/No logprobs the score needs."""
+
+
+@dataclass
+class VLLMJudgeConfig:
+    model: str                      # hub id or folder
+    tensor_parallel_size: int = 1
+    max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"       # "dummy": random weights, no download, for throughput runs
+    dtype: str = "bfloat16"
+    max_images_per_prompt: int = 2  # the pairwise prompt holds at most a query and a candidate image
+    min_pixels: int | None = None   # passed as mm_processor_kwargs if set
+    max_pixels: int | None = None
+    extra_engine_kwargs: dict = field(default_factory=dict)
+
+
+def engine_kwargs(cfg: VLLMJudgeConfig) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``; ``extra_engine_kwargs`` win, except the logprobs mode."""
+    kw: dict[str, Any] = dict(
+        model=str(cfg.model),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        load_format=cfg.load_format,
+        dtype=cfg.dtype,
+        # logprobs after the allowed-token whitelist, so both Yes and No always come back (module docstring)
+        logprobs_mode="processed_logprobs",
+        max_logprobs=2,
+        # the judge never sends video: a zero limit keeps vLLM from budgeting encoder memory for it
+        limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+    )
+    mm = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v is not None}
+    if mm:
+        kw["mm_processor_kwargs"] = mm
+    extra = dict(cfg.extra_engine_kwargs)
+    if extra.get("logprobs_mode", "processed_logprobs") != "processed_logprobs":
+        raise ValueError("the vLLM judge needs logprobs_mode='processed_logprobs': with other modes the logprobs "
+                         "are taken before allowed_token_ids and the 'No' entry can be missing")
+    if extra.get("max_logprobs", 2) < 2:
+        raise ValueError("the vLLM judge needs max_logprobs >= 2 (it reads both Yes and No)")
+    kw.update(extra)
+    return kw
+
+
+def sampling_params_kwargs(yes_id: int, no_id: int) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.SamplingParams``: one greedy token restricted to {Yes, No}, both logprobs."""
+    return dict(max_tokens=1, temperature=0.0, logprobs=2, allowed_token_ids=[int(yes_id), int(no_id)])
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_request(tokenizer, query: Item, candidate: Item, prompt: JudgePrompt = JudgePrompt(),
+                  image_root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """One vLLM token prompt for a pair.
+
+    The prefix (query-only) and suffix are tokenized separately and concatenated: the same ids the
+    transformers backend scores, and an identical prefix for all candidates of a query (prefix caching).
+    Each image appears as ONE ``<|image_pad|>``; vLLM expands it to the image's feature count itself (see
+    the module docstring), so passing the already-expanded count would be wrong.
+    """
+    prefix, suffix = judge_segments(query, candidate, prompt)
+    ids = _token_ids(tokenizer, prefix) + _token_ids(tokenizer, suffix)
+    images = [load_image(it, image_root) for it in judge_images(query, candidate)]
+    pad = _token_ids(tokenizer, IMAGE_PAD)
+    n_pads = ids.count(pad[0]) if len(pad) == 1 else 0
+    if n_pads != len(images):
+        # vLLM binds images to pads in prompt order, so a stray literal pad in a text would mis-bind silently
+        raise ValueError(f"judge prompt has {n_pads} {IMAGE_PAD} tokens for {len(images)} images; item texts "
+                         f"must not contain {IMAGE_PAD} (use the image marker of the data schema)")
+    request: dict[str, Any] = {"prompt_token_ids": ids}
+    if images:
+        request["multi_modal_data"] = {"image": images}
+    return request
+
+
+def _logprob_value(entry: Any) -> float:
+    return float(getattr(entry, "logprob", entry))
+
+
+def parse_yes_no(completion_logprobs: Any, yes_id: int, no_id: int) -> float:
+    """P(Yes) / (P(Yes) + P(No)) from a ``CompletionOutput.logprobs`` (first generated token).
+
+    Entries may be vLLM ``Logprob`` objects or plain floats. The ratio only needs the difference of the two
+    logprobs, so it is the same whether vLLM renormalised over the pair or returned full-vocabulary values.
+    """
+    if not completion_logprobs:
+        raise JudgeOutputError("vLLM returned no logprobs for the judge's answer token; "
+                               "was SamplingParams(logprobs=2) set?")
+    first = completion_logprobs[0]
+    if not isinstance(first, Mapping):
+        raise JudgeOutputError(f"unexpected logprobs entry {type(first).__name__}; expected dict[token_id, Logprob]")
+    missing = [name for name, tid in (("Yes", yes_id), ("No", no_id)) if tid not in first]
+    if missing:
+        raise JudgeOutputError(
+            f"the judge's logprobs lack {' and '.join(missing)} (token ids {yes_id}/{no_id}; got ids "
+            f"{sorted(first)}); the engine needs logprobs_mode='processed_logprobs' and the request "
+            f"allowed_token_ids=[yes, no] with logprobs=2")
+    lp_yes, lp_no = _logprob_value(first[yes_id]), _logprob_value(first[no_id])
+    if math.isnan(lp_yes) or math.isnan(lp_no) or (lp_yes == lp_no == -math.inf):
+        raise JudgeOutputError(f"the judge's Yes/No logprobs are not usable: yes={lp_yes}, no={lp_no}")
+    if lp_yes == lp_no:  # also covers +inf == +inf
+        return 0.5
+    return yes_probability(lp_yes, lp_no)
+
+
+def _query_grouped_order(pairs: Sequence[tuple[Item, Item]]) -> list[int]:
+    """Pair indices with pairs of the same query adjacent (first-seen query order), for prefix-cache hits."""
+    first_seen: dict[str, int] = {}
+    keys = []
+    for i, (query, _) in enumerate(pairs):
+        key = query.content_key()
+        first_seen.setdefault(key, i)
+        keys.append(first_seen[key])
+    return sorted(range(len(pairs)), key=lambda i: (keys[i], i))
+
+
+class VLLMJudge:
+    """Scores (query, candidate) pairs with a vLLM engine; the GPU twin of the transformers judge."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: VLLMJudgeConfig, prompt: JudgePrompt = JudgePrompt(),
+                 image_root: str | os.PathLike | None = None):
+        try:
+            import vllm
+        except ImportError as exc:
+            raise RuntimeError(VLLM_MISSING) from exc
+        self.cfg = cfg
+        self.prompt = prompt
+        self.image_root = image_root
+        self.llm = vllm.LLM(**engine_kwargs(cfg))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.yes_id, self.no_id = answer_token_ids(self.tokenizer, prompt)
+        self.sampling_params = vllm.SamplingParams(**sampling_params_kwargs(self.yes_id, self.no_id))
+
+    def score(self, pairs: Sequence[tuple[Item, Item]]) -> np.ndarray:
+        """float64 scores in pair order, from one ``generate`` call over all pairs."""
+        pairs = list(pairs)
+        if not pairs:
+            return np.zeros(0, dtype=np.float64)
+        order = _query_grouped_order(pairs)
+        requests = [build_request(self.tokenizer, *pairs[i], self.prompt, self.image_root) for i in order]
+        outputs = self.llm.generate(requests, self.sampling_params, use_tqdm=False)
+        if len(outputs) != len(requests):
+            raise JudgeOutputError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+        scores = np.empty(len(pairs), dtype=np.float64)
+        for i, out in zip(order, outputs):
+            scores[i] = parse_yes_no(out.outputs[0].logprobs, self.yes_id, self.no_id)
+        return scores

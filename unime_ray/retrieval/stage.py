@@ -1,0 +1,260 @@
+"""Stage S1, global retrieval: each query's top-K candidates below the similarity threshold delta.
+
+For every query: search the candidate pool (its task's pool by default, as in MMEB, or one global pool),
+remove the positive (it is never a candidate), keep the top ``top_k`` and drop those whose similarity is
+at or above delta, where delta is the query's similarity to its own positive (``delta: positive``, the
+paper's Fig. 2), a fixed number, or no threshold (``delta: null``). With ``fill: true`` the search goes
+deeper so that ``top_k`` candidates remain after the drop when the pool has them (the paper's
+Rank_50 over {x_i < delta}); by default the top_k are taken first and then filtered.
+
+Output, one shard per query shard (resumable): ``query_id, task, pos_id, pos_similarity, cand_ids,
+cand_scores, n_dropped`` with candidates in descending similarity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..data.io import iter_rows, read_table, write_rows, write_table_atomic
+from ..data.schema import CANDIDATE_SCHEMA, empty_row
+from ..utils.shards import map_shards_local, map_shards_ray
+from .embed import EmbedderSpec, embed_table_local, embed_table_ray, embeddings_table, read_embeddings
+from .index import IndexSpec, ShardedIndex
+
+logger = logging.getLogger(__name__)
+
+CANDIDATES_TABLE_SCHEMA = pa.schema([
+    pa.field("query_id", pa.string()), pa.field("task", pa.string()), pa.field("pos_id", pa.string()),
+    pa.field("pos_similarity", pa.float32()), pa.field("cand_ids", pa.list_(pa.string())),
+    pa.field("cand_scores", pa.list_(pa.float32())), pa.field("n_dropped", pa.int32()),
+])
+GLOBAL_POOL = "__global__"
+
+
+@dataclass(frozen=True)
+class RetrieveSettings:
+    top_k: int = 50
+    delta: str | float | None = "positive"   # "positive": sim(query, positive); a float; None: no threshold
+    fill: bool = False
+    pool: str = "task"                        # "task" (per task) or "global"
+    index: IndexSpec = field(default_factory=IndexSpec)
+    search_batch_size: int = 4096
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.pool not in ("task", "global"):
+            raise ValueError(f"pool must be 'task' or 'global', got {self.pool!r}")
+        if isinstance(self.delta, str) and self.delta != "positive":
+            raise ValueError(f"delta must be 'positive', a number or null, got {self.delta!r}")
+
+    def threshold(self, pos_similarity: float) -> float:
+        if self.delta is None:
+            return np.inf
+        return float(pos_similarity) if self.delta == "positive" else float(self.delta)
+
+
+def select_candidates(cand_ids: list[str], cand_scores: np.ndarray, pos_id: str, pos_similarity: float,
+                      settings: RetrieveSettings) -> tuple[list[str], list[float], int]:
+    """Apply the rule to one query's ranked search results: (kept ids, kept scores, number dropped by delta).
+
+    ``cand_ids``/``cand_scores`` are in descending similarity (padding ids of '' are ignored).
+    """
+    delta = settings.threshold(pos_similarity)
+    ranked = [(c, float(s)) for c, s in zip(cand_ids, cand_scores) if c and c != pos_id]
+    if not settings.fill:
+        ranked = ranked[:settings.top_k]
+    kept: list[tuple[str, float]] = []
+    dropped = 0
+    for c, s in ranked:
+        if len(kept) == settings.top_k:
+            break
+        if s >= delta:
+            dropped += 1
+        else:
+            kept.append((c, s))
+    return [c for c, _ in kept], [s for _, s in kept], dropped
+
+
+class SearchActor:
+    """Holds the saved indexes and candidate vectors; maps query-embedding rows to candidate rows."""
+
+    def __init__(self, index_dir: str, settings: dict[str, Any]):
+        self.settings = _settings_from_dict(settings)
+        self.groups: dict[str, tuple[ShardedIndex, list[str], np.ndarray]] = {}
+        meta = json.loads((Path(index_dir) / "groups.json").read_text())
+        for group, folder in meta.items():
+            ids, vecs = read_embeddings(Path(folder) / "vectors")
+            self.groups[group] = (ShardedIndex.load(folder), ids, vecs)
+        self.positions = {g: {cid: i for i, cid in enumerate(ids)} for g, (_, ids, _) in self.groups.items()}
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
+        n = len(batch["id"])
+        out: dict[str, list] = {k: [None] * n for k in CANDIDATES_TABLE_SCHEMA.names}
+        tasks = batch["task"]
+        groups = [t if self.settings.pool == "task" else GLOBAL_POOL for t in tasks]
+        for group in sorted(set(groups)):
+            rows = [i for i, g in enumerate(groups) if g == group]
+            if group not in self.groups:
+                raise KeyError(f"no candidate pool for task {group!r}")
+            index, ids, vecs = self.groups[group]
+            q = np.stack([np.asarray(batch["embedding"][i], dtype=np.float32) for i in rows])
+            pos_sims = []
+            for i, qi in zip(rows, q):
+                p = self.positions[group].get(batch["pos_id"][i])
+                if p is None:
+                    raise KeyError(f"query {batch['id'][i]!r}: its positive {batch['pos_id'][i]!r} is not in the "
+                                   f"candidate pool {group!r}")
+                pos_sims.append(float(vecs[p] @ qi))
+            results = self._search(index, ids, q, rows, batch, pos_sims)
+            for i, ps, (kept_ids, kept_scores, dropped) in zip(rows, pos_sims, results):
+                out["query_id"][i] = batch["id"][i]
+                out["task"][i] = tasks[i]
+                out["pos_id"][i] = batch["pos_id"][i]
+                out["pos_similarity"][i] = ps
+                out["cand_ids"][i] = kept_ids
+                out["cand_scores"][i] = kept_scores
+                out["n_dropped"][i] = dropped
+        return out
+
+    def _search(self, index: ShardedIndex, ids: list[str], q: np.ndarray, rows: list[int], batch, pos_sims):
+        s = self.settings
+        depth = min(index.ntotal, s.top_k + 1)
+        results: list[Any] = [None] * len(rows)
+        todo = list(range(len(rows)))
+        while todo:
+            scores, pos = index.search(q[todo], depth)
+            again = []
+            for j, r in enumerate(todo):
+                cids = [ids[p] if p >= 0 else "" for p in pos[j]]
+                res = select_candidates(cids, scores[j], batch["pos_id"][rows[r]], pos_sims[r], s)
+                results[r] = res
+                if s.fill and len(res[0]) < s.top_k and depth < index.ntotal:
+                    again.append(r)
+            todo = again
+            depth = min(index.ntotal, depth * 2)
+        return results
+
+
+def _settings_from_dict(d: dict[str, Any]) -> RetrieveSettings:
+    return RetrieveSettings(**{**d, "index": IndexSpec(**d["index"])})
+
+
+def _candidates_table(cols: dict[str, list]) -> pa.Table:
+    if not cols:
+        return CANDIDATES_TABLE_SCHEMA.empty_table()
+    return pa.table({k: cols[k] for k in CANDIDATES_TABLE_SCHEMA.names}, schema=CANDIDATES_TABLE_SCHEMA)
+
+
+def candidate_pool_from_positives(pairs: str | os.PathLike, out_dir: str | os.PathLike,
+                                  rows_per_shard: int = 10_000) -> int:
+    """The pool when none is given: each task's distinct positives (MMEB-train's targets), ids = pos_id."""
+    seen: set[str] = set()
+
+    def rows():
+        cols = ["task", "pos_id", "pos_instruction", "pos_text", "pos_image", "pos_image_path"]
+        for r in iter_rows(pairs, columns=cols):
+            if r["pos_id"] in seen:
+                continue
+            seen.add(r["pos_id"])
+            row = empty_row(CANDIDATE_SCHEMA)
+            row.update(id=r["pos_id"], task=r["task"], instruction=r["pos_instruction"], text=r["pos_text"],
+                       image=r["pos_image"], image_path=r["pos_image_path"])
+            yield row
+
+    return write_rows(rows(), out_dir, CANDIDATE_SCHEMA, rows_per_shard)
+
+
+def build_indexes(candidate_embeddings: str | os.PathLike, candidates: str | os.PathLike,
+                  out_dir: str | os.PathLike, settings: RetrieveSettings) -> dict[str, str]:
+    """One saved index per pool (task, or global); resumable per pool. Returns {pool: folder}."""
+    out_dir = Path(out_dir)
+    groups_file = out_dir / "groups.json"
+    if groups_file.is_file():
+        return json.loads(groups_file.read_text())
+    ids, vecs = read_embeddings(candidate_embeddings)
+    task_of = {r["id"]: r["task"] for r in iter_rows(candidates, columns=["id", "task"])}
+    keys = [task_of[i] if settings.pool == "task" else GLOBAL_POOL for i in ids]
+    folders = {}
+    for group in sorted(set(keys)):
+        sel = [j for j, g in enumerate(keys) if g == group]
+        folder = out_dir / _safe_name(group)
+        if not (folder / "index.json").is_file():
+            tmp = out_dir / f".{_safe_name(group)}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_table_atomic(embeddings_table([ids[j] for j in sel], vecs[sel]),
+                               tmp / "vectors" / "part-00000.parquet")
+            ShardedIndex.build(vecs[sel], settings.index).save(tmp)
+            os.replace(tmp, folder)
+        folders[group] = str(folder)
+        logger.info("index %s: %d candidates, %s x%d shard(s)", group, len(sel), settings.index.kind,
+                    settings.index.num_shards)
+    groups_file.write_text(json.dumps(folders, indent=1))
+    return folders
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
+
+
+def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   settings: RetrieveSettings, use_ray: bool = False, actors: int = 1,
+                   num_cpus: float = 1.0) -> dict[str, Any]:
+    """Search every query-embedding shard (columns id, embedding, task, pos_id); resumable per shard."""
+    kwargs = {"index_dir": str(index_dir), "settings": asdict(settings)}
+    columns = ["id", "embedding", "task", "pos_id"]
+    if use_ray:
+        return map_shards_ray(SearchActor, kwargs, query_embeddings, out_dir, _candidates_table, columns,
+                              settings.search_batch_size, min_actors=1, max_actors=actors, num_cpus=num_cpus,
+                              what="searched")
+    return map_shards_local(SearchActor(**kwargs), query_embeddings, out_dir, _candidates_table, columns,
+                            settings.search_batch_size, what="searched")
+
+
+def run_retrieval(pairs: str | os.PathLike, candidates: str | os.PathLike | None, out_dir: str | os.PathLike,
+                  spec: EmbedderSpec, settings: RetrieveSettings, *, use_ray: bool = True, batch_size: int = 16,
+                  min_actors: int = 1, max_actors: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                  search_actors: int = 0) -> dict[str, Any]:
+    """The whole stage: pool -> embeddings -> indexes -> search. Every step resumes where it stopped."""
+    out_dir = Path(out_dir)
+    if candidates is None:
+        pool = out_dir / "pool"
+        if not (out_dir / "pool.done").exists():
+            shutil.rmtree(pool, ignore_errors=True)
+            candidate_pool_from_positives(pairs, pool)
+            (out_dir / "pool.done").touch()
+        candidates = pool
+    embed = embed_table_ray if use_ray else _embed_local
+    kw = dict(batch_size=batch_size)
+    if use_ray:
+        kw.update(min_actors=min_actors, max_actors=max_actors, num_cpus=num_cpus, num_gpus=num_gpus)
+    q_stats = embed(spec, pairs, out_dir / "query_embeddings", prefix="query_", passthrough=("task", "pos_id"), **kw)
+    c_stats = embed(spec, candidates, out_dir / "candidate_embeddings", prefix="", **kw)
+    groups = build_indexes(out_dir / "candidate_embeddings", candidates, out_dir / "index", settings)
+    s_stats = search_queries(out_dir / "query_embeddings", out_dir / "index", out_dir / "candidates", settings,
+                             use_ray=use_ray and search_actors > 0, actors=max(search_actors, 1), num_cpus=num_cpus)
+    summary = retrieval_summary(out_dir / "candidates")
+    return {"query_embedding": q_stats, "candidate_embedding": c_stats, "search": s_stats, "pools": len(groups),
+            "candidates_table": str(out_dir / "candidates"), "candidate_pool": str(candidates), **summary}
+
+
+def _embed_local(spec, table, out, prefix="", passthrough=(), batch_size=16):
+    return embed_table_local(spec, table, out, prefix=prefix, batch_size=batch_size, passthrough=passthrough)
+
+
+def retrieval_summary(candidates_table: str | os.PathLike) -> dict[str, Any]:
+    t = read_table(candidates_table, ["cand_ids", "n_dropped"])
+    counts = np.array([len(x) for x in t.column("cand_ids").to_pylist()])
+    dropped = np.array(t.column("n_dropped").to_pylist())
+    return {"queries": int(len(counts)), "mean_candidates": float(counts.mean()) if len(counts) else 0.0,
+            "queries_without_candidates": int((counts == 0).sum()),
+            "mean_dropped_by_delta": float(dropped.mean()) if len(dropped) else 0.0}
