@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
     p.set_defaults(func=cmd_stage, stage="retrieve")
 
+    p = sub.add_parser("judge", help="stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates")
+    _add_config_args(p, default_preset="demo")
+    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
+    p.set_defaults(func=cmd_stage, stage="judge")
+
     from .data.convert import FORMATS
 
     p = sub.add_parser("prepare", help="convert + validate a dataset into a canonical table (bad rows quarantined)")

@@ -223,6 +223,29 @@ def stage_retrieve(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     return out
 
 
+def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    from .judge.stage import JudgeSpec, run_judge
+
+    retrieved = manifest.outputs("retrieve")
+    prepared = manifest.outputs("prepare")
+    j = cfg.judge
+    prompt: dict[str, Any] = {"version": j.prompt_version}
+    if j.instruction:
+        prompt["instruction"] = j.instruction
+    spec = JudgeSpec(model=cfg.model_ref(j.model or cfg.models.judge), backend=j.backend, dtype=j.dtype,
+                     batch_size=j.batch_size, prefix_reuse=j.prefix_reuse, image_root=prepared.get("image_root"),
+                     min_pixels=j.min_pixels, max_pixels=j.max_pixels, max_length=j.max_length, prompt=prompt,
+                     vllm=j.vllm.model_dump() if j.backend == "vllm" else {})
+    _init_ray(cfg)
+    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
+    out = run_judge(retrieved["candidates_table"], pairs, retrieved["candidate_pool"], _stage_dir(cfg, "judge"),
+                    spec, use_ray=True, batch_size=j.rows_per_call, min_actors=j.min_actors,
+                    max_actors=j.max_actors, num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor)
+    logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
+                out["pairs_per_s"])
+    return out
+
+
 def stage_report(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .report import write_run_report
 
@@ -236,6 +259,7 @@ STAGES: list[Stage] = [
     Stage("prepare", ("data",), stage_prepare),
     Stage("embed", ("models", "embed"), stage_embed),
     Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve),
+    Stage("judge", ("judge",), stage_judge),
     Stage("report", (), stage_report, clear_on_rerun=False),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

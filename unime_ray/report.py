@@ -87,6 +87,14 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
              "search rows/s"],
             [[ret["queries"], ret["mean_candidates"], ret["queries_without_candidates"], ret["mean_dropped_by_delta"],
               ret["pools"], ret["search"]["rows_per_s"]]]))
+    jud = stages.get("judge", {}).get("outputs", {})
+    if jud.get("pairs") is not None:
+        parts.append("\n## MLLM-as-a-Judge\n")
+        parts.append(f"Judge: `{jud['judge']}` ({jud['backend']}, prompt {jud['prompt_version']})\n")
+        parts.append(markdown_table(
+            ["pairs", "scored", "quarantined", "pairs/s", "mean score (positives)", "mean score (candidates)"],
+            [[jud["pairs"], jud["scored"], jud["quarantined"], jud["pairs_per_s"], jud["mean_score_positive"],
+              jud["mean_score_candidates"]]]))
     path = run_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
     logger.info("report written to %s", path)

@@ -26,7 +26,6 @@ import pyarrow as pa
 
 from ..data.io import iter_rows, read_table, write_rows, write_table_atomic
 from ..data.schema import CANDIDATE_SCHEMA, empty_row
-from ..utils.shards import map_shards_local, map_shards_ray
 from .embed import EmbedderSpec, embed_table_local, embed_table_ray, embeddings_table, read_embeddings
 from .index import IndexSpec, ShardedIndex
 
@@ -88,7 +87,11 @@ def select_candidates(cand_ids: list[str], cand_scores: np.ndarray, pos_id: str,
 class SearchActor:
     """Holds the saved indexes and candidate vectors; maps query-embedding rows to candidate rows."""
 
-    def __init__(self, index_dir: str, settings: dict[str, Any]):
+    def __init__(self, index_dir: str, settings: dict[str, Any], threads: int | None = None):
+        if threads:  # Ray sets OMP_NUM_THREADS to the actor's CPUs; faiss may use more when asked
+            import faiss
+
+            faiss.omp_set_num_threads(threads)
         self.settings = _settings_from_dict(settings)
         self.groups: dict[str, tuple[ShardedIndex, list[str], np.ndarray]] = {}
         meta = json.loads((Path(index_dir) / "groups.json").read_text())
@@ -206,18 +209,61 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
 
+def search_shard(actor: "SearchActor", shard: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Search one query-embedding shard and write its candidates shard (atomically)."""
+    from ..data.io import iter_batches
+
+    parts = []
+    for batch in iter_batches(shard, batch_size=actor.settings.search_batch_size,
+                              columns=["id", "embedding", "task", "pos_id"]):
+        parts.append(_candidates_table(actor(batch.to_pydict())))
+    table = pa.concat_tables(parts) if parts else _candidates_table({})
+    write_table_atomic(table, out)
+    return table.num_rows
+
+
 def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    settings: RetrieveSettings, use_ray: bool = False, actors: int = 1,
-                   num_cpus: float = 1.0) -> dict[str, Any]:
-    """Search every query-embedding shard (columns id, embedding, task, pos_id); resumable per shard."""
-    kwargs = {"index_dir": str(index_dir), "settings": asdict(settings)}
-    columns = ["id", "embedding", "task", "pos_id"]
-    if use_ray:
-        return map_shards_ray(SearchActor, kwargs, query_embeddings, out_dir, _candidates_table, columns,
-                              settings.search_batch_size, min_actors=1, max_actors=actors, num_cpus=num_cpus,
-                              what="searched")
-    return map_shards_local(SearchActor(**kwargs), query_embeddings, out_dir, _candidates_table, columns,
-                            settings.search_batch_size, what="searched")
+                   num_cpus: float = 1.0, threads: int | None = None) -> dict[str, Any]:
+    """Search every pending query-embedding shard (columns id, embedding, task, pos_id); resumable per shard.
+
+    With Ray, ``actors`` searcher actors (``num_cpus`` each, faiss using ``threads`` or ``num_cpus`` threads)
+    load the saved indexes once and take whole shards from a queue, writing each candidates shard next to
+    the inputs (the run directory is on shared storage on a cluster). Search is CPU-bound faiss work, so
+    whole shards per call keep Ray's overhead to one round trip per shard.
+    """
+    from ..utils.logs import Progress
+    from ..utils.shards import pending_shards, shard_rows
+
+    todo = pending_shards(query_embeddings, out_dir)
+    total = sum(shard_rows(s) for s, _ in todo)
+    progress = Progress(logger, f"searched ({Path(query_embeddings).name}{', Ray' if use_ray else ''})", total)
+    kwargs = {"index_dir": str(index_dir), "settings": asdict(settings),
+              "threads": threads or (max(1, int(num_cpus)) if use_ray else None)}
+    if todo and use_ray:
+        import ray
+        from ray.util import ActorPool
+
+        remote_cls = ray.remote(num_cpus=num_cpus)(_RemoteSearcher)
+        pool = ActorPool([remote_cls.remote(kwargs) for _ in range(min(actors, len(todo)))])
+        for n in pool.map_unordered(lambda a, job: a.run.remote(*job), [(str(s), str(o)) for s, o in todo]):
+            progress.update(n)
+    elif todo:
+        actor = SearchActor(**kwargs)
+        for s, o in todo:
+            progress.update(search_shard(actor, s, o))
+    return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
+            "rows_per_s": round(progress.rate, 2) if total else 0.0}
+
+
+class _RemoteSearcher:
+    """The Ray actor around :class:`SearchActor` (one index load per actor)."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        self.searcher = SearchActor(**kwargs)
+
+    def run(self, shard: str, out: str) -> int:
+        return search_shard(self.searcher, shard, out)
 
 
 def run_retrieval(pairs: str | os.PathLike, candidates: str | os.PathLike | None, out_dir: str | os.PathLike,

@@ -1,0 +1,210 @@
+"""The transformers judge backend (CPU and small GPUs): batched forwards with query-prefix KV reuse.
+
+Every prompt is ``tokens(prefix) + tokens(suffix)`` (see :func:`~unime_ray.judge.prompt.judge_segments`);
+the prefix (system turn, instruction, the query and its image) is the same for all of a query's
+candidates. With ``prefix_reuse`` the prefix runs once per query, its KV cache is copied across a batch
+of candidate suffixes, and only the suffixes run; without it, whole prompts are batched. M-RoPE positions
+are computed once on the full sequence and passed explicitly, so both paths (and the one-pair-at-a-time
+baseline) see identical positions and give the same scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data.images import ImageError, load_image
+from ..data.schema import Item
+from ..models.backbone import load_backbone
+from ..models.processor import ImageOptions, VLProcessor
+from .prompt import JudgePrompt, answer_token_ids, judge_segments
+
+logger = logging.getLogger(__name__)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class PairError(ValueError):
+    """A pair the judge cannot score (unreadable image, prompt longer than the context)."""
+
+
+@dataclass
+class _Encoded:
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    pixel_values: list[torch.Tensor]      # per image, prompt order
+    grids: list[torch.Tensor]             # per image [3]
+    prefix_images: int                    # how many of the images belong to the prefix
+
+
+class TransformersJudge:
+    """Scores (query, candidate) pairs with a Qwen-VL model loaded through :func:`load_backbone`."""
+
+    name = "transformers"
+
+    def __init__(self, model: str | os.PathLike, prompt: JudgePrompt = JudgePrompt(), dtype: str = "auto",
+                 device: str | None = None, image_root: str | os.PathLike | None = None,
+                 image_options: ImageOptions | None = None, batch_size: int = 16, prefix_reuse: bool = True,
+                 max_length: int | None = None):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_backbone(model, dtype=dtype, device=device)
+        self.device = torch.device(device)
+        self.processor = VLProcessor.from_pretrained(model, self.model.config.model_type, "manual", image_options)
+        self.prompt = prompt
+        self.image_root = image_root
+        self.batch_size = batch_size
+        self.prefix_reuse = prefix_reuse
+        text_cfg = getattr(self.model.config, "text_config", self.model.config)
+        self.max_length = max_length or text_cfg.max_position_embeddings
+        self.yes_id, self.no_id = answer_token_ids(self.processor.tokenizer, prompt)
+        self.model_name = str(model)
+
+    # ------------------------------------------------------------------------------------- encoding
+    def _segment(self, text: str, items: list[Item]) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+        images = []
+        for it in items:
+            try:
+                images.append(load_image(it, self.image_root))
+            except ImageError as exc:
+                raise PairError(str(exc)) from None
+        enc = self.processor([text], [images[0]] if len(images) == 1 else [None]) if len(images) <= 1 else None
+        if enc is None:
+            raise PairError("more than one image in one prompt segment")
+        ids = enc["input_ids"][0].tolist()
+        if not images:
+            return ids, [], []
+        n_patches = int(enc["image_grid_thw"][0].prod())
+        return ids, [enc["pixel_values"][:n_patches]], [enc["image_grid_thw"][0]]
+
+    def encode(self, query: Item, candidate: Item) -> _Encoded:
+        prefix, suffix = judge_segments(query, candidate, self.prompt)
+        p_ids, p_pix, p_grid = self._segment(prefix, [query] if query.has_image else [])
+        s_ids, s_pix, s_grid = self._segment(suffix, [candidate] if candidate.has_image else [])
+        total = len(p_ids) + len(s_ids)
+        if total > self.max_length:
+            raise PairError(f"prompt is {total} tokens, more than the judge's context of {self.max_length} "
+                            f"(too many image tokens? lower max_pixels)")
+        return _Encoded(p_ids, s_ids, p_pix + s_pix, p_grid + s_grid, len(p_pix))
+
+    # ------------------------------------------------------------------------------------- forwards
+    def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:
+        core = self.model.model
+        mm = (ids == self.processor.image_pad_id).long()
+        grid = torch.stack(grids) if grids else None
+        pos, _ = core.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)
+        return pos
+
+    def _vision_kwargs(self, pix: list[torch.Tensor], grids: list[torch.Tensor]) -> dict:
+        if not pix:
+            return {}
+        return {"pixel_values": torch.cat(pix).to(self.device, self.model.dtype),
+                "image_grid_thw": torch.stack(grids).to(self.device)}
+
+    def _yes_no(self, logits: torch.Tensor) -> np.ndarray:
+        two = logits[:, [self.yes_id, self.no_id]].float()
+        return torch.softmax(two, dim=-1)[:, 0].double().cpu().numpy()
+
+    @torch.inference_mode()
+    def _score_full(self, encs: list[_Encoded]) -> np.ndarray:
+        """Whole prompts, left-padded into one batch."""
+        seqs = [e.prefix_ids + e.suffix_ids for e in encs]
+        width = max(map(len, seqs))
+        pad = self.processor.pad_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        grids = [g for e in encs for g in e.grids]
+        pos = self._positions(ids, mask, grids)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), mm_token_type_ids=(ids == self.processor.image_pad_id)
+                         .long().to(self.device), use_cache=False, logits_to_keep=1,
+                         **self._vision_kwargs([p for e in encs for p in e.pixel_values], grids))
+        return self._yes_no(out.logits[:, -1])
+
+    @torch.inference_mode()
+    def _score_with_prefix(self, encs: list[_Encoded]) -> np.ndarray:
+        """One query's candidates: the prefix once, then its KV cache copied across the suffix batch."""
+        from transformers import DynamicCache
+
+        head = encs[0]
+        p_ids = torch.tensor([head.prefix_ids])
+        n_p = len(head.prefix_ids)
+        # Full-sequence positions per pair (the prefix part is the same for every candidate).
+        full_pos = []
+        for e in encs:
+            ids = torch.tensor([e.prefix_ids + e.suffix_ids])
+            full_pos.append(self._positions(ids, torch.ones_like(ids), e.grids)[:, 0])
+        p_kw = self._vision_kwargs(head.pixel_values[:head.prefix_images], head.grids[:head.prefix_images])
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=p_ids.to(self.device), attention_mask=torch.ones_like(p_ids).to(self.device),
+                   position_ids=full_pos[0][:, None, :n_p].to(self.device),
+                   mm_token_type_ids=(p_ids == self.processor.image_pad_id).long().to(self.device),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1, **p_kw)
+        lengths = [len(e.suffix_ids) for e in encs]
+        width = max(lengths)
+        pad = self.processor.pad_id
+        s_ids = torch.tensor([e.suffix_ids + [pad] * (width - len(e.suffix_ids)) for e in encs])  # right-padded
+        mask = torch.tensor([[1] * n_p + [1] * n + [0] * (width - n) for n in lengths])
+        pos = torch.stack([torch.cat([fp[:, n_p:], fp[:, -1:].expand(-1, width - n)], dim=1)
+                           for fp, n in zip(full_pos, lengths)], dim=1)
+        batch_cache = copy.deepcopy(cache)
+        batch_cache.batch_repeat_interleave(len(encs))
+        s_pix = [p for e in encs for p in e.pixel_values[e.prefix_images:]]
+        s_grid = [g for e in encs for g in e.grids[e.prefix_images:]]
+        out = self.model(input_ids=s_ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device),
+                         mm_token_type_ids=(s_ids == self.processor.image_pad_id).long().to(self.device),
+                         past_key_values=batch_cache, use_cache=True, **self._vision_kwargs(s_pix, s_grid))
+        last = torch.tensor(lengths) - 1
+        return self._yes_no(out.logits[torch.arange(len(encs)), last.to(out.logits.device)])
+
+    # ------------------------------------------------------------------------------------- public
+    def score(self, pairs: Sequence[tuple[Item, Item]]) -> np.ndarray:
+        """Scores in pair order; raises :class:`PairError` for a bad pair (use :meth:`score_or_errors`)."""
+        scores, errors = self.score_or_errors(pairs)
+        for e in errors:
+            if e:
+                raise PairError(e)
+        return scores
+
+    def score_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
+        """(scores with NaN for bad pairs, error message or None per pair)."""
+        scores = np.full(len(pairs), np.nan)
+        errors: list[str | None] = [None] * len(pairs)
+        encoded: list[tuple[int, _Encoded]] = []
+        for i, (q, c) in enumerate(pairs):
+            try:
+                encoded.append((i, self.encode(q, c)))
+            except PairError as exc:
+                errors[i] = str(exc)
+        if self.prefix_reuse:
+            groups: dict[tuple, list[tuple[int, _Encoded]]] = {}
+            for i, e in encoded:  # same prefix tokens and the same query image (all of its pixels) -> one group
+                key = (tuple(e.prefix_ids), _digest(e.pixel_values[0]) if e.prefix_images else "")
+                groups.setdefault(key, []).append((i, e))
+            batches = [g[j:j + self.batch_size] for g in groups.values() for j in range(0, len(g), self.batch_size)]
+            run = self._score_with_prefix
+        else:
+            batches = [encoded[j:j + self.batch_size] for j in range(0, len(encoded), self.batch_size)]
+            run = self._score_full
+        for batch in batches:
+            scores[[i for i, _ in batch]] = run([e for _, e in batch])
+        return scores, errors
+
+    @torch.inference_mode()
+    def score_one(self, query: Item, candidate: Item) -> float:
+        """The naive baseline: one full forward for one pair, positions computed by the model itself."""
+        e = self.encode(query, candidate)
+        ids = torch.tensor([e.prefix_ids + e.suffix_ids])
+        out = self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
+                         mm_token_type_ids=(ids == self.processor.image_pad_id).long().to(self.device),
+                         use_cache=False, **self._vision_kwargs(e.pixel_values, e.grids))
+        return float(self._yes_no(out.logits[:, -1])[0])

@@ -1,0 +1,218 @@
+"""Stage S2, MLLM-as-a-Judge: score each query's positive and retrieved candidates.
+
+1. **Expand** the retrieval candidates table into a pairs-to-judge table, one row per (query, candidate),
+   the positive first, rows of a query contiguous (so a judge actor sees a query's pairs together and
+   reuses its prefix). One output shard per candidates shard; the query items come from the matching
+   shard of the pair table (shards are aligned stage to stage), the candidates from the pool.
+2. **Score** it through a pool of judge actors (Ray Data, ``ActorPoolStrategy``; one GPU each for
+   vLLM). The scores table: ``query_id, cand_id, is_positive, score, error, judge, prompt_version``.
+   Output shards live under a folder named by judge and prompt version and are written atomically, so a
+   rerun skips what was scored with the same judge and prompt, and a killed run loses and duplicates
+   nothing. Bad pairs (unreadable image, prompt longer than the context) get ``score = NaN`` and a reason,
+   are listed in the quarantine file, and are never scored as 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..data.io import iter_rows, read_table, shard_paths, write_table_atomic
+from ..data.schema import Item
+from ..utils.shards import map_shards_local, map_shards_ray
+from .prompt import JudgePrompt
+
+logger = logging.getLogger(__name__)
+
+_ITEM = ("instruction", "text", "image", "image_path")
+JUDGE_PAIRS_SCHEMA = pa.schema(
+    [pa.field("query_id", pa.string()), pa.field("cand_id", pa.string()), pa.field("is_positive", pa.bool_())]
+    + [pa.field(f"query_{n}", pa.binary() if n == "image" else pa.string()) for n in _ITEM]
+    + [pa.field(f"cand_{n}", pa.binary() if n == "image" else pa.string()) for n in _ITEM])
+SCORES_SCHEMA = pa.schema([
+    pa.field("query_id", pa.string()), pa.field("cand_id", pa.string()), pa.field("is_positive", pa.bool_()),
+    pa.field("score", pa.float64()), pa.field("error", pa.string()), pa.field("judge", pa.string()),
+    pa.field("prompt_version", pa.string()),
+])
+
+
+@dataclass
+class JudgeSpec:
+    """What a judge actor builds: the backend and its settings (a plain dict crosses to Ray workers)."""
+
+    model: str
+    backend: str = "transformers"          # transformers | vllm
+    dtype: str = "auto"
+    batch_size: int = 16
+    prefix_reuse: bool = True
+    image_root: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_length: int | None = None
+    prompt: dict[str, Any] = field(default_factory=dict)   # JudgePrompt fields to override
+    vllm: dict[str, Any] = field(default_factory=dict)     # VLLMJudgeConfig fields
+
+    def judge_prompt(self) -> JudgePrompt:
+        return JudgePrompt(**self.prompt)
+
+    def build(self):
+        from ..models.processor import ImageOptions
+
+        if self.backend == "transformers":
+            from .hf_backend import TransformersJudge
+
+            return TransformersJudge(self.model, self.judge_prompt(), dtype=self.dtype, image_root=self.image_root,
+                                     image_options=ImageOptions(None, self.min_pixels, self.max_pixels),
+                                     batch_size=self.batch_size, prefix_reuse=self.prefix_reuse,
+                                     max_length=self.max_length)
+        if self.backend == "vllm":
+            from .vllm_backend import VLLMJudge, VLLMJudgeConfig
+
+            cfg = VLLMJudgeConfig(model=self.model, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                  **self.vllm)
+            return VLLMJudge(cfg, self.judge_prompt(), image_root=self.image_root)
+        raise ValueError(f"unknown judge backend {self.backend!r}; choose transformers or vllm")
+
+    def identity(self) -> str:
+        """Folder name for this judge + prompt: scores of another judge or prompt never mix in."""
+        prompt = self.judge_prompt()
+        h = hashlib.sha1(f"{self.model}|{asdict(prompt)}".encode()).hexdigest()[:8]
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(self.model).name)
+        return f"{name}-{prompt.version}-{h}"
+
+
+def score_with_errors(backend, pairs: list[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
+    """Scores and per-pair errors from any backend; a backend without per-pair errors is retried pair by pair."""
+    if hasattr(backend, "score_or_errors"):
+        return backend.score_or_errors(pairs)
+    try:
+        return np.asarray(backend.score(pairs), dtype=np.float64), [None] * len(pairs)
+    except Exception:  # find the bad pairs one at a time
+        scores, errors = np.full(len(pairs), np.nan), [None] * len(pairs)
+        for i, pair in enumerate(pairs):
+            try:
+                scores[i] = float(backend.score([pair])[0])
+            except Exception as exc:  # noqa: BLE001 - each failure is recorded with its reason
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        return scores, errors
+
+
+class JudgeActor:
+    """Builds the judge once; maps rows of the pairs-to-judge table to score rows."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = JudgeSpec(**spec)
+        self.backend = self.spec.build()
+        self.judge_name = self.spec.model
+        self.prompt_version = self.spec.judge_prompt().version
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
+        def item(prefix: str, i: int) -> Item:
+            return Item(text=batch[f"{prefix}text"][i] or "", instruction=batch[f"{prefix}instruction"][i] or "",
+                        image=batch[f"{prefix}image"][i] or None, image_path=batch[f"{prefix}image_path"][i] or None)
+
+        n = len(batch["query_id"])
+        pairs = [(item("query_", i), item("cand_", i)) for i in range(n)]
+        scores, errors = score_with_errors(self.backend, pairs)
+        return {"query_id": list(batch["query_id"]), "cand_id": list(batch["cand_id"]),
+                "is_positive": [bool(x) for x in batch["is_positive"]], "score": [float(s) for s in scores],
+                "error": errors, "judge": [self.judge_name] * n, "prompt_version": [self.prompt_version] * n}
+
+
+def _scores_table(cols: dict[str, list]) -> pa.Table:
+    if not cols:
+        return SCORES_SCHEMA.empty_table()
+    return pa.table({k: cols[k] for k in SCORES_SCHEMA.names}, schema=SCORES_SCHEMA)
+
+
+def expand_pairs(candidates_table: str | os.PathLike, pairs_table: str | os.PathLike,
+                 pool_table: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
+    """Write the pairs-to-judge table, one shard per candidates shard (resumable per shard)."""
+    out_dir = Path(out_dir)
+    pair_shards = {p.name: p for p in shard_paths(pairs_table)}
+    pool: dict[str, dict[str, Any]] | None = None
+    written = total = 0
+    for shard in shard_paths(candidates_table):
+        target = out_dir / shard.name
+        if target.exists():
+            total += _rows(target)
+            continue
+        if pool is None:
+            pool = {r["id"]: r for r in iter_rows(pool_table, columns=["id", *_ITEM])}
+        source = pair_shards.get(shard.name)
+        if source is None:
+            raise FileNotFoundError(f"pair table {pairs_table} has no shard {shard.name} to match {shard}")
+        queries = {r["id"]: r for r in iter_rows(source, columns=["id", *(f"query_{n}" for n in _ITEM)])}
+        cols: dict[str, list] = {name: [] for name in JUDGE_PAIRS_SCHEMA.names}
+        for row in iter_rows(shard, columns=["query_id", "pos_id", "cand_ids"]):
+            q = queries[row["query_id"]]
+            for cand_id, positive in [(row["pos_id"], True)] + [(c, False) for c in row["cand_ids"]]:
+                c = pool.get(cand_id)
+                if c is None:
+                    raise KeyError(f"candidate {cand_id!r} of query {row['query_id']!r} is not in the pool")
+                cols["query_id"].append(row["query_id"])
+                cols["cand_id"].append(cand_id)
+                cols["is_positive"].append(positive)
+                for n in _ITEM:
+                    cols[f"query_{n}"].append(q[f"query_{n}"])
+                    cols[f"cand_{n}"].append(c[n])
+        write_table_atomic(pa.table(cols, schema=JUDGE_PAIRS_SCHEMA), target)
+        written += 1
+        total += len(cols["query_id"])
+    return {"pairs": total, "shards_written": written}
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def score_pairs(pairs_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: JudgeSpec, *, use_ray: bool,
+                batch_size: int = 64, min_actors: int = 1, max_actors: int = 1, num_cpus: float = 1.0,
+                num_gpus: float = 0.0) -> dict[str, Any]:
+    """Score every pending shard of the pairs-to-judge table."""
+    kwargs = {"spec": asdict(spec)}
+    if use_ray:
+        return map_shards_ray(JudgeActor, kwargs, pairs_dir, out_dir, _scores_table, None, batch_size,
+                              min_actors, max_actors, num_cpus, num_gpus, what="judged pairs")
+    return map_shards_local(JudgeActor(**kwargs), pairs_dir, out_dir, _scores_table, None, batch_size,
+                            what="judged pairs")
+
+
+def write_quarantine(scores_dir: str | os.PathLike, path: str | os.PathLike) -> int:
+    t = read_table(scores_dir)
+    bad = t.filter(pc.invert(pc.is_null(t.column("error"))))
+    write_table_atomic(bad.select(["query_id", "cand_id", "is_positive", "error"]), path)
+    return bad.num_rows
+
+
+def run_judge(candidates_table: str | os.PathLike, pairs_table: str | os.PathLike, pool_table: str | os.PathLike,
+              out_dir: str | os.PathLike, spec: JudgeSpec, *, use_ray: bool = True, batch_size: int = 64,
+              min_actors: int = 1, max_actors: int = 1, num_cpus: float = 1.0,
+              num_gpus: float = 0.0) -> dict[str, Any]:
+    """The whole stage: expand -> score -> quarantine file and summary."""
+    out_dir = Path(out_dir)
+    expanded = expand_pairs(candidates_table, pairs_table, pool_table, out_dir / "pairs")
+    scores_dir = out_dir / "scores" / spec.identity()
+    stats = score_pairs(out_dir / "pairs", scores_dir, spec, use_ray=use_ray, batch_size=batch_size,
+                        min_actors=min_actors, max_actors=max_actors, num_cpus=num_cpus, num_gpus=num_gpus)
+    n_bad = write_quarantine(scores_dir, out_dir / "quarantine.parquet")
+    t = read_table(scores_dir, ["score", "is_positive", "error"])
+    ok = t.filter(pc.is_null(t.column("error")))
+    scores = np.asarray(ok.column("score").to_pylist(), dtype=np.float64)
+    positive = np.asarray(ok.column("is_positive").to_pylist(), dtype=bool)
+    return {"pairs": expanded["pairs"], "scored": int(len(scores)), "quarantined": n_bad,
+            "scores_table": str(scores_dir), "quarantine": str(out_dir / "quarantine.parquet"),
+            "judge": spec.model, "backend": spec.backend, "prompt_version": spec.judge_prompt().version,
+            "pairs_per_s": stats["rows_per_s"], "seconds": stats["seconds"],
+            "mean_score_positive": float(scores[positive].mean()) if positive.any() else None,
+            "mean_score_candidates": float(scores[~positive].mean()) if (~positive).any() else None}
