@@ -29,6 +29,12 @@ from .prompt import JudgePrompt, answer_token_ids, judge_segments
 logger = logging.getLogger(__name__)
 
 
+def _item_key(item: Item) -> str:
+    if item.image:
+        return "bytes:" + hashlib.sha1(item.image).hexdigest()
+    return "path:" + (item.image_path or "")
+
+
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
@@ -85,15 +91,55 @@ class TransformersJudge:
         n_patches = int(enc["image_grid_thw"][0].prod())
         return ids, [enc["pixel_values"][:n_patches]], [enc["image_grid_thw"][0]]
 
-    def encode(self, query: Item, candidate: Item) -> _Encoded:
-        prefix, suffix = judge_segments(query, candidate, self.prompt)
-        p_ids, p_pix, p_grid = self._segment(prefix, [query] if query.has_image else [])
-        s_ids, s_pix, s_grid = self._segment(suffix, [candidate] if candidate.has_image else [])
+    def _prefix(self, query: Item, prefix: str, cache: dict | None):
+        key = (prefix, _item_key(query))
+        if cache is not None and key in cache:
+            return cache[key]
+        enc = self._segment(prefix, [query] if query.has_image else [])
+        if cache is not None:
+            cache[key] = enc
+        return enc
+
+    def _assemble(self, prefix_enc, suffix_enc) -> _Encoded:
+        (p_ids, p_pix, p_grid), (s_ids, s_pix, s_grid) = prefix_enc, suffix_enc
         total = len(p_ids) + len(s_ids)
         if total > self.max_length:
             raise PairError(f"prompt is {total} tokens, more than the judge's context of {self.max_length} "
                             f"(too many image tokens? lower max_pixels)")
         return _Encoded(p_ids, s_ids, p_pix + s_pix, p_grid + s_grid, len(p_pix))
+
+    def encode(self, query: Item, candidate: Item, prefix_cache: dict | None = None) -> _Encoded:
+        """Token ids and vision inputs of one pair; ``prefix_cache`` reuses a query's encoded prefix."""
+        prefix, suffix = judge_segments(query, candidate, self.prompt)
+        return self._assemble(self._prefix(query, prefix, prefix_cache),
+                              self._segment(suffix, [candidate] if candidate.has_image else []))
+
+    def encode_all(self, pairs: Sequence[tuple[Item, Item]]) -> list[_Encoded | PairError]:
+        """:meth:`encode` for many pairs: prefixes once per query, text-only suffixes tokenized together."""
+        prefix_cache: dict = {}
+        out: list[_Encoded | PairError | None] = [None] * len(pairs)
+        prefixes: list = [None] * len(pairs)
+        text_suffixes: list[tuple[int, str]] = []
+        for i, (q, c) in enumerate(pairs):
+            prefix, suffix = judge_segments(q, c, self.prompt)
+            try:
+                prefixes[i] = self._prefix(q, prefix, prefix_cache)
+                if c.has_image:
+                    out[i] = self._assemble(prefixes[i], self._segment(suffix, [c]))
+                else:
+                    text_suffixes.append((i, suffix))
+            except PairError as exc:
+                out[i] = exc
+        for j in range(0, len(text_suffixes), 256):
+            chunk = text_suffixes[j:j + 256]
+            enc = self.processor([t for _, t in chunk], [None] * len(chunk))
+            for row, (i, _) in enumerate(chunk):
+                ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+                try:
+                    out[i] = self._assemble(prefixes[i], (ids, [], []))
+                except PairError as exc:
+                    out[i] = exc
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------- forwards
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:
@@ -131,30 +177,39 @@ class TransformersJudge:
 
     @torch.inference_mode()
     def _score_with_prefix(self, encs: list[_Encoded]) -> np.ndarray:
-        """One query's candidates: the prefix once, then its KV cache copied across the suffix batch."""
+        """One query's candidates: the prefix runs once, its KV cache is copied across each suffix batch."""
         from transformers import DynamicCache
 
         head = encs[0]
-        p_ids = torch.tensor([head.prefix_ids])
         n_p = len(head.prefix_ids)
-        # Full-sequence positions per pair (the prefix part is the same for every candidate).
-        full_pos = []
-        for e in encs:
-            ids = torch.tensor([e.prefix_ids + e.suffix_ids])
-            full_pos.append(self._positions(ids, torch.ones_like(ids), e.grids)[:, 0])
+        p_ids = torch.tensor([head.prefix_ids])
+        # Positions of the first pair's full sequence; the prefix part is the same for every candidate.
+        first = self._positions(torch.tensor([head.prefix_ids + head.suffix_ids]),
+                                torch.ones(1, n_p + len(head.suffix_ids), dtype=torch.long), head.grids)
         p_kw = self._vision_kwargs(head.pixel_values[:head.prefix_images], head.grids[:head.prefix_images])
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=p_ids.to(self.device), attention_mask=torch.ones_like(p_ids).to(self.device),
-                   position_ids=full_pos[0][:, None, :n_p].to(self.device),
+                   position_ids=first[:, :, :n_p].to(self.device),
                    mm_token_type_ids=(p_ids == self.processor.image_pad_id).long().to(self.device),
                    past_key_values=cache, use_cache=True, logits_to_keep=1, **p_kw)
+        scores = []
+        for j in range(0, len(encs), self.batch_size):
+            scores.append(self._score_suffixes(encs[j:j + self.batch_size], cache, n_p))
+        return np.concatenate(scores)
+
+    def _score_suffixes(self, encs: list[_Encoded], cache, n_p: int) -> np.ndarray:
+        seqs = [e.prefix_ids + e.suffix_ids for e in encs]
+        width_full = max(map(len, seqs))
+        pad = self.processor.pad_id
+        ids_full = torch.tensor([q + [pad] * (width_full - len(q)) for q in seqs])
+        mask_full = torch.tensor([[1] * len(q) + [0] * (width_full - len(q)) for q in seqs])
+        pos_all = self._positions(ids_full, mask_full, [g for e in encs for g in e.grids])
         lengths = [len(e.suffix_ids) for e in encs]
         width = max(lengths)
-        pad = self.processor.pad_id
         s_ids = torch.tensor([e.suffix_ids + [pad] * (width - len(e.suffix_ids)) for e in encs])  # right-padded
         mask = torch.tensor([[1] * n_p + [1] * n + [0] * (width - n) for n in lengths])
-        pos = torch.stack([torch.cat([fp[:, n_p:], fp[:, -1:].expand(-1, width - n)], dim=1)
-                           for fp, n in zip(full_pos, lengths)], dim=1)
+        pos = torch.stack([torch.cat([pos_all[:, b, n_p:n_p + n], pos_all[:, b, n_p + n - 1:n_p + n]
+                                      .expand(-1, width - n)], dim=1) for b, n in enumerate(lengths)], dim=1)
         batch_cache = copy.deepcopy(cache)
         batch_cache.batch_repeat_interleave(len(encs))
         s_pix = [p for e in encs for p in e.pixel_values[e.prefix_images:]]
@@ -180,17 +235,17 @@ class TransformersJudge:
         scores = np.full(len(pairs), np.nan)
         errors: list[str | None] = [None] * len(pairs)
         encoded: list[tuple[int, _Encoded]] = []
-        for i, (q, c) in enumerate(pairs):
-            try:
-                encoded.append((i, self.encode(q, c)))
-            except PairError as exc:
-                errors[i] = str(exc)
+        for i, enc in enumerate(self.encode_all(pairs)):
+            if isinstance(enc, PairError):
+                errors[i] = str(enc)
+            else:
+                encoded.append((i, enc))
         if self.prefix_reuse:
             groups: dict[tuple, list[tuple[int, _Encoded]]] = {}
             for i, e in encoded:  # same prefix tokens and the same query image (all of its pixels) -> one group
                 key = (tuple(e.prefix_ids), _digest(e.pixel_values[0]) if e.prefix_images else "")
                 groups.setdefault(key, []).append((i, e))
-            batches = [g[j:j + self.batch_size] for g in groups.values() for j in range(0, len(g), self.batch_size)]
+            batches = list(groups.values())   # _score_with_prefix splits a group into suffix batches
             run = self._score_with_prefix
         else:
             batches = [encoded[j:j + self.batch_size] for j in range(0, len(encoded), self.batch_size)]

@@ -130,7 +130,9 @@ class JudgeActor:
 def _scores_table(cols: dict[str, list]) -> pa.Table:
     if not cols:
         return SCORES_SCHEMA.empty_table()
-    return pa.table({k: cols[k] for k in SCORES_SCHEMA.names}, schema=SCORES_SCHEMA)
+    # Through Ray Data an all-None column arrives as NaN floats: strings are strings or missing.
+    errors = [e if isinstance(e, str) else None for e in cols["error"]]
+    return pa.table({**{k: cols[k] for k in SCORES_SCHEMA.names}, "error": errors}, schema=SCORES_SCHEMA)
 
 
 def expand_pairs(candidates_table: str | os.PathLike, pairs_table: str | os.PathLike,
