@@ -198,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
     p.set_defaults(func=cmd_stage, stage="judge")
 
+    p = sub.add_parser("mine", help="stage S3: hard negatives from judge scores -> training table (+ official JSON)")
+    _add_config_args(p, default_preset="demo")
+    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
+    p.set_defaults(func=cmd_stage, stage="mine")
+
     from .data.convert import FORMATS
 
     p = sub.add_parser("prepare", help="convert + validate a dataset into a canonical table (bad rows quarantined)")

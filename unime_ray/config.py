@@ -172,6 +172,16 @@ class JudgeConfig(_Section):
         return self
 
 
+class MineConfig(_Section):
+    """Hard-negative mining (stage S3): false-negative filter and cyclical sampling."""
+
+    num_negatives: int = Field(default=10, ge=1)
+    beta: float = Field(default=0.01, ge=0)
+    interval: int = Field(default=5, ge=1)
+    fallback_score: float = Field(default=1.0, ge=0, le=1)
+    export_official: bool = True        # also write the official UniME-V2 JSON
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -185,6 +195,7 @@ class RunConfig(BaseModel):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
 
     @field_validator("run_dir")
     @classmethod

@@ -246,6 +246,19 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     return out
 
 
+def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    from .mining.stage import MineSettings, run_mining
+
+    retrieved, judged, prepared = manifest.outputs("retrieve"), manifest.outputs("judge"), manifest.outputs("prepare")
+    m = cfg.mine
+    settings = MineSettings(num_negatives=m.num_negatives, beta=m.beta, interval=m.interval, seed=cfg.seed,
+                            fallback_score=m.fallback_score)
+    return run_mining(retrieved["candidates_table"], judged["scores_table"],
+                      prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"], retrieved["candidate_pool"],
+                      _stage_dir(cfg, "mine"), settings, image_root=prepared.get("image_root"),
+                      export_official=m.export_official)
+
+
 def stage_report(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .report import write_run_report
 
@@ -260,6 +273,7 @@ STAGES: list[Stage] = [
     Stage("embed", ("models", "embed"), stage_embed),
     Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve),
     Stage("judge", ("judge",), stage_judge),
+    Stage("mine", ("mine",), stage_mine),
     Stage("report", (), stage_report, clear_on_rerun=False),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -292,7 +306,8 @@ def run_pipeline(cfg: RunConfig, force: bool = False, only: list[str] | None = N
     upstream = ""
     for stage in STAGES:
         key = _stage_key(cfg, stage, upstream)
-        upstream = key
+        if stage.name not in OPTIONAL_STAGES:  # nothing downstream reads optional stages' outputs
+            upstream = key
         if stage.name not in wanted:
             continue
         prev = manifest.stage(stage.name)

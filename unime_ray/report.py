@@ -95,6 +95,22 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
             ["pairs", "scored", "quarantined", "pairs/s", "mean score (positives)", "mean score (candidates)"],
             [[jud["pairs"], jud["scored"], jud["quarantined"], jud["pairs_per_s"], jud["mean_score_positive"],
               jud["mean_score_candidates"]]]))
+    mine = stages.get("mine", {}).get("outputs", {})
+    if mine.get("queries") is not None:
+        parts.append("\n## Hard-negative mining\n")
+        st = mine.get("settings", {})
+        parts.append(f"num_negatives {st.get('num_negatives')}, beta {st.get('beta')}, interval {st.get('interval')}; "
+                     f"training table `{mine.get('training_table')}`"
+                     + (f", official JSON `{mine['official_json']}`" if mine.get("official_json") else "") + "\n")
+        parts.append(markdown_table(
+            ["queries", "mined", "quarantined", "false negatives dropped", "fallbacks (no survivor)",
+             "cyclic repeats (< k survivors)", "mean positive score", "mean negative score"],
+            [[mine["queries"], mine["mined"], mine["quarantined"], mine["false_negatives"], mine["fallbacks"],
+              mine["repeated_fill"], mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
+        if mine.get("histogram"):
+            rel = Path(mine["histogram"]).relative_to(run_dir) if Path(mine["histogram"]).is_relative_to(run_dir) \
+                else mine["histogram"]
+            parts.append(f"\n![judge scores]({rel})\n")
     path = run_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
     logger.info("report written to %s", path)

@@ -1,0 +1,163 @@
+"""Stage S3: mine each query's hard negatives from the judge's scores and write the training table.
+
+Per query: its candidates in retrieval order (the candidates table), their judge scores and the
+positive's (the scores table), then :func:`~unime_ray.mining.sampling.mine_query`. The training table is
+the canonical pair table: query, positive with its judge score, ``num_negatives`` negatives resolved to
+their text/image with their scores. Shards follow the candidates shards, each written atomically with
+its statistics, so a rerun resumes at the first missing shard. A query whose positive the judge could not
+score is quarantined with the reason (it cannot be mined); candidates the judge could not score are left
+out of that query's list and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..data.convert import export_official_json
+from ..data.io import iter_rows, read_table, rows_to_table, shard_paths, write_table_atomic
+from ..data.schema import PAIR_SCHEMA, Item, empty_row, item_to_columns, negatives_to_columns
+from .sampling import mine_query
+
+logger = logging.getLogger(__name__)
+
+_ITEM = ("instruction", "text", "image", "image_path")
+QUARANTINE_SCHEMA = pa.schema([pa.field("query_id", pa.string()), pa.field("reason", pa.string())])
+
+
+@dataclass(frozen=True)
+class MineSettings:
+    num_negatives: int = 10
+    beta: float = 0.01
+    interval: int = 5
+    seed: int = 0
+    fallback_score: float = 1.0
+
+    def query_seed(self, query_id: str) -> int:
+        """A per-query seed: reproducible, and different queries draw different fallbacks."""
+        return int(hashlib.sha1(f"{self.seed}:{query_id}".encode()).hexdigest()[:12], 16)
+
+
+def _item(row: dict[str, Any], prefix: str) -> Item:
+    return Item(text=row.get(f"{prefix}text") or "", instruction=row.get(f"{prefix}instruction") or "",
+                image=row.get(f"{prefix}image") or None, image_path=row.get(f"{prefix}image_path") or None)
+
+
+def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, pool: dict[str, dict[str, Any]],
+               settings: MineSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(training rows, quarantined queries, statistics) of one shard."""
+    scores = {(r["query_id"], r["cand_id"]): (r["score"], r["error"]) for r in iter_rows(scores_shard)}
+    queries = {r["id"]: r for r in iter_rows(pairs_shard)}
+    rows, bad = [], []
+    stats = {"queries": 0, "mined": 0, "quarantined": 0, "fallbacks": 0, "false_negatives": 0,
+             "unscored_candidates": 0, "no_candidates": 0, "repeated_fill": 0}
+    for cand in iter_rows(candidates_shard, columns=["query_id", "pos_id", "cand_ids"]):
+        qid = cand["query_id"]
+        stats["queries"] += 1
+        pos_score, pos_error = scores.get((qid, cand["pos_id"]), (None, "positive was not judged"))
+        if pos_error or pos_score is None or math.isnan(pos_score):
+            bad.append({"query_id": qid, "reason": f"positive could not be judged: {pos_error}"})
+            stats["quarantined"] += 1
+            continue
+        ids, vals = [], []
+        for cid in cand["cand_ids"]:
+            s, err = scores.get((qid, cid), (None, "not judged"))
+            if err or s is None or math.isnan(s):
+                stats["unscored_candidates"] += 1
+                continue
+            ids.append(cid)
+            vals.append(s)
+        outcome = mine_query(ids, vals, pos_score, settings.num_negatives, settings.beta, settings.interval,
+                             settings.query_seed(qid), settings.fallback_score)
+        stats["false_negatives"] += outcome.false_negatives
+        stats["fallbacks"] += int(outcome.fallback and bool(ids))
+        stats["no_candidates"] += int(not ids)
+        stats["repeated_fill"] += int(0 < outcome.survivors < settings.num_negatives)
+        q = queries[qid]
+        row = empty_row(PAIR_SCHEMA)
+        row.update(id=qid, task=q["task"], pos_id=q["pos_id"], pos_score=float(pos_score))
+        row.update(item_to_columns(_item(q, "query_"), "query_"))
+        row.update(item_to_columns(_item(q, "pos_"), "pos_"))
+        negatives = [(_item(pool[cid], ""), s, cid) for cid, s in outcome.negatives]
+        row.update(negatives_to_columns(negatives))
+        rows.append(row)
+        stats["mined"] += 1
+    return rows, bad, stats
+
+
+def run_mining(candidates_table: str | os.PathLike, scores_table: str | os.PathLike, pairs_table: str | os.PathLike,
+               pool_table: str | os.PathLike, out_dir: str | os.PathLike, settings: MineSettings, *,
+               image_root: str | os.PathLike | None = None, export_official: bool = True) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    score_shards = {p.name: p for p in shard_paths(scores_table)}
+    pair_shards = {p.name: p for p in shard_paths(pairs_table)}
+    pool = None
+    for shard in shard_paths(candidates_table):
+        target = out_dir / "train" / shard.name
+        if target.exists() and (out_dir / "stats" / f"{shard.name}.json").exists():
+            continue
+        if pool is None:
+            pool = {r["id"]: r for r in iter_rows(pool_table, columns=["id", *_ITEM])}
+        for needed, have in ((score_shards, "scores"), (pair_shards, "pairs")):
+            if shard.name not in needed:
+                raise FileNotFoundError(f"no {have} shard {shard.name} for candidates shard {shard}")
+        rows, bad, stats = mine_shard(shard, score_shards[shard.name], pair_shards[shard.name], pool, settings)
+        write_table_atomic(rows_to_table(bad, QUARANTINE_SCHEMA), out_dir / "quarantine" / shard.name)
+        write_table_atomic(rows_to_table(rows, PAIR_SCHEMA), target)
+        (out_dir / "stats").mkdir(parents=True, exist_ok=True)
+        (out_dir / "stats" / f"{shard.name}.json").write_text(json.dumps(stats))
+    totals: dict[str, int] = {}
+    for f in sorted((out_dir / "stats").glob("*.json")):
+        for k, v in json.loads(f.read_text()).items():
+            totals[k] = totals.get(k, 0) + v
+    if totals.get("queries", 0) != totals.get("mined", 0) + totals.get("quarantined", 0):
+        raise AssertionError(f"mining accounting broken: {totals}")
+    out: dict[str, Any] = {**totals, "settings": asdict(settings), "training_table": str(out_dir / "train")}
+    out.update(score_summary(out_dir / "train", out_dir / "score_histograms.png"))
+    if export_official and totals.get("mined", 0):
+        path = out_dir / "train_official.json"
+        export_official_json(out_dir / "train", path, image_dir=image_root or out_dir / "official_images")
+        out["official_json"] = str(path)
+    logger.info("mine: %d queries, %d mined, %d quarantined, %d fallbacks, %d false negatives dropped",
+                totals.get("queries", 0), totals.get("mined", 0), totals.get("quarantined", 0),
+                totals.get("fallbacks", 0), totals.get("false_negatives", 0))
+    return out
+
+
+def score_summary(training_table: str | os.PathLike, plot_path: Path | None = None) -> dict[str, Any]:
+    """Means of positive and negative judge scores, and a histogram plot of both."""
+    t = read_table(training_table, ["pos_score", "neg_score"])
+    pos = np.asarray(t.column("pos_score").to_pylist(), dtype=float)
+    neg = np.asarray([s for lst in t.column("neg_score").to_pylist() for s in (lst or [])], dtype=float)
+    out = {"mean_positive_score": float(pos.mean()) if len(pos) else None,
+           "mean_negative_score": float(neg.mean()) if len(neg) else None}
+    if plot_path is not None and len(pos):
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 3))
+            bins = np.linspace(0, 1, 41)
+            ax.hist(pos, bins=bins, alpha=0.6, label=f"positives ({len(pos)})", color="#4c72b0")
+            ax.hist(neg, bins=bins, alpha=0.6, label=f"mined negatives ({len(neg)})", color="#dd8452")
+            ax.set_xlabel("judge score s = e_yes / (e_yes + e_no)")
+            ax.set_ylabel("count")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(plot_path, dpi=100)
+            plt.close(fig)
+            out["histogram"] = str(plot_path)
+        except ImportError:
+            pass
+    return out
