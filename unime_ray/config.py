@@ -149,7 +149,7 @@ class JudgeConfig(_Section):
     model: str | None = None            # default: models.judge
     backend: Literal["transformers", "vllm"] = "transformers"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(default=16, ge=1)          # pairs per forward
+    batch_size: int = Field(default=32, ge=1)          # pairs per forward
     prefix_reuse: bool = True
     rows_per_call: int = Field(default=64, ge=1)       # pairs handed to an actor at a time
     min_actors: int = Field(default=1, ge=1)

@@ -51,7 +51,7 @@ class JudgeSpec:
     model: str
     backend: str = "transformers"          # transformers | vllm
     dtype: str = "auto"
-    batch_size: int = 16
+    batch_size: int = 32
     prefix_reuse: bool = True
     image_root: str | None = None
     min_pixels: int | None = None

@@ -245,14 +245,19 @@ def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.Path
         from ray.util import ActorPool
 
         remote_cls = ray.remote(num_cpus=num_cpus)(_RemoteSearcher)
-        pool = ActorPool([remote_cls.remote(kwargs) for _ in range(min(actors, len(todo)))])
+        searchers = [remote_cls.remote(kwargs) for _ in range(min(actors, len(todo)))]
+        ray.get([a.ready.remote() for a in searchers])  # process start + index load, timed apart from search
+        setup = progress.elapsed
+        pool = ActorPool(searchers)
         for n in pool.map_unordered(lambda a, job: a.run.remote(*job), [(str(s), str(o)) for s, o in todo]):
             progress.update(n)
     elif todo:
         actor = SearchActor(**kwargs)
+        setup = progress.elapsed
         for s, o in todo:
             progress.update(search_shard(actor, s, o))
     return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
+            "setup_seconds": round(setup, 3) if todo else 0.0,
             "rows_per_s": round(progress.rate, 2) if total else 0.0}
 
 
@@ -261,6 +266,9 @@ class _RemoteSearcher:
 
     def __init__(self, kwargs: dict[str, Any]):
         self.searcher = SearchActor(**kwargs)
+
+    def ready(self) -> bool:
+        return True
 
     def run(self, shard: str, out: str) -> int:
         return search_shard(self.searcher, shard, out)
