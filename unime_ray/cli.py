@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
     p.set_defaults(func=cmd_stage, stage="mine")
 
+    p = sub.add_parser("train-embedder", help="stage S4: train the embedder on the mined table (Ray Train + DeepSpeed)")
+    _add_config_args(p, default_preset="demo")
+    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
+    p.set_defaults(func=cmd_stage, stage="train")
+
     from .data.convert import FORMATS
 
     p = sub.add_parser("prepare", help="convert + validate a dataset into a canonical table (bad rows quarantined)")

@@ -182,6 +182,39 @@ class MineConfig(_Section):
     export_official: bool = True        # also write the official UniME-V2 JSON
 
 
+class TrainConfig(_Section):
+    """Embedder training (stage S4) on Ray Train + DeepSpeed ZeRO."""
+
+    objective: Literal["judge_alignment", "hard_label", "infonce"] = "judge_alignment"
+    num_negatives: int = Field(default=8, ge=1)      # k; at most mine.num_negatives
+    temperature: float = Field(default=0.02, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    max_steps: int = Field(default=30, ge=1)
+    micro_batch_size: int = Field(default=8, ge=1)   # queries per worker per forward
+    grad_accum: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    bf16: bool | None = None                         # None: on GPU only
+    gradient_checkpointing: bool = False
+    lora: bool = True
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=64, ge=1)
+    lora_dropout: float = Field(default=0.1, ge=0, lt=1)
+    use_dora: bool = True
+    checkpoint_every: int = Field(default=10, ge=1)
+    max_failures: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _dora_zero3(self):
+        if self.zero_stage == 3 and self.lora and self.use_dora:
+            raise ValueError("DoRA does not work under ZeRO-3: set use_dora: false or zero_stage <= 2")
+        return self
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -196,6 +229,14 @@ class RunConfig(BaseModel):
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     mine: MineConfig = Field(default_factory=MineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _k_fits_mining(self):
+        if self.train.num_negatives > self.mine.num_negatives:
+            raise ValueError(f"train.num_negatives ({self.train.num_negatives}) > mine.num_negatives "
+                             f"({self.mine.num_negatives}): training cannot use more negatives than were mined")
+        return self
 
     @field_validator("run_dir")
     @classmethod

@@ -259,6 +259,21 @@ def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                       export_official=m.export_official)
 
 
+def stage_train(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    from .train.embedder import TrainSettings, train_embedder
+
+    mined, prepared = manifest.outputs("mine"), manifest.outputs("prepare")
+    t, m = cfg.train, cfg.models
+    settings = TrainSettings(model=cfg.model_ref(m.embedder), output_dir=str(_stage_dir(cfg, "train")),
+                             input_format=m.input_format, positions=m.positions,
+                             image_root=prepared.get("image_root"), seed=cfg.seed, **t.model_dump())
+    _init_ray(cfg)
+    out = train_embedder(mined["training_table"], settings, name=cfg.name)
+    logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
+                out["model"])
+    return out
+
+
 def stage_report(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .report import write_run_report
 
@@ -274,6 +289,7 @@ STAGES: list[Stage] = [
     Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve),
     Stage("judge", ("judge",), stage_judge),
     Stage("mine", ("mine",), stage_mine),
+    Stage("train", ("train",), stage_train),
     Stage("report", (), stage_report, clear_on_rerun=False),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

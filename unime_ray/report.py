@@ -9,6 +9,12 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def _rel(path: str | Path, run_dir: Path) -> str:
+    """A link target relative to the report when the file is inside the run directory."""
+    p = Path(path)
+    return str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p)
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -108,9 +114,18 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
             [[mine["queries"], mine["mined"], mine["quarantined"], mine["false_negatives"], mine["fallbacks"],
               mine["repeated_fill"], mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
         if mine.get("histogram"):
-            rel = Path(mine["histogram"]).relative_to(run_dir) if Path(mine["histogram"]).is_relative_to(run_dir) \
-                else mine["histogram"]
-            parts.append(f"\n![judge scores]({rel})\n")
+            parts.append(f"\n![judge scores]({_rel(mine['histogram'], run_dir)})\n")
+    tr = stages.get("train", {}).get("outputs", {})
+    if tr.get("model"):
+        f = tr.get("final", {})
+        parts.append("\n## Embedder training\n")
+        parts.append(f"Model: `{tr['model']}`; global batch {tr.get('global_batch')}\n")
+        parts.append(markdown_table(["steps", "final loss", "top-1 agrees with judge", "positive ranked first",
+                                     "samples/s"],
+                                    [[tr["steps"], f.get("loss"), f.get("agreement_top1"), f.get("positive_top1"),
+                                      f.get("samples_per_s")]]))
+        if tr.get("plot"):
+            parts.append(f"\n![training curve]({_rel(tr['plot'], run_dir)})\n")
     path = run_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
     logger.info("report written to %s", path)
