@@ -63,6 +63,7 @@ class TrainSettings:
     max_failures: int = 1
     seed: int = 0
     fail_at_step: int | None = None          # testing: kill rank 0 once at this step (see max_failures)
+    report_memory: bool = False              # add per-rank parameter / optimizer-state bytes to the metrics
 
     def __post_init__(self):
         if self.objective not in LOSSES:
@@ -231,19 +232,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - t0
             metrics = {"step": step, "loss": float(np.mean(losses)), "lr": float(engine.get_lr()[0]),
                        "samples_per_s": seen * world / max(elapsed, 1e-9), **info}
+            if s.report_memory:
+                metrics.update(rank_memory(engine))
             losses = []
             if rank == 0:
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+            # ray.train.report synchronises every worker with the controller (about 2 s a call here), so it
+            # goes with checkpoints only; per-step metrics are in metrics.jsonl.
             if step % s.checkpoint_every == 0 or step == s.max_steps:
                 with tempfile.TemporaryDirectory() as d:
                     engine.save_checkpoint(d, tag="ckpt", client_state={"step": step})
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
             if step >= s.max_steps:
                 break
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def rank_memory(engine) -> dict[str, int]:
+    """Bytes this rank holds: its parameters (ZeRO-3: its partition) and its optimizer state (Adam moments,
+    and fp32 master partitions where DeepSpeed keeps them)."""
+    params = 0
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", None)
+        params += (local.numel() * local.element_size()) if local is not None else p.numel() * p.element_size()
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    state = _tensor_bytes(list(getattr(inner, "state", {}).values()))
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        state += _tensor_bytes(getattr(opt, name, []))
+    return {"param_bytes_per_rank": int(params), "optimizer_bytes_per_rank": int(state)}
 
 
 def train_embedder(training_table: str | os.PathLike, s: TrainSettings, name: str = "embedder") -> dict[str, Any]:
