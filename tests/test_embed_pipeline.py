@@ -60,8 +60,11 @@ def test_ray_embedding_equals_local_and_resumes(tiny_models, ray_local, candidat
 def _run(tmp_path, *overrides):
     from unime_ray.pipeline import run_pipeline
 
+    # training has its own tests (test_train_embedder.py); these exercise the data stages and their resume
     cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path / 'run'}", "data.max_items=40",
-                                                         "models.tiny.vocab_size=512", *overrides])
+                                                         "models.tiny.vocab_size=512",
+                                                         "stages=[data, models, prepare, embed, retrieve, judge, "
+                                                         "mine, report]", *overrides])
     return cfg, run_pipeline(cfg)
 
 

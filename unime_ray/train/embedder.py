@@ -210,7 +210,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t0, seen = time.perf_counter(), 0
     losses: list[float] = []
     while step < s.max_steps:
+        batches_this_epoch = 0
         for batch in shard.iter_batches(batch_size=s.micro_batch_size, batch_format="pyarrow", drop_last=True):
+            batches_this_epoch += 1
             examples = examples_from_rows(batch.to_pylist(), s.num_negatives)
             loss, info = batch_loss(embedder, examples, s.objective, s.temperature,
                                     gather_with_grad if s.objective == "infonce" else None)
@@ -247,6 +249,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             if step >= s.max_steps:
                 break
+        if batches_this_epoch == 0:
+            raise ValueError(f"rank {rank}: the training table gives this worker no full micro-batch of "
+                             f"{s.micro_batch_size} rows; it needs at least micro_batch_size x num_workers "
+                             f"= {s.micro_batch_size * world} rows")
 
 
 def _tensor_bytes(obj) -> int:
