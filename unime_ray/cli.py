@@ -177,6 +177,15 @@ def cmd_model_info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
+# (command, pipeline stage, help): each runs one stage after the completed stages it needs.
+STAGE_COMMANDS = [
+    ("retrieve", "retrieve", "stage S1: top-K candidates per query below delta (sharded FAISS)"),
+    ("judge", "judge", "stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates"),
+    ("mine", "mine", "stage S3: hard negatives from judge scores -> training table (+ official JSON)"),
+    ("train-embedder", "train", "stage S4: train the embedder on the mined table (Ray Train + DeepSpeed)"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unime-ray", description="UniME-V2 universal multimodal embeddings on Ray.")
     parser.add_argument("--log-level", default=os.environ.get("UNIME_LOG_LEVEL", "INFO"))
@@ -188,25 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun stages even if complete")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("retrieve", help="stage S1: top-K candidates per query below delta (sharded FAISS)")
-    _add_config_args(p, default_preset="demo")
-    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
-    p.set_defaults(func=cmd_stage, stage="retrieve")
-
-    p = sub.add_parser("judge", help="stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates")
-    _add_config_args(p, default_preset="demo")
-    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
-    p.set_defaults(func=cmd_stage, stage="judge")
-
-    p = sub.add_parser("mine", help="stage S3: hard negatives from judge scores -> training table (+ official JSON)")
-    _add_config_args(p, default_preset="demo")
-    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
-    p.set_defaults(func=cmd_stage, stage="mine")
-
-    p = sub.add_parser("train-embedder", help="stage S4: train the embedder on the mined table (Ray Train + DeepSpeed)")
-    _add_config_args(p, default_preset="demo")
-    p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
-    p.set_defaults(func=cmd_stage, stage="train")
+    for command, stage, text in STAGE_COMMANDS:
+        p = sub.add_parser(command, help=text)
+        _add_config_args(p, default_preset="demo")
+        p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
+        p.set_defaults(func=cmd_stage, stage=stage)
 
     from .data.convert import FORMATS
 

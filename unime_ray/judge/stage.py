@@ -115,12 +115,11 @@ class JudgeActor:
         self.prompt_version = self.spec.judge_prompt().version
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
-        def item(prefix: str, i: int) -> Item:
-            return Item(text=batch[f"{prefix}text"][i] or "", instruction=batch[f"{prefix}instruction"][i] or "",
-                        image=batch[f"{prefix}image"][i] or None, image_path=batch[f"{prefix}image_path"][i] or None)
+        from ..retrieval.embed import items_from_columns
 
         n = len(batch["query_id"])
-        pairs = [(item("query_", i), item("cand_", i)) for i in range(n)]
+        pairs = list(zip(items_from_columns({**batch, "id": batch["query_id"]}, "query_"),
+                         items_from_columns({**batch, "id": batch["query_id"]}, "cand_")))
         scores, errors = score_with_errors(self.backend, pairs)
         return {"query_id": list(batch["query_id"]), "cand_id": list(batch["cand_id"]),
                 "is_positive": [bool(x) for x in batch["is_positive"]], "score": [float(s) for s in scores],

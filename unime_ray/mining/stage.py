@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from ..data.convert import export_official_json
 from ..data.io import iter_rows, read_table, rows_to_table, shard_paths, write_table_atomic
-from ..data.schema import PAIR_SCHEMA, Item, empty_row, item_to_columns, negatives_to_columns
+from ..data.schema import PAIR_SCHEMA, empty_row, item_from_row, item_to_columns, negatives_to_columns
 from .sampling import mine_query
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,6 @@ class MineSettings:
     def query_seed(self, query_id: str) -> int:
         """A per-query seed: reproducible, and different queries draw different fallbacks."""
         return int(hashlib.sha1(f"{self.seed}:{query_id}".encode()).hexdigest()[:12], 16)
-
-
-def _item(row: dict[str, Any], prefix: str) -> Item:
-    return Item(text=row.get(f"{prefix}text") or "", instruction=row.get(f"{prefix}instruction") or "",
-                image=row.get(f"{prefix}image") or None, image_path=row.get(f"{prefix}image_path") or None)
 
 
 def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, pool: dict[str, dict[str, Any]],
@@ -85,9 +80,9 @@ def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, po
         q = queries[qid]
         row = empty_row(PAIR_SCHEMA)
         row.update(id=qid, task=q["task"], pos_id=q["pos_id"], pos_score=float(pos_score))
-        row.update(item_to_columns(_item(q, "query_"), "query_"))
-        row.update(item_to_columns(_item(q, "pos_"), "pos_"))
-        negatives = [(_item(pool[cid], ""), s, cid) for cid, s in outcome.negatives]
+        row.update(item_to_columns(item_from_row(q, "query_"), "query_"))
+        row.update(item_to_columns(item_from_row(q, "pos_"), "pos_"))
+        negatives = [(item_from_row(pool[cid], ""), s, cid) for cid, s in outcome.negatives]
         row.update(negatives_to_columns(negatives))
         rows.append(row)
         stats["mined"] += 1

@@ -230,6 +230,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.touch()
                     logger.warning("fail_at_step=%d: killing this worker to test recovery", step)
+                    # Ray Train's controller collects reports by polling; give it time to register the last
+                    # checkpoint, as it would have before a crash that comes at an arbitrary later moment.
+                    time.sleep(5)
                     os._exit(1)
             elapsed = time.perf_counter() - t0
             metrics = {"step": step, "loss": float(np.mean(losses)), "lr": float(engine.get_lr()[0]),
