@@ -82,9 +82,9 @@ class TransformersJudge:
                 images.append(load_image(it, self.image_root))
             except ImageError as exc:
                 raise PairError(str(exc)) from None
-        enc = self.processor([text], [images[0]] if len(images) == 1 else [None]) if len(images) <= 1 else None
-        if enc is None:
+        if len(images) > 1:
             raise PairError("more than one image in one prompt segment")
+        enc = self.processor([text], [images[0] if images else None])
         ids = enc["input_ids"][0].tolist()
         if not images:
             return ids, [], []
