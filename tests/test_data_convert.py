@@ -7,7 +7,6 @@ MMEB-eval rows) rather than re-derived from the converters under test.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 

@@ -232,6 +232,6 @@ def test_emoji_deterministic(emoji_build, tmp_path):
     again = demo.make_demo_data(tmp_path / "a", source="emoji", seed=0, max_items=200, progress=False)
     assert again == summary
     assert _files(tmp_path / "a") == _files(out)
-    other = demo.make_demo_data(tmp_path / "b", source="emoji", seed=1, max_items=200, progress=False)
+    demo.make_demo_data(tmp_path / "b", source="emoji", seed=1, max_items=200, progress=False)
     names = lambda o: {r["name"] for r in read_table(o / "items.parquet").to_pylist()}  # noqa: E731
     assert names(tmp_path / "b") != names(out)

@@ -14,7 +14,7 @@ logger = logging.getLogger("unime_ray.cli")
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", default=None, help=f"a preset name (see `unime-ray config list`)"
+    g.add_argument("--preset", default=None, help="a preset name (see `unime-ray config list`)"
                    + (f"; default {default_preset}" if default_preset else ""))
     g.add_argument("--config", default=None, help="a YAML config file")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",

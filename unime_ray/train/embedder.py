@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
