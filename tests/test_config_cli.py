@@ -104,3 +104,17 @@ def test_cli_make_demo_data_synthetic(tmp_path, capsys):
 def test_parser_requires_a_command():
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_config_file_extends_a_preset(tmp_path):
+    from unime_ray.config import ConfigError, load_run_config
+
+    f = tmp_path / "job.yaml"
+    f.write_text("extends: synthetic\nrun_dir: /tmp/x\ntrain:\n  max_steps: 3\n")
+    cfg = load_run_config(config_path=f)
+    base = load_run_config(preset="synthetic")
+    assert cfg.run_dir == "/tmp/x" and cfg.train.max_steps == 3
+    assert cfg.train.lr == base.train.lr and cfg.data.source == base.data.source
+    f.write_text("extends: nope\n")
+    with pytest.raises(ConfigError, match="extends: unknown preset 'nope'"):
+        load_run_config(config_path=f)

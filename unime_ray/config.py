@@ -309,6 +309,13 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_run_config(preset: str | None = None, config_path: str | os.PathLike | None = None,
                     overrides: list[str] | None = None) -> RunConfig:
     """Build a :class:`RunConfig` from a preset name or YAML file, then overrides."""
@@ -326,6 +333,13 @@ def load_run_config(preset: str | None = None, config_path: str | os.PathLike | 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         data, source = _load_yaml(path), str(path)
+        base = data.pop("extends", None)
+        if base is not None:
+            # ``extends: <preset>``: the file holds only what differs from a preset (e.g. jobs/configs/*.yaml)
+            if not isinstance(base, str) or not (PRESET_DIR / f"{base}.yaml").is_file():
+                raise ConfigError(f"{path}: extends: unknown preset {base!r}; available: {', '.join(list_presets())}")
+            data = _deep_merge(_load_yaml(PRESET_DIR / f"{base}.yaml"), data)
+            source = f"{path} (extends preset {base})"
     for ov in overrides or []:
         apply_override(data, ov)
     try:

@@ -1,0 +1,100 @@
+"""Token ids and vision inputs of reranker conversations (any number of images), and their batching.
+
+A prompt is split after every ``<|vision_end|>`` so each piece holds at most one image; the pieces are
+tokenized separately and concatenated (special tokens end BPE merges, so this equals tokenizing the whole
+string) — the same ids at training time, at inference time and in tests. The answer (``Yes``, ``No`` or
+``Ans: (i)``) and the end-of-turn token follow the assistant header; only they carry loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..data.images import ImageError, load_image
+from ..data.schema import Item
+from ..models.processor import IMAGE_PAD, VISION_END, VLProcessor
+from .prompt import END_OF_TURN
+
+IGNORE_INDEX = -100
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be encoded (unreadable image, too long for the context)."""
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    answer_start: int                    # index of the first answer token (== len(ids) without an answer)
+    pixel_values: list[torch.Tensor]     # per image, prompt order
+    grids: list[torch.Tensor]            # per image [3]
+
+
+def encode_conversation(processor: VLProcessor, prompt: str, image_items: Sequence[Item], answer: str | None = None,
+                        image_root: str | os.PathLike | None = None, max_length: int | None = None) -> Encoded:
+    """Encode ``prompt`` (one image placeholder per item of ``image_items``, in order) and the answer."""
+    n_slots = prompt.count(IMAGE_PAD)
+    if n_slots != len(image_items):
+        raise ConversationError(f"prompt has {n_slots} image placeholders for {len(image_items)} images")
+    pieces = prompt.split(VISION_END)
+    pieces = [p + VISION_END for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+    ids: list[int] = []
+    pix: list[torch.Tensor] = []
+    grids: list[torch.Tensor] = []
+    images = iter(image_items)
+    for piece in pieces:
+        image = None
+        if IMAGE_PAD in piece:
+            item = next(images)
+            try:
+                image = load_image(item, image_root)
+            except ImageError as exc:
+                raise ConversationError(str(exc)) from None
+        enc = processor([piece], [image])
+        ids.extend(enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist())
+        if image is not None:
+            n = int(enc["image_grid_thw"][0].prod())
+            pix.append(enc["pixel_values"][:n])
+            grids.append(enc["image_grid_thw"][0])
+    answer_start = len(ids)
+    if answer is not None:
+        ids.extend(processor.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"])
+    if max_length is not None and len(ids) > max_length:
+        raise ConversationError(f"conversation is {len(ids)} tokens, more than the context of {max_length} "
+                                "(too many or too large images? lower max_pixels or the number of candidates)")
+    return Encoded(ids, answer_start, pix, grids)
+
+
+def rope_positions(model, processor: VLProcessor, ids: torch.Tensor, mask: torch.Tensor,
+                   grids: list[torch.Tensor]) -> torch.Tensor:
+    """M-RoPE position ids [3, B, T] for a padded batch (left or right padding)."""
+    from ..models.embedder import language_core
+
+    core = language_core(model)
+    mm = (ids == processor.image_pad_id).long()
+    grid = torch.stack(grids) if grids else None
+    pos, _ = core.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)
+    return pos
+
+
+def collate(encs: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor | list]:
+    """Pad a batch; ``labels`` are the ids on answer tokens and IGNORE_INDEX everywhere else."""
+    width = max(len(e.ids) for e in encs)
+    ids, mask, labels = [], [], []
+    for e in encs:
+        n, pad = len(e.ids), width - len(e.ids)
+        lab = [IGNORE_INDEX] * e.answer_start + e.ids[e.answer_start:]
+        if side == "right":
+            ids.append(e.ids + [pad_id] * pad)
+            mask.append([1] * n + [0] * pad)
+            labels.append(lab + [IGNORE_INDEX] * pad)
+        else:
+            ids.append([pad_id] * pad + e.ids)
+            mask.append([0] * pad + [1] * n)
+            labels.append([IGNORE_INDEX] * pad + lab)
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels),
+            "pixel_values": [p for e in encs for p in e.pixel_values], "grids": [g for e in encs for g in e.grids]}

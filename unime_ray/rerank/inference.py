@@ -1,0 +1,148 @@
+"""Rerank inference: pairwise P(Yes) scores and listwise choices, and two-stage retrieve-then-rerank.
+
+Pairwise scoring is the judge's transformers backend run with the reranker's checkpoint (same prompt, same
+prefix-reuse batching). Listwise reranking generates the answer greedily and parses it strictly; an
+unparsable or out-of-range answer (or a prompt that cannot be built) leaves the embedder's order in place and
+is counted, never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..data.schema import Item
+from ..judge.hf_backend import TransformersJudge
+from ..models.processor import ImageOptions
+from .encoding import ConversationError, encode_conversation
+from .model import greedy_generate
+from .prompt import END_OF_TURN, RerankPrompt, listwise_text, parse_listwise_answer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ListwiseChoice:
+    index: int | None            # 0-based index into the candidate list; None: unparsable / out of range / error
+    raw: str                     # the generated answer (or the error message)
+    error: str | None = None
+
+
+@dataclass
+class RerankStats:
+    queries: int = 0
+    fallbacks: int = 0           # listwise answers that could not be used (embedder order kept)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, choice: ListwiseChoice) -> None:
+        self.queries += 1
+        if choice.index is None:
+            self.fallbacks += 1
+            key = "error" if choice.error else "unparsable or out of range"
+            self.reasons[key] = self.reasons.get(key, 0) + 1
+
+
+class Reranker:
+    """A Qwen-VL reranker checkpoint (or any Qwen-VL chat model) for pairwise and listwise reranking."""
+
+    def __init__(self, model: str | os.PathLike, prompt: RerankPrompt = RerankPrompt(), dtype: str = "auto",
+                 device: str | None = None, image_root: str | os.PathLike | None = None,
+                 image_options: ImageOptions | None = None, batch_size: int = 8, max_new_tokens: int = 8):
+        self.judge = TransformersJudge(model, prompt.pairwise, dtype=dtype, device=device, image_root=image_root,
+                                       image_options=image_options, batch_size=batch_size)
+        self.model, self.processor = self.judge.model, self.judge.processor
+        self.prompt = prompt
+        self.image_root = image_root
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.model_name = str(model)
+        self.stop_ids = [self.processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, **kwargs) -> "Reranker":
+        return cls(model, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- pairwise
+    def score_pairs(self, pairs: Sequence[tuple[Item, Item]]) -> np.ndarray:
+        """P(Yes) per (query, candidate); NaN where a pair cannot be scored (see :meth:`score_pairs_or_errors`)."""
+        return self.score_pairs_or_errors(pairs)[0]
+
+    def score_pairs_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
+        return self.judge.score_or_errors(list(pairs))
+
+    # ---------------------------------------------------------------------------------------- listwise
+    def generate_listwise(self, query: Item, candidates: Sequence[Item]) -> str:
+        return self.choose_many([query], [candidates])[0].raw
+
+    def choose_many(self, queries: Sequence[Item], candidate_lists: Sequence[Sequence[Item]]) -> list[ListwiseChoice]:
+        """One listwise choice per query (batched greedy decoding)."""
+        if len(queries) != len(candidate_lists):
+            raise ValueError(f"{len(queries)} queries but {len(candidate_lists)} candidate lists")
+        choices: list[ListwiseChoice | None] = [None] * len(queries)
+        encoded = []
+        for i, (q, cands) in enumerate(zip(queries, candidate_lists)):
+            try:
+                if not cands:
+                    raise ConversationError("no candidates")
+                text = listwise_text(q, cands, self.prompt)
+                images = [it for it in (q, *cands) if it.has_image]
+                encoded.append((i, encode_conversation(self.processor, text, images, None, self.image_root,
+                                                       self.judge.max_length - self.max_new_tokens)))
+            except ConversationError as exc:
+                choices[i] = ListwiseChoice(None, str(exc), error=str(exc))
+        for j in range(0, len(encoded), self.batch_size):
+            chunk = encoded[j:j + self.batch_size]
+            outs = greedy_generate(self.model, self.processor, [e for _, e in chunk], self.max_new_tokens,
+                                   self.stop_ids, device=self.judge.device)
+            for (i, _), toks in zip(chunk, outs):
+                raw = self.processor.tokenizer.decode(toks, skip_special_tokens=False)
+                choices[i] = ListwiseChoice(parse_listwise_answer(raw, len(candidate_lists[i]), self.prompt), raw)
+        return choices  # type: ignore[return-value]
+
+    def choose(self, query: Item, candidates: Sequence[Item]) -> ListwiseChoice:
+        return self.choose_many([query], [candidates])[0]
+
+
+# ------------------------------------------------------------------------------------------- two-stage
+def apply_listwise_choice(order: Sequence[int], choice: ListwiseChoice | None) -> list[int]:
+    """The reranked order of a query's top-K: the chosen candidate moves to rank 1, the others keep the
+    embedder's order (as the released evaluation and the paper's authors combine them). No usable choice:
+    the embedder's order unchanged."""
+    order = list(order)
+    if choice is None or choice.index is None or not 0 <= choice.index < len(order):
+        return order
+    chosen = order[choice.index]
+    return [chosen] + [c for c in order if c != chosen]
+
+
+def apply_pairwise_scores(order: Sequence[int], scores: Sequence[float]) -> list[int]:
+    """Reorder by P(Yes), highest first; ties and unscored (NaN) candidates keep the embedder's order."""
+    keyed = [(-(s if s == s else -np.inf), rank, c) for rank, (c, s) in enumerate(zip(order, scores))]
+    return [c for _, _, c in sorted(keyed)]
+
+
+def rerank_topk(reranker: Reranker, queries: Sequence[Item], candidates: Sequence[Item], topk_ids: np.ndarray,
+                mode: str = "listwise", stats: RerankStats | None = None) -> list[list[int]]:
+    """Two-stage retrieval: for each query, its embedder top-K (``topk_ids[i]`` = candidate indices, best
+    first, -1 = none) reordered by the reranker. Returns the final orders (candidate indices)."""
+    stats = stats if stats is not None else RerankStats()
+    orders = [[int(c) for c in row if c >= 0] for row in np.asarray(topk_ids)]
+    if mode == "listwise":
+        choices = reranker.choose_many(queries, [[candidates[c] for c in o] for o in orders])
+        for ch in choices:
+            stats.add(ch)
+        return [apply_listwise_choice(o, ch) for o, ch in zip(orders, choices)]
+    if mode == "pairwise":
+        pairs = [(q, candidates[c]) for q, o in zip(queries, orders) for c in o]
+        scores = reranker.score_pairs(pairs)
+        out, k = [], 0
+        for o in orders:
+            out.append(apply_pairwise_scores(o, scores[k:k + len(o)]))
+            k += len(o)
+        stats.queries += len(orders)
+        return out
+    raise ValueError(f"unknown rerank mode {mode!r}; choose listwise or pairwise")

@@ -1,0 +1,86 @@
+"""Forward passes of the reranker: answer-token cross-entropy for training, greedy decoding for inference."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..models.embedder import language_core
+from ..models.processor import VLProcessor
+from .encoding import IGNORE_INDEX, Encoded, collate, rope_positions
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _vision_kwargs(model, pix: list[torch.Tensor], grids: list[torch.Tensor], device) -> dict:
+    if not pix:
+        return {}
+    return {"pixel_values": torch.cat(pix).to(device, model.dtype), "image_grid_thw": torch.stack(grids).to(device)}
+
+
+def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], device=None) -> torch.Tensor:
+    """Per conversation, the mean cross-entropy of its answer tokens (answer + end of turn) given everything
+    before them. Prompt, role headers and padding carry no loss. Logits are computed for answer positions
+    only (the LM head over a 150k vocabulary on every token would dominate memory)."""
+    device = device or next(model.parameters()).device
+    batch = collate(encs, processor.pad_id, side="right")
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    pos = rope_positions(model, processor, ids, mask, batch["grids"])
+    out = language_core(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=pos.to(device),
+                               mm_token_type_ids=(ids == processor.image_pad_id).long().to(device),
+                               use_cache=False, return_dict=True,
+                               **_vision_kwargs(model, batch["pixel_values"], batch["grids"], device))
+    hidden = out.last_hidden_state
+    target = labels[:, 1:].to(device)                 # token t is predicted from position t-1
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    if len(rows) == 0:
+        raise ValueError("no answer tokens in the batch")
+    logits = _base(model).lm_head(hidden[rows, cols]).float()
+    token_loss = F.cross_entropy(logits, target[rows, cols], reduction="none")
+    n_seq = len(encs)
+    sums = torch.zeros(n_seq, device=device).index_add(0, rows, token_loss)
+    counts = torch.zeros(n_seq, device=device).index_add(0, rows, torch.ones_like(token_loss))
+    return sums / counts.clamp(min=1)
+
+
+@torch.inference_mode()
+def greedy_generate(model, processor: VLProcessor, encs: Sequence[Encoded], max_new_tokens: int = 8,
+                    stop_ids: Sequence[int] = (), device=None) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (left-padded, KV cache, explicit M-RoPE positions: each
+    new token sits one past the largest position of its prompt, as the model's own decoding does)."""
+    from transformers import DynamicCache
+
+    device = device or next(model.parameters()).device
+    batch = collate(encs, processor.pad_id, side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = rope_positions(model, processor, ids, mask, batch["grids"])
+    next_pos = (pos.masked_fill(~mask.bool().unsqueeze(0), -1).amax(dim=(0, 2)) + 1)  # [B]
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                mm_token_type_ids=(ids == processor.image_pad_id).long().to(device), past_key_values=cache,
+                use_cache=True, logits_to_keep=1,
+                **_vision_kwargs(model, batch["pixel_values"], batch["grids"], device))
+    n = len(encs)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool)
+    stop = torch.tensor(list(stop_ids) or [-1])
+    attn = mask.to(device)
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1).cpu()
+        for b in range(n):
+            if not done[b]:
+                generated[b].append(int(token[b]))
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], dim=1)
+        step_pos = (next_pos + step).view(1, n, 1).expand(3, n, 1)
+        out = model(input_ids=token.view(n, 1).to(device), attention_mask=attn, position_ids=step_pos.to(device),
+                    mm_token_type_ids=torch.zeros(n, 1, dtype=torch.long, device=device), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+    return generated

@@ -1,0 +1,368 @@
+"""The one trainer every model here goes through: Ray Train ``TorchTrainer`` workers wrapping a LoRA/DoRA
+(or fully trainable) Qwen-VL backbone with ``deepspeed.initialize``.
+
+What it does for every task: ZeRO stage 0-3, optional optimizer offload, bf16 on GPU / fp32 on CPU,
+gradient accumulation, gradient checkpointing, frozen vision tower on request, data from a Parquet table as
+Ray Data shards, per-step metrics in ``metrics.jsonl``, DeepSpeed checkpoints through ``ray.train.report``
+from every rank, resume from the latest checkpoint, restart after a worker failure (``FailureConfig``), and
+export of the final checkpoint as an ordinary model folder (adapters merged).
+
+What differs between tasks (:class:`TrainTask`): how rows become a loss. The embedder
+(:mod:`.embedder`) and the reranker (:mod:`.reranker`) each register one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .losses import LOSSES
+
+logger = logging.getLogger(__name__)
+
+TASK_NAMES = ("embedder", "reranker")
+
+
+@dataclass
+class TrainSettings:
+    """One training run; the defaults are the CPU demo's, the paper's recipes are presets."""
+
+    model: str
+    output_dir: str
+    task: str = "embedder"                   # embedder | reranker
+    objective: str = "judge_alignment"       # embedder: judge_alignment | hard_label | infonce
+    num_negatives: int = 8                   # embedder: k, the paper's best (0: in-batch negatives only)
+    temperature: float = 0.02
+    list_negatives: int = 4                  # reranker: x negatives (top-x by judge score) beside the positive
+    pair_weight: float = 1.0                 # reranker: L = pair_weight * L_pair + list_weight * L_list
+    list_weight: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 20
+    micro_batch_size: int = 4                # queries per rank per forward
+    grad_accum: int = 1
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    bf16: bool | None = None                 # None: on GPU only
+    gradient_checkpointing: bool = False
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    use_dora: bool = True
+    lora_targets: list[str] | None = None    # None: the task's default projections
+    freeze_vision: bool = False              # the reranker freezes the vision tower and merger
+    input_format: str = "official"
+    positions: str = "auto"
+    image_root: str | None = None
+    checkpoint_every: int = 10
+    max_failures: int = 1
+    seed: int = 0
+    fail_at_step: int | None = None          # testing: kill rank 0 once at this step (see max_failures)
+    report_memory: bool = False              # add per-rank parameter / optimizer-state bytes to the metrics
+
+    def __post_init__(self):
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"unknown training task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
+        if self.objective not in LOSSES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(LOSSES)}")
+        if self.task == "embedder" and self.num_negatives == 0 and self.objective != "infonce":
+            raise ValueError(f"objective {self.objective!r} needs mined negatives (num_negatives >= 1); "
+                             "in-batch negatives only is objective infonce")
+        if self.task == "reranker" and self.list_negatives < 1:
+            raise ValueError("list_negatives must be at least 1")
+        if self.pair_weight < 0 or self.list_weight < 0 or self.pair_weight + self.list_weight == 0:
+            raise ValueError("pair_weight and list_weight must be >= 0 and not both 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError("zero_stage must be 0, 1, 2 or 3")
+        if self.zero_stage == 3 and self.lora and self.use_dora:
+            raise ValueError("DoRA does not work under ZeRO-3 (peft computes the DoRA weight norm from the whole "
+                             "base weight, which ZeRO-3 partitions): set use_dora: false or zero_stage <= 2")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.num_workers
+
+
+class TrainTask(Protocol):
+    """How one kind of model learns from table rows."""
+
+    metric_names: tuple[str, ...]
+
+    def setup(self, module, processor, device) -> None: ...
+
+    def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def make_task(s: TrainSettings) -> TrainTask:
+    if s.task == "reranker":
+        from .reranker import RerankerTask
+
+        return RerankerTask(s)
+    from .embedder import EmbedderTask
+
+    return EmbedderTask(s)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then linear decay to 0 (the official schedule)."""
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def default_lora_targets(task: str) -> list[str]:
+    from ..models.lora import DEFAULT_TARGETS
+
+    if task == "reranker":  # every linear layer of the language model, as the released reranker
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return list(DEFAULT_TARGETS)
+
+
+def build_model(s: TrainSettings):
+    from ..models.backbone import load_backbone
+    from ..models.lora import LoraSettings, apply_lora
+
+    model = load_backbone(s.model, dtype="float32", device="cpu")
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if s.lora:
+        model = apply_lora(model, LoraSettings(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                                                use_dora=s.use_dora,
+                                                target_modules=s.lora_targets or default_lora_targets(s.task)))
+    if s.freeze_vision:  # LoRA never touches the vision tower; with full fine-tuning freeze it explicitly
+        for name, p in model.named_parameters():
+            if ".visual." in f".{name}":
+                p.requires_grad_(False)
+    return model
+
+
+def deepspeed_config(s: TrainSettings, bf16: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": s.zero_stage}
+    if s.offload_optimizer and s.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    cfg = {"train_micro_batch_size_per_gpu": s.micro_batch_size, "gradient_accumulation_steps": s.grad_accum,
+           "zero_optimization": zero, "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0,
+           "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16}}
+    if s.offload_optimizer:  # offload needs DeepSpeed's own (CPU) Adam
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": s.lr, "weight_decay": s.weight_decay}}
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- workers
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (torch.distributed already initialised by Ray)."""
+    s = TrainSettings(**config)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "unime-ray" / "torch_extensions"))
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from ..models.processor import VLProcessor
+
+    torch.manual_seed(s.seed)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    bf16 = s.bf16 if s.bf16 is not None else torch.cuda.is_available()
+    model = build_model(s)
+    optimizer = scheduler = None
+    if not s.offload_optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s.warmup_steps, s.max_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(s, bf16),
+        model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad])
+    task = make_task(s)
+    task.setup(engine.module, VLProcessor.from_pretrained(s.model, engine.module.config.model_type), engine.device)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="ckpt")
+        step = int(client["step"])
+        logger.info("rank %d resumed from step %d", rank, step)
+    shard = ray.train.get_dataset_shard("train")
+    metrics_path = Path(s.output_dir) / "metrics.jsonl"
+    micro = 0
+    t0, seen = time.perf_counter(), 0
+    losses: list[float] = []
+    infos: list[dict[str, float]] = []
+    while step < s.max_steps:
+        batches_this_epoch = 0
+        for batch in shard.iter_batches(batch_size=s.micro_batch_size, batch_format="pyarrow", drop_last=True):
+            batches_this_epoch += 1
+            rows = batch.to_pylist()
+            loss, info = task.loss(rows, step)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            infos.append(info)
+            seen += len(rows)
+            micro += 1
+            if micro % s.grad_accum:
+                continue
+            step += 1
+            if s.fail_at_step is not None and step == s.fail_at_step and rank == 0:
+                marker = Path(s.output_dir) / f".failed_at_{step}"
+                if not marker.exists():
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.touch()
+                    logger.warning("fail_at_step=%d: killing this worker to test recovery", step)
+                    # Ray Train's controller collects reports by polling; give it time to register the last
+                    # checkpoint, as it would have before a crash that comes at an arbitrary later moment.
+                    time.sleep(5)
+                    os._exit(1)
+            elapsed = time.perf_counter() - t0
+            metrics = {"step": step, "loss": float(np.mean(losses)), "lr": float(engine.get_lr()[0]),
+                       "samples_per_s": seen * world / max(elapsed, 1e-9),
+                       **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names}}
+            if s.report_memory:
+                metrics.update(rank_memory(engine))
+            losses, infos = [], []
+            if rank == 0:
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+            # ray.train.report synchronises every worker with the controller (about 2 s a call here), so it
+            # goes with checkpoints only; per-step metrics are in metrics.jsonl.
+            if step % s.checkpoint_every == 0 or step == s.max_steps:
+                with tempfile.TemporaryDirectory() as d:
+                    engine.save_checkpoint(d, tag="ckpt", client_state={"step": step})
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            if step >= s.max_steps:
+                break
+        if batches_this_epoch == 0:
+            raise ValueError(f"rank {rank}: the training table gives this worker no full micro-batch of "
+                             f"{s.micro_batch_size} rows; it needs at least micro_batch_size x num_workers "
+                             f"= {s.micro_batch_size * world} rows")
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def rank_memory(engine) -> dict[str, int]:
+    """Bytes this rank holds: its parameters (ZeRO-3: its partition) and its optimizer state (Adam moments,
+    and fp32 master partitions where DeepSpeed keeps them)."""
+    params = 0
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", None)
+        params += (local.numel() * local.element_size()) if local is not None else p.numel() * p.element_size()
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    state = _tensor_bytes(list(getattr(inner, "state", {}).values()))
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        state += _tensor_bytes(getattr(opt, name, []))
+    return {"param_bytes_per_rank": int(params), "optimizer_bytes_per_rank": int(state)}
+
+
+def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train") -> dict[str, Any]:
+    """Fit on Ray (must be initialised), export the final model; returns paths and the last metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = Path(s.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    s.output_dir = str(out)
+    # Materialised up front: on a small cluster the training workers hold every CPU, and a streaming read
+    # would wait for a CPU forever. The table holds references to images, so it stays small.
+    dataset = ray.data.read_parquet(str(Path(training_table).resolve())).materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=asdict(s),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=None if s.use_gpu else {"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=str(out / "ray_results"), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=s.max_failures)),
+        datasets={"train": dataset})
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        model_dir = export_model(d, s, out / "model")
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    plot = plot_training_curve(metrics, out / "training_curve.png")
+    return {"model": str(model_dir), "checkpoint": result.checkpoint.path, "metrics": str(out / "metrics.jsonl"),
+            "final": metrics[-1] if metrics else {}, "steps": metrics[-1]["step"] if metrics else 0,
+            "plot": str(plot) if plot else None, "global_batch": s.global_batch}
+
+
+def export_model(checkpoint_dir: str | os.PathLike, s: TrainSettings, out_dir: str | os.PathLike) -> Path:
+    """DeepSpeed checkpoint (any ZeRO stage) -> model folder with LoRA merged, tokenizer and image processor."""
+    from ..models.embedder import Embedder
+    from ..models.processor import VLProcessor
+
+    ckpt = Path(checkpoint_dir)
+    if s.zero_stage == 0:
+        state = torch.load(ckpt / "ckpt" / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ckpt")
+    model = build_model(TrainSettings(**{**asdict(s), "gradient_checkpointing": False}))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable_missing = [k for k in missing if k in trainable or "lora_" in k]
+    if unexpected or trainable_missing:
+        raise RuntimeError(f"checkpoint does not match the model: unexpected {unexpected[:5]}, "
+                           f"missing {trainable_missing[:5]}")
+    processor = VLProcessor.from_pretrained(s.model)
+    # Embedder.save writes the backbone (adapters merged) with its tokenizer and image processor: the same
+    # folder layout for an embedder and a reranker.
+    return Embedder(model.eval(), processor, s.input_format).save(out_dir)
+
+
+def plot_training_curve(metrics: list[dict[str, Any]], path: Path) -> Path | None:
+    if not metrics:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [m["step"] for m in metrics]
+    extra = [k for k in metrics[-1] if k not in ("step", "loss", "lr", "samples_per_s", "time")
+             and not k.endswith("_per_rank") and isinstance(metrics[-1][k], (int, float))]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    ax[0].plot(steps, [m["loss"] for m in metrics])
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("loss")
+    for k in extra:
+        ax[1].plot(steps, [m.get(k, float("nan")) for m in metrics], label=k.replace("_", " "))
+    ax[1].set_xlabel("step")
+    if extra:
+        ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
