@@ -1,17 +1,16 @@
-"""Ray job entrypoint for the whole pipeline.
+"""Ray job: the whole staged, resumable pipeline (`unime-ray pipeline`: the stages of unime_ray.pipeline.STAGES,
+or the config's `stages:`); extra arguments go to the command (`--stages a,b`, `--force`).
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/demo.yaml
+    ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/demo.yaml [-o key=value ...]
 
-Runs from any working directory and joins the cluster of the job (``RAY_ADDRESS``) or, outside a job,
-starts a local Ray; extra arguments are passed on (``-o key=value``, ``--stages``, ``--force``).
+See jobs/_common.py for how the config is found, how the cluster is joined and what is printed.
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
-
-from unime_ray.cli import main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_entrypoint  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    sys.exit(run_entrypoint(__file__))

@@ -183,6 +183,11 @@ STAGE_COMMANDS = [
     ("judge", "judge", "stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates"),
     ("mine", "mine", "stage S3: hard negatives from judge scores -> training table (+ official JSON)"),
     ("train-embedder", "train", "stage S4: train the embedder on the mined table (Ray Train + DeepSpeed)"),
+    ("train-baseline", "baseline", "train the retriever with in-batch negatives (VLM2Vec's role)"),
+    ("fit-judge", "judge_fit", "fine-tune cross-fitted stand-in judges (runs without a pretrained judge)"),
+    ("train-ablations", "ablations", "train the comparison variants (extra seeds, ablation objectives)"),
+    ("train-reranker", "rerank", "train the reranker: pairwise Yes/No + listwise (i) on the mined table"),
+    ("evaluate", "eval", "evaluate the run's embedders (and reranker) on its eval set"),
 ]
 
 
@@ -263,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"])
     _add_config_args(p, default_preset="demo")
     p.set_defaults(func=cmd_config)
+
+    from .eval.cli import register as register_eval
+
+    register_eval(sub)
 
     p = sub.add_parser("model-info", help="architecture and size of a model (shipped configs build on meta)")
     p.add_argument("name", help="a hub id with a shipped config (e.g. Qwen/Qwen2-VL-2B-Instruct) or a folder")

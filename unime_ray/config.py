@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .eval.config import EvalConfig
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -183,11 +185,14 @@ class MineConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Embedder training (stage S4) on Ray Train + DeepSpeed ZeRO."""
+    """One training run on Ray Train + DeepSpeed ZeRO: the UniME-V2 embedder (``train``), the baseline
+    retriever (``baseline``), the ablations, the stand-in judge and the reranker all use these fields."""
 
     objective: Literal["judge_alignment", "hard_label", "infonce"] = "judge_alignment"
-    num_negatives: int = Field(default=8, ge=1)      # k; at most mine.num_negatives
+    num_negatives: int = Field(default=8, ge=0)      # k; at most mine.num_negatives; 0: in-batch negatives only
     temperature: float = Field(default=0.02, gt=0)
+    # where the weights start: models.embedder as given, or the trained baseline (run dir's baseline stage)
+    init: Literal["embedder", "baseline"] = "embedder"
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
@@ -205,6 +210,8 @@ class TrainConfig(_Section):
     lora_alpha: int = Field(default=64, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
     use_dora: bool = True
+    lora_targets: list[str] | None = None            # None: the task's default projections
+    freeze_vision: bool = False
     checkpoint_every: int = Field(default=10, ge=1)
     max_failures: int = Field(default=1, ge=0)
 
@@ -212,7 +219,80 @@ class TrainConfig(_Section):
     def _dora_zero3(self):
         if self.zero_stage == 3 and self.lora and self.use_dora:
             raise ValueError("DoRA does not work under ZeRO-3: set use_dora: false or zero_stage <= 2")
+        if self.num_negatives == 0 and self.objective != "infonce":
+            raise ValueError(f"objective {self.objective} needs mined negatives (num_negatives >= 1)")
         return self
+
+    def settings_kwargs(self) -> dict[str, Any]:
+        """The fields :class:`~unime_ray.train.trainer.TrainSettings` takes."""
+        return self.model_dump(exclude={"init"})
+
+
+class BaselineConfig(TrainConfig):
+    """The retriever of global retrieval, trained first with in-batch negatives (VLM2Vec's role in the paper).
+    ``enabled: false`` retrieves with models.embedder as it is."""
+
+    enabled: bool = False
+    objective: Literal["judge_alignment", "hard_label", "infonce"] = "infonce"
+    num_negatives: int = Field(default=0, ge=0)
+
+    def settings_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"init", "enabled"})
+
+
+class RerankerTrainConfig(TrainConfig):
+    """Reranker training on the mined table: L = pair_weight * L_pair + list_weight * L_list (paper recipe:
+    LoRA r 128 / alpha 256 on every LLM linear layer, vision frozen, ZeRO-2, lr 2e-5)."""
+
+    enabled: bool = False
+    # where the weights start: models.judge, or the first fold's stand-in judge (demo; the paper's reranker
+    # starts from the same MLLM that judges)
+    init: Literal["judge", "fitted_judge"] = "judge"   # type: ignore[assignment]
+    list_negatives: int = Field(default=4, ge=1)      # x: the list is the positive and the top-x negatives
+    pair_weight: float = Field(default=1.0, ge=0)
+    list_weight: float = Field(default=1.0, ge=0)
+    lr: float = Field(default=2e-5, gt=0)
+    lora_r: int = Field(default=128, ge=1)
+    lora_alpha: int = Field(default=256, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    use_dora: bool = False
+    freeze_vision: bool = True
+    num_negatives: int = Field(default=0, ge=0)       # unused by the reranker
+    objective: Literal["judge_alignment", "hard_label", "infonce"] = "infonce"
+
+    def settings_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"init", "enabled"})
+
+
+class JudgeFitConfig(RerankerTrainConfig):
+    """Offline stand-in for a pretrained MLLM judge (demo only): fine-tune the judge checkpoint on pairwise
+    Yes/No with k-fold cross-fitting; each fold's queries are scored by a judge fitted on the other folds,
+    because a judge scoring the very pairs it memorised returns near-hard labels."""
+
+    folds: int = Field(default=2, ge=2)
+    negatives_per_query: int = Field(default=8, ge=1)   # retrieved candidates kept as "No" examples
+    list_weight: float = Field(default=0.0, ge=0)      # pairwise only: the judge answers Yes/No
+    pair_negative: Literal["hardest", "sampled"] = "sampled"
+    init: Literal["judge"] = "judge"                   # type: ignore[assignment]
+
+    def settings_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"init", "enabled", "folds", "negatives_per_query"})
+
+
+class AblationConfig(_Section):
+    """One variant of the embedder training, compared with UniME-V2 in the report (paper Table 4)."""
+
+    name: str
+    objective: Literal["judge_alignment", "hard_label", "infonce"]
+    num_negatives: int | None = Field(default=None, ge=0)   # None: train.num_negatives
+    seeds: list[int] | None = None                        # None: compare.seeds
+
+
+class CompareConfig(_Section):
+    """Ablations trained beside UniME-V2 (same init, steps and data) and the seeds of the comparison."""
+
+    ablations: list[AblationConfig] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0])   # UniME-V2 itself runs for every seed here
 
 
 class RunConfig(BaseModel):
@@ -230,6 +310,11 @@ class RunConfig(BaseModel):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     mine: MineConfig = Field(default_factory=MineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    judge_fit: JudgeFitConfig | None = None
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _k_fits_mining(self):
@@ -258,7 +343,7 @@ class RunConfig(BaseModel):
         return ref
 
     def section_hash(self, *names: str) -> str:
-        data = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        data = {n: (v.model_dump(mode="json") if (v := getattr(self, n)) is not None else None) for n in names}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -1,9 +1,12 @@
 """The staged, resumable run: one run directory, a folder per stage, and a manifest.
 
-Stages so far: ``data`` (build or locate the input data) -> ``models`` (tiny checkpoints for the demo)
--> ``prepare`` (convert + validate into canonical tables, quarantining bad rows) -> ``embed`` (encode
-tables over a Ray Data actor pool) -> ``report``. Later stages (retrieval, judge, mining, training,
-evaluation) plug into :data:`STAGES`.
+Stages: ``data`` (build or locate the input data) -> ``models`` (tiny checkpoints for the demo) ->
+``prepare`` (convert + validate into canonical tables, quarantining bad rows) -> ``baseline`` (the
+retriever trained with in-batch negatives, when enabled) -> ``embed`` (optional: encode tables) ->
+``retrieve`` (S1, sharded FAISS) -> ``judge_fit`` (offline stand-in judges, cross-fitted, when configured)
+-> ``judge`` (S2) -> ``mine`` (S3) -> ``train`` (S4, UniME-V2) -> ``ablations`` (extra seeds and the
+ablation objectives) -> ``rerank`` (reranker training, when enabled) -> ``eval`` (P@1 with and without
+reranking) -> ``report``. A disabled stage completes at once with ``{"enabled": false}``.
 
 ``manifest.json`` records, per stage, its status, the hash of the config it ran with, outputs and
 counts. A rerun skips stages that completed with the same config (and the same upstream), and reruns
@@ -164,7 +167,7 @@ def stage_embed(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .retrieval.embed import embed_table_ray
 
     prepared = manifest.outputs("prepare")
-    spec = _embedder_spec(cfg, prepared.get("image_root"))
+    spec = _embedder_spec(cfg, prepared.get("image_root"), _retriever_model(cfg, manifest))
     _init_ray(cfg)
     results = {}
     for table in cfg.embed.tables:
@@ -181,11 +184,21 @@ def stage_embed(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     return {"tables": results, "embedder": spec.model}
 
 
-def _embedder_spec(cfg: RunConfig, image_root: str | None):
+def _retriever_model(cfg: RunConfig, manifest: Manifest) -> str:
+    """The embedder of global retrieval: the trained baseline when there is one, else models.embedder."""
+    base = manifest.stage("baseline").get("outputs") or {}
+    if cfg.baseline.enabled:
+        if not base.get("model"):
+            raise RuntimeError("baseline.enabled but the baseline stage has no model; run it first")
+        return base["model"]
+    return cfg.model_ref(cfg.models.embedder)
+
+
+def _embedder_spec(cfg: RunConfig, image_root: str | None, model: str | None = None):
     from .retrieval.embed import EmbedderSpec
 
     m = cfg.models
-    return EmbedderSpec(model=cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
+    return EmbedderSpec(model=model or cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
                         image_root=image_root, processor_backend=m.processor_backend, image_resize=m.image_resize,
                         min_pixels=m.min_pixels, max_pixels=m.max_pixels, positions=m.positions)
 
@@ -213,37 +226,145 @@ def stage_retrieve(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                                                 nprobe=r.nprobe, seed=cfg.seed),
                                 search_batch_size=r.search_batch_size)
     _init_ray(cfg)
+    spec = _embedder_spec(cfg, prepared.get("image_root"), _retriever_model(cfg, manifest))
     out = run_retrieval(pairs["path"], candidates["path"] if candidates else None, _stage_dir(cfg, "retrieve"),
-                        _embedder_spec(cfg, prepared.get("image_root")), settings, use_ray=True,
+                        spec, settings, use_ray=True,
                         batch_size=e.batch_size, min_actors=e.min_actors, max_actors=e.max_actors,
                         num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
                         search_actors=r.search_actors)
     logger.info("retrieve: %d queries, %.1f candidates each on average, %d without any", out["queries"],
                 out["mean_candidates"], out["queries_without_candidates"])
-    return out
+    return {**out, "embedder": spec.model}
 
 
-def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
-    from .judge.stage import JudgeSpec, run_judge
+def _judge_spec(cfg: RunConfig, image_root: str | None, model: str | None = None):
+    from .judge.stage import JudgeSpec
 
-    retrieved = manifest.outputs("retrieve")
-    prepared = manifest.outputs("prepare")
     j = cfg.judge
     prompt: dict[str, Any] = {"version": j.prompt_version}
     if j.instruction:
         prompt["instruction"] = j.instruction
-    spec = JudgeSpec(model=cfg.model_ref(j.model or cfg.models.judge), backend=j.backend, dtype=j.dtype,
-                     batch_size=j.batch_size, prefix_reuse=j.prefix_reuse, image_root=prepared.get("image_root"),
+    return JudgeSpec(model=model or cfg.model_ref(j.model or cfg.models.judge), backend=j.backend, dtype=j.dtype,
+                     batch_size=j.batch_size, prefix_reuse=j.prefix_reuse, image_root=image_root,
                      min_pixels=j.min_pixels, max_pixels=j.max_pixels, max_length=j.max_length, prompt=prompt,
                      vllm=j.vllm.model_dump() if j.backend == "vllm" else {})
-    _init_ray(cfg)
-    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
-    out = run_judge(retrieved["candidates_table"], pairs, retrieved["candidate_pool"], _stage_dir(cfg, "judge"),
-                    spec, use_ray=True, batch_size=j.rows_per_call, min_actors=j.min_actors,
-                    max_actors=j.max_actors, num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor)
-    logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
-                out["pairs_per_s"])
+
+
+def _train_settings(cfg: RunConfig, section, model: str, out_dir: Path, task: str, image_root: str | None,
+                    seed: int | None = None, **changes: Any):
+    from .train.trainer import TrainSettings
+
+    m = cfg.models
+    kwargs = {**section.settings_kwargs(), **changes}
+    return TrainSettings(model=model, output_dir=str(out_dir), task=task, input_format=m.input_format,
+                         positions=m.positions, image_root=image_root,
+                         seed=cfg.seed if seed is None else seed, **kwargs)
+
+
+def _done(out_dir: Path) -> dict[str, Any] | None:
+    """A finished training run's summary (written last), so a rerun of a multi-model stage skips it."""
+    f = out_dir / "done.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _train_once(train_fn, table: str, settings, name: str) -> dict[str, Any]:
+    out_dir = Path(settings.output_dir)
+    done = _done(out_dir)
+    if done:
+        logger.info("%s: already trained (%s)", name, done["model"])
+        return done
+    out = train_fn(table, settings, name=name)
+    out = {k: v for k, v in out.items() if k != "checkpoint"} | {"checkpoint": str(out.get("checkpoint"))}
+    (out_dir / "done.json").write_text(json.dumps(out, indent=1, default=str))
     return out
+
+
+def stage_baseline(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    """The retriever of global retrieval trained with in-batch negatives (VLM2Vec's role in the paper)."""
+    from .train.embedder import train_embedder
+
+    if not cfg.baseline.enabled:
+        return {"enabled": False}
+    prepared = manifest.outputs("prepare")
+    settings = _train_settings(cfg, cfg.baseline, cfg.model_ref(cfg.models.embedder), _stage_dir(cfg, "baseline"),
+                               "embedder", prepared.get("image_root"))
+    _init_ray(cfg)
+    out = _train_once(train_embedder, prepared["tables"]["train_pairs"]["path"], settings, "baseline")
+    logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
+    return {"enabled": True, **out}
+
+
+def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    """Stand-in judge (no pretrained MLLM judge offline): fine-tune the judge checkpoint on pairwise Yes/No,
+    one model per fold of the training queries (see :mod:`unime_ray.judge.crossfit`)."""
+    from .judge.crossfit import build_fit_tables
+    from .train.reranker import train_reranker
+
+    jf = cfg.judge_fit
+    if jf is None:
+        return {"enabled": False}
+    retrieved, prepared = manifest.outputs("retrieve"), manifest.outputs("prepare")
+    out_dir = _stage_dir(cfg, "judge_fit")
+    tables = build_fit_tables(retrieved["candidates_table"], prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"],
+                              retrieved["candidate_pool"], out_dir / "tables", jf.folds, jf.negatives_per_query,
+                              seed=cfg.seed)
+    _init_ray(cfg)
+    folds = {}
+    for f, info in tables.items():
+        settings = _train_settings(cfg, jf, cfg.model_ref(cfg.models.judge), out_dir / f"fold{f}", "reranker",
+                                   prepared.get("image_root"))
+        out = _train_once(train_reranker, info["table"], settings, f"judge-fold{f}")
+        folds[str(f)] = {"model": out["model"], "queries": info["queries"], "steps": out["steps"],
+                         "final": out["final"]}
+        logger.info("judge_fit fold %d: %d queries, final loss %.4f", f, info["queries"],
+                    out["final"].get("loss", float("nan")))
+    return {"enabled": True, "folds": folds, "num_folds": jf.folds,
+            "note": "stand-in judge: fine-tuned offline on the training pairs with cross-fitting"}
+
+
+def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    from .judge.crossfit import merge_score_tables, query_folds, scoring_judge, split_candidates
+    from .judge.stage import run_judge
+
+    retrieved = manifest.outputs("retrieve")
+    prepared = manifest.outputs("prepare")
+    j = cfg.judge
+    image_root = prepared.get("image_root")
+    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
+    _init_ray(cfg)
+    kw = dict(use_ray=True, batch_size=j.rows_per_call, min_actors=j.min_actors, max_actors=j.max_actors,
+              num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor)
+    fitted = manifest.stage("judge_fit").get("outputs") or {}
+    if not fitted.get("enabled"):
+        out = run_judge(retrieved["candidates_table"], pairs, retrieved["candidate_pool"], _stage_dir(cfg, "judge"),
+                        _judge_spec(cfg, image_root), **kw)
+        logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
+                    out["pairs_per_s"])
+        return out
+    k = fitted["num_folds"]
+    root = _stage_dir(cfg, "judge")
+    assignment = query_folds(pairs, k, seed=cfg.seed)
+    split = split_candidates(retrieved["candidates_table"], assignment, k, root / "candidates")
+    per_fold, score_dirs = {}, []
+    for f in range(k):
+        judge_model = fitted["folds"][str(scoring_judge(f, k))]["model"]
+        out = run_judge(split[f], pairs, retrieved["candidate_pool"], root / f"fold{f}",
+                        _judge_spec(cfg, image_root, judge_model), **kw)
+        per_fold[str(f)] = {**out, "judge_fold": scoring_judge(f, k)}
+        score_dirs.append(out["scores_table"])
+        logger.info("judge fold %d (judge of fold %d): %d pairs, %.1f pairs/s", f, scoring_judge(f, k), out["scored"],
+                    out["pairs_per_s"])
+    scores = merge_score_tables(score_dirs, root / "scores" / "crossfit")
+    total = lambda key: sum(o[key] for o in per_fold.values())  # noqa: E731
+    def mean(key):
+        vals = [(o[key], o["scored"]) for o in per_fold.values() if o.get(key) is not None]
+        return sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)) if vals else None
+    return {"crossfit": True, "folds": per_fold, "scores_table": scores, "pairs": total("pairs"),
+            "scored": total("scored"), "quarantined": total("quarantined"),
+            "seconds": round(sum(o["seconds"] for o in per_fold.values()), 2),
+            "pairs_per_s": total("scored") / max(1e-9, sum(o["seconds"] for o in per_fold.values())),
+            "judge": "cross-fitted stand-in judges", "mean_score_positive": mean("mean_score_positive"),
+            "mean_score_candidates": mean("mean_score_candidates")}
 
 
 def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -259,19 +380,156 @@ def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                       export_official=m.export_official)
 
 
+def _embedder_init(cfg: RunConfig, manifest: Manifest) -> str:
+    if cfg.train.init == "baseline":
+        base = manifest.stage("baseline").get("outputs") or {}
+        if not base.get("model"):
+            raise ValueError("train.init: baseline needs baseline.enabled: true (and its stage run)")
+        return base["model"]
+    return cfg.model_ref(cfg.models.embedder)
+
+
 def stage_train(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
-    from .train.embedder import TrainSettings, train_embedder
+    from .train.embedder import train_embedder
 
     mined, prepared = manifest.outputs("mine"), manifest.outputs("prepare")
-    t, m = cfg.train, cfg.models
-    settings = TrainSettings(model=cfg.model_ref(m.embedder), output_dir=str(_stage_dir(cfg, "train")),
-                             input_format=m.input_format, positions=m.positions,
-                             image_root=prepared.get("image_root"), seed=cfg.seed, **t.model_dump())
+    settings = _train_settings(cfg, cfg.train, _embedder_init(cfg, manifest), _stage_dir(cfg, "train"), "embedder",
+                               prepared.get("image_root"))
     _init_ray(cfg)
-    out = train_embedder(mined["training_table"], settings, name=cfg.name)
+    out = _train_once(train_embedder, mined["training_table"], settings, cfg.name)
     logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
                 out["model"])
     return out
+
+
+def variant_runs(cfg: RunConfig) -> list[tuple[str, int, dict[str, Any]]]:
+    """(variant name, seed, changes to the train section) of every comparison run, UniME-V2 first."""
+    runs = [("unime-v2", seed, {}) for seed in cfg.compare.seeds]
+    for ab in cfg.compare.ablations:
+        changes: dict[str, Any] = {"objective": ab.objective}
+        if ab.num_negatives is not None:
+            changes["num_negatives"] = ab.num_negatives
+        runs += [(ab.name, seed, changes) for seed in (ab.seeds or cfg.compare.seeds)]
+    return runs
+
+
+def stage_ablations(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    """The comparison runs: UniME-V2 over the extra seeds and each ablation, from the same initial weights,
+    on the same mined table and for the same number of steps as the main run. Each finished run is kept, so
+    a rerun after an interruption trains only what is missing."""
+    from .train.embedder import train_embedder
+
+    mined, prepared, main = manifest.outputs("mine"), manifest.outputs("prepare"), manifest.outputs("train")
+    init = _embedder_init(cfg, manifest)
+    variants: dict[str, dict[str, Any]] = {}
+    for name, seed, changes in variant_runs(cfg):
+        if name == "unime-v2" and seed == cfg.seed:
+            out = main
+        else:
+            settings = _train_settings(cfg, cfg.train, init, _stage_dir(cfg, "ablations") / f"{name}-seed{seed}",
+                                       "embedder", prepared.get("image_root"), seed=seed, **changes)
+            _init_ray(cfg)
+            out = _train_once(train_embedder, mined["training_table"], settings, f"{name}-seed{seed}")
+        variants.setdefault(name, {})[str(seed)] = {"model": out["model"], "steps": out["steps"],
+                                                    "final": out["final"], "objective":
+                                                    changes.get("objective", cfg.train.objective)}
+    return {"variants": variants, "init": init}
+
+
+def stage_rerank(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    """Reranker training on the mined table (pairwise Yes/No + listwise "(i)")."""
+    from .train.reranker import train_reranker
+
+    r = cfg.reranker
+    if not r.enabled:
+        return {"enabled": False}
+    mined, prepared = manifest.outputs("mine"), manifest.outputs("prepare")
+    init = cfg.model_ref(cfg.models.judge)
+    if r.init == "fitted_judge":
+        fitted = manifest.stage("judge_fit").get("outputs") or {}
+        if not fitted.get("enabled"):
+            raise ValueError("reranker.init: fitted_judge needs judge_fit (and its stage run)")
+        init = fitted["folds"]["0"]["model"]
+    settings = _train_settings(cfg, r, init, _stage_dir(cfg, "rerank"), "reranker", prepared.get("image_root"))
+    _init_ray(cfg)
+    out = _train_once(train_reranker, mined["training_table"], settings, "reranker")
+    logger.info("rerank: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
+    return {"enabled": True, "init": init, **out}
+
+
+def eval_models(cfg: RunConfig, manifest: Manifest) -> list[dict[str, Any]]:
+    """What the eval step measures: the retriever, UniME-V2 and every comparison run, labelled."""
+    models: list[dict[str, Any]] = []
+    base = manifest.stage("baseline").get("outputs") or {}
+    if base.get("enabled"):
+        models.append({"label": "baseline", "variant": "baseline (in-batch InfoNCE)", "seed": cfg.seed,
+                       "model": base["model"], "rerank": True})
+    else:
+        models.append({"label": "initial-embedder", "variant": "initial embedder", "seed": None,
+                       "model": cfg.model_ref(cfg.models.embedder), "rerank": False})
+    variants = (manifest.stage("ablations").get("outputs") or {}).get("variants")
+    if not variants and manifest.stage("train").get("status") == "complete":
+        variants = {"unime-v2": {str(cfg.seed): manifest.outputs("train")}}
+    for name, seeds in (variants or {}).items():
+        for seed, out in seeds.items():
+            models.append({"label": f"{name}-seed{seed}", "variant": name, "seed": int(seed), "model": out["model"],
+                           "rerank": name == "unime-v2" and int(seed) == cfg.seed})
+    for label, ref in cfg.eval.models.items():
+        models.append({"label": label, "variant": label, "seed": None, "model": cfg.model_ref(ref), "rerank": False})
+    return models
+
+
+def stage_eval(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
+    """MMEB-protocol P@1 of each model on the eval pairs (and MMEB-eval when configured), with and without
+    listwise reranking of the top-K. Each model's results are kept, so a rerun evaluates only what is missing."""
+    from .eval.mmeb import evaluate_mmeb_dir, evaluate_pairs_table
+    from .eval.rerank import load_reranker
+
+    ev = cfg.eval
+    prepared = manifest.outputs("prepare")
+    image_root = ev.image_root or prepared.get("image_root")
+    table = cfg.path(ev.table) if ev.table else (prepared["tables"].get("eval_pairs") or {}).get("path")
+    if "pairs" in ev.sets and not table:
+        return {"enabled": False, "reason": "no eval pairs (data has no eval split and eval.table is unset)"}
+    reranker_ref = ev.rerank.model and cfg.model_ref(ev.rerank.model)
+    if ev.rerank.enabled and not reranker_ref:
+        trained = manifest.stage("rerank").get("outputs") or {}
+        reranker_ref = trained.get("model")
+    reranker = None
+    if ev.rerank.enabled and reranker_ref:
+        reranker = load_reranker(reranker_ref, image_root=image_root, dtype=ev.rerank.dtype,
+                                 batch_size=ev.rerank.batch_size)
+    if ev.use_ray:
+        _init_ray(cfg)
+    out_dir = _stage_dir(cfg, "eval")
+    results: dict[str, Any] = {}
+    for m in eval_models(cfg, manifest):
+        target = out_dir / m["label"]
+        done = target / "results.json"
+        if done.is_file():
+            res = json.loads(done.read_text())
+        else:
+            spec = _embedder_spec(cfg, image_root, m["model"])
+            kw = dict(image_root=image_root, top_k_dump=ev.top_k_dump, use_ray=ev.use_ray, batch_size=ev.batch_size,
+                      min_actors=ev.min_actors, max_actors=ev.max_actors, num_cpus_per_actor=ev.num_cpus_per_actor,
+                      num_gpus_per_actor=ev.num_gpus_per_actor, check_images=ev.check_images, label=m["label"])
+            res = {}
+            if "pairs" in ev.sets:
+                res = evaluate_pairs_table(spec, table, target, reranker=reranker if m["rerank"] else None,
+                                           rerank_top_k=ev.rerank.top_k, max_rows_per_dataset=ev.max_rows_per_dataset,
+                                           **kw)
+            if "mmeb" in ev.sets:
+                kw.pop("check_images")
+                res["mmeb"] = evaluate_mmeb_dir(spec, ev.mmeb_dir, target / "mmeb", subsets=ev.mmeb_subsets,
+                                                reranker=reranker if m["rerank"] else None,
+                                                rerank_top_k=ev.rerank.top_k, **kw)
+        results[m["label"]] = {**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),
+                               "chance": res.get("chance"), "sizes": res.get("sizes"),
+                               "rerank": res.get("rerank"), "results": str(done)}
+        logger.info("eval %s: %s", m["label"], {k: round(v, 2) for k, v in (res.get("per_dataset") or {}).items()
+                                                if v is not None})
+    return {"enabled": True, "table": str(table) if table else None, "models": results,
+            "reranker": str(reranker_ref) if reranker is not None else None}
 
 
 def stage_report(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -285,11 +543,16 @@ STAGES: list[Stage] = [
     Stage("data", ("data",), stage_data),
     Stage("models", ("models",), stage_models),
     Stage("prepare", ("data",), stage_prepare),
+    Stage("baseline", ("models", "baseline"), stage_baseline),
     Stage("embed", ("models", "embed"), stage_embed),
     Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve),
+    Stage("judge_fit", ("models", "judge_fit"), stage_judge_fit),
     Stage("judge", ("judge",), stage_judge),
     Stage("mine", ("mine",), stage_mine),
     Stage("train", ("train",), stage_train),
+    Stage("ablations", ("train", "compare"), stage_ablations),
+    Stage("rerank", ("models", "reranker"), stage_rerank),
+    Stage("eval", ("models", "eval"), stage_eval),
     Stage("report", (), stage_report, clear_on_rerun=False),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

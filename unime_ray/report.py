@@ -57,9 +57,111 @@ def _plot_accounting(rows: list[list[Any]], path: Path) -> Path | None:
     return path
 
 
+VARIANT_ORDER = {"baseline": 0, "infonce-inbatch": 1, "hard-labels": 2, "unime-v2": 3}
+VARIANT_TEXT = {
+    "baseline": "retriever: in-batch InfoNCE from the initial model (VLM2Vec's role)",
+    "infonce-inbatch": "ablation: no mined negatives, no soft scores (in-batch InfoNCE)",
+    "hard-labels": "ablation: mined negatives, hard labels",
+    "unime-v2": "UniME-V2: mined negatives + judge-score alignment",
+}
+
+
+def _spread(values: list[float]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ({min(vals):.2f}-{max(vals):.2f}, n={len(vals)})"
+
+
+def comparison_rows(models: dict[str, Any]) -> tuple[list[str], list[list[Any]], dict[str, list[float]]]:
+    """Rows of the variant comparison: P@1 per dataset and overall, mean (min-max over seeds)."""
+    datasets: list[str] = []
+    for m in models.values():
+        for d in (m.get("per_dataset") or {}):
+            if d not in datasets:
+                datasets.append(d)
+    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    for m in models.values():
+        if m.get("per_dataset") is None:
+            continue
+        groups.setdefault((m["variant"], False), []).append({**m["per_dataset"],
+                                                            "overall": m["summary"]["Overall"]["mean"]})
+        rr = m.get("rerank")
+        if rr:
+            groups.setdefault((m["variant"], True), []).append({**rr["per_dataset"],
+                                                               "overall": rr["summary"]["Overall"]["mean"],
+                                                               "fallbacks": rr.get("fallbacks")})
+    headers = ["variant", "reranked (top-5, listwise)", "seeds"] + [f"P@1 {d}" for d in datasets] + ["P@1 mean"]
+    rows, overall = [], {}
+    for (variant, reranked), runs in sorted(groups.items(), key=lambda kv: (VARIANT_ORDER.get(kv[0][0], 9),
+                                                                               kv[0][0], kv[0][1])):
+        label = variant + (" + reranker" if reranked else "")
+        overall[label] = [r["overall"] for r in runs]
+        fb = sum(r.get("fallbacks") or 0 for r in runs) if reranked else None
+        rows.append([VARIANT_TEXT.get(variant, variant), f"yes ({fb} fallbacks)" if reranked else "no", len(runs)]
+                    + [_spread([r.get(d) for r in runs]) for d in datasets] + [_spread(overall[label])])
+    return headers, rows, overall
+
+
+def _plot_comparison(overall: dict[str, list[float]], chance: float | None, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = list(overall)
+    means = [sum(v) / len(v) for v in overall.values()]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.barh(labels, means, color="#4c72b0")
+    for i, vals in enumerate(overall.values()):
+        ax.plot(vals, [i] * len(vals), "k|", markersize=12)
+    if chance is not None:
+        ax.axvline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("P@1 mean over eval sets (%); ticks = seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _comparison_section(stages: dict[str, Any], run_dir: Path) -> list[str]:
+    ev = stages.get("eval", {}).get("outputs", {})
+    models = ev.get("models") or {}
+    if not models:
+        return []
+    parts = ["\n## Comparison (the paper's Table 4, on this run's data)\n"]
+    any_model = next(iter(models.values()))
+    sizes = (any_model.get("sizes") or {}).get("rows_per_dataset", {})
+    chance = any_model.get("chance") or {}
+    parts.append("Protocol: MMEB precision@1 (ground truth at candidate 0, cosine, a tie with a distractor counts as "
+                 "a miss) on the eval split; every query ranks its dataset's whole candidate list.\n")
+    parts.append(markdown_table(["eval set", "queries", "chance P@1 (%)"],
+                                [[d, sizes.get(d), chance.get(d)] for d in sizes]))
+    headers, rows, overall = comparison_rows(models)
+    parts.append("")
+    parts.append(markdown_table(headers, rows))
+    chance_mean = sum(chance.values()) / len(chance) if chance else None
+    plot = _plot_comparison(overall, chance_mean, run_dir / "report_comparison.png")
+    if plot:
+        parts.append(f"\n![comparison]({plot.name})\n")
+    seeds = {k: v for k, v in overall.items() if len(v) > 1}
+    if seeds:
+        parts.append("Seed spread (max - min of the mean P@1): " + ", ".join(
+            f"{k} {max(v) - min(v):.2f}" for k, v in seeds.items()) + ". Differences smaller than the spread, "
+            "or than the sampling error of the eval set, are not evidence either way.\n")
+    return parts
+
+
 def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
     stages = manifest.get("stages", {})
     parts = [f"# unime-ray run report\n\nRun directory: `{run_dir}`\n"]
+    parts += _comparison_section(stages, run_dir)
     parts.append("## Stages\n")
     parts.append(markdown_table(["stage", "status", "seconds"],
                                 [[n, s.get("status"), s.get("seconds")] for n, s in stages.items()
@@ -115,6 +217,25 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
               mine["repeated_fill"], mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
         if mine.get("histogram"):
             parts.append(f"\n![judge scores]({_rel(mine['histogram'], run_dir)})\n")
+    base = stages.get("baseline", {}).get("outputs", {})
+    if base.get("enabled"):
+        f = base.get("final", {})
+        parts.append("\n## Baseline retriever training (in-batch InfoNCE)\n")
+        parts.append(markdown_table(["steps", "final loss", "in-batch top-1", "samples/s", "model"],
+                                    [[base["steps"], f.get("loss"), f.get("inbatch_top1"), f.get("samples_per_s"),
+                                      f"`{base['model']}`"]]))
+    fit = stages.get("judge_fit", {}).get("outputs", {})
+    if fit.get("enabled"):
+        parts.append("\n## Stand-in judge (offline: no pretrained MLLM judge)\n")
+        parts.append(f"The judge checkpoint was fine-tuned on pairwise Yes/No (positive vs retrieved candidates) with "
+                     f"{fit['num_folds']}-fold cross-fitting: each fold's queries were scored by the judge fitted on "
+                     "another fold, so no judge scored pairs it was trained on. Its scores stand in for a "
+                     "Qwen2.5-VL-7B judge's; numbers below are not the paper's judge.\n")
+        parts.append(markdown_table(["fold", "training queries", "steps", "final loss", "P(answer) Yes|pos",
+                                     "P(answer) No|neg"],
+                                    [[k, v["queries"], v["steps"], v["final"].get("loss"),
+                                      v["final"].get("answer_p_pair_pos"), v["final"].get("answer_p_pair_neg")]
+                                     for k, v in fit["folds"].items()]))
     tr = stages.get("train", {}).get("outputs", {})
     if tr.get("model"):
         f = tr.get("final", {})
@@ -126,6 +247,14 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
                                       f.get("samples_per_s")]]))
         if tr.get("plot"):
             parts.append(f"\n![training curve]({_rel(tr['plot'], run_dir)})\n")
+    rr = stages.get("rerank", {}).get("outputs", {})
+    if rr.get("enabled"):
+        f = rr.get("final", {})
+        parts.append("\n## Reranker training (pairwise Yes/No + listwise (i))\n")
+        parts.append(f"Initial weights: `{rr.get('init')}`\n")
+        parts.append(markdown_table(["steps", "final loss", "L_pair", "L_list", "P(answer) list", "model"],
+                                    [[rr["steps"], f.get("loss"), f.get("loss_pair"), f.get("loss_list"),
+                                      f.get("answer_p_list"), f"`{rr['model']}`"]]))
     path = run_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")
     logger.info("report written to %s", path)

@@ -71,11 +71,16 @@ def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, po
                 continue
             ids.append(cid)
             vals.append(s)
+        if not ids:  # nothing to mine from: a training row without negatives would only fail later
+            bad.append({"query_id": qid, "reason": "no judged candidates (retrieval returned none below delta, "
+                                                   "or none could be judged)"})
+            stats["no_candidates"] += 1
+            stats["quarantined"] += 1
+            continue
         outcome = mine_query(ids, vals, pos_score, settings.num_negatives, settings.beta, settings.interval,
                              settings.query_seed(qid), settings.fallback_score)
         stats["false_negatives"] += outcome.false_negatives
         stats["fallbacks"] += int(outcome.fallback and bool(ids))
-        stats["no_candidates"] += int(not ids)
         stats["repeated_fill"] += int(0 < outcome.survivors < settings.num_negatives)
         q = queries[qid]
         row = empty_row(PAIR_SCHEMA)

@@ -52,17 +52,22 @@ def _rng(seed: int, query_id: str, epoch: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def example_from_row(row: Mapping[str, Any], list_negatives: int = 4, seed: int = 0, epoch: int = 0) -> RerankExample:
-    """One query's example; ``list_negatives`` = x (the list holds x + 1 candidates when the row has x)."""
+def example_from_row(row: Mapping[str, Any], list_negatives: int = 4, seed: int = 0, epoch: int = 0,
+                     pair_negative: str = "hardest") -> RerankExample:
+    """One query's example; ``list_negatives`` = x (the list holds x + 1 candidates when the row has x).
+    ``pair_negative``: the pairwise "No" example is the hardest negative (the paper), or one drawn from the
+    top-x (``sampled``: a stand-in judge then sees more of each query's candidates)."""
     negs = ranked_negatives(row)
     qid = str(row.get("id"))
     if not negs:
         raise ValueError(f"row {qid!r} has no negatives; the reranker trains on mined negatives")
     query, positive = item_from_row(row, "query_"), item_from_row(row, "pos_")
     top = negs[:list_negatives]
-    position = _rng(seed, qid, epoch).randrange(len(top) + 1)    # uniform over the len(top)+1 slots
+    rng = _rng(seed, qid, epoch)
+    position = rng.randrange(len(top) + 1)    # uniform over the len(top)+1 slots
     listed = top[:position] + [positive] + top[position:]
-    return RerankExample(qid, query, positive, negs[0], listed, position)
+    negative = negs[0] if pair_negative == "hardest" else top[rng.randrange(len(top))]
+    return RerankExample(qid, query, positive, negative, listed, position)
 
 
 def conversations(ex: RerankExample, prompt: RerankPrompt = RerankPrompt()) -> list[Conversation]:
@@ -81,5 +86,5 @@ def conversations(ex: RerankExample, prompt: RerankPrompt = RerankPrompt()) -> l
 
 
 def examples_from_rows(rows: Sequence[Mapping[str, Any]], list_negatives: int = 4, seed: int = 0,
-                       epoch: int = 0) -> list[RerankExample]:
-    return [example_from_row(r, list_negatives, seed, epoch) for r in rows]
+                       epoch: int = 0, pair_negative: str = "hardest") -> list[RerankExample]:
+    return [example_from_row(r, list_negatives, seed, epoch, pair_negative) for r in rows]

@@ -27,15 +27,17 @@ from .trainer import TrainSettings, fit
 def reranker_loss(model, processor, rows: list[dict[str, Any]], s: TrainSettings, epoch: int = 0,
                   prompt: RerankPrompt = RerankPrompt(), device=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The joint loss of a batch of training-table rows (differentiable through ``model``)."""
-    examples = examples_from_rows(rows, s.list_negatives, s.seed, epoch)
+    examples = examples_from_rows(rows, s.list_negatives, s.seed, epoch, s.pair_negative)
     convs = [c for ex in examples for c in conversations(ex, prompt)]
+    if s.list_weight == 0:   # pairwise only (a stand-in judge): skip the listwise forward altogether
+        convs = [c for c in convs if c.kind != "list"]
     encs = [encode_conversation(processor, c.prompt, c.images, c.answer, s.image_root) for c in convs]
     per_conv = answer_token_losses(model, processor, encs, device=device)
     kinds = [c.kind for c in convs]
     n = len(examples)
     is_pair = torch.tensor([k != "list" for k in kinds], device=per_conv.device)
     l_pair = per_conv[is_pair].sum() / n
-    l_list = per_conv[~is_pair].sum() / n
+    l_list = per_conv[~is_pair].sum() / n if (~is_pair).any() else per_conv.new_zeros(())
     loss = s.pair_weight * l_pair + s.list_weight * l_list
     with torch.no_grad():
         p = per_conv.detach()
@@ -43,7 +45,8 @@ def reranker_loss(model, processor, rows: list[dict[str, Any]], s: TrainSettings
                 # exp(-mean token CE): the geometric-mean probability of the right answer's tokens
                 "answer_p_pair_pos": float(torch.exp(-p[[i for i, k in enumerate(kinds) if k == "pair_pos"]]).mean()),
                 "answer_p_pair_neg": float(torch.exp(-p[[i for i, k in enumerate(kinds) if k == "pair_neg"]]).mean()),
-                "answer_p_list": float(torch.exp(-p[[i for i, k in enumerate(kinds) if k == "list"]]).mean())}
+                "answer_p_list": float(torch.exp(-p[[i for i, k in enumerate(kinds) if k == "list"]]).mean())
+                if "list" in kinds else float("nan")}
     return loss, info
 
 

@@ -45,6 +45,7 @@ class TrainSettings:
     list_negatives: int = 4                  # reranker: x negatives (top-x by judge score) beside the positive
     pair_weight: float = 1.0                 # reranker: L = pair_weight * L_pair + list_weight * L_list
     list_weight: float = 1.0
+    pair_negative: str = "hardest"           # reranker: "hardest" (top judge score) or "sampled" from the top-x
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -81,6 +82,8 @@ class TrainSettings:
         if self.task == "embedder" and self.num_negatives == 0 and self.objective != "infonce":
             raise ValueError(f"objective {self.objective!r} needs mined negatives (num_negatives >= 1); "
                              "in-batch negatives only is objective infonce")
+        if self.pair_negative not in ("hardest", "sampled"):
+            raise ValueError(f"pair_negative must be hardest or sampled, got {self.pair_negative!r}")
         if self.task == "reranker" and self.list_negatives < 1:
             raise ValueError("list_negatives must be at least 1")
         if self.pair_weight < 0 or self.list_weight < 0 or self.pair_weight + self.list_weight == 0:
@@ -208,7 +211,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     infos: list[dict[str, float]] = []
     while step < s.max_steps:
         batches_this_epoch = 0
-        for batch in shard.iter_batches(batch_size=s.micro_batch_size, batch_format="pyarrow", drop_last=True):
+        for batch in shard.iter_batches(batch_size=s.micro_batch_size, batch_format="pyarrow", drop_last=True,
+                                        local_shuffle_buffer_size=s.micro_batch_size * 16,
+                                        local_shuffle_seed=s.seed + rank):
             batches_this_epoch += 1
             rows = batch.to_pylist()
             loss, info = task.loss(rows, step)
@@ -292,7 +297,9 @@ def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train"
     s.output_dir = str(out)
     # Materialised up front: on a small cluster the training workers hold every CPU, and a streaming read
     # would wait for a CPU forever. The table holds references to images, so it stays small.
-    dataset = ray.data.read_parquet(str(Path(training_table).resolve())).materialize()
+    # Shuffled once, globally: tables come grouped by task, and single-task batches both starve in-batch
+    # negatives of variety and (for classification) fill them with the query's own label.
+    dataset = ray.data.read_parquet(str(Path(training_table).resolve())).random_shuffle(seed=s.seed).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=asdict(s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

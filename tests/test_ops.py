@@ -1,0 +1,610 @@
+"""Operations: Ray job entrypoints (jobs/), cluster-launcher and KubeRay configs (cluster/).
+
+Static checks tie every YAML to what it references (scripts, configs, images, Ray's own schemas, the GPU
+resources the stage configs ask for). ``test_pipeline_job_on_a_two_node_cluster`` starts a real two-node
+Ray cluster on this machine with the ``ray`` CLI and submits the smoke pipeline through the Jobs SDK.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = REPO / "jobs"
+JOB_CONFIGS = sorted((JOBS / "configs").glob("*.yaml"))
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+LAUNCHER_CONFIGS = [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"]
+KUBERAY_FILES = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml", KUBERAY / "rayservice.yaml"]
+ALL_YAML = sorted({*JOB_CONFIGS, *CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.yml")})
+VENV_BIN = Path(sys.executable).parent
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location("unime_jobs_common", JOBS / "_common.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+COMMON = _common()
+
+
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(REPO))
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _pin(reqs: list[str], name: str) -> str:
+    """The ``==`` version of ``name`` in a requirement list."""
+    for r in reqs:
+        m = re.match(rf"^{re.escape(name)}(\[[^\]]*\])?==([\w.]+)$", r.replace(" ", ""))
+        if m:
+            return m.group(2)
+    raise AssertionError(f"no {name}==... pin in {reqs}")
+
+
+# ---------------------------------------------------------------------------------------------- YAML loads
+def test_there_is_something_to_check():
+    assert {p.stem for p in JOB_CONFIGS} >= {"demo", "paper", "smoke"}
+    assert all(p.is_file() for p in LAUNCHER_CONFIGS + KUBERAY_FILES)
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=_rel)
+def test_every_yaml_loads(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs), path
+    for d in docs:  # YAML embedded in KubeRay strings
+        spec = d.get("spec") or {}
+        for key in ("serveConfigV2", "runtimeEnvYAML"):
+            if key in spec:
+                assert isinstance(yaml.safe_load(spec[key]), dict), f"{path}: spec.{key}"
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+def test_job_configs_load(path):
+    from unime_ray.config import load_run_config
+    from unime_ray.pipeline import STAGE_NAMES
+
+    assert "extends" in _yaml(path), "job configs hold only what differs from a preset"
+    cfg = load_run_config(config_path=path)
+    assert Path(cfg.run_dir).is_absolute(), "a job's relative run_dir would land in Ray's temporary working dir"
+    assert not set(cfg.stages or []) - set(STAGE_NAMES)
+    assert cfg.ray.address in (None, "auto"), "jobs join their cluster (RAY_ADDRESS), never a fixed address"
+
+
+# ---------------------------------------------------------------------------------------------- entrypoints
+def test_entrypoint_scripts_match_the_table():
+    scripts = {p.stem for p in JOBS.glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == set(COMMON.ENTRYPOINTS)
+    for name in scripts:
+        text = (JOBS / f"{name}.py").read_text()
+        assert "run_entrypoint(__file__)" in text and '__name__ == "__main__"' in text, name
+
+
+@pytest.mark.parametrize("name", sorted(COMMON.ENTRYPOINTS))
+def test_entrypoint_subcommand_exists(name):
+    """train-reranker, eval and index land with the reranker, eval and serving work."""
+    from unime_ray.cli import build_parser
+
+    sub = COMMON.ENTRYPOINTS[name]
+    commands = sorted(COMMON.subcommand_parsers(build_parser()))
+    assert sub in commands, f"jobs/{name}.py runs `unime-ray {sub}`, which is missing (have {commands})"
+
+
+def test_build_argv_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    smoke = str((JOBS / "configs" / "smoke.yaml").resolve())
+    argv, _ = COMMON.build_argv("judge", ["--config", "jobs/configs/smoke.yaml", "-o", "a.b=1", "--force"])
+    assert argv == ["judge", "--config", smoke, "-o", "a.b=1", "--force"]
+    assert COMMON.build_argv("mine", ["--config", "smoke"])[0] == ["mine", "--config", smoke]
+    assert COMMON.build_argv("mine", [f"--config={smoke}"])[0] == ["mine", "--config", smoke]
+    assert COMMON.build_argv("pipeline", ["--stages", "data"])[0] == [
+        "pipeline", "--config", str(COMMON.DEFAULT_CONFIG), "--stages", "data"]
+    assert COMMON.build_argv("retrieve", ["--preset", "synthetic", "--run-dir", "/x"])[0] == [
+        "retrieve", "--preset", "synthetic", "--run-dir", "/x"]
+    # subcommands with their own options (eval, index) get the arguments unchanged
+    argv, known = COMMON.build_argv("build_index", ["--model", "m", "--out", "o"], takes_config=False)
+    assert argv == ["index", "--model", "m", "--out", "o"] and known.out == "o"
+    with pytest.raises(FileNotFoundError):
+        COMMON.build_argv("mine", ["--config", "no/such.yaml"])
+    with pytest.raises(ValueError):
+        COMMON.build_argv("mine", ["--config", smoke, "--preset", "demo"])
+
+
+def test_driver_omp_threads_from_ray_are_dropped(monkeypatch):
+    import json
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert not COMMON.drop_forced_omp_threads() and os.environ["OMP_NUM_THREADS"] == "1"  # not in a job
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"OMP_NUM_THREADS": "1"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert not COMMON.drop_forced_omp_threads() and os.environ["OMP_NUM_THREADS"] == "1"  # the job asked for it
+    job["runtime_env"]["env_vars"] = {"HF_HUB_OFFLINE": "1"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert COMMON.drop_forced_omp_threads() and "OMP_NUM_THREADS" not in os.environ
+
+
+def test_entrypoint_script_runs_from_elsewhere_and_fails_with_exit_2(tmp_path):
+    """A real `python jobs/<x>.py` from another directory: finds its config, and a bad one exits nonzero."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, str(JOBS / "mine.py"), "--config", "jobs/configs/smoke.yaml",
+                        "-o", "no_such_section.key=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no_such_section: unknown key" in r.stderr
+    assert f"--config {(JOBS / 'configs' / 'smoke.yaml').resolve()}" in r.stdout
+    r = subprocess.run([sys.executable, str(JOBS / "judge.py"), "--config", "missing.yaml"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "config 'missing.yaml' not found" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- cluster nodes
+@dataclass
+class NodeType:
+    source: str
+    name: str
+    cpus: float
+    gpus: float
+    min_workers: int
+    max_workers: int
+
+
+def _k8s_quantity(q) -> float:
+    s = str(q)
+    if s.endswith("m"):
+        return float(s[:-1]) / 1000
+    return float(s)
+
+
+def _launcher_nodes(path: Path) -> list[NodeType]:
+    cfg = _yaml(path)
+    out = []
+    for name, nt in cfg["available_node_types"].items():
+        if name == cfg["head_node_type"]:
+            continue
+        r = nt.get("resources", {})
+        out.append(NodeType(path.name, name, r.get("CPU", 0), r.get("GPU", 0), nt.get("min_workers", 0),
+                            nt.get("max_workers", cfg["max_workers"])))
+    return out
+
+
+def _cluster_spec(path: Path) -> dict:
+    doc = _yaml(path)
+    spec = doc["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+            "RayService": lambda: spec["rayClusterConfig"]}[doc["kind"]]()
+
+
+def _pod_resources(group: dict) -> tuple[float, float]:
+    """CPUs and GPUs Ray sees in a KubeRay pod: rayStartParams, else the Ray container's limits."""
+    params = group.get("rayStartParams") or {}
+    container = group["template"]["spec"]["containers"][0]
+    limits = (container.get("resources") or {}).get("limits") or {}
+    cpus = (_k8s_quantity(params["num-cpus"]) if "num-cpus" in params
+            else math.floor(_k8s_quantity(limits.get("cpu", 0))))
+    gpus = (_k8s_quantity(params["num-gpus"]) if "num-gpus" in params
+            else _k8s_quantity(limits.get("nvidia.com/gpu", 0)))
+    return cpus, gpus
+
+
+def _kuberay_nodes(path: Path) -> list[NodeType]:
+    spec = _cluster_spec(path)
+    return [NodeType(path.name, g["groupName"], *_pod_resources(g), g.get("minReplicas", 0), g["maxReplicas"])
+            for g in spec["workerGroupSpecs"]]
+
+
+GPU_CLUSTERS = LAUNCHER_CONFIGS + KUBERAY_FILES
+
+
+def _nodes(path: Path) -> list[NodeType]:
+    return _kuberay_nodes(path) if path.parent == KUBERAY else _launcher_nodes(path)
+
+
+def _actor_capacity(nodes: list[NodeType], cpus: float, gpus: float) -> int:
+    """How many actors of {CPU: cpus, GPU: gpus} the cluster holds at its largest."""
+    total = 0
+    for n in nodes:
+        per_node = math.inf
+        if gpus > 0:
+            per_node = math.floor(n.gpus / gpus + 1e-9)
+        if cpus > 0:
+            per_node = min(per_node, math.floor(n.cpus / cpus + 1e-9))
+        total += 0 if per_node == math.inf else per_node * n.max_workers
+    return total
+
+
+def _resource_demands(cfg) -> list[tuple[str, float, float, int, int]]:
+    """(what, CPUs per unit, GPUs per unit, units needed at least, units wanted at most) for every section that
+    asks Ray for resources: actor pools (``num_gpus_per_actor``) and training runs (``use_gpu``)."""
+    demands = []
+    for name in type(cfg).model_fields:
+        sec = getattr(cfg, name)
+        fields = type(sec).model_fields if hasattr(type(sec), "model_fields") else {}
+        if "num_gpus_per_actor" in fields and "max_actors" in fields:
+            demands.append((f"{name} actors", sec.num_cpus_per_actor, sec.num_gpus_per_actor, sec.min_actors,
+                            sec.max_actors))
+        if "use_gpu" in fields and "num_workers" in fields:
+            if getattr(sec, "enabled", True) is False:
+                continue
+            gpus = 1.0 if sec.use_gpu else 0.0
+            cpus = 1.0
+            demands.append((f"{name} workers", cpus, gpus, sec.num_workers, sec.num_workers))
+    return demands
+
+
+def _gpu_job_configs():
+    from unime_ray.config import load_run_config
+
+    out = []
+    for p in JOB_CONFIGS:
+        cfg = load_run_config(config_path=p)
+        if any(g > 0 for _, _, g, _, _ in _resource_demands(cfg)):
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("cluster", GPU_CLUSTERS, ids=_rel)
+def test_cluster_has_cpu_workers_and_an_autoscaling_gpu_type(cluster):
+    nodes = _nodes(cluster)
+    gpu = [n for n in nodes if n.gpus > 0]
+    cpu = [n for n in nodes if n.gpus == 0 and n.cpus > 0]
+    assert gpu and cpu, nodes
+    for n in gpu:
+        assert n.min_workers == 0 and n.max_workers >= 1, f"{n.name}: GPU nodes must scale from zero"
+        assert n.cpus >= n.gpus, f"{n.name}: too few CPUs to feed {n.gpus} GPUs"
+
+
+def test_gpu_job_configs_exist():
+    assert [p.name for p in _gpu_job_configs()] == ["paper.yaml"]
+
+
+@pytest.mark.parametrize("cluster", GPU_CLUSTERS, ids=_rel)
+@pytest.mark.parametrize("job_config", JOB_CONFIGS, ids=lambda p: p.name)
+def test_stage_resources_fit_the_cluster(job_config, cluster):
+    """Every actor or training worker fits one node type, and the largest pool fits the cluster at max size."""
+    from unime_ray.config import load_run_config
+
+    cfg = load_run_config(config_path=job_config)
+    nodes = _nodes(cluster)
+    for what, cpus, gpus, least, most in _resource_demands(cfg):
+        cap = _actor_capacity(nodes, cpus, gpus)
+        assert cap >= least, f"{what}: {least} x {{CPU: {cpus}, GPU: {gpus}}} never fit {cluster.name} ({nodes})"
+        assert cap >= most, f"{what}: at most {most}, but {cluster.name} holds {cap} at full size"
+    if cfg.judge.backend == "vllm":
+        assert cfg.judge.vllm.tensor_parallel_size <= cfg.judge.num_gpus_per_actor
+    if cfg.train.use_gpu:  # one node holds the whole training group (NCCL within a node)
+        assert any(n.gpus >= cfg.train.num_workers for n in nodes), f"train.num_workers vs {cluster.name}"
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=_rel)
+def test_launcher_config_passes_ray_validation(path):
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    pytest.importorskip("jsonschema")
+    import jsonschema
+
+    cfg = _yaml(path)
+    util.validate_config(util.prepare_config(copy.deepcopy(cfg)))  # what `ray up` runs before bootstrapping
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5  # fractional: the schema says integer
+    with pytest.raises(jsonschema.ValidationError):
+        util.validate_config(util.prepare_config(bad))
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu_worker"]["min_gpus"] = 1  # unknown key
+    with pytest.raises(jsonschema.ValidationError):
+        util.validate_config(util.prepare_config(bad))
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=_rel)
+def test_launcher_config_shape(path):
+    cfg = _yaml(path)
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    assert cfg["idle_timeout_minutes"] > 0
+    assert cfg["max_workers"] >= sum(n.max_workers for n in _launcher_nodes(path) if n.gpus > 0)
+    assert cfg["docker"]["image"] == _image(), "all cluster configs run the image from cluster/Dockerfile"
+    assert any("--autoscaling-config" in c for c in cfg["head_start_ray_commands"])
+
+
+# ---------------------------------------------------------------------------------------------- image
+def _image() -> str:
+    return f"unime-ray:{_pyproject()['project']['version']}-gpu"
+
+
+def test_dockerfile_matches_pyproject():
+    text = (CLUSTER / "Dockerfile").read_text()
+    py = _pyproject()
+    ray_version = _pin(py["project"]["dependencies"], "ray")
+    torch_gpu = _pin(py["project"]["optional-dependencies"]["gpu"], "torch")
+    assert re.search(rf"^ARG RAY_IMAGE=rayproject/ray:{re.escape(ray_version)}-py3\d+-gpu$", text, re.M)
+    assert f'"torch=={torch_gpu}"' in text and f'"ray[default,train,data,serve]=={ray_version}"' in text
+    assert 'pip install ".[gpu]"' in text
+    import ray
+
+    assert ray.__version__ == ray_version
+    assert _image() in text
+    workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
+    assert yaml.safe_load(_yaml(KUBERAY / "rayjob.yaml")["spec"]["runtimeEnvYAML"])["working_dir"] == workdir
+    for copied in re.findall(r"^COPY \S+ (\S+) \./", text, re.M):
+        assert (REPO / copied).exists(), copied
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text()
+    assert "**" in ignore.split() and "!unime_ray/**" in ignore.split()
+
+
+# ---------------------------------------------------------------------------------------------- KubeRay
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=_rel)
+def test_kuberay_cluster_spec(path):
+    import ray
+
+    doc = _yaml(path)
+    assert doc["apiVersion"] == "ray.io/v1"
+    spec = _cluster_spec(path)
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-workers", "gpu-workers"}
+    assert groups["gpu-workers"]["minReplicas"] == 0
+    for g in [spec["headGroupSpec"], *groups.values()]:
+        for c in g["template"]["spec"]["containers"]:
+            assert c["image"] == _image()
+        for k, v in (g.get("rayStartParams") or {}).items():
+            assert isinstance(v, str), f"rayStartParams.{k} must be a string"
+    for g in groups.values():
+        assert g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"]
+
+
+def test_kuberay_specs_agree():
+    """raycluster.yaml, rayjob.yaml and rayservice.yaml describe the same groups and pods."""
+    def shape(path):
+        spec = _cluster_spec(path)
+        groups = [(g["groupName"], g["minReplicas"], g["maxReplicas"], _pod_resources(g),
+                   g["template"]["spec"]["containers"][0]["resources"]) for g in spec["workerGroupSpecs"]]
+        head = spec["headGroupSpec"]
+        return (spec["rayVersion"], spec.get("autoscalerOptions"), head["rayStartParams"],
+                head["template"]["spec"]["containers"][0]["resources"], groups)
+
+    shapes = [shape(p) for p in KUBERAY_FILES]
+    assert shapes[0] == shapes[1] == shapes[2]
+
+
+def test_rayjob_entrypoint_references_exist():
+    spec = _yaml(KUBERAY / "rayjob.yaml")["spec"]
+    args = shlex.split(spec["entrypoint"])
+    assert args[:2] == ["python", "jobs/pipeline.py"] and (REPO / args[1]).is_file()
+    config = args[args.index("--config") + 1]
+    assert (REPO / config).is_file()
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"  # the submitter pod uploads working_dir
+
+
+def test_rayservice_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    serve = yaml.safe_load(_yaml(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve)
+    (app,) = serve["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert (module, attr) == ("unime_ray.serve.app", "build_app")
+    assert set(app["args"]) >= {"index", "embedder", "reranker"}
+    gpu_per_pod = max(n.gpus for n in _kuberay_nodes(KUBERAY / "rayservice.yaml"))
+    max_gpus = sum(n.gpus * n.max_workers for n in _kuberay_nodes(KUBERAY / "rayservice.yaml"))
+    wanted = 0.0
+    for name in ("embedder", "reranker", "index", "ingress"):
+        d = (app["args"].get("config") or {}).get(name) or {}
+        assert d.get("num_gpus", 0) <= gpu_per_pod
+        wanted += d.get("num_gpus", 0) * (d.get("autoscaling") or {}).get("max_replicas", d.get("num_replicas", 1))
+    assert wanted <= max_gpus, f"Serve wants up to {wanted} GPUs, the cluster has {max_gpus}"
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not there yet: schema checked, application args not")
+    mod = importlib.import_module(module)
+    assert callable(getattr(mod, attr))
+    if hasattr(mod, "AppArgs"):
+        args = mod.AppArgs.model_validate(app["args"])
+        from unime_ray.serve.config import ServeConfig
+
+        ServeConfig.model_validate(args.config or {})
+    shipped = REPO / "unime_ray" / "serve" / "serve_config.yaml"
+    if shipped.is_file():  # the same application as the shipped Serve config
+        (ref,) = _yaml(shipped)["applications"]
+        for key in ("name", "route_prefix", "import_path"):
+            assert app[key] == ref[key], key
+        assert set(app["args"]) == set(ref["args"])
+        assert set(app["args"]["config"]) == set(ref["args"]["config"])
+
+
+# ---------------------------------------------------------------------------------------------- docs
+PATH_RE = re.compile(r"(?<![\w/.-])((?:jobs|cluster|unime_ray)/[\w./-]*[\w])")
+
+
+@pytest.mark.parametrize("doc", [p for p in (CLUSTER / "README.md", JOBS / "README.md") if p.is_file()], ids=_rel)
+def test_paths_in_docs_exist(doc):
+    text = doc.read_text()
+    paths = set(PATH_RE.findall(text))
+    assert paths
+    missing = sorted(p for p in paths if not (REPO / p).exists() and not p.endswith("/"))
+    assert not missing, f"{doc.name} mentions files that do not exist: {missing}"
+
+
+def test_commands_in_yaml_comments_reference_real_files():
+    for path in ALL_YAML:
+        for p in set(PATH_RE.findall(path.read_text())):
+            assert (REPO / p).exists(), f"{_rel(path)} mentions {p}"
+
+
+# ---------------------------------------------------------------------------------------------- real job
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _stop_local_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Stop only this cluster's processes (``ray stop`` would stop every Ray on the machine): those whose command
+    line names its temp dir or GCS address, and their children (workers, agents, the job's driver)."""
+    import psutil
+
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        args = p.info["cmdline"] or []
+        if p.pid in me or not any(temp_dir in a or a.endswith(f":{gcs_port}") for a in args):
+            continue
+        found[p.pid] = p
+        try:
+            found.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for p in found.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(found.values()), timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+@dataclass
+class LocalCluster:
+    dashboard: str
+    headers: dict
+    gcs_port: int
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head (2 CPUs) and a worker node (1 CPU) on this machine, started with the venv's ``ray`` CLI."""
+    # Short temp dir: Ray's Unix socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must stay
+    # under 108 bytes, which pytest's tmp_path would exceed.
+    temp_dir = tempfile.mkdtemp(prefix="uro", dir="/tmp")
+    gcs, dash, client, agent_head, agent_worker = _free_ports(5)
+    token = secrets.token_hex(32)  # this cluster's own token: independent of ~/.ray/auth_token
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(k, None)
+    ray_cli = str(VENV_BIN / "ray")
+    common = ["--temp-dir", temp_dir, "--disable-usage-stats"]
+    t0 = time.time()
+    try:
+        subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                        "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                        "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+                        "--dashboard-agent-listen-port", str(agent_head), *common],
+                       env=env, check=True, capture_output=True, text=True, timeout=180)
+        subprocess.run([ray_cli, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+                        "--dashboard-agent-listen-port", str(agent_worker), *common],
+                       env=env, check=True, capture_output=True, text=True, timeout=180)
+        print(f"two-node cluster up in {time.time() - t0:.0f} s")
+        yield LocalCluster(f"http://127.0.0.1:{dash}", {"Authorization": f"Bearer {token}"}, gcs)
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"ray start failed: {exc.stdout[-2000:]}\n{exc.stderr[-4000:]}")
+    finally:
+        _stop_local_cluster(temp_dir, gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _alive_nodes(cluster: LocalCluster) -> int:
+    import requests
+
+    r = requests.get(f"{cluster.dashboard}/api/v0/nodes", headers=cluster.headers, timeout=30)
+    r.raise_for_status()
+    return sum(n["state"] == "ALIVE" for n in r.json()["data"]["result"]["result"])
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
+    """`ray job submit` of jobs/pipeline.py with jobs/configs/smoke.yaml: joins the cluster through RAY_ADDRESS,
+    runs the uploaded working dir with the venv's python, and leaves a complete run dir."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from unime_ray.config import load_run_config
+    from unime_ray.data.io import read_table
+
+    cluster = two_node_cluster
+    t0 = time.time()
+    deadline = time.time() + 60
+    while _alive_nodes(cluster) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert _alive_nodes(cluster) == 2
+
+    client = JobSubmissionClient(cluster.dashboard, headers=cluster.headers)
+    run_dir = tmp_path / "smoke-run"
+    job_id = client.submit_job(
+        entrypoint=f"python jobs/pipeline.py --config jobs/configs/smoke.yaml -o run_dir={run_dir}",
+        submission_id=f"unime-smoke-{uuid.uuid4().hex[:8]}",
+        runtime_env={"working_dir": str(REPO),
+                     "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"],
+                     "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    deadline = time.time() + 420
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal and time.time() < deadline:
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    print(f"job {job_id}: {status} after {time.time() - t0:.0f} s")
+    if status not in terminal:
+        client.stop_job(job_id)
+    assert status == JobStatus.SUCCEEDED, f"job {job_id}: {status}\n{logs[-6000:]}"
+
+    # the driver joined this cluster, ran the uploaded copy of the repo, with the venv's python
+    assert "[unime-ray job] Ray: joining the cluster at RAY_ADDRESS=" in logs
+    assert "joining Ray cluster at" in logs and "starting a local Ray" not in logs  # init_ray's own words
+    assert "dropped the job driver's OMP_NUM_THREADS=1" in logs
+    assert f"[unime-ray job] python {VENV_BIN}" in logs
+    m = re.search(r"unime_ray from (\S+);", logs)
+    assert m and "_ray_pkg_" in m.group(1) and Path(m.group(1)) != REPO / "unime_ray", logs[:3000]
+    assert "[unime-ray job] pipeline: ok" in logs and f"run directory: {run_dir}" in logs
+
+    import json
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    cfg = load_run_config(config_path=JOBS / "configs" / "smoke.yaml")
+    for stage in cfg.stages:
+        assert manifest["stages"][stage]["status"] == "complete", stage
+    table = manifest["stages"]["mine"]["outputs"]["training_table"]
+    rows = read_table(table).to_pylist()
+    assert len(rows) == manifest["stages"]["mine"]["outputs"]["queries"] > 0
+    assert any(len(r["neg_id"] or []) == cfg.mine.num_negatives for r in rows)
+    assert (run_dir / "report.md").is_file()

@@ -1,0 +1,118 @@
+"""``unime-ray eval`` and ``unime-ray compare``: :func:`register` adds them to the main parser's subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_eval(args) -> int:
+    from ..retrieval.embed import EmbedderSpec
+    from .encode import ItemEncoder
+    from .rerank import load_reranker
+
+    if not (args.table or args.mmeb_dir or args.retrieval or args.compositional):
+        print("error: give --table or --mmeb-dir (and/or --retrieval / --compositional)", file=sys.stderr)
+        return 2
+    if args.rerank_top_k <= 0 or args.top_k_dump <= 0 or args.batch_size <= 0:
+        print("error: --rerank-top-k, --top-k-dump and --batch-size must be positive", file=sys.stderr)
+        return 2
+    use_ray = not args.no_ray
+    if use_ray:
+        from ..utils.ray_utils import init_ray
+
+        init_ray(num_cpus=args.num_cpus)
+    out = Path(args.out)
+    spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
+                        image_root=args.image_root)
+    encoder = ItemEncoder(spec, image_root=args.image_root, batch_size=args.batch_size, use_ray=use_ray,
+                          min_actors=args.min_actors, max_actors=args.max_actors,
+                          num_gpus_per_actor=args.num_gpus_per_actor, work_dir=out)
+    reranker = load_reranker(args.reranker, image_root=args.image_root, batch_size=args.rerank_batch_size)
+    subsets = [s for s in args.subsets.split(",") if s] if args.subsets else None
+    common = dict(reranker=reranker, rerank_top_k=args.rerank_top_k, label=args.label)
+    written = []
+    if args.table or args.mmeb_dir:
+        from .mmeb import evaluate_mmeb_dir, evaluate_pairs_table
+
+        kw = dict(common, top_k_dump=args.top_k_dump, max_rows_per_dataset=args.max_rows)
+        if args.mmeb_dir:
+            evaluate_mmeb_dir(encoder, args.mmeb_dir, out, image_root=args.image_root, subsets=subsets,
+                              check_images=not args.no_check_images, **kw)
+        else:
+            evaluate_pairs_table(encoder, args.table, out, image_root=args.image_root, datasets=subsets,
+                                 check_images=not args.no_check_images, **kw)
+        written.append(out)
+    if args.retrieval:
+        from .retrieval import evaluate_retrieval_sets, load_retrieval_set
+
+        sets = [load_retrieval_set(p, image_root=args.image_root, captions_per_image=args.captions_per_image,
+                                   max_images=args.max_rows, check_images=not args.no_check_images)
+                for p in args.retrieval]
+        evaluate_retrieval_sets(encoder, sets, out / "retrieval", **common)
+        written.append(out / "retrieval")
+    if args.compositional:
+        from .compositional import evaluate_compositional, load_compositional
+
+        data = load_compositional(args.compositional, image_root=args.image_root, max_rows=args.max_rows,
+                                  check_images=not args.no_check_images)
+        evaluate_compositional(encoder, data, out / "compositional", image_root=args.image_root,
+                               reranker=reranker, label=args.label)
+        written.append(out / "compositional")
+    for folder in written:
+        print((folder / "results.md").read_text())
+    print(f"results: {', '.join(str(f / 'results.json') for f in written)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .outputs import compare_runs
+
+    text = compare_runs(args.run_a, args.run_b)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval`` and ``compare`` to the main parser's subcommands (each sets ``func``)."""
+    p = subparsers.add_parser("eval", help="evaluate an embedder (MMEB-form table or MMEB-eval folder, "
+                                           "retrieval, compositional pairs), optionally with a reranker")
+    p.add_argument("--model", required=True, help="embedder checkpoint folder or hub id")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder")
+    p.add_argument("--input-format", default="official", choices=["official", "chat"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--label", default=None, help="name of the model in the results (default: the model path)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--table", default=None, help="canonical pair table in MMEB-eval form (task = dataset)")
+    src.add_argument("--mmeb-dir", default=None, help="MMEB-eval download: one folder of Parquet/JSONL per subset")
+    p.add_argument("--subsets", default=None, help="comma-separated datasets/subsets to evaluate (default: all)")
+    p.add_argument("--image-root", default=None, help="folder that image paths are relative to")
+    p.add_argument("--retrieval", action="append", default=[], metavar="PATH",
+                   help="a retrieval set {image_path, caption|captions} (JSONL/JSON/Parquet; repeatable)")
+    p.add_argument("--captions-per-image", type=int, default=None,
+                   help="retrieval: keep the first k captions per image (5: Flickr30K/COCO, 1: ShareGPT4V/Urban1K)")
+    p.add_argument("--compositional", default=None, help="SugarCrepe-style folder or file")
+    p.add_argument("--out", required=True, help="run folder for results.json / results.md / results.png")
+    p.add_argument("--reranker", default=None, help="reranker folder: listwise rerank of the top-K (pairwise for "
+                                                    "compositional pairs)")
+    p.add_argument("--rerank-top-k", type=int, default=5)
+    p.add_argument("--rerank-batch-size", type=int, default=16)
+    p.add_argument("--top-k-dump", type=int, default=10, help="embedder top-K per query written to topk.parquet")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-rows", type=int, default=None, help="first N rows per dataset (images per retrieval set)")
+    p.add_argument("--no-check-images", action="store_true", help="skip checking that image files exist/decode")
+    p.add_argument("--no-ray", action="store_true", help="encode in this process")
+    p.add_argument("--min-actors", type=int, default=1)
+    p.add_argument("--max-actors", type=int, default=2)
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("compare", help="side-by-side table of two evaluation runs, with deltas")
+    p.add_argument("run_a", metavar="RUN_A", help="run folder (or results.json)")
+    p.add_argument("run_b", metavar="RUN_B", help="run folder (or results.json)")
+    p.add_argument("--out", default=None, help="also write the Markdown here")
+    p.set_defaults(func=cmd_compare)

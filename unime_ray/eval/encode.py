@@ -1,0 +1,195 @@
+"""Encode the unique items of an evaluation once, in this process or over a Ray Data actor pool.
+
+Every evaluator first collects the distinct items it needs (queries and candidates, de-duplicated by
+id or content) in an :class:`ItemRegistry`, then asks an :class:`ItemEncoder` for one embedding per
+registry entry. The Ray path writes the items to a temporary canonical candidate table and reuses the
+pipeline's :func:`~unime_ray.retrieval.embed.embed_table_ray` (the same ``EmbedActor``), so single-process
+and distributed evaluation encode exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+
+from ..data.images import resolve_image_path
+from ..data.io import ShardWriter
+from ..data.schema import CANDIDATE_SCHEMA, Item
+from ..data.validate import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class ItemRegistry:
+    """Distinct items in first-seen order; ``add`` returns the item's index (its row in the embeddings).
+
+    ``key`` decides identity: ``("id", scope, id)`` for rows that carry candidate ids, else the item's
+    content key. An id seen again with different content is a data error (it would silently score the
+    wrong candidate), reported with the row and field that disagree.
+    """
+
+    def __init__(self, image_root: str | os.PathLike | None = None, check_images: bool = True):
+        self.items: list[Item] = []
+        self.labels: list[str] = []          # a printable id per entry (the table id or the content key)
+        self._index: dict[Hashable, int] = {}
+        self._content: dict[int, str] = {}
+        self.image_root = image_root
+        self.check_images = check_images
+        self._checked_paths: dict[str, bool] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, item: Item, item_id: str | None = None, scope: str = "", *, where: str = "",
+            field: str = "{}", row: int | None = None, row_id: str | None = None) -> int:
+        """Index of ``item``; ``where``/``row``/``row_id``/``field`` locate it for error messages
+        (``field`` is a format string such as ``"neg_{}[3]"``, filled with ``id`` or ``image_path``)."""
+        ckey = item.content_key()
+        key: Hashable = ("id", scope, item_id) if item_id else ("content", ckey)
+        idx = self._index.get(key)
+        if idx is not None:
+            if item_id and self._content[idx] != ckey:
+                raise DataError(where, row, field.format("id"), f"candidate id {item_id!r} has different content "
+                                "here than where it was first seen; ids must name one item", row_id)
+            return idx
+        self._check_image(item, where, field, row, row_id)
+        idx = len(self.items)
+        self._index[key] = idx
+        self._content[idx] = ckey
+        self.items.append(item)
+        self.labels.append(item_id or ckey)
+        return idx
+
+    def _check_image(self, item: Item, where: str, field: str, row: int | None, row_id: str | None) -> None:
+        if not self.check_images or item.image or not item.image_path:
+            return
+        ok = self._checked_paths.get(item.image_path)
+        if ok is None:
+            ok = resolve_image_path(item.image_path, self.image_root).is_file()
+            self._checked_paths[item.image_path] = ok
+        if not ok:
+            path = resolve_image_path(item.image_path, self.image_root)
+            raise DataError(where, row, field.format("image_path"),
+                            f"image file not found: {path} (image root: {self.image_root})", row_id)
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """Ray workers may start in another directory: local paths travel as absolute paths."""
+    if path and Path(path).exists():
+        return str(Path(path).resolve())
+    return path
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Unit rows (cosine = dot product); zero rows stay zero instead of becoming NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class ItemEncoder:
+    """One embedder for a whole evaluation: built at most once here, or run as a Ray actor pool.
+
+    ``embedder_or_spec``: an ``Embedder`` (or any object with ``encode(items, batch_size)`` and ``dim``),
+    an :class:`~unime_ray.retrieval.embed.EmbedderSpec`, or a model folder / hub id. ``use_ray`` needs a
+    spec (workers rebuild the model from it); Ray is started locally if it is not running.
+    """
+
+    def __init__(self, embedder_or_spec: Any, *, image_root: str | os.PathLike | None = None, batch_size: int = 16,
+                 use_ray: bool = False, min_actors: int = 1, max_actors: int = 2, num_cpus_per_actor: float = 1.0,
+                 num_gpus_per_actor: float = 0.0, work_dir: str | os.PathLike | None = None):
+        from ..retrieval.embed import EmbedderSpec
+
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if isinstance(embedder_or_spec, (str, os.PathLike)):
+            embedder_or_spec = EmbedderSpec(model=str(embedder_or_spec))
+        self.spec: EmbedderSpec | None = None
+        self._embedder = None
+        if isinstance(embedder_or_spec, EmbedderSpec):
+            spec = embedder_or_spec
+            root = str(image_root) if image_root is not None else spec.image_root
+            self.spec = dataclasses.replace(spec, model=_absolute_if_local(spec.model),
+                                            adapter=_absolute_if_local(spec.adapter),
+                                            image_root=_absolute_if_local(root))
+        else:
+            if use_ray:
+                raise ValueError("use_ray=True needs an EmbedderSpec (or a model path) that Ray workers can rebuild; "
+                                 "got a built embedder")
+            self._embedder = embedder_or_spec
+        self.image_root = image_root if image_root is not None else (
+            self.spec.image_root if self.spec else getattr(self._embedder, "image_root", None))
+        self.batch_size = batch_size
+        self.use_ray = use_ray
+        self.min_actors, self.max_actors = min_actors, max_actors
+        self.num_cpus_per_actor, self.num_gpus_per_actor = num_cpus_per_actor, num_gpus_per_actor
+        self.work_dir = work_dir
+
+    @property
+    def label(self) -> str:
+        if self.spec is not None:
+            return self.spec.model + (f" + {self.spec.adapter}" if self.spec.adapter else "")
+        return type(self._embedder).__name__
+
+    def embedder(self):
+        """The in-process embedder (built from the spec on first use)."""
+        if self._embedder is None:
+            self._embedder = self.spec.build()
+        return self._embedder
+
+    def encode(self, items: Sequence[Item], image_root: str | os.PathLike | None = None) -> np.ndarray:
+        """[len(items), dim] float32 unit rows, in input order (``image_root`` overrides the default)."""
+        if not items:
+            return np.zeros((0, 0), dtype=np.float32)
+        root = image_root if image_root is not None else self.image_root
+        vectors = self._encode_ray(items, root) if self.use_ray else self._encode_local(items, root)
+        return normalize_rows(vectors)
+
+    def _encode_local(self, items: Sequence[Item], image_root) -> np.ndarray:
+        emb = self.embedder()
+        previous = getattr(emb, "image_root", None)
+        if image_root is not None and hasattr(emb, "image_root"):
+            emb.image_root = image_root
+        try:
+            return np.asarray(emb.encode(list(items), batch_size=self.batch_size), dtype=np.float32)
+        finally:
+            if hasattr(emb, "image_root"):
+                emb.image_root = previous
+
+    def _encode_ray(self, items: Sequence[Item], image_root) -> np.ndarray:
+        from ..retrieval.embed import embed_table_ray, read_embeddings
+        from ..utils.ray_utils import init_ray
+
+        init_ray()
+        parent = Path(self.work_dir) if self.work_dir else None
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".eval-encode-", dir=parent))
+        try:
+            # Enough shards that every actor of the pool gets work, none so small that batches fragment.
+            per_shard = max(self.batch_size, math.ceil(len(items) / (4 * self.max_actors)))
+            with ShardWriter(tmp / "items", CANDIDATE_SCHEMA, rows_per_shard=min(per_shard, 4096)) as w:
+                for i, it in enumerate(items):
+                    w.write({"id": f"{i:010d}", "task": "eval", "instruction": it.instruction, "text": it.text,
+                             "image": it.image, "image_path": it.image_path})
+            spec = self.spec if image_root is None else dataclasses.replace(
+                self.spec, image_root=_absolute_if_local(str(image_root)))
+            embed_table_ray(spec, tmp / "items", tmp / "emb", batch_size=self.batch_size,
+                            min_actors=self.min_actors, max_actors=self.max_actors,
+                            num_cpus=self.num_cpus_per_actor, num_gpus=self.num_gpus_per_actor)
+            ids, vectors = read_embeddings(tmp / "emb")
+            index = np.asarray([int(i) for i in ids], dtype=np.int64)
+            order = np.argsort(index)
+            if not np.array_equal(index[order], np.arange(len(items))):
+                raise RuntimeError(f"Ray encoding returned {len(ids)} embeddings for {len(items)} items")
+            return vectors[order]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Reranking on top of the embedder's ranking (method reference 5.2 and 5.5).
+
+The reranker is duck-typed (``unime_ray.rerank.Reranker`` or a test double):
+
+* ``choose_many(queries, candidate_lists) -> [choice]`` with ``choice.index`` (0-based into that list, or
+  None when the answer was unparsable / out of range) and ``choice.raw`` (the generated text);
+* ``score_pairs([(query, candidate), ...]) -> np.ndarray`` of P(Yes) in [0, 1].
+
+Listwise protocol: the reranker sees the embedder's top-K; its choice becomes rank 1 and every other
+candidate keeps the embedder's order. An unusable answer falls back to the embedder's order and is
+counted, so a reranker that mostly fails to answer cannot hide behind the embedder's numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..data.schema import Item
+from ..utils.logs import Progress
+
+logger = logging.getLogger(__name__)
+
+
+def apply_listwise_choice(order: Sequence[int], index: Any) -> tuple[list[int], bool]:
+    """(new order, fell back?): the chosen entry of ``order`` moves to the front, the rest keep their order.
+
+    ``index`` is the reranker's 0-based choice into ``order``; None, a non-integer or an index outside
+    the list is a fallback (the order is returned unchanged).
+    """
+    order = [int(i) for i in order]
+    valid = isinstance(index, (int, np.integer)) and not isinstance(index, bool) and 0 <= int(index) < len(order)
+    if not valid:
+        return order, True
+    chosen = order[int(index)]
+    return [chosen] + [i for i in order if i != chosen], False
+
+
+@dataclass
+class ListwiseResult:
+    """Reranked orders (indices into each query's candidates) and what the reranker said."""
+
+    orders: list[list[int]]
+    fell_back: list[bool]
+    raw: list[str] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> int:
+        return int(sum(self.fell_back))
+
+
+def rerank_listwise(reranker, queries: Sequence[Item], candidates: Sequence[Sequence[Item]],
+                    orders: Sequence[Sequence[int]], top_k: int, *, chunk: int = 64,
+                    what: str = "reranked queries") -> ListwiseResult:
+    """Rerank each query's first ``top_k`` candidates of ``orders`` (indices into ``candidates[q]``).
+
+    The returned orders hold only the top-``top_k`` (reranked); deeper ranks are unchanged by construction.
+    """
+    if top_k <= 0:
+        raise ValueError("rerank top_k must be positive")
+    if not (len(queries) == len(candidates) == len(orders)):
+        raise ValueError(f"{len(queries)} queries, {len(candidates)} candidate lists, {len(orders)} orders")
+    out = ListwiseResult([], [], [])
+    progress = Progress(logger, what, len(queries))
+    for start in range(0, len(queries), chunk):
+        tops = [list(o[:top_k]) for o in orders[start:start + chunk]]
+        lists = [[candidates[start + j][i] for i in top] for j, top in enumerate(tops)]
+        choices = list(reranker.choose_many(list(queries[start:start + chunk]), lists))
+        if len(choices) != len(tops):
+            raise RuntimeError(f"reranker returned {len(choices)} choices for {len(tops)} queries")
+        for top, choice in zip(tops, choices):
+            new, fell = apply_listwise_choice(top, getattr(choice, "index", None))
+            out.orders.append(new)
+            out.fell_back.append(fell)
+            out.raw.append(str(getattr(choice, "raw", "")))
+        progress.update(len(tops))
+    if out.fallbacks:
+        logger.warning("%s: %d of %d reranker answers unusable; embedder order kept for those", what,
+                       out.fallbacks, len(queries))
+    return out
+
+
+def score_pairs_chunked(reranker, pairs: Sequence[tuple[Item, Item]], chunk: int = 256,
+                        what: str = "scored pairs") -> np.ndarray:
+    """P(Yes) per (query, candidate) pair, checked to be probabilities; NaN marks a pair the reranker could
+    not score (the caller counts those; a comparison with NaN is never a hit)."""
+    out = []
+    progress = Progress(logger, what, len(pairs))
+    for start in range(0, len(pairs), chunk):
+        part = list(pairs[start:start + chunk])
+        p = np.asarray(reranker.score_pairs(part), dtype=np.float64).reshape(-1)
+        if p.size != len(part):
+            raise RuntimeError(f"reranker returned {p.size} scores for {len(part)} pairs")
+        out.append(p)
+        progress.update(len(part))
+    scores = np.concatenate(out) if out else np.zeros(0)
+    finite = scores[~np.isnan(scores)]
+    if finite.size and (finite.min() < 0 or finite.max() > 1):
+        raise RuntimeError("reranker scores must be probabilities in [0, 1] (or NaN for an unscored pair)")
+    return scores
+
+
+def load_reranker(reranker: Any, *, image_root: str | os.PathLike | None = None, dtype: str = "auto",
+                  batch_size: int = 16):
+    """A reranker object as is, or ``unime_ray.rerank.Reranker.from_pretrained`` of a folder / hub id."""
+    if reranker is None or not isinstance(reranker, (str, os.PathLike)):
+        return reranker
+    from ..rerank import Reranker  # the lead's module; imported only when a reranker path is given
+
+    return Reranker.from_pretrained(str(reranker), dtype=dtype, image_root=image_root, batch_size=batch_size)
