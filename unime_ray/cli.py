@@ -270,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     from .eval.cli import register as register_eval
+    from .serve.cli import register as register_serve
 
     register_eval(sub)
+    register_serve(sub)
 
     p = sub.add_parser("model-info", help="architecture and size of a model (shipped configs build on meta)")
     p.add_argument("name", help="a hub id with a shipped config (e.g. Qwen/Qwen2-VL-2B-Instruct) or a folder")

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .eval.config import EvalConfig
+from .serve.config import ServeConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -315,6 +316,7 @@ class RunConfig(BaseModel):
     compare: CompareConfig = Field(default_factory=CompareConfig)
     reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _k_fits_mining(self):

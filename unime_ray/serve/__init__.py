@@ -1,0 +1,15 @@
+"""Online serving of a trained embedder (and reranker) on Ray Serve.
+
+* :mod:`.config` - :class:`ServeConfig` (pydantic only; the run config's ``serve:`` section);
+* :mod:`.index` - build/load the serving index (``unime-ray index``);
+* :mod:`.app` - the deployments and the application builder (``unime_ray.serve.app:build_app``);
+* :mod:`.api` - the HTTP API (FastAPI models, validation);
+* :mod:`.client` - :class:`UniMEClient`, a small ``requests`` client;
+* :mod:`.cli` - ``register(subparsers)`` adds the ``index`` and ``serve`` commands.
+
+Importing this package pulls in pydantic only; Ray, torch and FastAPI load with the submodules that need them.
+"""
+
+from .config import ServeConfig
+
+__all__ = ["ServeConfig"]

@@ -1,0 +1,346 @@
+"""The HTTP API: request/response models (the OpenAPI schema), input validation, and the FastAPI app.
+
+The app is built per ingress replica by :func:`create_api` around a *backend* (the ingress deployment),
+which provides ``embed_items``, ``search``, ``info`` and ``health`` coroutines. Everything a client can
+send wrong is answered with a 4xx and a message in ``detail``:
+
+* 400 - the body is not JSON; 401 - missing or wrong API key;
+* 413 - body larger than ``limits.max_body_bytes``, an image over ``max_image_bytes`` or ``max_image_pixels``;
+* 422 - schema errors, bad base64, undecodable images, empty queries, ``top_k`` out of range, texts too long,
+  reranking asked of a server without a reranker.
+
+Unexpected failures are logged and answered with 500 (or 503 when a backend is unavailable); they never
+take a replica down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from typing import Any, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data.schema import Item
+from .config import LimitsConfig, check_api_key
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "1"
+OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+class RequestError(Exception):
+    """A client error: HTTP ``status`` with a human-readable message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ------------------------------------------------------------------------------------------ models
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueryIn(_In):
+    """One item: text and/or an image (base64), with an optional instruction."""
+
+    text: str | None = Field(default=None, description="query text (may contain the image marker <image>)")
+    instruction: str | None = Field(default=None, description="task instruction, e.g. 'Find an image caption "
+                                    "describing the given image.'")
+    image: str | None = Field(default=None, description="base64-encoded image bytes (PNG, JPEG, ...), or a "
+                              "data: URL")
+
+
+class SearchRequest(_In):
+    query: QueryIn
+    top_k: int = Field(default=10, ge=1, description="how many candidates to return (at most limits.max_top_k)")
+    rerank: bool = Field(default=False, description="rerank the top candidates with the pairwise reranker")
+    rerank_top_k: int | None = Field(default=None, ge=1, description="how many of the embedder's top "
+                                     "candidates to rerank (default: top_k); the rest keep embedder order")
+    include_image: bool = Field(default=False, description="return candidate images (base64) in the results")
+
+
+class Hit(BaseModel):
+    rank: int = Field(description="1-based position in the returned list")
+    id: str
+    score: float = Field(description="embedder cosine similarity")
+    rerank_score: float | None = Field(default=None, description="reranker P(Yes), when reranked")
+    embed_rank: int = Field(description="1-based position by embedder score alone")
+    task: str | None = None
+    instruction: str | None = None
+    text: str | None = None
+    image_path: str | None = None
+    has_image: bool = False
+    image: str | None = Field(default=None, description="base64 image bytes, only with include_image")
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    reranked: bool
+    timings_ms: dict[str, float]
+
+
+class EmbedRequest(_In):
+    items: list[QueryIn] = Field(min_length=1, description="items to embed (at most limits.max_embed_items)")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    embeddings: list[list[float]] = Field(description="unit-norm float32 vectors, one per item, in order")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class InfoResponse(BaseModel):
+    api_version: str
+    embedder: dict[str, Any]
+    reranker: dict[str, Any] | None
+    index: dict[str, Any]
+    limits: dict[str, Any]
+    auth: bool
+
+
+# ------------------------------------------------------------------------------------------ validation
+def decode_base64_image(data: str, limits: LimitsConfig) -> bytes:
+    """Base64 (or a ``data:`` URL) -> bytes, with the encoded-size limit checked before decoding."""
+    s = data.strip()
+    if s.startswith("data:"):
+        head, sep, s = s.partition(",")
+        if not sep or ";base64" not in head:
+            raise RequestError(422, "image data URL must be base64-encoded (data:<mime>;base64,<data>)")
+    if len(s) * 3 // 4 > limits.max_image_bytes + 3:
+        raise RequestError(413, f"image is larger than the limit of {limits.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, "image is not valid base64") from None
+    if not raw:
+        raise RequestError(422, "image is empty")
+    if len(raw) > limits.max_image_bytes:
+        raise RequestError(413, f"image is {len(raw)} bytes, more than the limit of {limits.max_image_bytes}")
+    return raw
+
+
+def check_image(raw: bytes, limits: LimitsConfig) -> tuple[int, int]:
+    """Size checks from the header (before any pixel is decoded), then a full decode; returns (w, h)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data.images import ImageError, decode_image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:
+        raise RequestError(413, "image has too many pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise RequestError(422, f"image cannot be decoded: {exc}") from None
+    if width < 1 or height < 1:
+        raise RequestError(422, "image has no pixels")
+    if width * height > limits.max_image_pixels:
+        raise RequestError(413, f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+                                f"{limits.max_image_pixels}")
+    if max(width, height) / min(width, height) > limits.max_image_aspect_ratio:
+        raise RequestError(422, f"image aspect ratio {width}x{height} exceeds {limits.max_image_aspect_ratio:g}")
+    try:
+        decode_image(raw)
+    except ImageError as exc:
+        raise RequestError(422, f"image cannot be decoded: {exc}") from None
+    return width, height
+
+
+def to_item(q: QueryIn, limits: LimitsConfig, what: str = "query") -> Item:
+    """A validated :class:`Item` from a request item (raises :class:`RequestError`)."""
+    text = q.text or ""
+    instruction = q.instruction or ""
+    for name, value in (("text", text), ("instruction", instruction)):
+        if len(value) > limits.max_text_chars:
+            raise RequestError(413, f"{what} {name} is {len(value)} characters, more than the limit of "
+                                    f"{limits.max_text_chars}")
+    image = None
+    if q.image is not None and q.image.strip():
+        image = decode_base64_image(q.image, limits)
+        check_image(image, limits)
+    if not text.strip() and image is None:
+        raise RequestError(422, f"{what} is empty: give a text and/or an image")
+    return Item(text=text, instruction=instruction, image=image)
+
+
+def check_search(req: SearchRequest, limits: LimitsConfig, can_rerank: bool) -> int:
+    """Range checks of a search request; returns how many candidates to rerank (0: none)."""
+    if not 1 <= req.top_k <= limits.max_top_k:
+        raise RequestError(422, f"top_k must be between 1 and {limits.max_top_k}, got {req.top_k}")
+    if not req.rerank:
+        return 0
+    if not can_rerank:
+        raise RequestError(422, "reranking is not available: this server was started without a reranker")
+    n = req.rerank_top_k if req.rerank_top_k is not None else req.top_k
+    if not 1 <= n <= limits.max_rerank_top_k:
+        raise RequestError(422, f"rerank_top_k must be between 1 and {limits.max_rerank_top_k}, got {n}")
+    return n
+
+
+def rerank_order(n_head: int, scores: list[float | None]) -> list[int]:
+    """New order of the first ``n_head`` hits: by reranker score descending (ties and unscored hits keep
+    embedder order, unscored last); the remaining hits follow in embedder order."""
+    head = sorted(range(n_head), key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
+    return head
+
+
+# ------------------------------------------------------------------------------------------ middleware
+class GuardMiddleware:
+    """Pure-ASGI guard in front of the app: API key (before the body is read) and body size limit."""
+
+    def __init__(self, app, max_body_bytes: int, key_digest: str | None):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.key_digest = key_digest
+
+    @staticmethod
+    async def _reply(send, status: int, detail: str, extra_headers: list | None = None) -> None:
+        import json
+
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        root = scope.get("root_path", "") or ""
+        rel = path[len(root):] if root and path.startswith(root) else path
+        if self.key_digest and (rel or "/") not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not check_api_key(token.strip(), self.key_digest):
+                return await self._reply(send, 401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                         [(b"www-authenticate", b"Bearer")])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await self._reply(send, 400, "invalid Content-Length header")
+            if n > self.max_body_bytes:
+                return await self._reply(send, 413, f"request body is {n} bytes, more than the limit of "
+                                                    f"{self.max_body_bytes}")
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    from fastapi import HTTPException
+
+                    raise HTTPException(413, f"request body is more than the limit of {limit} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+# ------------------------------------------------------------------------------------------ the app
+def _loc(loc) -> str:
+    return ".".join(str(p) for p in loc if p != "body") or "body"
+
+
+async def _guarded(fn: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        return await fn()
+    except RequestError as exc:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+    except Exception as exc:  # never let a request take the replica down
+        from ray.exceptions import RayActorError
+
+        try:
+            from ray.serve.exceptions import BackPressureError
+        except ImportError:  # pragma: no cover
+            BackPressureError = RayActorError  # noqa: N806
+        if isinstance(exc, (RayActorError, BackPressureError)):
+            logger.warning("backend unavailable: %s", exc)
+            return JSONResponse({"detail": f"a backend deployment is unavailable: {type(exc).__name__}"},
+                                status_code=503)
+        logger.exception("internal error")   # details go to the replica log, not to the client
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
+                            status_code=500)
+
+
+async def _to_item(q: QueryIn, limits: LimitsConfig, what: str = "query") -> Item:
+    """:func:`to_item`, decoding images off the event loop (a large image must not stall other requests)."""
+    if q.image:
+        import asyncio
+
+        return await asyncio.to_thread(to_item, q, limits, what)
+    return to_item(q, limits, what)
+
+
+def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI:
+    """The FastAPI app around ``backend`` (see the module docstring)."""
+    api = FastAPI(
+        title="UniME-V2 retrieval API",
+        version=API_VERSION,
+        description="Universal multimodal embeddings (UniME-V2): embed text/image items, search a candidate "
+                    "index, and rerank the top candidates with a pairwise MLLM reranker. Send "
+                    "`Authorization: Bearer <key>` when the server has an API key; `/healthz` is open.",
+    )
+    api.add_middleware(GuardMiddleware, max_body_bytes=limits.max_body_bytes, key_digest=key_digest)
+    bearer = HTTPBearer(auto_error=False, description="the server's API key, when one is configured")
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        if any(e["type"] == "json_invalid" for e in errors):
+            return JSONResponse({"detail": "request body is not valid JSON", "errors": errors}, status_code=400)
+        msg = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
+        return JSONResponse({"detail": f"invalid request: {msg}", "errors": errors}, status_code=422)
+
+    errors_doc = {401: {"description": "missing or invalid API key"},
+                  413: {"description": "body or image over a limit"},
+                  422: {"description": "invalid request (message in `detail`)"}}
+
+    @api.get("/healthz", response_model=Health, summary="liveness")
+    async def healthz():
+        return await _guarded(backend.health)
+
+    @api.get("/v1/info", response_model=InfoResponse, summary="models, index size and limits",
+             dependencies=[Depends(bearer)], responses={401: errors_doc[401]})
+    async def info():
+        return await _guarded(backend.info)
+
+    @api.post("/v1/search", response_model=SearchResponse, summary="search the candidate index",
+              dependencies=[Depends(bearer)], responses=errors_doc)
+    async def search(req: SearchRequest):
+        async def run():
+            n_rerank = check_search(req, limits, backend.can_rerank)
+            item = await _to_item(req.query, limits)
+            return await backend.search(item, req.top_k, n_rerank, req.include_image)
+        return await _guarded(run)
+
+    @api.post("/v1/embed", response_model=EmbedResponse, summary="embed items",
+              dependencies=[Depends(bearer)], responses=errors_doc)
+    async def embed(req: EmbedRequest):
+        async def run():
+            if len(req.items) > limits.max_embed_items:
+                raise RequestError(413, f"{len(req.items)} items, more than the limit of {limits.max_embed_items}")
+            items = [await _to_item(q, limits, what=f"items[{i}]") for i, q in enumerate(req.items)]
+            return await backend.embed_items(items)
+        return await _guarded(run)
+
+    return api

@@ -1,0 +1,231 @@
+"""Typed settings of the serving application (the run config's ``serve:`` section).
+
+Imports only pydantic and the standard library, so the run config can embed :class:`ServeConfig` without
+pulling in Ray or torch. Every deployment's replicas, resources and autoscaling come from here; unknown
+keys are errors (``extra="forbid"``).
+
+Example (YAML)::
+
+    serve:
+      host: 127.0.0.1          # loopback by default; expose deliberately, and with an API key
+      port: 8000
+      api_key_env: UNIME_API_KEY
+      limits: {max_body_bytes: 16777216, max_top_k: 100}
+      embedder: {num_cpus: 1, max_batch_size: 16, batch_wait_timeout_s: 0.005}
+      reranker: {num_gpus: 1, autoscaling: {min_replicas: 1, max_replicas: 4}}
+      index: {partitions: auto, max_vectors_per_partition: 2000000}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoscalingSettings(_Strict):
+    """A subset of Ray Serve's ``autoscaling_config`` (names and meanings as in Ray)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class DeploymentSettings(_Strict):
+    """Replicas and resources of one deployment. ``autoscaling`` set: ``num_replicas`` is ignored."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    autoscaling: AutoscalingSettings | None = None
+    # Requests one replica works on at once; None: a default suited to the deployment (see each class).
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    # Requests queued by callers before they get "back-pressure" errors; -1: unbounded (Ray's default).
+    max_queued_requests: int = Field(default=-1, ge=-1)
+
+    def default_max_ongoing(self) -> int:
+        return 100
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options(...)``."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests or self.default_max_ongoing(),
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class IngressSettings(DeploymentSettings):
+    """The FastAPI ingress: async, I/O bound (awaits the other deployments)."""
+
+    num_cpus: float = Field(default=0.25, ge=0)
+    max_ongoing_requests: int | None = Field(default=256, ge=1)
+
+
+class _ModelSettings(DeploymentSettings):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str | None = None              # None: cuda when the replica sees a GPU, else cpu
+    torch_threads: int | None = Field(default=None, ge=1)   # None: Ray's OMP_NUM_THREADS for the replica
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+
+    def default_max_ongoing(self) -> int:
+        # A replica must hold at least a full batch of requests, or batches never fill.
+        return max(2 * self.max_batch_size, 8)
+
+
+class EmbedderSettings(_ModelSettings):
+    """The query embedder (batched with ``@serve.batch``: one forward per batch of queries).
+
+    The image/format options default to what the index was built with (recorded in its ``index.json``):
+    queries must be embedded the way the candidates were.
+    """
+
+    input_format: Literal["official", "chat"] | None = None
+    positions: Literal["auto", "mrope", "sequential"] | None = None
+    image_resize: tuple[int, int] | None = None
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+    processor_backend: Literal["auto", "hf", "manual"] = "auto"
+
+
+class RerankerSettings(_ModelSettings):
+    """The pairwise reranker; ``max_batch_size`` counts search requests, ``pair_batch_size`` pairs per forward."""
+
+    max_batch_size: int = Field(default=4, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    pair_batch_size: int = Field(default=32, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+    # auto: unime_ray.rerank.Reranker when installed, else the judge's TransformersJudge (same prompt)
+    implementation: Literal["auto", "rerank", "judge"] = "auto"
+
+
+class IndexSettings(DeploymentSettings):
+    """The candidate index. Large indexes are split into ``partitions`` deployments (each a slice of the
+    saved FAISS shards, searched in parallel and merged exactly); ``auto`` makes one partition per
+    ``max_vectors_per_partition`` vectors, at most one per saved shard."""
+
+    num_cpus: float = Field(default=0.5, ge=0)
+    partitions: int | Literal["auto"] = "auto"
+    max_vectors_per_partition: int = Field(default=5_000_000, ge=1)
+    use_gpu: bool | None = False           # faiss on GPU (faiss-gpu and num_gpus > 0); None: when available
+    nprobe: int | None = Field(default=None, ge=1)   # IVF only; None: as saved
+    faiss_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _partitions(self):
+        if isinstance(self.partitions, int) and self.partitions < 1:
+            raise ValueError("partitions must be >= 1 or 'auto'")
+        return self
+
+    def resolve_partitions(self, ntotal: int, num_shards: int) -> int:
+        want = (math.ceil(max(ntotal, 1) / self.max_vectors_per_partition) if self.partitions == "auto"
+                else self.partitions)
+        return max(1, min(want, num_shards))
+
+
+class LimitsConfig(_Strict):
+    """Request limits: over a size limit -> 413; otherwise invalid -> 422 (always with a message)."""
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)   # width * height of a decoded image
+    max_image_aspect_ratio: float = Field(default=200.0, ge=1)  # Qwen-VL's processors refuse more than 200
+    max_text_chars: int = Field(default=8192, ge=1)             # per text / instruction
+    max_top_k: int = Field(default=100, ge=1)
+    max_rerank_top_k: int = Field(default=50, ge=1)
+    max_embed_items: int = Field(default=64, ge=1)
+    request_timeout_s: float | None = Field(default=120.0, gt=0)   # the HTTP proxy's end-to-end timeout
+
+
+class ServeConfig(_Strict):
+    """The whole serving application: HTTP binding, API key, limits, and one block per deployment."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    app_name: str = "unime"
+    route_prefix: str = "/"
+    # Authorization: Bearer <key>, the key read from this environment variable or file (never stored here).
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    # Images of candidates stored by path are read from here (None: the root recorded when the index was built).
+    image_root: str | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    reranker: RerankerSettings = Field(default_factory=RerankerSettings)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        if self.api_key_env is not None and not self.api_key_env.strip():
+            raise ValueError("api_key_env must be a variable name")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key_env or self.api_key_file)
+
+
+class ApiKeyError(RuntimeError):
+    """An API key was configured but cannot be read: the server refuses to start without it."""
+
+
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The configured API key (env var first, then file), None when auth is off; fails closed."""
+    if not cfg.auth_enabled:
+        return None
+    if cfg.api_key_env:
+        value = os.environ.get(cfg.api_key_env, "").strip()
+        if value:
+            return value
+        if not cfg.api_key_file:
+            raise ApiKeyError(f"api_key_env is {cfg.api_key_env!r} but that environment variable is unset or empty")
+    path = Path(os.path.expanduser(cfg.api_key_file or ""))
+    if not path.is_file():
+        raise ApiKeyError(f"api_key_file {str(path)!r} does not exist")
+    value = path.read_text(encoding="utf-8").strip()
+    if not value:
+        raise ApiKeyError(f"api_key_file {str(path)!r} is empty")
+    return value
+
+
+def api_key_digest(key: str) -> str:
+    """What the ingress keeps: the SHA-256 of the key (the key itself never enters the Serve config)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def check_api_key(presented: str | None, digest: str) -> bool:
+    """Constant-time comparison of a presented key against the stored digest."""
+    given = api_key_digest(presented or "")
+    return hmac.compare_digest(given.encode("ascii"), digest.encode("ascii")) and bool(presented)

@@ -1,0 +1,245 @@
+"""The serving index: what ``unime-ray index`` writes and the serving application loads.
+
+Layout of an index folder::
+
+    index.json          manifest: format, embedder (and how it reads items), dim, count, FAISS layout
+    faiss/              ShardedIndex.save: shard-NNN.faiss + its own index.json (offsets, spec)
+    metadata.parquet    one row per vector, in vector order: id, task, instruction, text, image_path, image
+    embeddings/         the candidate embeddings (id, embedding), one shard per candidate shard
+
+The embeddings are computed with the same code as the retrieval stage (``embed_table_local`` or, on a
+cluster, ``embed_table_ray``) and are resumable: a killed build rerun keeps the shards already embedded.
+Row ``i`` of ``metadata.parquet`` is vector ``i`` of the index (checked at build time).
+
+A large index is served as several *partitions*: each loads a contiguous slice of the saved FAISS shards
+and answers with global positions, and the ingress merges their top-k exactly (``merge_topk``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..data.io import iter_batches
+from ..retrieval.embed import EmbedderSpec, embed_table_local, embed_table_ray, read_embeddings
+from ..retrieval.index import IndexSpec, ShardedIndex
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "unime-serving-index/1"
+MANIFEST = "index.json"
+FAISS_DIR = "faiss"
+METADATA = "metadata.parquet"
+EMBEDDINGS_DIR = "embeddings"
+EMBEDDINGS_SPEC = "embeddings.spec.json"
+METADATA_COLUMNS = ("id", "task", "instruction", "text", "image_path", "image")
+METADATA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("task", pa.string()),
+                             pa.field("instruction", pa.string()), pa.field("text", pa.string()),
+                             pa.field("image_path", pa.string()), pa.field("image", pa.binary())])
+
+
+class IndexFormatError(ValueError):
+    """A folder that is not a serving index, or whose parts disagree."""
+
+
+def _embedder_record(spec: EmbedderSpec) -> dict[str, Any]:
+    d = asdict(spec)
+    d.pop("device", None)
+    d["image_resize"] = list(spec.image_resize) if spec.image_resize else None
+    return d
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _write_metadata(candidates: str | os.PathLike, out: Path, store_images: bool) -> list[str]:
+    """Stream the candidate table into metadata.parquet; returns the ids in row order."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    ids: list[str] = []
+    with pq.ParquetWriter(tmp, METADATA_SCHEMA) as writer:
+        for batch in iter_batches(candidates, batch_size=1024):
+            cols = batch.to_pydict()
+            n = len(cols["id"])
+
+            def col(name, _cols=cols, _n=n):
+                return _cols.get(name) if _cols.get(name) is not None else [None] * _n
+
+            images = col("image") if store_images else [None] * n
+            ids.extend(str(i) for i in cols["id"])
+            writer.write_table(pa.table({
+                "id": [str(i) for i in cols["id"]], "task": col("task"), "instruction": col("instruction"),
+                "text": col("text"), "image_path": col("image_path"), "image": images}, schema=METADATA_SCHEMA))
+    os.replace(tmp, out)
+    return ids
+
+
+def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, embedder: EmbedderSpec | str, *,
+                        kind: str = "flat", num_shards: int = 1, nlist: int | None = None, nprobe: int = 16,
+                        batch_size: int = 16, use_ray: bool = False, min_actors: int = 1, max_actors: int = 2,
+                        num_gpus_per_actor: float = 0.0, store_images: bool = True, overwrite: bool = False,
+                        built_embedder=None) -> dict[str, Any]:
+    """Embed a candidate table (``CANDIDATE_SCHEMA``) and write a serving index to ``out``; returns the manifest.
+
+    ``embedder``: an :class:`EmbedderSpec` (or a model name/folder); ``built_embedder``: an already loaded
+    :class:`~unime_ray.models.Embedder` for that spec (saves a reload in one-process use).
+    ``use_ray``: embed on the Ray cluster (must be initialised) instead of this process.
+    ``store_images``: keep inline candidate image bytes in the metadata (needed to rerank image candidates
+    stored inline, and to return images); images given by path are read from ``spec.image_root``.
+    """
+    t0 = time.perf_counter()
+    spec = embedder if isinstance(embedder, EmbedderSpec) else EmbedderSpec(model=str(embedder))
+    if spec.image_root:
+        spec = EmbedderSpec(**{**asdict(spec), "image_root": str(Path(spec.image_root).resolve())})
+    index_spec = IndexSpec(kind=kind, num_shards=num_shards, nlist=nlist, nprobe=nprobe, use_gpu=False)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    emb_dir = out / EMBEDDINGS_DIR
+    record = {"embedder": _embedder_record(spec), "candidates": str(Path(candidates).resolve())}
+    spec_path = out / EMBEDDINGS_SPEC
+    if spec_path.is_file() and json.loads(spec_path.read_text()) != record:
+        if not overwrite:
+            raise IndexFormatError(f"{out} holds embeddings of another embedder or candidate table "
+                                   f"({spec_path}); pass overwrite=True (--overwrite) to rebuild it")
+        logger.info("overwriting the embeddings in %s", emb_dir)
+        shutil.rmtree(emb_dir, ignore_errors=True)
+    elif overwrite:
+        shutil.rmtree(emb_dir, ignore_errors=True)
+    _write_json_atomic(spec_path, record)
+
+    if use_ray:
+        stats = embed_table_ray(spec, candidates, emb_dir, prefix="", batch_size=batch_size, min_actors=min_actors,
+                                max_actors=max_actors, num_gpus=num_gpus_per_actor)
+    else:
+        stats = embed_table_local(built_embedder if built_embedder is not None else spec, candidates, emb_dir,
+                                  prefix="", batch_size=batch_size)
+    ids, vectors = read_embeddings(emb_dir)
+    if len(ids) == 0:
+        raise IndexFormatError(f"candidate table {candidates} has no rows")
+    meta_ids = _write_metadata(candidates, out / METADATA, store_images)
+    if meta_ids != ids:
+        raise IndexFormatError("the embeddings and the candidate table disagree on ids/order; rebuild with "
+                               "--overwrite (was the candidate table changed after embedding?)")
+    seen: set[str] = set()
+    dups = [i for i in ids if i in seen or seen.add(i)]
+    if dups:
+        raise IndexFormatError(f"candidate ids must be unique; {len(dups)} repeated, e.g. {dups[:5]}")
+
+    index = ShardedIndex.build(vectors, index_spec)
+    index.save(out / FAISS_DIR)
+    manifest = {
+        "format": FORMAT,
+        "embedder": record["embedder"],
+        "dim": int(vectors.shape[1]),
+        "count": int(len(ids)),
+        "index": {"kind": kind, "num_shards": len(index.shards), "nlist": nlist, "nprobe": nprobe},
+        "image_root": spec.image_root,
+        "candidates": record["candidates"],
+        "stores_images": bool(store_images),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build": {**stats, "seconds_total": round(time.perf_counter() - t0, 3)},
+    }
+    _write_json_atomic(out / MANIFEST, manifest)
+    logger.info("serving index %s: %d vectors of dim %d, %s x%d", out, manifest["count"], manifest["dim"], kind,
+                len(index.shards))
+    return manifest
+
+
+def load_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise IndexFormatError(f"{folder} is not a serving index (no {MANIFEST}); build one with `unime-ray index`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for part in (FAISS_DIR, METADATA):
+        if not (folder / part).exists():
+            raise IndexFormatError(f"{folder} is incomplete: {part} is missing")
+    return manifest
+
+
+def embedder_spec_from_manifest(manifest: dict[str, Any], model: str | None = None, **overrides) -> EmbedderSpec:
+    """The spec the candidates were embedded with; ``model``/``overrides`` replace fields (None: keep)."""
+    d = dict(manifest["embedder"])
+    if model is not None:
+        d["model"] = str(model)
+    for k, v in overrides.items():
+        if v is not None:
+            d[k] = v
+    if d.get("image_resize"):
+        d["image_resize"] = tuple(d["image_resize"])
+    fields = set(EmbedderSpec.__dataclass_fields__)
+    return EmbedderSpec(**{k: v for k, v in d.items() if k in fields})
+
+
+def partition_shards(num_shards: int, parts: int) -> list[list[int]]:
+    """Contiguous, balanced groups of shard numbers, one per partition."""
+    bounds = np.linspace(0, num_shards, parts + 1).astype(int)
+    return [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def load_partition(folder: str | os.PathLike, part: int = 0, parts: int = 1, use_gpu: bool | None = False,
+                   nprobe: int | None = None) -> ShardedIndex:
+    """Partition ``part`` of ``parts`` of a saved index: its shards, searched with global positions."""
+    import faiss
+
+    fdir = Path(folder) / FAISS_DIR
+    meta = json.loads((fdir / "index.json").read_text())
+    spec_d = {**meta["spec"], "use_gpu": use_gpu}
+    if nprobe is not None:
+        spec_d["nprobe"] = nprobe
+    spec = IndexSpec(**spec_d)
+    offsets = meta["offsets"]
+    groups = partition_shards(len(offsets), parts)
+    if not 0 <= part < len(groups):
+        raise ValueError(f"partition {part} out of range for {parts} partitions")
+    index = ShardedIndex(spec, meta["dim"])
+    bounds = list(offsets) + [meta["ntotal"]]
+    for j in groups[part]:
+        shard = faiss.read_index(str(fdir / f"shard-{j:03d}.faiss"))
+        if hasattr(shard, "nprobe"):
+            shard.nprobe = spec.nprobe
+        index.shards.append(index._to_device(shard))
+        index.offsets.append(int(offsets[j]))
+    index.ntotal = sum(bounds[j + 1] - bounds[j] for j in groups[part])
+    return index
+
+
+class MetadataStore:
+    """Row lookup by vector position in ``metadata.parquet`` (memory-mapped: replicas share the pages)."""
+
+    def __init__(self, folder: str | os.PathLike, image_root: str | os.PathLike | None = None):
+        self.table = pq.read_table(Path(folder) / METADATA, memory_map=True)
+        self.image_root = image_root
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, positions: list[int], with_image: bool = False) -> list[dict[str, Any]]:
+        """Rows at ``positions`` (in order); ``image`` is the encoded bytes (inline, or read from its path)
+        when ``with_image``, else None; a path image that cannot be read gives ``image_error``."""
+        from ..data.images import ImageError, read_image_bytes
+
+        cols = [c for c in METADATA_COLUMNS if with_image or c != "image"]
+        rows = self.table.select(cols).take(pa.array(positions, type=pa.int64())).to_pylist()
+        for r in rows:
+            r.setdefault("image", None)
+            if with_image and not r["image"] and r.get("image_path"):
+                try:
+                    r["image"] = read_image_bytes(r["image_path"], self.image_root)
+                except ImageError as exc:
+                    r["image_error"] = str(exc)
+        return rows
