@@ -37,3 +37,16 @@ def test_split_and_merge_keep_shard_names_and_rows(tmp_path):
     merged = merge_score_tables(list(split.values()), tmp_path / "merged")
     assert sorted(read_table(merged).column("query_id").to_pylist()) == sorted(r["query_id"] for r in rows)
     assert pq.read_table(tmp_path / "merged" / "part-00001.parquet").num_rows == 5
+
+
+def test_positive_auc_counts_wins_and_half_ties(tmp_path):
+    from unime_ray.judge.crossfit import positive_auc
+
+    rows = [("q1", True, 0.9, None), ("q1", False, 0.5, None), ("q1", False, 0.9, None), ("q1", False, 0.95, None),
+            ("q2", True, 0.2, None), ("q2", False, 0.1, None), ("q2", False, 0.7, "bad image"),
+            ("q3", True, None, "unreadable"), ("q3", False, 0.1, None)]
+    t = pa.table({"query_id": [r[0] for r in rows], "is_positive": [r[1] for r in rows],
+                  "score": [r[2] for r in rows], "error": [r[3] for r in rows]})
+    write_table_atomic(t, tmp_path / "scores" / "part-00000.parquet")
+    # q1: win, tie, loss; q2: win (the errored candidate is skipped); q3: no usable positive
+    assert positive_auc(tmp_path / "scores") == (1 + 0.5 + 0 + 1) / 4

@@ -72,3 +72,17 @@ def test_infonce_matches_numpy():
     no_neg = infonce(torch.tensor(q), torch.tensor(pos), None, 0.05)
     ref2 = float(np.mean(-np.log(np_softmax(q @ pos.T / 0.05)[np.arange(4), np.arange(4)])))
     assert float(no_neg) == pytest.approx(ref2, rel=1e-4)
+
+
+def test_infonce_on_another_ranks_slice_uses_its_own_positives():
+    """Rank r's queries are rows r*N.. of the gathered positives: its loss equals those rows of the
+    full-batch loss (a target of arange(N) would point rank 1 at rank 0's positives)."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((6, 8))
+    pos = rng.standard_normal((6, 8))
+    p = np_softmax(q @ pos.T / 0.05)
+    full_rows = -np.log(p[np.arange(6), np.arange(6)])
+    rank1 = infonce(torch.tensor(q[3:]), torch.tensor(pos), None, 0.05, positive_offset=3)
+    assert float(rank1) == pytest.approx(float(full_rows[3:].mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="exceeds"):
+        infonce(torch.tensor(q[3:]), torch.tensor(pos), None, 0.05, positive_offset=4)

@@ -605,6 +605,7 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
         assert manifest["stages"][stage]["status"] == "complete", stage
     table = manifest["stages"]["mine"]["outputs"]["training_table"]
     rows = read_table(table).to_pylist()
-    assert len(rows) == manifest["stages"]["mine"]["outputs"]["queries"] > 0
-    assert any(len(r["neg_id"] or []) == cfg.mine.num_negatives for r in rows)
+    mined = manifest["stages"]["mine"]["outputs"]
+    assert len(rows) == mined["mined"] > 0 and mined["mined"] + mined["quarantined"] == mined["queries"]
+    assert all(len(r["neg_id"] or []) == cfg.mine.num_negatives for r in rows)
     assert (run_dir / "report.md").is_file()

@@ -323,7 +323,7 @@ def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
 
 
 def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
-    from .judge.crossfit import merge_score_tables, query_folds, scoring_judge, split_candidates
+    from .judge.crossfit import merge_score_tables, positive_auc, query_folds, scoring_judge, split_candidates
     from .judge.stage import run_judge
 
     retrieved = manifest.outputs("retrieve")
@@ -340,7 +340,7 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                         _judge_spec(cfg, image_root), **kw)
         logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
                     out["pairs_per_s"])
-        return out
+        return {**out, "positive_auc": positive_auc(out["scores_table"])}
     k = fitted["num_folds"]
     root = _stage_dir(cfg, "judge")
     assignment = query_folds(pairs, k, seed=cfg.seed)
@@ -364,7 +364,7 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
             "seconds": round(sum(o["seconds"] for o in per_fold.values()), 2),
             "pairs_per_s": total("scored") / max(1e-9, sum(o["seconds"] for o in per_fold.values())),
             "judge": "cross-fitted stand-in judges", "mean_score_positive": mean("mean_score_positive"),
-            "mean_score_candidates": mean("mean_score_candidates")}
+            "mean_score_candidates": mean("mean_score_candidates"), "positive_auc": positive_auc(scores)}
 
 
 def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -462,10 +462,10 @@ def eval_models(cfg: RunConfig, manifest: Manifest) -> list[dict[str, Any]]:
     models: list[dict[str, Any]] = []
     base = manifest.stage("baseline").get("outputs") or {}
     if base.get("enabled"):
-        models.append({"label": "baseline", "variant": "baseline (in-batch InfoNCE)", "seed": cfg.seed,
+        models.append({"label": "baseline", "variant": "baseline", "seed": cfg.seed,
                        "model": base["model"], "rerank": True})
     else:
-        models.append({"label": "initial-embedder", "variant": "initial embedder", "seed": None,
+        models.append({"label": "initial-embedder", "variant": "initial-embedder", "seed": None,
                        "model": cfg.model_ref(cfg.models.embedder), "rerank": False})
     variants = (manifest.stage("ablations").get("outputs") or {}).get("variants")
     if not variants and manifest.stage("train").get("status") == "complete":
@@ -495,6 +495,9 @@ def stage_eval(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     if ev.rerank.enabled and not reranker_ref:
         trained = manifest.stage("rerank").get("outputs") or {}
         reranker_ref = trained.get("model")
+        if not reranker_ref:
+            raise ValueError("eval.rerank.enabled, but eval.rerank.model is not set and this run trained no "
+                             "reranker (reranker.enabled: false)")
     reranker = None
     if ev.rerank.enabled and reranker_ref:
         reranker = load_reranker(reranker_ref, image_root=image_root, dtype=ev.rerank.dtype,

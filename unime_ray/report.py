@@ -57,8 +57,9 @@ def _plot_accounting(rows: list[list[Any]], path: Path) -> Path | None:
     return path
 
 
-VARIANT_ORDER = {"baseline": 0, "infonce-inbatch": 1, "hard-labels": 2, "unime-v2": 3}
+VARIANT_ORDER = {"initial-embedder": 0, "baseline": 1, "infonce-inbatch": 2, "hard-labels": 3, "unime-v2": 4}
 VARIANT_TEXT = {
+    "initial-embedder": "the initial embedder (models.embedder), untrained here",
     "baseline": "retriever: in-batch InfoNCE from the initial model (VLM2Vec's role)",
     "infonce-inbatch": "ablation: no mined negatives, no soft scores (in-batch InfoNCE)",
     "hard-labels": "ablation: mined negatives, hard labels",
@@ -198,11 +199,17 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
     jud = stages.get("judge", {}).get("outputs", {})
     if jud.get("pairs") is not None:
         parts.append("\n## MLLM-as-a-Judge\n")
-        parts.append(f"Judge: `{jud['judge']}` ({jud['backend']}, prompt {jud['prompt_version']})\n")
+        parts.append(f"Judge: `{jud['judge']}` ({jud.get('backend', 'transformers')}, prompt "
+                     f"{jud.get('prompt_version', 'pairwise-v1')})\n")
         parts.append(markdown_table(
-            ["pairs", "scored", "quarantined", "pairs/s", "mean score (positives)", "mean score (candidates)"],
+            ["pairs", "scored", "quarantined", "pairs/s", "mean score (positives)", "mean score (candidates)",
+             "P(positive outscores a candidate)"],
             [[jud["pairs"], jud["scored"], jud["quarantined"], jud["pairs_per_s"], jud["mean_score_positive"],
-              jud["mean_score_candidates"]]]))
+              jud["mean_score_candidates"], jud.get("positive_auc")]]))
+        if jud.get("positive_auc") is not None and jud["positive_auc"] < 0.6:
+            parts.append("\nThe judge barely separates positives from retrieved candidates (0.5 = chance): its soft "
+                         "scores carry little information, so UniME-V2's score alignment has little to learn from "
+                         "in this run.\n")
     mine = stages.get("mine", {}).get("outputs", {})
     if mine.get("queries") is not None:
         parts.append("\n## Hard-negative mining\n")

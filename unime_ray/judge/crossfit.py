@@ -97,3 +97,21 @@ def merge_score_tables(fold_dirs: list[str | os.PathLike], out_dir: str | os.Pat
         parts = [pq.read_table(Path(d) / name) for d in fold_dirs if (Path(d) / name).is_file()]
         write_table_atomic(pa.concat_tables(parts), out_dir / name)
     return str(out_dir)
+
+
+def positive_auc(scores_table: str | os.PathLike) -> float | None:
+    """How well the judge separates each query's positive from its candidates: the probability that the
+    positive outscores a candidate of the same query (ties count half). 0.5 = no better than chance. A
+    quick check that a stand-in (or any) judge carries signal before its scores train anything."""
+    from ..data.io import read_table
+
+    t = read_table(scores_table, ["query_id", "is_positive", "score", "error"]).to_pylist()
+    pos = {r["query_id"]: r["score"] for r in t if r["is_positive"] and r["error"] is None}
+    wins = total = 0.0
+    for r in t:
+        if r["is_positive"] or r["error"] is not None or r["query_id"] not in pos:
+            continue
+        d = pos[r["query_id"]] - r["score"]
+        wins += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+        total += 1
+    return wins / total if total else None

@@ -57,8 +57,8 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
         loss = hard_label_loss(sim, temperature)
     else:
         positives = c[:, 0]
-        all_pos = gather_positives(positives) if gather_positives else positives
-        loss = infonce(q, all_pos, c[:, 1:], temperature)
+        all_pos, offset = gather_positives(positives) if gather_positives else (positives, 0)
+        loss = infonce(q, all_pos, c[:, 1:], temperature, positive_offset=offset)
     with torch.no_grad():
         info = {"positive_top1": (sim.argmax(1) == 0).float().mean().item()}
         if width > 1:  # with in-batch negatives only there is nothing to agree on
@@ -68,16 +68,17 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
     return loss, info
 
 
-def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows; the local slice keeps its gradient (open_clip's gather pattern)."""
+def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(all ranks' rows, where this rank's rows start); the local slice keeps its gradient (open_clip's
+    gather pattern). Every rank must pass the same number of rows (micro-batches drop their last partial)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
+        return t, 0
     parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.detach().contiguous())
     parts[dist.get_rank()] = t
-    return torch.cat(parts)
+    return torch.cat(parts), dist.get_rank() * len(t)
 
 
 class EmbedderTask:

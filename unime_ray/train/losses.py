@@ -41,17 +41,21 @@ def hard_label_loss(similarity: torch.Tensor, temperature: float = 0.02) -> torc
 
 
 def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor | None = None,
-            temperature: float = 0.02) -> torch.Tensor:
+            temperature: float = 0.02, positive_offset: int = 0) -> torch.Tensor:
     """VLM2Vec-style InfoNCE: each query against every positive of the batch (in-batch negatives) plus,
     optionally, its own mined negatives ([N, k, d]). Under data parallelism pass the gathered positives.
 
-    ``query`` [N, d] and ``positives`` [M, d] with M >= N and query i's positive at row i.
+    ``query`` [N, d] and ``positives`` [M, d] with M >= N; query i's positive is at row
+    ``positive_offset + i`` (under data parallelism: this rank's index times N, where its slice of the
+    gathered positives starts).
     """
     q = query.float()
     logits = q @ positives.float().T
     if hard_negatives is not None and hard_negatives.numel():
         logits = torch.cat([logits, torch.einsum("nd,nkd->nk", q, hard_negatives.float())], dim=1)
-    target = torch.arange(len(q), device=q.device)
+    target = torch.arange(len(q), device=q.device) + positive_offset
+    if positive_offset < 0 or positive_offset + len(q) > len(positives):
+        raise ValueError(f"positive_offset {positive_offset} + {len(q)} queries exceeds {len(positives)} positives")
     return F.cross_entropy(logits / temperature, target)
 
 
