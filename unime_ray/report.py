@@ -151,6 +151,17 @@ def _comparison_section(stages: dict[str, Any], run_dir: Path) -> list[str]:
     plot = _plot_comparison(overall, chance_mean, run_dir / "report_comparison.png")
     if plot:
         parts.append(f"\n![comparison]({plot.name})\n")
+    reranked = [(label, m["rerank"]) for label, m in models.items() if m.get("rerank")]
+    if reranked:
+        parts.append("Reranking can only help where the ground truth is in the embedder's top-K; with a chance-level "
+                     "reranker the reranked P@1 tends to (GT in top-K) / K. Per reranked model (GT in top-K % -> P@1 "
+                     "before -> after):\n")
+        for label, rr in reranked:
+            before = models[label]["per_dataset"]
+            parts.append(f"- {label}: " + "; ".join(
+                f"{d} {rr['gt_in_top_k'].get(d, 0):.1f} -> {before.get(d, 0):.2f} -> {v:.2f}"
+                for d, v in rr["per_dataset"].items()) + f" (fallbacks {rr.get('fallbacks', 0)})")
+        parts.append("")
     seeds = {k: v for k, v in overall.items() if len(v) > 1}
     if seeds:
         parts.append("Seed spread (max - min of the mean P@1): " + ", ".join(
@@ -238,8 +249,8 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
                      f"{fit['num_folds']}-fold cross-fitting: each fold's queries were scored by the judge fitted on "
                      "another fold, so no judge scored pairs it was trained on. Its scores stand in for a "
                      "Qwen2.5-VL-7B judge's; numbers below are not the paper's judge.\n")
-        parts.append(markdown_table(["fold", "training queries", "steps", "final loss", "P(answer) Yes|pos",
-                                     "P(answer) No|neg"],
+        parts.append(markdown_table(["fold", "training queries", "steps", "final loss", "answer prob. (Yes, positive)",
+                                     "answer prob. (No, negative)"],
                                     [[k, v["queries"], v["steps"], v["final"].get("loss"),
                                       v["final"].get("answer_p_pair_pos"), v["final"].get("answer_p_pair_neg")]
                                      for k, v in fit["folds"].items()]))
