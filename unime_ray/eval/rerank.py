@@ -21,23 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..data.schema import Item
+from ..rerank.inference import move_choice_first as apply_listwise_choice  # the one reorder rule
 from ..utils.logs import Progress
 
 logger = logging.getLogger(__name__)
-
-
-def apply_listwise_choice(order: Sequence[int], index: Any) -> tuple[list[int], bool]:
-    """(new order, fell back?): the chosen entry of ``order`` moves to the front, the rest keep their order.
-
-    ``index`` is the reranker's 0-based choice into ``order``; None, a non-integer or an index outside
-    the list is a fallback (the order is returned unchanged).
-    """
-    order = [int(i) for i in order]
-    valid = isinstance(index, (int, np.integer)) and not isinstance(index, bool) and 0 <= int(index) < len(order)
-    if not valid:
-        return order, True
-    chosen = order[int(index)]
-    return [chosen] + [i for i in order if i != chosen], False
 
 
 @dataclass

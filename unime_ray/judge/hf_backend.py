@@ -23,6 +23,7 @@ import torch
 from ..data.images import ImageError, load_image
 from ..data.schema import Item
 from ..models.backbone import load_backbone
+from ..models.inputs import rope_positions, vision_inputs
 from ..models.processor import ImageOptions, VLProcessor
 from .prompt import JudgePrompt, answer_token_ids, judge_segments
 
@@ -143,17 +144,10 @@ class TransformersJudge:
 
     # ------------------------------------------------------------------------------------- forwards
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:
-        core = self.model.model
-        mm = (ids == self.processor.image_pad_id).long()
-        grid = torch.stack(grids) if grids else None
-        pos, _ = core.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)
-        return pos
+        return rope_positions(self.model, self.processor.image_pad_id, ids, mask, grids)
 
     def _vision_kwargs(self, pix: list[torch.Tensor], grids: list[torch.Tensor]) -> dict:
-        if not pix:
-            return {}
-        return {"pixel_values": torch.cat(pix).to(self.device, self.model.dtype),
-                "image_grid_thw": torch.stack(grids).to(self.device)}
+        return vision_inputs(self.model, pix, grids, self.device)
 
     def _yes_no(self, logits: torch.Tensor) -> np.ndarray:
         two = logits[:, [self.yes_id, self.no_id]].float()

@@ -69,18 +69,6 @@ def encode_conversation(processor: VLProcessor, prompt: str, image_items: Sequen
     return Encoded(ids, answer_start, pix, grids)
 
 
-def rope_positions(model, processor: VLProcessor, ids: torch.Tensor, mask: torch.Tensor,
-                   grids: list[torch.Tensor]) -> torch.Tensor:
-    """M-RoPE position ids [3, B, T] for a padded batch (left or right padding)."""
-    from ..models.embedder import language_core
-
-    core = language_core(model)
-    mm = (ids == processor.image_pad_id).long()
-    grid = torch.stack(grids) if grids else None
-    pos, _ = core.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)
-    return pos
-
-
 def collate(encs: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor | list]:
     """Pad a batch; ``labels`` are the ids on answer tokens and IGNORE_INDEX everywhere else."""
     width = max(len(e.ids) for e in encs)

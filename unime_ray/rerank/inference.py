@@ -108,15 +108,21 @@ class Reranker:
 
 
 # ------------------------------------------------------------------------------------------- two-stage
+def move_choice_first(order: Sequence[int], index) -> tuple[list[int], bool]:
+    """(new order, fell back?): the chosen entry of ``order`` moves to rank 1 and the others keep the
+    embedder's order (as the released evaluation and the paper's authors combine them). ``index`` is the
+    0-based choice; None, a non-integer or an index outside the list is a fallback (order unchanged)."""
+    order = [int(i) for i in order]
+    valid = isinstance(index, (int, np.integer)) and not isinstance(index, bool) and 0 <= int(index) < len(order)
+    if not valid:
+        return order, True
+    chosen = order[int(index)]
+    return [chosen] + [c for c in order if c != chosen], False
+
+
 def apply_listwise_choice(order: Sequence[int], choice: ListwiseChoice | None) -> list[int]:
-    """The reranked order of a query's top-K: the chosen candidate moves to rank 1, the others keep the
-    embedder's order (as the released evaluation and the paper's authors combine them). No usable choice:
-    the embedder's order unchanged."""
-    order = list(order)
-    if choice is None or choice.index is None or not 0 <= choice.index < len(order):
-        return order
-    chosen = order[choice.index]
-    return [chosen] + [c for c in order if c != chosen]
+    """The reranked order of a query's top-K given the reranker's choice (see :func:`move_choice_first`)."""
+    return move_choice_first(order, None if choice is None else choice.index)[0]
 
 
 def apply_pairwise_scores(order: Sequence[int], scores: Sequence[float]) -> list[int]:

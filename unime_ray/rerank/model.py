@@ -8,18 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from ..models.embedder import language_core
+from ..models.inputs import rope_positions, vision_inputs
 from ..models.processor import VLProcessor
-from .encoding import IGNORE_INDEX, Encoded, collate, rope_positions
+from .encoding import IGNORE_INDEX, Encoded, collate
 
 
 def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _vision_kwargs(model, pix: list[torch.Tensor], grids: list[torch.Tensor], device) -> dict:
-    if not pix:
-        return {}
-    return {"pixel_values": torch.cat(pix).to(device, model.dtype), "image_grid_thw": torch.stack(grids).to(device)}
 
 
 def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], device=None) -> torch.Tensor:
@@ -29,12 +24,12 @@ def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], 
     device = device or next(model.parameters()).device
     batch = collate(encs, processor.pad_id, side="right")
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    pos = rope_positions(model, processor, ids, mask, batch["grids"])
+    pos = rope_positions(model, processor.image_pad_id, ids, mask, batch["grids"])
     out = language_core(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
                                position_ids=pos.to(device),
                                mm_token_type_ids=(ids == processor.image_pad_id).long().to(device),
                                use_cache=False, return_dict=True,
-                               **_vision_kwargs(model, batch["pixel_values"], batch["grids"], device))
+                               **vision_inputs(model, batch["pixel_values"], batch["grids"], device))
     hidden = out.last_hidden_state
     target = labels[:, 1:].to(device)                 # token t is predicted from position t-1
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
@@ -58,13 +53,13 @@ def greedy_generate(model, processor: VLProcessor, encs: Sequence[Encoded], max_
     device = device or next(model.parameters()).device
     batch = collate(encs, processor.pad_id, side="left")
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    pos = rope_positions(model, processor, ids, mask, batch["grids"])
+    pos = rope_positions(model, processor.image_pad_id, ids, mask, batch["grids"])
     next_pos = (pos.masked_fill(~mask.bool().unsqueeze(0), -1).amax(dim=(0, 2)) + 1)  # [B]
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                 mm_token_type_ids=(ids == processor.image_pad_id).long().to(device), past_key_values=cache,
                 use_cache=True, logits_to_keep=1,
-                **_vision_kwargs(model, batch["pixel_values"], batch["grids"], device))
+                **vision_inputs(model, batch["pixel_values"], batch["grids"], device))
     n = len(encs)
     generated: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool)
