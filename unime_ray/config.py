@@ -270,6 +270,7 @@ class JudgeFitConfig(RerankerTrainConfig):
     Yes/No with k-fold cross-fitting; each fold's queries are scored by a judge fitted on the other folds,
     because a judge scoring the very pairs it memorised returns near-hard labels."""
 
+    enabled: bool = True                               # present = fitted, unless switched off here
     folds: int = Field(default=2, ge=2)
     negatives_per_query: int = Field(default=8, ge=1)   # retrieved candidates kept as "No" examples
     list_weight: float = Field(default=0.0, ge=0)      # pairwise only: the judge answers Yes/No

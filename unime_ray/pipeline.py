@@ -301,7 +301,7 @@ def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .train.reranker import train_reranker
 
     jf = cfg.judge_fit
-    if jf is None:
+    if jf is None or not jf.enabled:
         return {"enabled": False}
     retrieved, prepared = manifest.outputs("retrieve"), manifest.outputs("prepare")
     out_dir = _stage_dir(cfg, "judge_fit")
