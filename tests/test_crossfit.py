@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from unime_ray.data.io import read_table, write_table_atomic
@@ -40,7 +41,7 @@ def test_split_and_merge_keep_shard_names_and_rows(tmp_path):
 
 
 def test_positive_auc_counts_wins_and_half_ties(tmp_path):
-    from unime_ray.judge.crossfit import positive_auc
+    from unime_ray.judge.crossfit import positive_auc, score_summary
 
     rows = [("q1", True, 0.9, None), ("q1", False, 0.5, None), ("q1", False, 0.9, None), ("q1", False, 0.95, None),
             ("q2", True, 0.2, None), ("q2", False, 0.1, None), ("q2", False, 0.7, "bad image"),
@@ -50,3 +51,6 @@ def test_positive_auc_counts_wins_and_half_ties(tmp_path):
     write_table_atomic(t, tmp_path / "scores" / "part-00000.parquet")
     # q1: win, tie, loss; q2: win (the errored candidate is skipped); q3: no usable positive
     assert positive_auc(tmp_path / "scores") == (1 + 0.5 + 0 + 1) / 4
+    summary = score_summary(tmp_path / "scores")
+    assert summary["mean_score_positive"] == pytest.approx((0.9 + 0.2) / 2)
+    assert summary["mean_score_candidates"] == pytest.approx((0.5 + 0.9 + 0.95 + 0.1 + 0.1) / 5)

@@ -323,7 +323,7 @@ def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
 
 
 def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
-    from .judge.crossfit import merge_score_tables, positive_auc, query_folds, scoring_judge, split_candidates
+    from .judge.crossfit import merge_score_tables, query_folds, score_summary, scoring_judge, split_candidates
     from .judge.stage import run_judge
 
     retrieved = manifest.outputs("retrieve")
@@ -340,7 +340,7 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                         _judge_spec(cfg, image_root), **kw)
         logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
                     out["pairs_per_s"])
-        return {**out, "positive_auc": positive_auc(out["scores_table"])}
+        return {**out, "positive_auc": score_summary(out["scores_table"])["positive_auc"]}
     k = fitted["num_folds"]
     root = _stage_dir(cfg, "judge")
     assignment = query_folds(pairs, k, seed=cfg.seed)
@@ -355,16 +355,10 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
         logger.info("judge fold %d (judge of fold %d): %d pairs, %.1f pairs/s", f, scoring_judge(f, k), out["scored"],
                     out["pairs_per_s"])
     scores = merge_score_tables(score_dirs, root / "scores" / "crossfit")
-    total = lambda key: sum(o[key] for o in per_fold.values())  # noqa: E731
-    def mean(key):
-        vals = [(o[key], o["scored"]) for o in per_fold.values() if o.get(key) is not None]
-        return sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)) if vals else None
-    return {"crossfit": True, "folds": per_fold, "scores_table": scores, "pairs": total("pairs"),
-            "scored": total("scored"), "quarantined": total("quarantined"),
-            "seconds": round(sum(o["seconds"] for o in per_fold.values()), 2),
-            "pairs_per_s": total("scored") / max(1e-9, sum(o["seconds"] for o in per_fold.values())),
-            "judge": "cross-fitted stand-in judges", "mean_score_positive": mean("mean_score_positive"),
-            "mean_score_candidates": mean("mean_score_candidates"), "positive_auc": positive_auc(scores)}
+    total = {key: sum(o[key] for o in per_fold.values()) for key in ("pairs", "scored", "quarantined", "seconds")}
+    return {"crossfit": True, "folds": per_fold, "scores_table": scores, **total, "seconds": round(total["seconds"], 2),
+            "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]), "judge": "cross-fitted stand-in judges",
+            **score_summary(scores)}
 
 
 def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:

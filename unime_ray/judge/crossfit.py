@@ -99,19 +99,26 @@ def merge_score_tables(fold_dirs: list[str | os.PathLike], out_dir: str | os.Pat
     return str(out_dir)
 
 
-def positive_auc(scores_table: str | os.PathLike) -> float | None:
-    """How well the judge separates each query's positive from its candidates: the probability that the
-    positive outscores a candidate of the same query (ties count half). 0.5 = no better than chance. A
-    quick check that a stand-in (or any) judge carries signal before its scores train anything."""
+def score_summary(scores_table: str | os.PathLike) -> dict[str, float | None]:
+    """Mean score of positives and of candidates, and how well the judge separates them: the probability that
+    a query's positive outscores one of its candidates (ties count half; 0.5 = chance). A quick check that a
+    stand-in (or any) judge carries signal before its scores train anything."""
     from ..data.io import read_table
 
-    t = read_table(scores_table, ["query_id", "is_positive", "score", "error"]).to_pylist()
-    pos = {r["query_id"]: r["score"] for r in t if r["is_positive"] and r["error"] is None}
+    t = [r for r in read_table(scores_table, ["query_id", "is_positive", "score", "error"]).to_pylist()
+         if r["error"] is None and r["score"] is not None]
+    pos = {r["query_id"]: r["score"] for r in t if r["is_positive"]}
+    cands = [r for r in t if not r["is_positive"]]
     wins = total = 0.0
-    for r in t:
-        if r["is_positive"] or r["error"] is not None or r["query_id"] not in pos:
-            continue
-        d = pos[r["query_id"]] - r["score"]
-        wins += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
-        total += 1
-    return wins / total if total else None
+    for r in cands:
+        if r["query_id"] in pos:
+            d = pos[r["query_id"]] - r["score"]
+            wins += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+            total += 1
+    return {"mean_score_positive": sum(pos.values()) / len(pos) if pos else None,
+            "mean_score_candidates": sum(r["score"] for r in cands) / len(cands) if cands else None,
+            "positive_auc": wins / total if total else None}
+
+
+def positive_auc(scores_table: str | os.PathLike) -> float | None:
+    return score_summary(scores_table)["positive_auc"]
