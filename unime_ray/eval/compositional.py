@@ -139,12 +139,9 @@ def evaluate_compositional(embedder_or_spec: Any, data: Mapping[str, Sequence[Co
     prompt) as the query and each caption as the candidate.
     """
     t0 = time.perf_counter()
-    if isinstance(embedder_or_spec, ItemEncoder):
-        encoder = embedder_or_spec
-    else:
-        encoder = ItemEncoder(embedder_or_spec, image_root=image_root, batch_size=batch_size, use_ray=use_ray,
-                              min_actors=min_actors, max_actors=max_actors, num_cpus_per_actor=num_cpus_per_actor,
-                              num_gpus_per_actor=num_gpus_per_actor, work_dir=out_dir)
+    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=image_root, batch_size=batch_size, use_ray=use_ray,
+                               min_actors=min_actors, max_actors=max_actors, num_cpus_per_actor=num_cpus_per_actor,
+                               num_gpus_per_actor=num_gpus_per_actor, work_dir=out_dir)
     registry = ItemRegistry(check_images=False)
     index = {s: np.array([[registry.add(e.image), registry.add(e.positive), registry.add(e.negative)] for e in rows],
                          dtype=np.int64).reshape(-1, 3) for s, rows in data.items()}

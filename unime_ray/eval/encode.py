@@ -103,6 +103,11 @@ class ItemEncoder:
     spec (workers rebuild the model from it); Ray is started locally if it is not running.
     """
 
+    @classmethod
+    def wrap(cls, embedder_or_spec: Any, **kwargs: Any) -> "ItemEncoder":
+        """``embedder_or_spec`` itself when it is already an encoder, else a new one built with ``kwargs``."""
+        return embedder_or_spec if isinstance(embedder_or_spec, cls) else cls(embedder_or_spec, **kwargs)
+
     def __init__(self, embedder_or_spec: Any, *, image_root: str | os.PathLike | None = None, batch_size: int = 16,
                  use_ray: bool = False, min_actors: int = 1, max_actors: int = 2, num_cpus_per_actor: float = 1.0,
                  num_gpus_per_actor: float = 0.0, work_dir: str | os.PathLike | None = None):

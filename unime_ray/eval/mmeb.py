@@ -245,12 +245,9 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
         if not shard_paths(t):
             raise FileNotFoundError(f"eval table {t} has no Parquet shards")
     out = Path(out_dir) if out_dir is not None else None
-    if isinstance(embedder_or_spec, ItemEncoder):
-        encoder = embedder_or_spec
-    else:
-        encoder = ItemEncoder(embedder_or_spec, image_root=image_root, batch_size=batch_size, use_ray=use_ray,
-                              min_actors=min_actors, max_actors=max_actors, num_cpus_per_actor=num_cpus_per_actor,
-                              num_gpus_per_actor=num_gpus_per_actor, work_dir=out)
+    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=image_root, batch_size=batch_size, use_ray=use_ray,
+                               min_actors=min_actors, max_actors=max_actors, num_cpus_per_actor=num_cpus_per_actor,
+                               num_gpus_per_actor=num_gpus_per_actor, work_dir=out)
     root = image_root if image_root is not None else encoder.image_root
     registry = ItemRegistry(root, check_images=check_images)
     plans = plan_pairs(tables, registry, datasets=datasets, max_rows_per_dataset=max_rows_per_dataset)

@@ -261,13 +261,10 @@ def evaluate_retrieval_sets(embedder_or_spec: Any, sets: Sequence[RetrievalSet],
                             label: str | None = None) -> dict[str, Any]:
     """Evaluate several retrieval sets with one embedder; writes results.json/md/png to ``out_dir``."""
     ks = list(ks)
-    if isinstance(embedder_or_spec, ItemEncoder):
-        encoder = embedder_or_spec
-    else:
-        encoder = ItemEncoder(embedder_or_spec, image_root=sets[0].image_root if sets else None, batch_size=batch_size,
-                              use_ray=use_ray, min_actors=min_actors, max_actors=max_actors,
-                              num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=num_gpus_per_actor,
-                              work_dir=out_dir)
+    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=sets[0].image_root if sets else None,
+                               batch_size=batch_size, use_ray=use_ray, min_actors=min_actors, max_actors=max_actors,
+                               num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=num_gpus_per_actor,
+                               work_dir=out_dir)
     reranker = load_reranker(reranker, image_root=encoder.image_root)
     per_set = {s.name: evaluate_retrieval(encoder, s, ks=ks, reranker=reranker, rerank_top_k=rerank_top_k)
                for s in sets}
