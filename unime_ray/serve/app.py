@@ -7,6 +7,12 @@ Deployments (each one's replicas, resources and autoscaling from :class:`~unime_
 * ``CandidateIndex`` (or ``CandidateIndex0..N-1`` when partitioned): FAISS search + candidate metadata.
 * ``Reranker`` (optional): pairwise P(Yes) scores, ``@serve.batch``-ed over search requests.
 
+The ingress gives every request a deadline (``limits.request_timeout_s``): deployment calls not answered
+by then are cancelled and answered 504 naming the deployment; a deployment the request needs that has no
+running replica (per ``serve.status()``, cached about a second) is answered 503 at once. ``/healthz`` is
+liveness, ``/readyz`` readiness (:func:`deployment_readiness`). Resource requests are fitted to the cluster
+(:func:`fit_to_cluster`, ``serve.fit``) when the application is built.
+
 :func:`build_app` is the application builder named by ``serve_config.yaml``
 (``import_path: unime_ray.serve.app:build_app``); it takes ``args`` = {index, embedder, reranker, config,
 config_file} (see :class:`AppArgs`). :func:`build_application` is the same for Python callers.
@@ -29,8 +35,9 @@ from ray import serve
 from ray.serve import Application
 
 from ..data.schema import Item
-from .config import (EmbedderSettings, IndexSettings, RerankerSettings, ServeConfig, api_key_digest,
-                     read_api_key)
+from .config import (EMBEDDER_NAME, INDEX_NAME, INGRESS_NAME, RERANKER_NAME, ClusterCapacity, EmbedderSettings,
+                     IndexSettings, RerankerSettings, ResourceLayout, ServeConfig, api_key_digest, fit_resources,
+                     index_deployment_names, read_api_key)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ def _set_torch_threads(n: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ embedder
-@serve.deployment(name="QueryEmbedder")
+@serve.deployment(name=EMBEDDER_NAME)
 class QueryEmbedder:
     """Embeds items; concurrent requests are batched into one ``Embedder.encode`` call."""
 
@@ -97,7 +104,7 @@ class QueryEmbedder:
 
 
 # ------------------------------------------------------------------------------------------ index
-@serve.deployment(name="CandidateIndex")
+@serve.deployment(name=INDEX_NAME)
 class CandidateIndex:
     """One partition of the candidate index: FAISS search (global positions) and metadata lookup."""
 
@@ -185,7 +192,7 @@ def reranker_implementation(choice: str = "auto") -> str:
     return JUDGE_IMPL
 
 
-@serve.deployment(name="Reranker")
+@serve.deployment(name=RERANKER_NAME)
 class RerankerDeployment:
     """Scores (query, candidates) requests; concurrent requests share the model's batches."""
 
@@ -228,8 +235,51 @@ class RerankerDeployment:
                 "batch_sizes": dict(self.batch_sizes)}
 
 
+# ------------------------------------------------------------------------------------------ readiness
+READY_TTL_S = 1.0          # a cached deployment status older than this is re-read before answering "not ready"
+READY_TRUST_S = 15.0       # a cached "ready" is used this long (re-read in the background after READY_TTL_S)
+STATUS_TIMEOUT_S = 5.0     # reading the status from the Serve controller
+
+
+def _enum_value(x: Any) -> str:
+    return str(getattr(x, "value", x))
+
+
+def deployment_readiness(app_status, roles: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per deployment of ``roles`` ({name: role}): role, status, replica counts by state, ready, message.
+
+    ``app_status``: the application's ``serve.status()`` entry (None: the application does not exist). A
+    deployment is ready with at least one RUNNING replica (or when healthy and scaled to zero replicas);
+    one missing from the status, or with replicas that are all starting/pending, is not.
+    """
+    deps = getattr(app_status, "deployments", None) or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, role in roles.items():
+        d = deps.get(name)
+        if d is None:
+            out[name] = {"role": role, "status": "MISSING", "replicas": {}, "ready": False,
+                         "message": "the deployment is not part of the running application"}
+            continue
+        status = _enum_value(d.status)
+        replicas = {_enum_value(k): int(v) for k, v in (d.replica_states or {}).items() if v}
+        ready = replicas.get("RUNNING", 0) > 0 or (status == "HEALTHY" and not replicas)
+        out[name] = {"role": role, "status": status, "replicas": replicas, "ready": ready,
+                     "message": d.message or ""}
+    return out
+
+
+def not_ready_message(names: list[str], states: dict[str, dict[str, Any]], advice: bool = True) -> str:
+    parts = []
+    for n in names:
+        st = states[n]
+        reps = ", ".join(f"{k}: {v}" for k, v in st["replicas"].items()) or "no replicas"
+        msg = f" - {st['message'][:300]}" if st["message"] else ""
+        parts.append(f"{n} ({st['role']}) is not ready: {st['status']}, {reps}{msg}")
+    return "; ".join(parts) + (". Retry later; GET /readyz shows the deployments' state" if advice else "")
+
+
 # ------------------------------------------------------------------------------------------ ingress
-@serve.deployment(name="UniMEIngress")
+@serve.deployment(name=INGRESS_NAME)
 @serve.ingress()
 class UniMEIngress:
     """The HTTP front: builds its FastAPI app per replica (limits and key from the config)."""
@@ -242,6 +292,23 @@ class UniMEIngress:
         self.reranker = reranker
         self._info = info
         self.key_digest = key_digest
+        self.timeout_s = self.cfg.limits.request_timeout_s
+        n = len(self.partitions)
+        self.embedder_name = _deployment_name(embedder, EMBEDDER_NAME)
+        self.partition_names = [_deployment_name(h, d) for h, d in zip(self.partitions, index_deployment_names(n))]
+        self.reranker_name = _deployment_name(reranker, RERANKER_NAME) if reranker is not None else None
+        self.roles = {self.embedder_name: "embedder"}
+        self.roles.update({name: "index" if n == 1 else f"index partition {i + 1}/{n}"
+                           for i, name in enumerate(self.partition_names)})
+        if self.reranker_name:
+            self.roles[self.reranker_name] = "reranker"
+        try:
+            self.app_name = serve.get_replica_context().app_name
+        except Exception:  # outside a replica (unit use)
+            self.app_name = getattr(embedder, "app_name", None) or self.cfg.app_name
+        self._states_cache: tuple[float, dict[str, Any] | None] = (-1e9, None)
+        self._states_lock: asyncio.Lock | None = None
+        self._background: set = set()
 
     def __serve_build_asgi_app__(self):
         from .api import create_api
@@ -254,15 +321,104 @@ class UniMEIngress:
         return self.reranker is not None
 
     async def health(self) -> dict[str, Any]:
+        """Liveness: this process answers (the other deployments are ``readiness``)."""
         return {"status": "ok"}
 
     async def info(self) -> dict[str, Any]:
         return self._info
 
-    async def _embed(self, items: list[Item]) -> list[np.ndarray]:
+    # ---- readiness and deadlines
+    async def _states(self, max_age: float) -> dict[str, Any] | None:
+        """The deployments' readiness from ``serve.status()``, cached ``max_age`` s; None when unreadable."""
+        if self._states_lock is None:
+            self._states_lock = asyncio.Lock()
+        async with self._states_lock:   # one controller call at a time; waiters reuse its answer
+            t, states = self._states_cache
+            if time.monotonic() - t <= max_age:
+                return states
+            try:
+                st = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
+                states = deployment_readiness(st.applications.get(self.app_name), self.roles)
+            except Exception as exc:  # the controller is busy or gone: unknown, not "not ready"
+                logger.warning("cannot read the deployments' status: %s: %s", type(exc).__name__, exc)
+                states = None
+            self._states_cache = (time.monotonic(), states)
+            return states
+
+    async def readiness(self) -> dict[str, Any]:
+        states = await self._states(READY_TTL_S)
+        if states is None:
+            return {"status": "unknown", "ready": False, "not_ready": list(self.roles), "deployments": {},
+                    "message": "the deployments' status cannot be read from the Serve controller"}
+        not_ready = [n for n, st in states.items() if not st["ready"]]
+        return {"status": "not ready" if not_ready else "ready", "ready": not not_ready, "not_ready": not_ready,
+                "deployments": states,
+                "message": not_ready_message(not_ready, states) if not_ready else "all deployments are ready"}
+
+    async def _ensure_ready(self, names: list[str]) -> None:
+        """503 at once when a deployment the request needs has no running replica (instead of queueing)."""
         from .api import RequestError
 
-        outcomes = await self.embedder.embed.remote(items)
+        t, cached = self._states_cache
+        age = time.monotonic() - t
+        if cached is not None and age <= READY_TRUST_S and all(cached[n]["ready"] for n in names):
+            if age > READY_TTL_S and not (self._states_lock and self._states_lock.locked()):
+                task = asyncio.ensure_future(self._states(READY_TTL_S))   # refresh off the request's path
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            return
+        states = await self._states(READY_TTL_S)
+        if states is None:
+            return      # unknown: the request deadline still bounds the wait
+        bad = [n for n in names if not states[n]["ready"]]
+        if bad:
+            raise RequestError(503, not_ready_message(bad, states))
+
+    def _deadline(self) -> float | None:
+        return None if self.timeout_s is None else time.monotonic() + self.timeout_s
+
+    async def _await_all(self, calls: list[tuple[str, Any]], deadline: float | None) -> list[Any]:
+        """Results of deployment calls [(deployment name, DeploymentResponse)] by ``deadline``, or 504 naming
+        the deployments that did not answer (their requests are cancelled)."""
+        from .api import RequestError
+
+        async def resolve(response):
+            return await response
+
+        tasks = [asyncio.ensure_future(resolve(r)) for _, r in calls]
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+        except asyncio.CancelledError:   # the client went away: stop the work it asked for
+            pending = set(tasks)
+            self._cancel(calls, tasks, pending)
+            raise
+        if pending:
+            self._cancel(calls, tasks, pending)
+            late = [name for (name, _), task in zip(calls, tasks) if task in pending]
+            raise RequestError(504, f"{', '.join(f'{n} ({self.roles.get(n, n)})' for n in late)} did not answer "
+                                    f"within the request deadline of {self.timeout_s:g} s "
+                                    "(limits.request_timeout_s)")
+        return [task.result() for task in tasks]
+
+    @staticmethod
+    def _cancel(calls, tasks, pending) -> None:
+        for (_, response), task in zip(calls, tasks):
+            if task in pending:
+                task.cancel()
+                try:
+                    response.cancel()
+                except Exception:  # best effort
+                    pass
+
+    async def _embed(self, items: list[Item], deadline: float | None = None, checked: bool = False
+                     ) -> list[np.ndarray]:
+        from .api import RequestError
+
+        if not checked:
+            deadline = self._deadline()
+            await self._ensure_ready([self.embedder_name])
+        [outcomes] = await self._await_all([(self.embedder_name, self.embedder.embed.remote(items))], deadline)
         vectors = []
         for i, (kind, value) in enumerate(outcomes):
             where = "query" if len(items) == 1 else f"items[{i}]"
@@ -282,11 +438,15 @@ class UniMEIngress:
         from .api import rerank_order
 
         t0 = time.perf_counter()
-        [vector] = await self._embed([item])
+        deadline = self._deadline()
+        await self._ensure_ready([self.embedder_name, *self.partition_names]
+                                 + ([self.reranker_name] if n_rerank and self.reranker_name else []))
+        [vector] = await self._embed([item], deadline, checked=True)
         t1 = time.perf_counter()
         k = max(top_k, n_rerank)
         with_image = include_image or n_rerank > 0
-        found = await asyncio.gather(*[p.search.remote(vector, k, with_image) for p in self.partitions])
+        found = await self._await_all([(name, p.search.remote(vector, k, with_image))
+                                       for name, p in zip(self.partition_names, self.partitions)], deadline)
         rows = sorted((r for part in found for r in part), key=lambda r: (-r["score"], r["position"]))[:k]
         for i, r in enumerate(rows):
             r["embed_rank"] = i + 1
@@ -298,7 +458,8 @@ class UniMEIngress:
             scorable = [i for i, r in enumerate(head) if not r.get("image_error")]
             cands = [Item(text=head[i].get("text") or "", instruction=head[i].get("instruction") or "",
                           image=head[i].get("image") or None) for i in scorable]
-            outcomes = await self.reranker.score.remote(item, cands)
+            [outcomes] = await self._await_all([(self.reranker_name, self.reranker.score.remote(item, cands))],
+                                               deadline)
             scores: list[float | None] = [None] * len(head)
             for i, (s, err) in zip(scorable, outcomes):
                 scores[i] = s
@@ -321,6 +482,11 @@ class UniMEIngress:
                          "image": base64.b64encode(image).decode("ascii") if include_image and image else None})
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return {"results": hits, "reranked": reranked, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def _deployment_name(handle, default: str) -> str:
+    name = getattr(handle, "deployment_name", None)
+    return name if isinstance(name, str) and name else default
 
 
 # ------------------------------------------------------------------------------------------ builder
@@ -360,14 +526,50 @@ def load_serve_config(config: dict[str, Any] | ServeConfig | None = None,
     return ServeConfig(**_deep_merge(data, config or {}))
 
 
+def cluster_capacity(can_grow: bool) -> ClusterCapacity:
+    """The connected Ray cluster's CPUs/GPUs (``ray.cluster_resources()``) and its largest node."""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return ClusterCapacity(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)),
+                           node_cpus=max((float(r.get("CPU", 0.0)) for r in nodes), default=None),
+                           node_gpus=max((float(r.get("GPU", 0.0)) for r in nodes), default=None),
+                           can_grow=can_grow)
+
+
+def fit_to_cluster(index: str | os.PathLike, cfg: ServeConfig, reranker: str | None,
+                   capacity: ClusterCapacity) -> tuple[ServeConfig, ResourceLayout]:
+    """:func:`~unime_ray.serve.config.fit_resources` for this index (its partitions) and reranker choice."""
+    from .index import load_manifest
+
+    manifest = load_manifest(index)
+    parts = cfg.index.resolve_partitions(manifest["count"], manifest["index"]["num_shards"])
+    return fit_resources(cfg, capacity, partitions=parts, with_reranker=bool(reranker))
+
+
 def build_application(index: str | os.PathLike, cfg: ServeConfig | None = None, embedder: str | None = None,
-                      reranker: str | None = None) -> Application:
-    """The bound Serve application for a serving index (see the module docstring)."""
+                      reranker: str | None = None, capacity: ClusterCapacity | None = None,
+                      fit: bool = True) -> Application:
+    """The bound Serve application for a serving index (see the module docstring).
+
+    ``fit``: size the deployments' resources to the cluster per ``cfg.fit`` (``capacity``; None: read from
+    the connected Ray, a cluster that may grow unless ``cluster_autoscales: false``; no Ray: no fitting).
+    Raises :class:`~unime_ray.serve.config.ResourceFitError` when the requests cannot fit.
+    """
     from .index import embedder_spec_from_manifest, load_manifest
 
     cfg = cfg or ServeConfig()
     index = str(Path(index).resolve())
     manifest = load_manifest(index)
+    if fit and cfg.fit != "off":
+        import ray
+
+        if capacity is None and ray.is_initialized():
+            capacity = cluster_capacity(cfg.cluster_autoscales if cfg.cluster_autoscales is not None else True)
+        if capacity is not None:
+            cfg, layout = fit_to_cluster(index, cfg, reranker, capacity)
+            (logger.info if layout.fits and layout.scaled_by is None else logger.warning)("%s", layout.line())
     e = cfg.embedder
     spec = embedder_spec_from_manifest(manifest, model=embedder, input_format=e.input_format, positions=e.positions,
                                        image_resize=e.image_resize, min_pixels=e.min_pixels,
@@ -407,6 +609,33 @@ def build_application(index: str | os.PathLike, cfg: ServeConfig | None = None, 
     }
     return UniMEIngress.options(**cfg.ingress.deployment_options()).bind(
         embed_dep, partitions, rerank_dep, info, cfg.model_dump(mode="json"), digest)
+
+
+def wait_until_ready(app_name: str, report=print, report_every_s: float = 30.0, poll_s: float = 0.5,
+                     timeout_s: float | None = None) -> dict[str, Any]:
+    """Wait for the application to be RUNNING; every ``report_every_s`` report the deployments not ready yet
+    (status, replicas, Serve's message: e.g. replicas that cannot be scheduled). Returns the last status;
+    raises RuntimeError when the deployment fails, TimeoutError after ``timeout_s``."""
+    start = last = time.monotonic()
+    while True:
+        app = serve.status().applications.get(app_name)
+        status = _enum_value(app.status) if app is not None else "MISSING"
+        if status == "RUNNING":
+            return {"status": status}
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploying {app_name} failed: {app.message}")
+        now = time.monotonic()
+        if now - last >= report_every_s and app is not None:
+            last = now
+            roles = {n: n for n in app.deployments}
+            states = deployment_readiness(app, roles)
+            waiting = [n for n, st in states.items() if not st["ready"]]
+            if waiting:
+                report(f"still starting after {now - start:.0f} s: "
+                       f"{not_ready_message(waiting, states, advice=False)}")
+        if timeout_s is not None and now - start > timeout_s:
+            raise TimeoutError(f"{app_name} was not ready after {timeout_s:g} s")
+        time.sleep(poll_s)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -34,28 +34,70 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- index
-def cmd_index(args) -> int:
-    from ..retrieval.embed import EmbedderSpec
-    from .index import IndexFormatError, build_serving_index
+def _one_line(exc: BaseException) -> str:
+    """The innermost cause of an error (a Ray task error wraps the worker's), as one line."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
+
+def cmd_index(args) -> int:
+    from ..models.backbone import ModelNotFoundError, load_config
+    from ..retrieval.embed import EmbedderSpec
+    from .index import IndexFormatError, build_serving_index, recorded_image_root
+
+    image_root = args.image_root
+    if image_root is None and os.path.exists(args.candidates):
+        recorded = recorded_image_root(args.candidates)
+        if recorded:
+            image_root = recorded[0]
+            print(f"image root: {image_root} (recorded in {recorded[1]}; --image-root overrides it)", flush=True)
+    try:
+        load_config(args.model)     # a model that does not exist stops here, before Ray starts
+        if not os.path.exists(args.candidates):
+            raise FileNotFoundError(f"no candidate table at {args.candidates}")
+    except (ModelNotFoundError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=args.image_root, positions=args.positions,
+                        image_root=image_root, positions=args.positions,
                         image_resize=tuple(args.image_resize) if args.image_resize else None,
                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if not args.no_ray:
+    def start_ray():
         from ..utils.ray_utils import init_ray
 
         init_ray(address=args.address, num_cpus=args.num_cpus)
+
     try:
         manifest = build_serving_index(args.candidates, args.out, spec, kind=args.kind, num_shards=args.num_shards,
                                        nlist=args.nlist, nprobe=args.nprobe, batch_size=args.batch_size,
                                        use_ray=not args.no_ray, min_actors=args.min_actors,
                                        max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,
-                                       store_images=not args.no_store_images, overwrite=args.overwrite)
-    except IndexFormatError as exc:
+                                       store_images=not args.no_store_images, overwrite=args.overwrite,
+                                       check_images=not args.no_check_images, start_ray=start_ray)
+    except (IndexFormatError, ModelNotFoundError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from ray.exceptions import RayError
+
+        if not isinstance(exc, RayError):
+            raise
+        logger.debug("index build failed", exc_info=True)
+        print(f"error: the index build failed: {_one_line(exc)}", file=sys.stderr)
+        return 2
     print(json.dumps({k: manifest[k] for k in ("format", "count", "dim", "index", "embedder")}, indent=1))
+    acc = manifest["accounting"]
+    reasons = ", ".join(f"{k}: {v}" for k, v in acc["reasons"].items())
+    print(f"candidates: {acc['rows_in']} in = {acc['rows_out']} indexed + {acc['rows_quarantined']} quarantined"
+          + (f" ({reasons})" if reasons else ""))
+    print(f"quarantine: {os.path.join(os.path.abspath(args.out), acc['quarantine'])}")
     print(f"serving index: {os.path.abspath(args.out)}")
     return 0
 
@@ -107,22 +149,51 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from ..utils.ray_utils import init_ray
-    from .app import build_application
+    from .app import build_application, cluster_capacity, fit_to_cluster, wait_until_ready
+    from .config import ResourceFitError, read_api_key
+    from .index import load_manifest
 
-    try:
-        app = build_application(args.index, cfg, embedder=args.embedder, reranker=args.reranker)
+    try:   # fail fast, before Ray starts
+        load_manifest(args.index)
+        read_api_key(cfg)
     except (IndexFormatError, ApiKeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    joined = (args.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
     init_ray(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    if cfg.fit != "off":
+        # a local Ray started here cannot grow; a cluster joined by address may (cluster_autoscales decides)
+        can_grow = cfg.cluster_autoscales if cfg.cluster_autoscales is not None else joined
+        try:
+            cfg, layout = fit_to_cluster(args.index, cfg, args.reranker, cluster_capacity(can_grow))
+        except ResourceFitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(layout.line(), flush=True)
+    try:
+        app = build_application(args.index, cfg, embedder=args.embedder, reranker=args.reranker, fit=False)
+    except (IndexFormatError, ApiKeyError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     http = {"host": cfg.host, "port": cfg.port}
-    if cfg.limits.request_timeout_s:
-        http["request_timeout_s"] = cfg.limits.request_timeout_s
+    if cfg.limits.request_timeout_s:   # above the ingress's own deadline, so its 504 (with a message) comes first
+        http["request_timeout_s"] = cfg.limits.request_timeout_s + 5
     serve.start(http_options=http)
-    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    serve.run_many([serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.route_prefix)],
+                   wait_for_applications_running=False)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-    print(f"UniME-V2 is serving at {url}  (API docs: {url}/docs; auth: {'on' if cfg.auth_enabled else 'off'})",
-          flush=True)
+    try:
+        wait_until_ready(cfg.app_name, report=lambda line: print(line, f"(meanwhile: {url}/readyz)", flush=True))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        serve.shutdown()
+        return 2
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+        serve.shutdown()
+        return 130
+    print(f"UniME-V2 is serving at {url}  (API docs: {url}/docs; readiness: {url}/readyz; "
+          f"auth: {'on' if cfg.auth_enabled else 'off'})", flush=True)
     if args.detach:
         return 0
 
@@ -152,7 +223,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-shards", type=int, default=1, help="FAISS shards (a large index serves as partitions of them)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists per shard (default ~4*sqrt(shard size))")
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query")
-    p.add_argument("--image-root", default=None, help="folder that candidate image paths are relative to")
+    p.add_argument("--image-root", default=None, help="folder that candidate image paths are relative to "
+                   "(default: the image root recorded by the run that prepared the candidate table, if any)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder")
     p.add_argument("--input-format", default="official", choices=["official", "chat"])
     p.add_argument("--positions", default="auto", choices=["auto", "mrope", "sequential"])
@@ -164,6 +236,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-store-images", action="store_true",
                    help="do not copy inline candidate images into the index (no reranking/returning of them)")
     p.add_argument("--overwrite", action="store_true", help="discard embeddings of a previous build in --out")
+    p.add_argument("--no-check-images", action="store_true",
+                   help="do not decode every candidate image before embedding (faster on large pools; an "
+                        "unreadable image then fails the build instead of being quarantined)")
     p.add_argument("--no-ray", action="store_true", help="embed in this process instead of a Ray actor pool")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")

@@ -58,7 +58,9 @@ def _item(item: Any) -> dict[str, Any]:
 
 
 class UniMEClient:
-    """``UniMEClient(url, api_key=None).search(...)``, ``.embed(...)``, ``.info()``, ``.health()``."""
+    """``UniMEClient(url, api_key=None).search(...)``, ``.embed(...)``, ``.info()``, ``.health()``,
+    ``.readiness()``. A 503 (a deployment not running) or 504 (past the server's deadline) raises
+    :class:`UniMEError` with the server's message naming the deployment."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 120.0,
                  session: requests.Session | None = None):
@@ -80,6 +82,14 @@ class UniMEClient:
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")
+
+    def readiness(self) -> dict[str, Any]:
+        """``/readyz``: {"ready": bool, "not_ready": [deployments], "deployments": {...}} (200 or 503 alike)."""
+        resp = self.session.get(self.url + "/readyz", timeout=self.timeout)
+        if resp.status_code not in (200, 503) or not resp.headers.get("content-type", "").startswith(
+                "application/json"):
+            raise UniMEError(resp.status_code, resp.text[:500])
+        return resp.json()
 
     def info(self) -> dict[str, Any]:
         return self._call("GET", "/v1/info")

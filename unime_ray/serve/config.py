@@ -14,6 +14,22 @@ Example (YAML)::
       embedder: {num_cpus: 1, max_batch_size: 16, batch_wait_timeout_s: 0.005}
       reranker: {num_gpus: 1, autoscaling: {min_replicas: 1, max_replicas: 4}}
       index: {partitions: auto, max_vectors_per_partition: 2000000}
+      fit: auto                # auto | strict | off (below)
+      cluster_autoscales: null # null: a cluster joined by address may grow; the local Ray of `serve` cannot
+
+Resource fitting (``fit``), checked where the application is built against ``ray.cluster_resources()``:
+the deployments' CPU/GPU requests (per replica x replicas, ``min_replicas`` under autoscaling, x partitions
+for the index) are added up and compared with the cluster's totals (and each replica with the largest node).
+
+* ``auto`` (default): a layout that fits is kept. One that does not fit has the CPU requests the user did
+  not set (defaults) scaled down together, to fractions of a CPU, until it fits; requests set explicitly
+  are never changed, and when they alone cannot fit the start is refused with the numbers (requested vs
+  available). On a cluster that can grow (``cluster_autoscales``), nothing is scaled and a misfit is only
+  a warning: the autoscaler is expected to add nodes.
+* ``strict``: nothing is changed, and any misfit is refused, autoscaling cluster or not.
+* ``off``: no check (deployments that never fit stay pending; ``/readyz`` and 503 answers show them).
+
+The layout chosen is printed/logged as one line: each deployment's CPUs/GPUs x replicas, total vs available.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ import hashlib
 import hmac
 import math
 import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +82,8 @@ class DeploymentSettings(_Strict):
     max_ongoing_requests: int | None = Field(default=None, ge=1)
     # Requests queued by callers before they get "back-pressure" errors; -1: unbounded (Ray's default).
     max_queued_requests: int = Field(default=-1, ge=-1)
+    # How long a stopping replica may finish its requests before it is killed; None: Ray's default (20 s).
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
 
     def default_max_ongoing(self) -> int:
         return 100
@@ -76,6 +95,8 @@ class DeploymentSettings(_Strict):
             "max_ongoing_requests": self.max_ongoing_requests or self.default_max_ongoing(),
             "max_queued_requests": self.max_queued_requests,
         }
+        if self.graceful_shutdown_timeout_s is not None:
+            opts["graceful_shutdown_timeout_s"] = self.graceful_shutdown_timeout_s
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
         else:
@@ -163,7 +184,10 @@ class LimitsConfig(_Strict):
     max_top_k: int = Field(default=100, ge=1)
     max_rerank_top_k: int = Field(default=50, ge=1)
     max_embed_items: int = Field(default=64, ge=1)
-    request_timeout_s: float | None = Field(default=120.0, gt=0)   # the HTTP proxy's end-to-end timeout
+    # Every request's deadline: the ingress answers 504 (naming the deployment) when a deployment has not
+    # answered by then, and 503 at once when a deployment it needs is not running. The HTTP proxy's own
+    # timeout is set a little above it. None: no deadline.
+    request_timeout_s: float | None = Field(default=30.0, gt=0)
 
 
 class ServeConfig(_Strict):
@@ -183,6 +207,9 @@ class ServeConfig(_Strict):
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
+    # Sizing the deployments to the cluster (see the module docstring).
+    fit: Literal["auto", "strict", "off"] = "auto"
+    cluster_autoscales: bool | None = None
 
     @model_validator(mode="after")
     def _checks(self):
@@ -229,3 +256,181 @@ def check_api_key(presented: str | None, digest: str) -> bool:
     """Constant-time comparison of a presented key against the stored digest."""
     given = api_key_digest(presented or "")
     return hmac.compare_digest(given.encode("ascii"), digest.encode("ascii")) and bool(presented)
+
+
+# ------------------------------------------------------------------------------------------ resource fitting
+# Deployment names (the Serve application's; app.py uses these).
+INGRESS_NAME, EMBEDDER_NAME, INDEX_NAME, RERANKER_NAME = "UniMEIngress", "QueryEmbedder", "CandidateIndex", "Reranker"
+
+
+def index_deployment_names(partitions: int) -> list[str]:
+    return [INDEX_NAME] if partitions == 1 else [f"{INDEX_NAME}{p}" for p in range(partitions)]
+
+
+class ResourceFitError(ValueError):
+    """The deployments' explicit resource requests cannot fit the cluster (message: requested vs available)."""
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """What the Ray cluster has: totals, the largest node (None: unknown), and whether it can grow."""
+
+    cpus: float
+    gpus: float = 0.0
+    node_cpus: float | None = None
+    node_gpus: float | None = None
+    can_grow: bool = False
+
+
+@dataclass(frozen=True)
+class DeploymentDemand:
+    """One deployment's request: per replica, times ``replicas`` (x ``copies``: index partitions)."""
+
+    name: str
+    section: str                # the ServeConfig field: ingress / embedder / index / reranker
+    num_cpus: float
+    num_gpus: float
+    replicas: int
+    copies: int = 1
+    explicit_cpus: bool = False
+    explicit_gpus: bool = False
+
+    @property
+    def total_cpus(self) -> float:
+        return self.num_cpus * self.replicas * self.copies
+
+    @property
+    def total_gpus(self) -> float:
+        return self.num_gpus * self.replicas * self.copies
+
+    def describe(self) -> str:
+        s = f"{self.name} {self.num_cpus:g} CPU"
+        if self.num_gpus:
+            s += f" + {self.num_gpus:g} GPU"
+        s += f" x{self.replicas}"
+        if self.copies > 1:
+            s += f" x{self.copies} partitions"
+        return s
+
+
+@dataclass
+class ResourceLayout:
+    """The deployments' requests against the cluster; ``line()`` is the one-line summary printed at start."""
+
+    demands: list[DeploymentDemand]
+    capacity: ClusterCapacity
+    mode: str
+    problems: list[str] = field(default_factory=list)
+    scaled_by: float | None = None      # factor applied to the default CPU requests (None: unchanged)
+
+    @property
+    def total_cpus(self) -> float:
+        return round(sum(d.total_cpus for d in self.demands), 6)
+
+    @property
+    def total_gpus(self) -> float:
+        return round(sum(d.total_gpus for d in self.demands), 6)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        c = self.capacity
+        s = (f"resources: {', '.join(d.describe() for d in self.demands)} = {self.total_cpus:g} CPUs, "
+             f"{self.total_gpus:g} GPUs of {c.cpus:g} CPUs, {c.gpus:g} GPUs in the cluster")
+        if self.scaled_by is not None:
+            s += f" (default CPU requests scaled x{self.scaled_by:.2f} to fit)"
+        if self.problems:
+            s += " - DOES NOT FIT: " + "; ".join(self.problems)
+            if c.can_grow and self.mode == "auto":
+                s += " (waiting for the cluster to grow)"
+        return s
+
+
+def _replicas(s: DeploymentSettings) -> int:
+    """Replicas needed to serve: num_replicas, or under autoscaling the initial/min count (at least one)."""
+    if s.autoscaling is None:
+        return s.num_replicas
+    a = s.autoscaling
+    return max(1, a.initial_replicas if a.initial_replicas is not None else a.min_replicas)
+
+
+def resource_demands(cfg: ServeConfig, partitions: int = 1, with_reranker: bool = False) -> list[DeploymentDemand]:
+    """Each deployment's request, marking which resources the user set (vs defaults)."""
+    sections = [(INGRESS_NAME, "ingress", 1), (EMBEDDER_NAME, "embedder", 1), (INDEX_NAME, "index", partitions)]
+    if with_reranker:
+        sections.append((RERANKER_NAME, "reranker", 1))
+    out = []
+    for name, section, copies in sections:
+        s: DeploymentSettings = getattr(cfg, section)
+        out.append(DeploymentDemand(name, section, s.num_cpus, s.num_gpus, _replicas(s), copies,
+                                    "num_cpus" in s.model_fields_set, "num_gpus" in s.model_fields_set))
+    return out
+
+
+def _problems(demands: list[DeploymentDemand], cap: ClusterCapacity) -> list[str]:
+    out = []
+    cpus = sum(d.total_cpus for d in demands)
+    gpus = sum(d.total_gpus for d in demands)
+    if cpus > cap.cpus + 1e-9:
+        out.append(f"{cpus:g} CPUs requested, {cap.cpus:g} available")
+    if gpus > cap.gpus + 1e-9:
+        out.append(f"{gpus:g} GPUs requested, {cap.gpus:g} available")
+    for d in demands:
+        if cap.node_cpus is not None and d.num_cpus > cap.node_cpus + 1e-9:
+            out.append(f"{d.name} needs {d.num_cpus:g} CPUs per replica, the largest node has {cap.node_cpus:g}")
+        if cap.node_gpus is not None and d.num_gpus > cap.node_gpus + 1e-9:
+            out.append(f"{d.name} needs {d.num_gpus:g} GPUs per replica, the largest node has {cap.node_gpus:g}")
+    return out
+
+
+def _scale_default_cpus(demands: list[DeploymentDemand], cap: ClusterCapacity) -> tuple[list[DeploymentDemand], float]:
+    """Default (not explicitly set) CPU requests scaled down together so the total fits (hundredths of a CPU)."""
+    fixed = sum(d.total_cpus for d in demands if d.explicit_cpus)
+    flexible = sum(d.total_cpus for d in demands if not d.explicit_cpus)
+    budget = cap.cpus - fixed
+    if flexible <= 0 or budget < 0:
+        return demands, 1.0
+    factor = min(1.0, budget / flexible)
+    out = []
+    for d in demands:
+        if d.explicit_cpus:
+            out.append(d)
+            continue
+        cpus = math.floor(d.num_cpus * factor * 100 + 1e-9) / 100
+        if cap.node_cpus is not None:
+            cpus = min(cpus, math.floor(cap.node_cpus * 100) / 100)
+        out.append(replace(d, num_cpus=cpus))
+    return out, factor
+
+
+def fit_resources(cfg: ServeConfig, capacity: ClusterCapacity, partitions: int = 1,
+                  with_reranker: bool = False) -> tuple[ServeConfig, ResourceLayout]:
+    """The config to deploy and its layout, per ``cfg.fit`` (module docstring); pure (no Ray).
+
+    Raises :class:`ResourceFitError` when the requests cannot fit and may not be changed (``strict``, or
+    explicit requests under ``auto``), unless the cluster can grow under ``auto``.
+    """
+    demands = resource_demands(cfg, partitions, with_reranker)
+    layout = ResourceLayout(demands, capacity, cfg.fit, _problems(demands, capacity))
+    if cfg.fit == "off" or layout.fits or (cfg.fit == "auto" and capacity.can_grow):
+        return cfg, layout
+    if cfg.fit == "auto":
+        scaled, factor = _scale_default_cpus(demands, capacity)
+        trial = ResourceLayout(scaled, capacity, cfg.fit, _problems(scaled, capacity), scaled_by=factor)
+        if trial.fits:
+            updates = {}
+            for d in scaled:
+                settings = getattr(cfg, d.section)
+                if d.num_cpus != settings.num_cpus:
+                    updates[d.section] = settings.model_copy(update={"num_cpus": d.num_cpus})
+            return cfg.model_copy(update=updates), trial
+        layout = trial
+    explicit = [d.name for d in layout.demands if d.explicit_cpus or d.explicit_gpus]
+    hint = (f"lower the requests set for {', '.join(explicit)}" if explicit else "lower the requests")
+    raise ResourceFitError(
+        f"the serving deployments do not fit the Ray cluster: {'; '.join(layout.problems)} "
+        f"[{', '.join(d.describe() for d in layout.demands)}]. Either {hint}, give Ray more resources "
+        f"(--num-cpus, a bigger cluster), or set serve.fit: off (or cluster_autoscales: true on a cluster "
+        f"that grows) to deploy anyway")

@@ -6,6 +6,13 @@ Layout of an index folder::
     faiss/              ShardedIndex.save: shard-NNN.faiss + its own index.json (offsets, spec)
     metadata.parquet    one row per vector, in vector order: id, task, instruction, text, image_path, image
     embeddings/         the candidate embeddings (id, embedding), one shard per candidate shard
+    quarantine.parquet  candidates that were not indexed, with the reason (QUARANTINE_SCHEMA; empty when none)
+
+Every candidate is accounted for: before embedding, each row is validated as the ``prepare`` stage does
+(``data/validate.py``: ids, texts, images decoded from their bytes or read from ``image_root``); a row that
+fails (missing or corrupt image, duplicate id, ...) is quarantined with its reason and the build goes on.
+``index.json`` records ``accounting`` (rows_in = rows_out + rows_quarantined, reasons). When *no* image
+given by path can be found, the image root is wrong or missing, and the build stops with that message.
 
 The embeddings are computed with the same code as the retrieval stage (``embed_table_local`` or, on a
 cluster, ``embed_table_ray``) and are resumable: a killed build rerun keeps the shards already embedded.
@@ -30,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.io import iter_batches
+from ..data.io import iter_batches, rows_to_table, write_table_atomic
+from ..data.schema import QUARANTINE_SCHEMA
 from ..retrieval.embed import EmbedderSpec, embed_table_local, embed_table_ray, read_embeddings
 from ..retrieval.index import IndexSpec, ShardedIndex
 
@@ -42,6 +50,8 @@ FAISS_DIR = "faiss"
 METADATA = "metadata.parquet"
 EMBEDDINGS_DIR = "embeddings"
 EMBEDDINGS_SPEC = "embeddings.spec.json"
+QUARANTINE = "quarantine.parquet"
+SCREENED_DIR = ".screened-candidates"   # accepted rows, while building (removed when done)
 METADATA_COLUMNS = ("id", "task", "instruction", "text", "image_path", "image")
 METADATA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("task", pa.string()),
                              pa.field("instruction", pa.string()), pa.field("text", pa.string()),
@@ -86,11 +96,90 @@ def _write_metadata(candidates: str | os.PathLike, out: Path, store_images: bool
     return ids
 
 
+def recorded_image_root(candidates: str | os.PathLike) -> tuple[str, Path] | None:
+    """(image root, manifest) recorded by the run whose ``prepare`` stage wrote this candidate table
+    (``RUN/manifest.json`` of ``RUN/prepare/<table>``), None when there is none."""
+    path = Path(candidates).resolve()
+    for parent in list(path.parents)[:3]:
+        manifest = parent / "manifest.json"
+        if not manifest.is_file():
+            continue
+        try:
+            outputs = json.loads(manifest.read_text())["stages"]["prepare"]["outputs"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        tables = [Path(t.get("path", "")).resolve() for t in (outputs.get("tables") or {}).values()
+                  if isinstance(t, dict) and t.get("path")]
+        if outputs.get("image_root") and any(path == t or t in path.parents for t in tables):
+            return str(outputs["image_root"]), manifest
+    return None
+
+
+def screen_candidates(candidates: str | os.PathLike, accepted_dir: Path, image_root: str | None,
+                      check_images: bool = True):
+    """Validate every candidate row (``data.validate``) before embedding.
+
+    Returns ``(table to embed, RowAccount, Quarantine entries)``: the original table when every row is
+    good, else ``accepted_dir`` holding the good rows under the same shard names. Raises
+    :class:`IndexFormatError` when images are given by path and none of them can be found (a wrong or
+    missing image root: quarantining everything would hide that).
+    """
+    from ..data.io import shard_paths
+    from ..data.validate import Quarantine, RowAccount, validate_rows
+
+    quarantine, account, seen = Quarantine(None), RowAccount(), set()
+    shards = shard_paths(candidates)
+    bad: dict[Path, set[int]] = {}
+    path_images = path_missing = 0
+    example = None
+    for shard in shards:
+        offset = 0
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=256):
+            rows = batch.to_pylist()
+            before = len(quarantine)
+            kept = {offset + i for i, _ in enumerate(rows)}
+            triples = ((offset + i, r, r) for i, r in enumerate(rows))
+            for _ in validate_rows(triples, "candidates", source=str(shard), quarantine=quarantine, account=account,
+                                   image_root=image_root, check_images=check_images, seen_ids=seen, indexed=True):
+                pass
+            for entry in quarantine.entries[before:]:
+                kept.discard(entry["row"])
+                bad.setdefault(shard, set()).add(entry["row"])
+                if entry["field"] == "image_path" and "not found" in entry["reason"]:
+                    path_missing += 1
+                    example = example or entry["reason"]
+            path_images += sum(1 for r in rows if r.get("image_path") and not r.get("image"))
+            offset += len(rows)
+    account.check()
+    if path_images and path_missing == path_images:
+        where = f"under the image root {image_root}" if image_root else "and no image root was given"
+        raise IndexFormatError(f"none of the {path_images} candidate images given by path can be found {where} "
+                               f"(e.g. {example.removeprefix('image file not found: ')}): pass --image-root, the "
+                               "folder the candidates' image paths are relative to")
+    if not bad:
+        return candidates, account, quarantine.entries
+    shutil.rmtree(accepted_dir, ignore_errors=True)
+    accepted_dir.mkdir(parents=True)
+    for shard in shards:
+        target = accepted_dir / shard.name
+        if shard not in bad:
+            try:
+                os.link(shard, target)
+            except OSError:
+                shutil.copyfile(shard, target)
+            continue
+        drop = bad[shard]
+        table = pq.read_table(shard)
+        mask = pa.array([i not in drop for i in range(table.num_rows)])
+        pq.write_table(table.filter(mask), target)
+    return accepted_dir, account, quarantine.entries
+
+
 def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, embedder: EmbedderSpec | str, *,
                         kind: str = "flat", num_shards: int = 1, nlist: int | None = None, nprobe: int = 16,
                         batch_size: int = 16, use_ray: bool = False, min_actors: int = 1, max_actors: int = 2,
                         num_gpus_per_actor: float = 0.0, store_images: bool = True, overwrite: bool = False,
-                        built_embedder=None) -> dict[str, Any]:
+                        built_embedder=None, check_images: bool = True, start_ray=None) -> dict[str, Any]:
     """Embed a candidate table (``CANDIDATE_SCHEMA``) and write a serving index to ``out``; returns the manifest.
 
     ``embedder``: an :class:`EmbedderSpec` (or a model name/folder); ``built_embedder``: an already loaded
@@ -98,6 +187,9 @@ def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, e
     ``use_ray``: embed on the Ray cluster (must be initialised) instead of this process.
     ``store_images``: keep inline candidate image bytes in the metadata (needed to rerank image candidates
     stored inline, and to return images); images given by path are read from ``spec.image_root``.
+    ``check_images``: decode every candidate image before embedding (unreadable ones are quarantined); off,
+    only texts and ids are checked, and an unreadable image fails the embedding.
+    ``start_ray``: called before embedding with ``use_ray`` (after screening: a bad table fails before Ray).
     """
     t0 = time.perf_counter()
     spec = embedder if isinstance(embedder, EmbedderSpec) else EmbedderSpec(model=str(embedder))
@@ -117,18 +209,29 @@ def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, e
         shutil.rmtree(emb_dir, ignore_errors=True)
     elif overwrite:
         shutil.rmtree(emb_dir, ignore_errors=True)
+    accepted, account, quarantined = screen_candidates(candidates, out / SCREENED_DIR, spec.image_root,
+                                                       check_images=check_images)
+    write_table_atomic(rows_to_table(quarantined, QUARANTINE_SCHEMA), out / QUARANTINE)
+    if quarantined:
+        logger.warning("%d of %d candidates quarantined (%s): see %s", account.rows_quarantined, account.rows_in,
+                       ", ".join(f"{k}: {v}" for k, v in account.reasons.most_common()), out / QUARANTINE)
+    if account.rows_out == 0:
+        raise IndexFormatError(f"candidate table {candidates} has no rows to index ({account.summary()}; "
+                               f"see {out / QUARANTINE})")
     _write_json_atomic(spec_path, record)
 
     if use_ray:
-        stats = embed_table_ray(spec, candidates, emb_dir, prefix="", batch_size=batch_size, min_actors=min_actors,
+        if start_ray is not None:
+            start_ray()
+        stats = embed_table_ray(spec, accepted, emb_dir, prefix="", batch_size=batch_size, min_actors=min_actors,
                                 max_actors=max_actors, num_gpus=num_gpus_per_actor)
     else:
-        stats = embed_table_local(built_embedder if built_embedder is not None else spec, candidates, emb_dir,
+        stats = embed_table_local(built_embedder if built_embedder is not None else spec, accepted, emb_dir,
                                   prefix="", batch_size=batch_size)
     ids, vectors = read_embeddings(emb_dir)
     if len(ids) == 0:
         raise IndexFormatError(f"candidate table {candidates} has no rows")
-    meta_ids = _write_metadata(candidates, out / METADATA, store_images)
+    meta_ids = _write_metadata(accepted, out / METADATA, store_images)
     if meta_ids != ids:
         raise IndexFormatError("the embeddings and the candidate table disagree on ids/order; rebuild with "
                                "--overwrite (was the candidate table changed after embedding?)")
@@ -148,10 +251,12 @@ def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, e
         "image_root": spec.image_root,
         "candidates": record["candidates"],
         "stores_images": bool(store_images),
+        "accounting": {**account.as_dict(), "rows_indexed": int(len(ids)), "quarantine": QUARANTINE},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build": {**stats, "seconds_total": round(time.perf_counter() - t0, 3)},
     }
     _write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(out / SCREENED_DIR, ignore_errors=True)
     logger.info("serving index %s: %d vectors of dim %d, %s x%d", out, manifest["count"], manifest["dim"], kind,
                 len(index.shards))
     return manifest
