@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures as cf
+import contextlib
 import os
 import secrets
 import socket
@@ -106,30 +107,23 @@ def reference(tiny_models, built_index):
             "vectors": embedder.encode(items, batch_size=8)}
 
 
-@pytest.fixture(scope="module")
-def server(ray_local, tiny_models, built_index):
+@contextlib.contextmanager
+def running_app(app_name: str, key_env: str, config: dict, index: Path, reranker: Path | None = None):
+    """A Serve app on a free loopback port, its API key in ``key_env``; yields {url, key, auth}, then removes it."""
     from ray import serve
 
     from unime_ray.serve.app import build_app
 
     key = secrets.token_urlsafe(24)
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = key
+    old = os.environ.get(key_env)
+    os.environ[key_env] = key
     port = free_port()
-    config = {
-        "api_key_env": KEY_ENV,
-        "limits": {"max_body_bytes": 300_000, "max_image_bytes": 200_000, "max_image_pixels": 160 * 160,
-                   "max_top_k": 30, "max_rerank_top_k": 10, "max_embed_items": 8, "max_text_chars": 2000},
-        "ingress": {"num_cpus": 0},
-        "embedder": {"num_cpus": 0, "dtype": "float32", "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
-        "index": {"num_cpus": 0, "partitions": 2},
-        "reranker": {"num_cpus": 0, "dtype": "float32", "max_batch_size": 4},
-    }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        app = build_app({"index": str(built_index["index"]), "reranker": str(tiny_models["qwen2_5_vl"]),
-                         "config": config})
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        args = {"index": str(index), "config": {**config, "api_key_env": key_env}}
+        if reranker is not None:
+            args["reranker"] = str(reranker)
+        serve.run(build_app(args), name=app_name, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
         while True:
@@ -141,13 +135,28 @@ def server(ray_local, tiny_models, built_index):
             if time.time() > deadline:
                 raise RuntimeError("the serve application did not come up")
             time.sleep(0.5)
-        yield {"url": url, "key": key, "auth": {"Authorization": f"Bearer {key}"}, "config": config}
+        yield {"url": url, "key": key, "auth": {"Authorization": f"Bearer {key}"}}
     finally:
+        serve.delete(app_name)
         serve.shutdown()
         if old is None:
-            os.environ.pop(KEY_ENV, None)
+            os.environ.pop(key_env, None)
         else:
-            os.environ[KEY_ENV] = old
+            os.environ[key_env] = old
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_models, built_index):
+    config = {
+        "limits": {"max_body_bytes": 300_000, "max_image_bytes": 200_000, "max_image_pixels": 160 * 160,
+                   "max_top_k": 30, "max_rerank_top_k": 10, "max_embed_items": 8, "max_text_chars": 2000},
+        "ingress": {"num_cpus": 0},
+        "embedder": {"num_cpus": 0, "dtype": "float32", "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+        "index": {"num_cpus": 0, "partitions": 2},
+        "reranker": {"num_cpus": 0, "dtype": "float32", "max_batch_size": 4},
+    }
+    with running_app(APP_NAME, KEY_ENV, config, built_index["index"], tiny_models["qwen2_5_vl"]) as app:
+        yield {**app, "config": {**config, "api_key_env": KEY_ENV}}
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +353,10 @@ def test_health_and_info(server, client):
 
     assert info["reranker"]["implementation"] == reranker_implementation() and info["embedder"]["dim"] == 64
     spec = requests.get(server["url"] + "/openapi.json", timeout=10).json()
-    assert {"/v1/search", "/v1/embed", "/v1/info", "/healthz"} <= set(spec["paths"])
+    assert {"/v1/search", "/v1/embed", "/v1/info", "/healthz", "/readyz"} <= set(spec["paths"])
+    ready = client.readiness()      # open like /healthz; every deployment of the app, all running
+    assert ready["ready"] is True and ready["not_ready"] == []
+    assert set(ready["deployments"]) == {"QueryEmbedder", "CandidateIndex0", "CandidateIndex1", "Reranker"}
     assert "SearchRequest" in spec["components"]["schemas"]
 
 

@@ -9,8 +9,10 @@ send wrong is answered with a 4xx and a message in ``detail``:
 * 422 - schema errors, bad base64, undecodable images, empty queries, ``top_k`` out of range, texts too long,
   reranking asked of a server without a reranker.
 
-Unexpected failures are logged and answered with 500 (or 503 when a backend is unavailable); they never
-take a replica down.
+Unexpected failures are logged and answered with 500; they never take a replica down. A request needing a
+deployment that has no running replica gets 503 at once (``GET /readyz`` lists the deployments' state), and
+one that a deployment does not answer within ``limits.request_timeout_s`` gets 504 naming it. Bodies of the
+POST endpoints are parsed as JSON whatever their ``Content-Type`` (``curl -d`` sends a form type).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.schema import Item
 from .config import LimitsConfig, check_api_key
+from .page import mount_search_page
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = "1"
-OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+JSON_PATHS = ("/v1/search", "/v1/embed")   # POST bodies read as JSON whatever the Content-Type says
 
 
 class RequestError(Exception):
@@ -101,6 +105,22 @@ class EmbedResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class DeploymentState(BaseModel):
+    role: str = Field(description="embedder, index (partition i/n) or reranker")
+    status: str = Field(description="Ray Serve's deployment status (HEALTHY, UPDATING, ...; MISSING)")
+    replicas: dict[str, int] = Field(description="replica count by state (RUNNING, STARTING, ...)")
+    ready: bool
+    message: str = ""
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready, not ready, or unknown")
+    ready: bool
+    not_ready: list[str] = Field(description="deployments without a running replica")
+    deployments: dict[str, DeploymentState]
+    message: str
 
 
 class InfoResponse(BaseModel):
@@ -223,6 +243,10 @@ class GuardMiddleware:
         path = scope.get("path", "")
         root = scope.get("root_path", "") or ""
         rel = path[len(root):] if root and path.startswith(root) else path
+        if scope.get("method") == "POST" and rel in JSON_PATHS and not _is_json_type(headers.get(b"content-type")):
+            # curl -d sends application/x-www-form-urlencoded, some clients nothing: the body is JSON anyway
+            scope = dict(scope, headers=[(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")])
         if self.key_digest and (rel or "/") not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
@@ -255,6 +279,11 @@ class GuardMiddleware:
         return await self.app(scope, limited_receive, send)
 
 
+def _is_json_type(value: bytes | None) -> bool:
+    media = (value or b"").split(b";")[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
 # ------------------------------------------------------------------------------------------ the app
 def _loc(loc) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
@@ -269,10 +298,11 @@ async def _guarded(fn: Callable[[], Awaitable[Any]]) -> Any:
         from ray.exceptions import RayActorError
 
         try:
-            from ray.serve.exceptions import BackPressureError
+            from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+            unavailable = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
         except ImportError:  # pragma: no cover
-            BackPressureError = RayActorError  # noqa: N806
-        if isinstance(exc, (RayActorError, BackPressureError)):
+            unavailable = (RayActorError,)
+        if isinstance(exc, unavailable):
             logger.warning("backend unavailable: %s", exc)
             return JSONResponse({"detail": f"a backend deployment is unavailable: {type(exc).__name__}"},
                                 status_code=503)
@@ -300,6 +330,7 @@ def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI
                     "`Authorization: Bearer <key>` when the server has an API key; `/healthz` is open.",
     )
     api.add_middleware(GuardMiddleware, max_body_bytes=limits.max_body_bytes, key_digest=key_digest)
+    mount_search_page(api)   # the static search page at /, outside the key guard (it holds no data)
     bearer = HTTPBearer(auto_error=False, description="the server's API key, when one is configured")
 
     @api.exception_handler(RequestValidationError)
@@ -313,11 +344,21 @@ def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI
 
     errors_doc = {401: {"description": "missing or invalid API key"},
                   413: {"description": "body or image over a limit"},
-                  422: {"description": "invalid request (message in `detail`)"}}
+                  422: {"description": "invalid request (message in `detail`)"},
+                  503: {"description": "a deployment the request needs is not running (see /readyz)"},
+                  504: {"description": "a deployment did not answer within the request deadline"}}
 
-    @api.get("/healthz", response_model=Health, summary="liveness")
+    @api.get("/healthz", response_model=Health, summary="liveness (this process answers)")
     async def healthz():
         return await _guarded(backend.health)
+
+    @api.get("/readyz", response_model=Readiness, summary="readiness: every deployment has a running replica",
+             responses={503: {"model": Readiness, "description": "a deployment is not ready (listed in not_ready)"}})
+    async def readyz():
+        async def run():
+            state = await backend.readiness()
+            return JSONResponse(state, status_code=200 if state.get("ready") else 503)
+        return await _guarded(run)
 
     @api.get("/v1/info", response_model=InfoResponse, summary="models, index size and limits",
              dependencies=[Depends(bearer)], responses={401: errors_doc[401]})
