@@ -169,6 +169,9 @@ def _print_outputs(run_dir: Path | None) -> None:
     report = run_dir / "report.md"
     if report.is_file():
         print(f"{TAG} report: {report}")
+    log = run_dir / "logs" / "console.log"   # Ray's, the libraries' and the workers' messages (unless --verbose)
+    if log.is_file():
+        print(f"{TAG} log: {log}")
 
 
 def run_entrypoint(script: str | os.PathLike, argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import RunConfig
+from .utils.logs import end_live, fmt_duration
 
 logger = logging.getLogger(__name__)
 
@@ -580,6 +581,7 @@ def run_pipeline(cfg: RunConfig, force: bool = False, only: list[str] | None = N
         raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGE_NAMES)}")
     manifest = Manifest(run_dir)
     upstream = ""
+    order = [s.name for s in STAGES if s.name in wanted]
     for stage in STAGES:
         key = _stage_key(cfg, stage, upstream)
         if stage.name not in OPTIONAL_STAGES:  # nothing downstream reads optional stages' outputs
@@ -592,15 +594,72 @@ def run_pipeline(cfg: RunConfig, force: bool = False, only: list[str] | None = N
             continue
         if prev and prev.get("key") != key and stage.clear_on_rerun:
             shutil.rmtree(run_dir / stage.name, ignore_errors=True)  # config changed: start the stage afresh
-        logger.info("stage %-8s running", stage.name)
+        logger.info("stage %-8s running (%d of %d)", stage.name, order.index(stage.name) + 1, len(order))
         start = time.perf_counter()
         manifest.update(stage.name, status="running", key=key, started=time.time())
         try:
             outputs = stage.run(cfg, manifest)
         except BaseException as exc:
+            end_live()
             manifest.update(stage.name, status="failed", error=f"{type(exc).__name__}: {exc}")
             raise
+        end_live()  # a progress line the stage left unfinished stays as it was
         manifest.update(stage.name, status="complete", seconds=round(time.perf_counter() - start, 2),
                         outputs=outputs, error=None)
-        logger.info("stage %-8s complete in %.1f s", stage.name, time.perf_counter() - start)
+        logger.info("stage %-8s complete in %s", stage.name, _took(time.perf_counter() - start))
     return manifest
+
+
+def _took(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else fmt_duration(seconds)
+
+
+def failed_stage(manifest: Manifest) -> str | None:
+    """The stage that failed last in this run directory, if any."""
+    failed = [(st.get("started") or 0, name) for name, st in manifest.data["stages"].items()
+              if st.get("status") == "failed"]
+    return max(failed)[1] if failed else None
+
+
+def headline_table(report: str | os.PathLike) -> list[str]:
+    """The report's main comparison table (one row per variant, P@1 per eval set), as aligned text lines;
+    [] when the report has none (no eval stage)."""
+    try:
+        lines = Path(report).read_text().splitlines()
+    except OSError:
+        return []
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("| variant")), None)
+    if start is None:
+        return []
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if all(c and set(c) <= set("-:") for c in cells):
+            continue  # the header's separator
+        rows.append(cells)
+    width = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+
+
+def run_summary(run_dir: str | os.PathLike, manifest: Manifest) -> str:
+    """What the end of a run prints: the stages' states, where the report and the log are, the headline table."""
+    run_dir = Path(run_dir).resolve()
+    out = [f"run directory: {run_dir}"]
+    for name in STAGE_NAMES:
+        st = manifest.stage(name)
+        if st:
+            secs = st.get("seconds")
+            out.append(f"  {name:<9} {st.get('status'):<9} {_took(secs) if secs is not None else ''}".rstrip())
+    log = run_dir / "logs" / "console.log"
+    if log.is_file():
+        out.append(f"log (Ray, libraries, workers): {log}")
+    report = run_dir / "report.md"
+    if report.is_file():
+        out.append(f"report: {report}")
+        table = headline_table(report)
+        if table:
+            out += ["", "Comparison (the headline table of report.md):"]
+            out += ["  " + ln for ln in table]
+    return "\n".join(out)

@@ -10,7 +10,7 @@ logger = logging.getLogger(__name__)
 
 # Passed to every worker: offline hub access and quiet tokenizers, as on the driver.
 WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS",
-              "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")
+              "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR", "TQDM_DISABLE")
 
 
 def job_env_vars() -> dict[str, str] | None:
@@ -29,7 +29,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
     import ray
 
+    from .logs import log_path, verbose
+
     if ray.is_initialized():
+        _route_worker_output()
         return ray
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,21 +46,77 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if os.environ.get("OMP_NUM_THREADS") == "1" and (env_vars or {}).get("OMP_NUM_THREADS") is None:
             env.pop("OMP_NUM_THREADS", None)
     runtime_env = {"env_vars": env}
+    # Workers' stdout/stderr: on the console when verbose (or outside a run's logging); else into the run's log file
+    # (see _route_worker_output), or dropped where this Ray cannot be told where to send it. Errors raised in
+    # workers reach the driver either way: Ray re-raises them there.
+    to_driver = verbose() or log_path() is None or _stdstream_dispatcher() is not None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=to_driver)
     else:
         logger.info("starting a local Ray (num_cpus=%s)", num_cpus)
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
-                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True,
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=to_driver,
                  configure_logging=True, logging_level=logging.WARNING)
+    _route_worker_output()
     try:
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
+        ctx.enable_progress_bars = verbose()   # our progress line replaces Ray Data's bars
         ctx.print_on_execution_start = False
     except Exception:  # older/newer Ray without these knobs: progress bars are cosmetic
         pass
+    try:
+        logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+        from .logs import log_only
+
+        log_only(logger, logging.INFO, "Ray's own logs (every process): %s", logs_dir)
+    except Exception:
+        pass
     return ray
+
+
+def _stdstream_dispatcher():
+    """Ray's dispatcher of the worker output it forwards to the driver (private API; None where it moved)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    except Exception:
+        return None
+    if not all(hasattr(global_worker_stdstream_dispatcher, m) for m in ("add_handler", "remove_handler")):
+        return None
+    return global_worker_stdstream_dispatcher
+
+
+_worker_logger = logging.getLogger("ray-workers")
+
+
+def _worker_lines_to_log(data: dict) -> None:
+    """One batch of forwarded worker output, as records of the ``ray-workers`` logger (the run's log file)."""
+    lines = data.get("lines") or []
+    if data.get("pid") == "autoscaler":  # as Ray prints them: its events only, not the periodic status
+        try:
+            from ray._private.worker import filter_autoscaler_events
+
+            lines = list(filter_autoscaler_events(lines))
+        except Exception:
+            lines = []
+    who = data.get("actor_name") or data.get("task_name") or "worker"
+    for line in lines:
+        if "__ray_tqdm_magic_token__" in line:  # ray.experimental.tqdm_ray's bar updates
+            continue
+        _worker_logger.info("(%s pid=%s) %s", who, data.get("pid"), line)
+
+
+def _route_worker_output() -> None:
+    """While a run logs to its file and is not verbose: worker output goes there instead of the console."""
+    from .logs import log_path, verbose
+
+    if log_path() is None or verbose():
+        return
+    dispatcher = _stdstream_dispatcher()
+    if dispatcher is None:
+        return
+    dispatcher.remove_handler("ray_print_logs")   # Ray's printer (same name, so ray.shutdown still removes ours)
+    dispatcher.add_handler("ray_print_logs", _worker_lines_to_log)

@@ -62,7 +62,7 @@ def map_shards_local(fn: Callable[[dict[str, list]], dict[str, Any]], table: str
     """Single-process driver: ``fn(batch columns) -> output columns`` (same row count)."""
     todo = pending_shards(table, out_dir)
     total = sum(shard_rows(s) for s, _ in todo)
-    progress = Progress(logger, f"{what} ({Path(table).name})", total)
+    progress = Progress(logger, f"{what} ({Path(table).name})", total, unit="rows")
     for shard, out in todo:
         acc: dict[str, list] = defaultdict(list)
         for batch in iter_batches(shard, batch_size=batch_size, columns=columns):
@@ -111,7 +111,7 @@ def map_shards_ray(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLike, 
     expected = {s.name: shard_rows(s) for s, _ in todo}
     outputs = {s.name: o for s, o in todo}
     total = sum(expected.values())
-    progress = Progress(logger, f"{what} ({Path(table).name}, Ray)", total)
+    progress = Progress(logger, f"{what} ({Path(table).name}, Ray)", total, unit="rows")
     for name, n in list(expected.items()):
         if n == 0:  # an empty shard yields no batch: its output is an empty table
             write_table_atomic(build_table({}), outputs[name])
