@@ -569,3 +569,200 @@ def test_validate_row_inline_image_bytes_and_candidates(tmp_path, png_bytes):
     with pytest.raises(DataError) as ei:
         validate_row(dict(_cand(0), text="<image> caption"), "candidates", source="pool", index=3)
     assert ei.value.field == "text" and "marker" in ei.value.reason
+
+
+# ------------------------------------------------------------------------------------------ MMEB-train folders
+def _mmeb_row(q: str, pos: str = "<|image_1|>\nRepresent the given image.\n",
+              pos_img: str = "images/VisDial/Train/room.jpg") -> dict:
+    return {"qry": q, "qry_image_path": "", "pos_text": pos, "pos_image_path": pos_img}
+
+
+def _mmeb_train_folder(root: Path, png_bytes) -> Path:
+    """The published layout: <Subset>/<split>-NNNNN-of-NNNNN.parquet, plus the images folder beside them."""
+    _write_images(root, png_bytes, ["images/VisDial/Train/room.jpg", "images/NIGHTS/Train/a.png"])
+    data = root / "MMEB-train"
+    nights = data / "NIGHTS"
+    nights.mkdir(parents=True)
+    for split in ("train", "original", "diverse_instruction"):   # train == original; one is read, not both
+        pq.write_table(pa.Table.from_pylist([_mmeb_row(f"{split} q{i}", "<|image_1|>\nRepresent the image.\n",
+                                                       "images/NIGHTS/Train/a.png") for i in range(2)]),
+                       nights / f"{split}-00000-of-00001.parquet")
+    visdial = data / "VisDial"
+    visdial.mkdir()
+    pq.write_table(pa.Table.from_pylist([_mmeb_row("v0"), _mmeb_row("v1")]), visdial / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist([_mmeb_row("v2"), {**_mmeb_row("v3"), "qry": None},   # bad row: no query
+                                         _mmeb_row("v4", pos_img="images/VisDial/Train/missing.jpg")]),  # no image
+                   visdial / "train-00001-of-00002.parquet")
+    (data / "README.md").write_text("not data")
+    return data
+
+
+def test_mmeb_train_folder_imports_every_subset_named_after_its_folder(tmp_path, png_bytes):
+    data = _mmeb_train_folder(tmp_path, png_bytes)
+    (data / "images").mkdir()                       # an image folder among the subsets is not a subset
+    (data / "images" / "x.jpg").write_bytes(png_bytes(8, 8, 1, "JPEG"))
+    out, q = tmp_path / "pairs", tmp_path / "q.parquet"
+    account = import_pairs(data, "mmeb-train", out, quarantine_path=q, image_root=tmp_path)
+    assert (account.rows_in, account.rows_out, account.rows_quarantined) == (7, 5, 2)   # in = out + quarantined
+    rows = read_table(out).to_pylist()
+    assert [(r["task"], r["id"], r["query_text"]) for r in rows] == [
+        ("NIGHTS", "NIGHTS:00000000", "train q0"), ("NIGHTS", "NIGHTS:00000001", "train q1"),   # the train split
+        ("VisDial", "VisDial:00000000", "v0"), ("VisDial", "VisDial:00000001", "v1"),
+        ("VisDial", "VisDial:00000002", "v2")]             # ids run on across the subset's two files
+    bad = pq.read_table(q).to_pylist()
+    assert [(Path(b["source"]).name, b["row"], b["field"]) for b in bad] == [
+        ("train-00001-of-00002.parquet", 1, "qry"), ("train-00001-of-00002.parquet", 2, "pos_image_path")]
+    assert "not found" in bad[1]["reason"] and bad[1]["id"] == "VisDial:00000004"
+
+    # another split, chosen by name; a split a subset lacks is an error naming it
+    account = import_pairs(data / "NIGHTS", "mmeb-train", tmp_path / "div", quarantine_path=q, image_root=tmp_path,
+                           mmeb_split="diverse_instruction")
+    assert account.rows_out == 2
+    assert {r["query_text"] for r in read_table(tmp_path / "div").to_pylist()} == {"diverse_instruction q0",
+                                                                                  "diverse_instruction q1"}
+    with pytest.raises(FileNotFoundError, match="no files of split 'diverse_instruction'.*splits: train"):
+        import_pairs(data, "mmeb-train", tmp_path / "x", quarantine_path=q, mmeb_split="diverse_instruction")
+    with pytest.raises(ValueError, match="each named after its folder"):
+        import_pairs(data, "mmeb-train", tmp_path / "x", quarantine_path=q, task="Mixed")
+    # one published file: the task is its subset folder, not the file stem "train-00000-of-00001"
+    import_pairs(data / "NIGHTS" / "train-00000-of-00001.parquet", "mmeb-train", tmp_path / "one",
+                 quarantine_path=q, image_root=tmp_path)
+    assert {r["task"] for r in read_table(tmp_path / "one").to_pylist()} == {"NIGHTS"}
+
+
+def test_prepare_cli_mmeb_train_folder_and_max_records(tmp_path, png_bytes, capsys):
+    from unime_ray.cli import build_parser
+
+    data = _mmeb_train_folder(tmp_path, png_bytes)
+    args = build_parser().parse_args(["prepare", "--input", str(data), "--format", "mmeb-train", "--out",
+                                      str(tmp_path / "pairs"), "--image-root", str(tmp_path)])
+    assert args.func(args) == 0
+    assert "in=7 out=5 quarantined=2" in capsys.readouterr().out
+    assert {r["task"] for r in read_table(tmp_path / "pairs").to_pylist()} == {"NIGHTS", "VisDial"}
+    args = build_parser().parse_args(["prepare", "--input", str(data), "--format", "mmeb-train", "--out",
+                                      str(tmp_path / "first3"), "--image-root", str(tmp_path), "--max-records", "3"])
+    assert args.func(args) == 0
+    assert [r["id"] for r in read_table(tmp_path / "first3").to_pylist()] == [
+        "NIGHTS:00000000", "NIGHTS:00000001", "VisDial:00000000"]
+
+
+# ------------------------------------------------------------------------------------------ retrieval sets
+def test_official_flickr_coco_test_parquet_is_retrieval_data(tmp_path, png_bytes):
+    """royokong/flickr30k_test and coco_test: ``image`` (HF Image struct) + ``text`` (list of 5 captions)."""
+    from unime_ray.data.convert import RETRIEVAL_SCHEMA
+    from unime_ray.eval.retrieval import load_retrieval_set
+
+    caps = lambda i: [f"caption {j} of image {i}" for j in range(5)]   # noqa: E731
+    good = [{"image": {"bytes": png_bytes(30, 20, i, "JPEG"), "path": f"{i}.jpg"}, "text": caps(i)} for i in range(3)]
+    records = good + [{"image": {"bytes": b"not a jpeg", "path": "bad.jpg"}, "text": caps(3)},   # undecodable
+                      {"image": {"bytes": png_bytes(30, 20, 4), "path": "4.jpg"}, "text": []},   # no captions
+                      {"image": None, "text": caps(5)},                                         # no image
+                      {"image": {"bytes": png_bytes(30, 20, 6), "path": "6.jpg"}, "text": ["ok", " "]}]  # empty one
+    src = tmp_path / "flickr30k_test" / "data" / "test-00000-of-00001.parquet"
+    src.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(records), src)
+    out, q = tmp_path / "flickr30k", tmp_path / "q.parquet"
+    account = import_pairs(src, "retrieval", out, quarantine_path=q, task="flickr30k")
+    assert (account.rows_in, account.rows_out, account.rows_quarantined) == (7, 3, 4)
+    assert read_table(out).schema.equals(RETRIEVAL_SCHEMA)
+    rows = read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == ["flickr30k:00000000", "flickr30k:00000001", "flickr30k:00000002"]
+    assert rows[1]["image"] == good[1]["image"]["bytes"] and rows[1]["image_path"] is None
+    assert rows[2]["captions"] == caps(2)
+    bad = pq.read_table(q).to_pylist()
+    assert [(b["row"], b["field"]) for b in bad] == [(3, "image"), (4, "text"), (5, "image"), (6, "text[1]")]
+    assert "cannot decode" in bad[0]["reason"] and "empty caption" in bad[3]["reason"]
+    # the converted table and the raw official file (its good rows) are both retrieval eval data, 5 per image
+    for path in (out, _official_good_only(tmp_path, good)):
+        rset = load_retrieval_set(path, captions_per_image=5)
+        assert len(rset.images) == 3 and len(rset.captions) == 15
+        assert rset.caption_image.tolist() == [i // 5 for i in range(15)]
+        assert rset.captions[7].text == "caption 2 of image 1" and rset.images[2].image == good[2]["image"]["bytes"]
+
+
+def _official_good_only(tmp_path: Path, good: list[dict]) -> Path:
+    path = tmp_path / "coco_test.parquet"
+    pq.write_table(pa.Table.from_pylist(good), path)
+    return path
+
+
+SHAREGPT4V = [
+    {"id": "000000000009", "image": "coco/train2017/000000000009.jpg",
+     "conversations": [{"from": "human", "value": "<image>\nWhat is this photo about? Please answer in great detail."},
+                       {"from": "gpt", "value": "The image shows a lunch box.\n\nIt holds broccoli,\nbread and fruit."}]},
+    {"id": "sa_1", "image": "sam/images/sa_1.jpg",
+     "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A street at night."}]},
+    {"id": "sa_2", "image": "sam/images/missing.jpg",                                    # image file missing
+     "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A dog."}]},
+    {"id": "sa_3", "image": "sam/images/sa_1.jpg", "conversations": [{"from": "human", "value": "<image>"}]},  # no answer
+    {"id": "sa_4", "image": "sam/images/sa_1.jpg",
+     "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "beyond the first 4"}]},
+]
+
+
+def test_sharegpt4v_json_and_caption_records(tmp_path, png_bytes):
+    from unime_ray.eval.retrieval import load_retrieval_set
+
+    root = tmp_path / "data"
+    _write_images(root, png_bytes, ["coco/train2017/000000000009.jpg", "sam/images/sa_1.jpg"])
+    src = tmp_path / "share-captioner_coco_lcs_sam_1246k_1107.json"
+    src.write_text(json.dumps(SHAREGPT4V))
+    out, q = tmp_path / "sharegpt4v", tmp_path / "q.parquet"
+    account = import_pairs(src, "sharegpt4v", out, quarantine_path=q, image_root=root, task="sharegpt4v",
+                           max_records=4)   # the protocol's "first 1000", here the first 4
+    assert (account.rows_in, account.rows_out, account.rows_quarantined) == (4, 2, 2)
+    rows = read_table(out).to_pylist()
+    assert [(r["id"], r["image_path"]) for r in rows] == [
+        ("sharegpt4v:000000000009", "coco/train2017/000000000009.jpg"), ("sharegpt4v:sa_1", "sam/images/sa_1.jpg")]
+    assert rows[0]["captions"] == ["The image shows a lunch box. It holds broccoli, bread and fruit."]
+    bad = pq.read_table(q).to_pylist()
+    assert [(b["row"], b["field"]) for b in bad] == [(2, "image_path"), (3, "conversations")]
+    rset = load_retrieval_set(out, image_root=root, captions_per_image=1)
+    assert len(rset.images) == len(rset.captions) == 2 and rset.caption_image.tolist() == [0, 1]
+
+    # the fallback layouts: JSONL {image, caption} records, and a Parquet with image + caption columns
+    plain = [{"image": "sam/images/sa_1.jpg", "caption": "A street\nat night."},
+             {"image": "coco/train2017/000000000009.jpg", "caption": ""}]
+    _write_jsonl(tmp_path / "plain.jsonl", plain)
+    pq.write_table(pa.Table.from_pylist(plain), tmp_path / "plain.parquet")
+    for name, fmt in (("plain.jsonl", "sharegpt4v"), ("plain.parquet", "sharegpt4v"), ("plain.parquet", "retrieval")):
+        account = import_pairs(tmp_path / name, fmt, tmp_path / "p", quarantine_path=q, image_root=root)
+        assert (account.rows_in, account.rows_out, account.rows_quarantined) == (2, 1, 1), (name, fmt)
+        (row,) = read_table(tmp_path / "p").to_pylist()
+        assert row["id"] == "plain:00000000" and row["image_path"] == "sam/images/sa_1.jpg"
+        assert row["captions"] == (["A street at night."] if fmt == "sharegpt4v" else ["A street\nat night."])
+
+
+def test_urban1k_folder(tmp_path, png_bytes):
+    from unime_ray.eval.retrieval import load_retrieval_set
+
+    u = tmp_path / "unzipped" / "Urban1k"
+    _write_images(u, png_bytes, ["image/1.jpg", "image/2.jpg", "image/3.jpg"])
+    (u / "caption").mkdir()
+    (u / "caption" / "1.txt").write_text("A busy street with red buses.\nsecond line is ignored\n")
+    (u / "caption" / "2.txt").write_text("Tall glass towers at dusk.")
+    (u / "caption" / "3.txt").write_text("\nthe first line is empty")       # empty caption
+    (u / "caption" / "4.txt").write_text("A caption without its image.")   # image missing
+    q = tmp_path / "q.parquet"
+    account = import_pairs(tmp_path / "unzipped", "urban1k", tmp_path / "urban1k", quarantine_path=q,
+                           image_root=tmp_path / "unzipped")     # the zip's folder, found inside
+    assert (account.rows_in, account.rows_out, account.rows_quarantined) == (4, 2, 2)
+    rows = read_table(tmp_path / "urban1k").to_pylist()
+    assert [(r["id"], r["image_path"], r["captions"]) for r in rows] == [
+        ("unzipped:1", "Urban1k/image/1.jpg", ["A busy street with red buses."]),
+        ("unzipped:2", "Urban1k/image/2.jpg", ["Tall glass towers at dusk."])]
+    bad = pq.read_table(q).to_pylist()
+    assert [(b["row"], b["field"], b["id"]) for b in bad] == [(2, "caption[0]", "unzipped:3"),
+                                                             (3, "image_path", "unzipped:4")]
+    rset = load_retrieval_set(tmp_path / "urban1k", image_root=tmp_path / "unzipped", captions_per_image=1)
+    assert len(rset.images) == 2 and rset.captions[1].text == "Tall glass towers at dusk."
+    # without an image root the paths are absolute, so the table works from anywhere
+    import_pairs(u, "urban1k", tmp_path / "abs", quarantine_path=q, task="urban1k")
+    first = read_table(tmp_path / "abs").to_pylist()[0]
+    assert first["id"] == "urban1k:1" and Path(first["image_path"]).is_absolute()
+    with pytest.raises(DataError, match="not an Urban1K folder"):
+        import_pairs(tmp_path, "urban1k", tmp_path / "x", quarantine_path=q)
+    from unime_ray.data.convert import import_table
+
+    with pytest.raises(ValueError, match="retrieval table"):
+        import_table(u, "urban1k", tmp_path / "x", quarantine_path=q, kind="candidates")

@@ -89,15 +89,17 @@ def test_summarize_by_hand():
     per = {"ImageNet-1K": 60.0, "VOC2007": 80.0, "place365": 20.0,   # classification: 2 IND + 1 OOD (any spelling)
            "OK-VQA": 40.0, "MSCOCO": 90.0, "my_custom_set": 10.0}
     s = summarize(per)
-    assert list(s) == ["Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD", "Overall"]
+    assert list(s) == ["Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD", "Overall", "Other"]
     assert s["Classification"] == {"mean": pytest.approx(160 / 3), "count": 3}
     assert s["VQA"] == {"mean": 40.0, "count": 1}
     assert s["Retrieval"] == {"mean": None, "count": 0}           # missing group
     assert s["Grounding"] == {"mean": 90.0, "count": 1}
     assert s["IND"] == {"mean": pytest.approx(67.5), "count": 4}  # ImageNet-1K, VOC2007, OK-VQA, MSCOCO
     assert s["OOD"] == {"mean": 20.0, "count": 1}
-    assert s["Overall"] == {"mean": pytest.approx(50.0), "count": 6}  # the custom set counts only here
+    assert s["Overall"] == {"mean": pytest.approx(58.0), "count": 5}  # the 36 only: the custom set is not here
+    assert s["Other"] == {"mean": 10.0, "count": 1, "datasets": ["my_custom_set"]}   # ...but here
     assert summarize({})["Overall"] == {"mean": None, "count": 0}
+    assert summarize({})["Other"] == {"mean": None, "count": 0, "datasets": []}
     with pytest.raises(ValueError, match="both name"):
         summarize({"ImageNet-1K": 1.0, "imagenet_1k": 2.0})
     # The built-in lists: 10/10/12/4 datasets, 20 IND + 16 OOD, 36 distinct.
@@ -216,8 +218,10 @@ def test_pairs_eval_by_hand_dedup_dump_and_outputs(hand_table, tmp_path):
     assert r["per_dataset"] == {"A": pytest.approx(100 / 3, abs=1e-3), "B": 100.0}
     assert r["chance"]["A"] == pytest.approx(100 * (1 / 3 + 1 / 3 + 1 / 2) / 3, abs=1e-3)
     assert r["datasets"]["B"]["gt_duplicates_dropped"] == 1 and r["datasets"]["B"]["mean_candidates"] == 2
-    assert r["summary"]["Overall"] == {"mean": pytest.approx((100 / 3 + 100) / 2, abs=1e-3), "count": 2}
-    assert r["summary"]["IND"]["count"] == 0 and r["outside_mmeb"] == ["A", "B"]
+    assert r["summary"]["Other"] == {"mean": pytest.approx((100 / 3 + 100) / 2, abs=1e-3), "count": 2,
+                                     "datasets": ["A", "B"]}
+    assert r["summary"]["Overall"]["count"] == 0 and r["summary"]["IND"]["count"] == 0
+    assert r["outside_mmeb"] == ["A", "B"]
     # One encode call for everything; each distinct item once: queries q0,q1,q2 + a,b,c,d,e (A) + x,y (B, by id).
     assert emb.encoded == [10] and r["sizes"]["distinct_items_encoded"] == 10
     dump = pq.read_table(tmp_path / "run" / "topk.parquet").to_pylist()
@@ -229,7 +233,7 @@ def test_pairs_eval_by_hand_dedup_dump_and_outputs(hand_table, tmp_path):
     assert saved["per_dataset"] == r["per_dataset"] and saved["rerank"] is None
     assert (tmp_path / "run" / "results.png").stat().st_size > 1000
     md = (tmp_path / "run" / "results.md").read_text()
-    assert "| A |" in md and "tie is a miss" in md and "only toward Overall" in md
+    assert "| A |" in md and "tie is a miss" in md and "reported under Other" in md
 
 
 def test_listwise_rerank_wiring(hand_table, tmp_path):
@@ -321,6 +325,34 @@ def test_mmeb_dir_bad_input(tmp_path):
     with pytest.raises(DataError, match=r"field 'query_image_path'"):
         prepare_mmeb_dir(data, tmp_path / "t", image_root=images, subsets=["Missing"])
 
+
+def test_published_mmeb_folder_overall_is_the_36_and_cifar_is_other(tmp_path):
+    """The published MMEB-eval folder holds 37 subsets (the 36 + CIFAR-100): Overall/IND/OOD and the
+    meta-tasks average exactly the 36; CIFAR-100 is evaluated and reported under Other only."""
+    from unime_ray.eval.mmeb import evaluate_mmeb_dir, headline
+
+    data = tmp_path / "MMEB-eval"
+    vecs: dict[str, list[float]] = {}
+    for k, name in enumerate(list(MMEB_DATASETS) + ["CIFAR-100"]):
+        (data / name).mkdir(parents=True)
+        (data / name / "test-00000-of-00001.jsonl").write_text(json.dumps(
+            {"qry_text": f"q{k}", "qry_img_path": "", "tgt_text": [f"good{k}", f"bad{k}"], "tgt_img_path": ["", ""]}))
+        hit = name != "CIFAR-100"   # every MMEB set scores 100, CIFAR-100 scores 0
+        vecs.update({f"q{k}": [1, 0], f"good{k}": [1, 0] if hit else [0, 1], f"bad{k}": [0, 1] if hit else [1, 0]})
+    r = evaluate_mmeb_dir(FakeEmbedder(vecs), data, tmp_path / "run")
+    assert len(r["per_dataset"]) == 37 and r["per_dataset"]["CIFAR-100"] == 0.0
+    s = r["summary"]
+    assert s["Overall"] == {"mean": 100.0, "count": 36}           # 97.3 if CIFAR-100 counted
+    assert (s["IND"]["count"], s["OOD"]["count"]) == (20, 16)
+    assert [s[g]["count"] for g in ("Classification", "VQA", "Retrieval", "Grounding")] == [10, 10, 12, 4]
+    assert s["Other"] == {"mean": 0.0, "count": 1, "datasets": ["CIFAR-100"]}
+    assert r["outside_mmeb"] == ["CIFAR-100"] and r["chance_summary"]["Overall"]["count"] == 36
+    assert r["metrics"]["mean Overall"] == 100.0 and r["metrics"]["mean Other"] == 0.0
+    assert headline(s) == ("Overall", 100.0)
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "| Other | 1 |" in md and "reported under Other" in md and "CIFAR-100" in md
+    # A run of custom sets only (the demo) has no Overall: its headline is the mean of its sets.
+    assert headline(summarize({"emoji_i2t": 40.0, "emoji_t2i": 60.0})) == ("Other", 50.0)
 
 # ============================================================================ retrieval / compositional runners
 def _retrieval_file(tmp_path: Path, per_image: int, prefix: str = "") -> Path:
@@ -484,7 +516,8 @@ def test_cli_eval_mmeb_dir_retrieval_compositional_and_compare(tiny_models, tmp_
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["kind"] == "mmeb" and set(res["per_dataset"]) == {"ImageNet-1K", "MSCOCO_t2i", "MyOwnSet"}
     assert res["summary"]["Classification"]["count"] == 1 and res["summary"]["Retrieval"]["count"] == 1
-    assert res["summary"]["IND"]["count"] == 2 and res["summary"]["Overall"]["count"] == 3
+    assert res["summary"]["IND"]["count"] == 2 and res["summary"]["Overall"]["count"] == 2
+    assert res["summary"]["Other"]["count"] == 1 and res["summary"]["Other"]["datasets"] == ["MyOwnSet"]
     assert res["chance"] == {"ImageNet-1K": 25.0, "MSCOCO_t2i": pytest.approx(100 / 3, abs=1e-3), "MyOwnSet": 50.0}
     assert res["outside_mmeb"] == ["MyOwnSet"] and res["model"] == "tiny"
     for sub in ("retrieval", "compositional"):

@@ -14,8 +14,9 @@ import pytest
 from tests.conftest import make_png
 from unime_ray.data.schema import Item
 from unime_ray.judge.prompt import JudgePrompt, answer_token_ids, judge_segments
-from unime_ray.judge.vllm_backend import (VLLM_MISSING, JudgeOutputError, VLLMJudge, VLLMJudgeConfig, build_request,
-                                          engine_kwargs, parse_yes_no, sampling_params_kwargs)
+from unime_ray.judge.vllm_backend import (VLLM_MISSING, JudgeOutputError, VisionLimits, VLLMJudge, VLLMJudgeConfig,
+                                          build_request, engine_kwargs, image_token_count, parse_yes_no, prompt_length,
+                                          qwen_resized_size, sampling_params_kwargs, vision_limits)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -257,6 +258,136 @@ def test_score_groups_queries_and_restores_order(tok):
     sent = [int(re.search(r"number (\d+)", tok.decode(r["prompt_token_ids"])).group(1)) for r in requests]
     assert sent == [0, 2, 4, 1, 3]                   # same-query requests adjacent
     assert judge.score([]).shape == (0,)
+
+
+# --- failure isolation: a bad pair costs only itself ---------------------------------------------------
+
+class _PoisonableLLM(_FakeLLM):
+    """Like vLLM: a call holding one request it cannot process (here: text with 'poison') fails whole."""
+
+    def generate(self, requests, sampling_params, use_tqdm=True):
+        for req in requests:
+            if "poison" in self.tok.decode(req["prompt_token_ids"]):
+                self.calls.append((requests, sampling_params, use_tqdm))
+                raise ValueError("The decoder prompt could not be processed")
+        return super().generate(requests, sampling_params, use_tqdm)
+
+
+def _fake_judge(tok, llm_cls=_PoisonableLLM, max_model_len=None, vision=None):
+    judge = VLLMJudge.__new__(VLLMJudge)  # no engine: the fake stands in for vllm.LLM
+    judge.prompt, judge.image_root, judge.tokenizer = JudgePrompt(), None, tok
+    judge.yes_id, judge.no_id = answer_token_ids(tok)
+    judge.sampling_params = sampling_params_kwargs(judge.yes_id, judge.no_id)
+    judge.llm = llm_cls(tok, judge.yes_id, judge.no_id)
+    judge.max_model_len, judge.vision = max_model_len, vision
+    return judge
+
+
+def _sent_numbers(tok, calls):
+    return [int(re.search(r"number (\d+)", tok.decode(r["prompt_token_ids"])).group(1))
+            for requests, _, _ in calls for r in requests]
+
+
+@pytest.mark.parametrize("bad", [0, 37, 63])
+def test_one_poisoned_request_costs_log_n_calls_and_only_itself(tok, bad):
+    judge = _fake_judge(tok)
+    queries = [Item(text=f"query {j}") for j in range(4)]
+    pairs = [(queries[i % 4], Item(text=f"candidate number {i % 9}" + (" poison" if i == bad else "")))
+             for i in range(64)]
+    scores, errors = judge.score_or_errors(pairs)
+    expected = np.array([(i % 9 + 1) / 10 for i in range(64)])
+    ok = np.arange(64) != bad
+    np.testing.assert_allclose(scores[ok], expected[ok], atol=1e-12)     # every other pair scored
+    assert np.isnan(scores[bad]) and errors[bad].startswith("vLLM generate failed: ValueError: The decoder prompt")
+    assert [i for i, e in enumerate(errors) if e] == [bad]
+    n_calls = len(judge.llm.calls)
+    assert 2 <= n_calls <= 1 + 2 * 6, n_calls              # bisection: O(log2 64), not 64 one-pair calls
+    assert judge.generate_calls == n_calls
+    with pytest.raises(ValueError, match=f"pair {bad}: vLLM generate failed"):
+        judge.score(pairs)
+
+
+def test_two_poisoned_requests_and_all_good_batch(tok):
+    judge = _fake_judge(tok)
+    pairs = [(Item(text="q"), Item(text=f"candidate number {i % 9}" + (" poison" if i in (5, 40) else "")))
+             for i in range(48)]
+    scores, errors = judge.score_or_errors(pairs)
+    assert [i for i, e in enumerate(errors) if e] == [5, 40] and np.isfinite(np.delete(scores, [5, 40])).all()
+    assert len(judge.llm.calls) <= 1 + 2 * 2 * 6
+    judge = _fake_judge(tok)
+    scores, errors = judge.score_or_errors(pairs[:5])
+    assert errors == [None] * 5 and len(judge.llm.calls) == 1            # the happy path stays one call
+
+
+def test_known_bad_pairs_never_enter_the_batch(tok):
+    """Undecodable image, image the processor refuses, over-long prompt: rejected before generate, with
+    their reasons; the rest go in one call."""
+    judge = _fake_judge(tok, llm_cls=_FakeLLM, max_model_len=400, vision=VisionLimits(3136, 28 * 28 * 64))
+    q = Item(text="a red car")
+    pairs = [(q, Item(text="candidate number 0")),
+             (q, Item(text="candidate number 1", image=b"\x89PNG not really")),                  # undecodable
+             (q, Item(text="candidate number 2", image=make_png(2, 600, seed=1))),                # 300:1
+             (q, Item(text="candidate number 3 " + "very long words " * 200)),                   # > 400 tokens
+             (q, Item(text="candidate number 4", image=make_png(28 * 30, 28 * 30, seed=2))),     # 64 image tokens
+             (Item(text="candidate number 5", image=make_png(56, 56, seed=3)), Item(text="x"))]
+    scores, errors = judge.score_or_errors(pairs)
+    assert errors[0] is None and errors[4] is None and errors[5] is None
+    assert errors[1].startswith("ImageError: cannot decode image")
+    assert "aspect ratio above 200" in errors[2]
+    assert "exceeds the judge's max_model_len of 400" in errors[3]
+    (requests, _, _), = judge.llm.calls
+    assert len(requests) == 3 and sorted(_sent_numbers(tok, judge.llm.calls)) == [0, 4, 5]
+    np.testing.assert_allclose(scores[[0, 4, 5]], [0.1, 0.5, 0.6], atol=1e-12)
+    # The length check counts expanded image tokens: the big image alone pushes a pair over a tight limit.
+    req = build_request(tok, q, Item(text="candidate number 4", image=make_png(28 * 30, 28 * 30, seed=2)))
+    assert prompt_length(req, VisionLimits(3136, 28 * 28 * 64)) == len(req["prompt_token_ids"]) - 1 + 64
+    assert prompt_length(req, None) == len(req["prompt_token_ids"])
+    tight = _fake_judge(tok, llm_cls=_FakeLLM, max_model_len=len(req["prompt_token_ids"]) + 10,
+                        vision=VisionLimits(3136, 28 * 28 * 64))
+    assert "max_model_len" in tight.score_or_errors([pairs[4]])[1][0] and not tight.llm.calls
+    # without a length limit or known image sizing, refused image shapes are still kept out
+    loose = _fake_judge(tok, llm_cls=_FakeLLM)
+    assert "aspect ratio" in loose.score_or_errors([pairs[2]])[1][0] and not loose.llm.calls
+
+
+def test_dead_engine_is_not_bisected(tok):
+    class EngineDeadError(RuntimeError):
+        pass
+
+    class DeadLLM(_FakeLLM):
+        def generate(self, requests, sampling_params, use_tqdm=True):
+            self.calls.append(requests)
+            raise EngineDeadError("EngineCore encountered an issue")
+
+    judge = _fake_judge(tok, llm_cls=DeadLLM)
+    with pytest.raises(EngineDeadError):
+        judge.score_or_errors([(Item(text="q"), Item(text=f"candidate number {i}")) for i in range(8)])
+    assert len(judge.llm.calls) == 1
+
+
+@pytest.mark.parametrize("h,w", [(56, 56), (30, 40), (1000, 3000), (4000, 4000), (28, 5000), (10, 10), (333, 777)])
+def test_qwen_resize_rule_matches_transformers(h, w):
+    """Our copy of the resize rule (used to count image tokens) against transformers' own function."""
+    ref_mod = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    for lo, hi in ((3136, 1003520), (3136, 12845056), (256 * 28 * 28, 1280 * 28 * 28)):
+        limits = VisionLimits(lo, hi)
+        assert qwen_resized_size(h, w, limits) == tuple(ref_mod.smart_resize(h, w, 28, lo, hi))
+        rh, rw = ref_mod.smart_resize(h, w, 28, lo, hi)
+        assert image_token_count(h, w, limits) == (rh // 28) * (rw // 28)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        qwen_resized_size(2, 600, VisionLimits())
+
+
+def test_vision_limits_from_the_checkpoint_config(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056, '
+        '"patch_size": 14, "merge_size": 2}')
+    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path))) == VisionLimits(3136, 12845056, 14, 2)
+    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path), max_pixels=28 * 28 * 300)).max_pixels == 235200
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "Qwen2VLImageProcessor", "size": {"shortest_edge": 100, "longest_edge": 200000}}')
+    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path))) == VisionLimits(100, 200000, 14, 2)
+    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path / "nowhere"))) is None
 
 
 # --- GPU: vLLM against an independent transformers forward ------------------------------------------

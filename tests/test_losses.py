@@ -86,3 +86,81 @@ def test_infonce_on_another_ranks_slice_uses_its_own_positives():
     assert float(rank1) == pytest.approx(float(full_rows[3:].mean()), rel=1e-4)
     with pytest.raises(ValueError, match="exceeds"):
         infonce(torch.tensor(q[3:]), torch.tensor(pos), None, 0.05, positive_offset=4)
+
+
+# --- the official code's floored KL (train.kl_form: floored) -------------------------------------------
+def np_floored_sym_kl(sim, scores, t, eps=1e-8):
+    """The official loss written out: F.kl_div(log(P + eps), Q) and F.kl_div(log(Q + eps), P), batchmean.
+    kl_div(input, target) = sum target * (log target - input), with 0 * log 0 = 0."""
+    p, q = np_softmax(sim / t), np_softmax(scores / t)
+
+    def kl_div(inp, target):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_log_t = np.where(target > 0, target * np.log(np.where(target > 0, target, 1.0)), 0.0)
+        return (t_log_t - target * inp).sum(1)
+
+    return float(np.mean(0.5 * (kl_div(np.log(p + eps), q) + kl_div(np.log(q + eps), p))))
+
+
+@pytest.mark.parametrize("t", [0.02, 0.05])
+def test_floored_kl_matches_numpy_and_differs_from_exact_on_confident_rows(t):
+    rng = np.random.default_rng(4)
+    sim = rng.uniform(-1, 1, (6, 9))
+    scores = rng.uniform(0, 1, (6, 9))
+    scores[0] = [0.999] + [0.001] * 8          # a confident judge row: Q of the negatives ~ e^-50 at t=0.02
+    got = judge_alignment_loss(torch.tensor(sim), torch.tensor(scores), t, kl_form="floored")
+    ref = np_floored_sym_kl(sim, scores, t)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    exact = float(judge_alignment_loss(torch.tensor(sim), torch.tensor(scores), t))
+    assert exact == pytest.approx(np_sym_kl(sim, scores, t), rel=1e-4)   # the default is still the paper's
+    assert exact != pytest.approx(ref, rel=1e-2)    # the floor changes the value here (log Q clipped at -18.4)
+
+
+def test_floored_equals_exact_when_no_probability_is_tiny():
+    """At t = 1 every probability is far above 1e-8: the two forms agree to ~1e-7."""
+    rng = np.random.default_rng(5)
+    sim, scores = torch.tensor(rng.uniform(-1, 1, (4, 5))), torch.tensor(rng.uniform(0, 1, (4, 5)))
+    a = float(judge_alignment_loss(sim, scores, 1.0, kl_form="floored"))
+    b = float(judge_alignment_loss(sim, scores, 1.0, kl_form="exact"))
+    assert a == pytest.approx(b, abs=1e-6)
+    with pytest.raises(ValueError, match="kl_form"):
+        judge_alignment_loss(sim, scores, 1.0, kl_form="js")
+
+
+def test_floored_gradient_is_finite_with_underflowing_probabilities():
+    sim = torch.tensor([[1.0, -1.0, -1.0]], requires_grad=True)
+    scores = torch.tensor([[1.0, 0.0, 0.0]])
+    loss = judge_alignment_loss(sim, scores, 0.01, kl_form="floored")   # exp(-200): P and Q underflow to 0
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(sim.grad).all()
+
+
+def test_kl_form_is_one_train_knob_that_reaches_the_loss():
+    """train.kl_form (config) -> TrainSettings -> EmbedderTask -> batch_loss -> judge_alignment_loss."""
+    from unime_ray.config import TrainConfig
+    from unime_ray.train.embedder import EmbedderTask, TrainSettings, batch_loss
+
+    assert TrainConfig().kl_form == "exact"
+    kw = TrainConfig(kl_form="floored").settings_kwargs()
+    assert kw["kl_form"] == "floored"
+    with pytest.raises(ValueError):
+        TrainConfig(kl_form="js")
+    with pytest.raises(ValueError, match="kl_form"):
+        EmbedderTask(TrainSettings(model="m", output_dir="o", kl_form="js"))
+
+    class FixedEmbedder:   # query [1, 0]; candidates at given angles: no model needed
+        def prepare(self, items):
+            return items
+
+        def embed_inputs(self, items):
+            vec = {"q": [1.0, 0.0], "pos": [0.5, 0.75 ** 0.5], "n1": [-0.2, 0.96 ** 0.5], "n2": [0.0, 1.0]}
+            return torch.tensor([vec[it] for it in items])
+
+    # the judge puts ~7% on n2, whose P is e^-25 < 1e-8: the floor changes the loss by ~0.2
+    examples = [("q", ["pos", "n1", "n2"], [0.9, 0.1, 0.85])]
+    sim, scores = np.array([[0.5, -0.2, 0.0]]), np.array([[0.9, 0.1, 0.85]])
+    assert np_sym_kl(sim, scores, 0.02) - np_floored_sym_kl(sim, scores, 0.02) > 0.1
+    for form, ref in (("exact", np_sym_kl(sim, scores, 0.02)), ("floored", np_floored_sym_kl(sim, scores, 0.02))):
+        loss, _ = batch_loss(FixedEmbedder(), examples, "judge_alignment", 0.02, kl_form=form)
+        assert float(loss) == pytest.approx(ref, rel=1e-4)

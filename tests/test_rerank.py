@@ -73,6 +73,38 @@ def test_answer_position_is_uniform_and_reproducible():
     assert a == b and a != c
 
 
+def test_listwise_negatives_are_distinct_when_mining_cycled():
+    """Mining cycles its survivors when fewer than 10 remain (stored A, P, A, A, A): the list shows each
+    negative once, in judge-score order, and is shorter than x + 1 when fewer distinct negatives exist."""
+    row = training_rows(1, 5)[0]
+    row.update(neg_id=["A", "P", "A", "A", "A"], neg_text=["a red one", "a pink one"] + ["a red one"] * 3,
+               neg_score=[0.3, 0.6, 0.3, 0.3, 0.3])
+    assert [n.text for n in ranked_negatives(row)] == ["a pink one", "a red one"]   # P (0.6) first, A once
+    positions = Counter()
+    for i in range(600):
+        row["id"] = f"q{i}"
+        ex = example_from_row(row, list_negatives=4, seed=2)
+        texts = [c.text for c in ex.list_candidates]
+        assert len(texts) == 3 and len(set(texts)) == 3          # positive + the 2 distinct negatives
+        assert sorted(texts) == sorted([row["pos_text"], "a pink one", "a red one"])
+        assert texts[ex.answer_index] == row["pos_text"] and ex.hardest_negative.text == "a pink one"
+        positions[ex.answer_index] += 1
+        conv = conversations(ex)[2]
+        assert "(3)" in conv.prompt and "(4)" not in conv.prompt and conv.answer == f"Ans: ({ex.answer_index + 1})"
+        sampled = example_from_row(row, list_negatives=4, seed=2, pair_negative="sampled").hardest_negative.text
+        assert sampled in ("a pink one", "a red one")
+    assert sorted(positions) == [0, 1, 2] and min(positions.values()) > 150   # uniform over the 3 slots
+    # Without ids (the official JSON import), repeats are recognised by content.
+    row.update(neg_id=None, neg_text=["x", "y", "x", "y", "x"], neg_score=[0.2, 0.1, 0.2, 0.1, 0.2])
+    assert [n.text for n in ranked_negatives(row)] == ["x", "y"]
+    assert len(example_from_row(row, list_negatives=4).list_candidates) == 3
+    # Distinct ids with identical content are still one candidate to the reranker; distinct content stays.
+    row.update(neg_id=["a", "b", "c", "d", "e"])
+    assert [n.text for n in ranked_negatives(row)] == ["x", "y"]
+    row.update(neg_text=["x", "y", "z", "w", "v"])
+    assert len(ranked_negatives(row)) == 5 and len(example_from_row(row, list_negatives=4).list_candidates) == 5
+
+
 @pytest.mark.parametrize("text,n,expected", [
     ("Ans: (3)", 5, 2), ("(1)", 5, 0), ("  Ans:(2) ", 5, 1), ("Ans: (3)<|im_end|>", 5, 2),
     ("Ans: (6)", 5, None), ("Ans: (0)", 5, None), ("Ans: 3", 5, None), ("Ans: (3) (4)", 5, None),

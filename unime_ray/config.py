@@ -192,6 +192,8 @@ class TrainConfig(_Section):
     objective: Literal["judge_alignment", "hard_label", "infonce"] = "judge_alignment"
     num_negatives: int = Field(default=8, ge=0)      # k; at most mine.num_negatives; 0: in-batch negatives only
     temperature: float = Field(default=0.02, gt=0)
+    # judge_alignment's KL: "exact" = the paper's formula; "floored" = the official code's log(p + 1e-8)
+    kl_form: Literal["exact", "floored"] = "exact"
     # where the weights start: models.embedder as given, or the trained baseline (run dir's baseline stage)
     init: Literal["embedder", "baseline"] = "embedder"
     lr: float = Field(default=1e-4, gt=0)

@@ -4,7 +4,19 @@
 * MMEB-train rows ``qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path]``
   (import and export);
 * MMEB-eval rows ``qry_text, qry_img_path, tgt_text[], tgt_img_path[]`` with the ground truth first
-  (import and export).
+  (import and export);
+* MMEB-train in its published folder layout, ``<Subset>/<split>-NNNNN-of-NNNNN.parquet`` (several subsets
+  in one run, each task named after its subset folder; one split per subset: ``train`` by default, as the
+  folders also hold ``original`` and ``diverse_instruction`` copies), see :func:`mmeb_train_sources`;
+* zero-shot retrieval sets (import only) into a retrieval table ``id, image, image_path, captions[]``
+  (:data:`RETRIEVAL_SCHEMA`, what :func:`unime_ray.eval.retrieval.load_retrieval_set` reads):
+  ``retrieval`` = records with an image (``image``: bytes, a Hugging Face ``{"bytes", "path"}`` struct or a
+  path; or ``image_path``) and captions (``captions`` / ``caption`` / ``text``: a string or a list), which
+  covers the official Flickr30K / COCO test sets (Parquet columns ``image`` struct + ``text`` list of 5
+  captions); ``sharegpt4v`` = the ShareGPT4V caption JSON (``image`` path + ``conversations``, the caption
+  is the first answer turn with newlines as spaces; plain ``{image, caption}`` records are accepted too);
+  ``urban1k`` = the Urban1K folder (``image/<name>.jpg`` + ``caption/<name>.txt``, the caption is the
+  file's first line), see :func:`urban1k_records`.
 
 MMEB texts carry Phi-3-V image markers (``<|image_1|>``); they become the canonical
 :data:`~unime_ray.data.schema.IMAGE_MARKER` here and each backbone's placeholder at formatting time.
@@ -21,10 +33,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import pyarrow as pa
+
+from .images import ImageError, decode_image, read_image_bytes
 from .io import iter_rows, write_rows
 from .schema import (IMAGE_MARKER, PAIR_SCHEMA, SCHEMAS, Item, empty_row, item_from_row, item_to_columns,
                      negatives_from_row, negatives_to_columns)
-from .validate import DataError, Quarantine, RowAccount, validate_rows
+from .validate import DataError, Quarantine, RowAccount, _reason_kind, validate_rows
 
 PHI3V_MARKER = "<|image_1|>"
 _PHI3V_RE = re.compile(r"<\|image_\d+\|>")
@@ -213,8 +228,11 @@ def _write_json(records: list, out_json: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- MMEB
-def mmeb_train_record_to_row(rec: Mapping[str, Any], index: int, source: str, task: str) -> dict[str, Any]:
-    """An MMEB-train row (``qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path]``)."""
+def mmeb_train_record_to_row(rec: Mapping[str, Any], index: int, source: str, task: str,
+                             id_index: int | None = None) -> dict[str, Any]:
+    """An MMEB-train row (``qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path]``).
+    ``index`` is the record's row in ``source``; ``id_index`` (default ``index``) numbers the row id, which
+    runs on across the files of one subset."""
     err = _error_factory(source, index)
     if not isinstance(rec, Mapping):
         raise err("<row>", f"expected an object, got {type(rec).__name__}")
@@ -225,7 +243,7 @@ def mmeb_train_record_to_row(rec: Mapping[str, Any], index: int, source: str, ta
     neg_text = _field(rec, "neg_text", err, required=False)
     neg_path = _field(rec, "neg_image_path", err, required=False)
     negatives = [(_image_item(neg_text or "", neg_path), None, None)] if (neg_text or neg_path) else []
-    return _pair_row(f"{task}:{index:08d}", task, query, pos, None, negatives)
+    return _pair_row(f"{task}:{index if id_index is None else id_index:08d}", task, query, pos, None, negatives)
 
 
 def row_to_mmeb_train_record(row: Mapping[str, Any], spill: _ImageSpill | None = None) -> dict[str, Any]:
@@ -276,18 +294,262 @@ def row_to_mmeb_eval_record(row: Mapping[str, Any], spill: _ImageSpill | None = 
             "tgt_img_path": [spill.path_of(t, where) for t in targets]}
 
 
+# ---------------------------------------------------------------------------------------------- MMEB-train folders
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+_SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")   # Hugging Face shard names: train-00000-of-00002
+MMEB_TRAIN_SPLITS = ("train", "original")                  # the default split, in order of preference
+_SPLIT_NAMES = {"train", "original", "diverse_instruction", "test", "validation"}
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES
+                  and not p.name.startswith((".", "_")))
+
+
+def _split_name(path: Path) -> str | None:
+    m = _SHARD_RE.match(path.stem)
+    return m.group("split") if m else (path.stem if path.stem in _SPLIT_NAMES else None)
+
+
+def _subset_files(folder: Path, split: str | None) -> list[Path]:
+    """The files of one subset folder for ``split``: all of them when they carry no split names (e.g. a
+    folder of ``part-*`` shards), else the named split (default: ``train``, then ``original``)."""
+    files = _data_files(folder)
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        name = _split_name(f)
+        if name is not None:
+            groups.setdefault(name, []).append(f)
+    if not groups:
+        if split is not None:
+            raise FileNotFoundError(f"{folder}: no files of split {split!r} (no split-named files)")
+        return files
+    if split is not None:
+        if split not in groups:
+            raise FileNotFoundError(f"{folder}: no files of split {split!r} (splits: {', '.join(sorted(groups))})")
+        return groups[split]
+    for name in MMEB_TRAIN_SPLITS:
+        if name in groups:
+            return groups[name]
+    if len(groups) == 1:
+        return next(iter(groups.values()))
+    raise ValueError(f"{folder}: several splits ({', '.join(sorted(groups))}); choose one (--mmeb-split)")
+
+
+def mmeb_train_sources(path: str | os.PathLike, task: str | None = None,
+                       split: str | None = None) -> list[tuple[str, list[Path]]]:
+    """``[(task, files)]`` of an MMEB-train input.
+
+    * a folder of subset folders (the published layout ``MMEB-train/<Subset>/<split>-*.parquet``): every
+      subset folder holding data files, each task named after its folder;
+    * one subset folder: its files, the task named after the folder;
+    * one file: the task is ``task``, else the parent folder's name when the file is named after a split
+      (``NIGHTS/train-00000-of-00001.parquet`` -> NIGHTS), else the file name (``VisDial.parquet``).
+
+    The published subset folders hold the same rows as ``train`` and ``original`` plus a
+    ``diverse_instruction`` variant: one split is read per subset (``split``; default ``train``, then
+    ``original``), never several, which would duplicate every row.
+    """
+    p = Path(path)
+    if p.is_file():
+        name = task or (p.parent.name if _split_name(p) is not None and p.parent.name else p.stem)
+        return [(name, [p])]
+    if not p.is_dir():
+        raise FileNotFoundError(f"input not found: {p}")
+    subsets = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".") and _data_files(d))
+    if subsets:
+        if task is not None:
+            raise ValueError(f"{p} holds {len(subsets)} subsets, each named after its folder; do not pass a task")
+        return [(d.name, _subset_files(d, split)) for d in subsets]
+    if _data_files(p):
+        return [(task or p.name, _subset_files(p, split))]
+    raise FileNotFoundError(f"{p}: no data files ({', '.join(DATA_SUFFIXES)}) in it or in its sub-folders")
+
+
+# ---------------------------------------------------------------------------------------------- retrieval sets
+RETRIEVAL_FORMATS = ("retrieval", "sharegpt4v", "urban1k")
+RETRIEVAL_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("image", pa.binary()),
+                              pa.field("image_path", pa.string()), pa.field("captions", pa.list_(pa.string()))])
+"""One row per image (or per caption: rows of one image share it) of a zero-shot retrieval set."""
+
+
+def _record_image(rec: Mapping[str, Any], err) -> tuple[bytes | None, str | None]:
+    """(inline bytes, path) of a record's image: ``image`` as bytes, an HF ``{"bytes", "path"}`` struct or a
+    path string; or ``image_path``. Inline bytes win over a path."""
+    img = rec.get("image")
+    path = rec.get("image_path")
+    data = None
+    if isinstance(img, (bytes, bytearray)):
+        data = bytes(img)
+    elif isinstance(img, Mapping):
+        data, path = img.get("bytes"), path or img.get("path")
+    elif isinstance(img, str):
+        path = path or img
+    elif img is not None:
+        raise err("image", f"expected bytes, a {{bytes, path}} struct or a path, got {type(img).__name__}")
+    if data:
+        return bytes(data), None
+    if not path or not isinstance(path, str):
+        raise err("image", "missing: each record needs an image (image bytes or image_path)")
+    return None, path
+
+
+def _record_captions(rec: Mapping[str, Any], err) -> list[str]:
+    for name in ("captions", "caption", "text"):
+        if rec.get(name) is not None:
+            value = rec[name]
+            texts = [value] if isinstance(value, str) else value
+            if not isinstance(texts, (list, tuple)) or not texts:
+                raise err(name, "expected a non-empty caption string or list of strings")
+            for j, t in enumerate(texts):
+                if not isinstance(t, str) or not t.strip():
+                    raise err(f"{name}[{j}]", "empty caption" if isinstance(t, str) else
+                              f"expected a string, got {type(t).__name__}")
+            return list(texts)
+    raise err("captions", "missing: each record needs captions (captions / caption / text)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _sharegpt4v_captions(rec: Mapping[str, Any], err) -> list[str]:
+    """The caption of a ShareGPT4V record: the first answer turn (``conversations[1]`` in the released
+    file), newlines as spaces; a record without ``conversations`` may give ``caption(s)`` instead."""
+    turns = rec.get("conversations")
+    if turns is None:
+        return [_one_line(t) for t in _record_captions(rec, err)]
+    if not isinstance(turns, (list, tuple)):
+        raise err("conversations", f"expected a list of turns, got {type(turns).__name__}")
+    answers = [t for t in turns if isinstance(t, Mapping) and t.get("from") in ("gpt", "assistant")]
+    if not answers and len(turns) >= 2 and isinstance(turns[1], Mapping):
+        answers = [turns[1]]
+    if not answers:
+        raise err("conversations", "no answer turn (from: gpt) holding the caption")
+    value = answers[0].get("value")
+    if not isinstance(value, str) or not value.strip():
+        raise err("conversations[1].value", "empty caption")
+    return [_one_line(value)]
+
+
+def urban1k_records(folder: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[dict[str, Any]]:
+    """Records of the Urban1K folder (``image/<name>.jpg`` + ``caption/<name>.txt``, in caption-file name
+    order): ``{"id", "image_path", "caption"}`` with the first line of the text file. A folder holding
+    one ``Urban1k``-like folder (the unpacked zip) works too. Image paths are relative to ``image_root``
+    when the image lies under it, else absolute."""
+    root = Path(folder)
+    if not (root / "caption").is_dir():
+        inner = [d for d in root.iterdir() if d.is_dir() and (d / "caption").is_dir()] if root.is_dir() else []
+        if len(inner) != 1:
+            raise DataError(str(root), None, "<folder>", "not an Urban1K folder: expected caption/ and image/ in it")
+        root = inner[0]
+    images = root / "image"
+    for txt in sorted((root / "caption").glob("*.txt")):
+        rec: dict[str, Any] = {"id": txt.stem}
+        try:
+            lines = txt.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            yield {"id": txt.stem, "__invalid_json__": f"{txt.name}: not UTF-8 text: {exc}"}
+            continue
+        rec["caption"] = lines[0].strip() if lines else ""
+        found = next((images / f"{txt.stem}{ext}" for ext in (".jpg", ".jpeg", ".png", ".JPG")
+                      if (images / f"{txt.stem}{ext}").is_file()), images / f"{txt.stem}.jpg")
+        path = found.resolve()
+        if image_root is not None and path.is_relative_to(Path(image_root).resolve()):
+            rec["image_path"] = str(path.relative_to(Path(image_root).resolve()))
+        else:
+            rec["image_path"] = str(path)
+        yield rec
+
+
+def retrieval_record_to_row(rec: Any, index: int, source: str, fmt: str, name: str) -> dict[str, Any]:
+    """One record of a retrieval set -> a :data:`RETRIEVAL_SCHEMA` row (structure only; images are
+    checked by :func:`validate_retrieval_row`)."""
+    err = _error_factory(source, index)
+    if not isinstance(rec, Mapping):
+        raise err("<row>", f"expected an object, got {type(rec).__name__}")
+    if "__invalid_json__" in rec:
+        raise err("<row>", rec["__invalid_json__"])
+    rid = rec.get("id", rec.get("image_id"))
+    row_id = f"{name}:{rid}" if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) \
+        else f"{name}:{index:08d}"
+    err = _error_factory(source, index, row_id)
+    data, path = _record_image(rec, err)
+    if fmt == "sharegpt4v":
+        captions = _sharegpt4v_captions(rec, err)
+    else:
+        captions = _record_captions(rec, err)
+    return {"id": row_id, "image": data, "image_path": path, "captions": captions}
+
+
+def validate_retrieval_row(row: Mapping[str, Any], *, source: str, index: int,
+                           image_root: str | os.PathLike | None, check_images: bool) -> None:
+    err = _error_factory(source, index, row.get("id"))
+    if check_images:
+        try:
+            decode_image(row["image"] if row.get("image") else read_image_bytes(row["image_path"], image_root))
+        except ImageError as exc:
+            raise err("image" if row.get("image") else "image_path", str(exc)) from None
+
+
+def import_retrieval_set(input_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
+                         quarantine_path: str | os.PathLike, name: str | None = None,
+                         image_root: str | os.PathLike | None = None, check_images: bool = True,
+                         max_records: int | None = None, rows_per_shard: int = 10_000) -> RowAccount:
+    """Convert a zero-shot retrieval set (``fmt`` in :data:`RETRIEVAL_FORMATS`) into a retrieval table at
+    ``out_dir``; bad records (no image, an image that is missing or does not decode, no or empty caption,
+    a repeated id) go to the quarantine with reasons, and ``rows_in = rows_out + rows_quarantined``.
+    ``max_records`` reads only the first records (the ShareGPT4V protocol uses the first 1000)."""
+    if fmt not in RETRIEVAL_FORMATS:
+        raise ValueError(f"unknown retrieval format {fmt!r}; choose one of {', '.join(RETRIEVAL_FORMATS)}")
+    source = str(input_path)
+    name = name or Path(input_path).stem
+    records = urban1k_records(input_path, image_root) if fmt == "urban1k" else read_records(input_path)
+    quarantine = Quarantine(quarantine_path)
+    account = RowAccount()
+    seen: set[str] = set()
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for index, rec in enumerate(records):
+            if max_records is not None and index >= max_records:
+                break
+            account.rows_in += 1
+            try:
+                row = retrieval_record_to_row(rec, index, source, fmt, name)
+                validate_retrieval_row(row, source=source, index=index, image_root=image_root,
+                                       check_images=check_images)
+                if row["id"] in seen:
+                    raise DataError(source, index, "id", "duplicate id", row["id"])
+            except DataError as exc:
+                account.rows_quarantined += 1
+                account.reasons[exc.field.split(".")[0].split("[")[0] + ": " + _reason_kind(exc.reason)] += 1
+                quarantine.add(exc, rec)
+                continue
+            seen.add(row["id"])
+            account.rows_out += 1
+            yield row
+
+    write_rows(rows(), out_dir, RETRIEVAL_SCHEMA, rows_per_shard)
+    quarantine.write()
+    account.check()
+    return account
+
+
 # ---------------------------------------------------------------------------------------------- import
-FORMATS = ("official", "mmeb-train", "mmeb-eval", "canonical")
+FORMATS = ("official", "mmeb-train", "mmeb-eval", "canonical") + RETRIEVAL_FORMATS
 
 
 def convert_records(records: Iterable[Any], fmt: str, *, source: str, task: str | None,
-                    quarantine: Quarantine, account: RowAccount) -> Iterator[tuple[int, dict[str, Any], Any]]:
+                    quarantine: Quarantine, account: RowAccount,
+                    id_offset: int = 0) -> Iterator[tuple[int, dict[str, Any], Any]]:
     """Convert external records to ``(input row number, canonical row, original record)``.
 
     Structurally bad records go to the quarantine (counted as rows in) and are not yielded.
+    ``id_offset``: MMEB-train row ids continue from it (a subset split over several files).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS or fmt in RETRIEVAL_FORMATS:
+        raise ValueError(f"unknown input format {fmt!r}; choose one of "
+                         f"{', '.join(f for f in FORMATS if f not in RETRIEVAL_FORMATS)}")
     for index, rec in enumerate(records):
         try:
             if fmt == "canonical":
@@ -295,7 +557,7 @@ def convert_records(records: Iterable[Any], fmt: str, *, source: str, task: str 
             elif fmt == "official":
                 row = official_record_to_row(rec, index, source, default_task=task or "unknown")
             elif fmt == "mmeb-train":
-                row = mmeb_train_record_to_row(rec, index, source, task or Path(source).stem)
+                row = mmeb_train_record_to_row(rec, index, source, task or Path(source).stem, index + id_offset)
             else:
                 row = mmeb_eval_record_to_row(rec, index, source, task or Path(source).stem)
         except DataError as exc:
@@ -310,27 +572,69 @@ def convert_records(records: Iterable[Any], fmt: str, *, source: str, task: str 
 def import_table(input_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
                  quarantine_path: str | os.PathLike, kind: str = "pairs", task: str | None = None,
                  image_root: str | os.PathLike | None = None, check_images: bool = True,
-                 rows_per_shard: int = 10_000) -> RowAccount:
+                 rows_per_shard: int = 10_000, mmeb_split: str | None = None,
+                 max_records: int | None = None) -> RowAccount:
     """Convert and validate ``input_path`` into a canonical table (``kind`` pairs or candidates) at ``out_dir``.
 
     Returns the row account; ``rows_in = rows_out + rows_quarantined`` holds and is checked. Candidate
-    pools only come in the canonical format.
+    pools only come in the canonical format. ``mmeb-train`` also reads its published folder layout (all
+    subsets of a folder in one run, see :func:`mmeb_train_sources`; ``mmeb_split`` picks the split). A
+    retrieval format (:data:`RETRIEVAL_FORMATS`) writes a retrieval table instead
+    (:func:`import_retrieval_set`; ``task`` names the set; ``max_records`` reads only the first records).
     """
+    if fmt in RETRIEVAL_FORMATS:
+        if kind != "pairs":
+            raise ValueError(f"format {fmt!r} writes a retrieval table; --kind does not apply")
+        return import_retrieval_set(input_path, fmt, out_dir, quarantine_path=quarantine_path, name=task,
+                                    image_root=image_root, check_images=check_images, max_records=max_records,
+                                    rows_per_shard=rows_per_shard)
     if kind not in SCHEMAS:
         raise ValueError(f"unknown table kind {kind!r}; choose one of {', '.join(SCHEMAS)}")
     if kind == "candidates" and fmt != "canonical":
         raise ValueError("candidate pools are read in the canonical format only")
-    source = str(input_path)
+    if fmt == "mmeb-train":
+        sources = mmeb_train_sources(input_path, task, mmeb_split)
+    else:
+        sources = [(task, [Path(input_path)])]
     quarantine = Quarantine(quarantine_path)
     account = RowAccount()
-    converted = convert_records(read_records(input_path), fmt, source=source, task=task,
-                                quarantine=quarantine, account=account)
-    valid = validate_rows(converted, kind, source=source, quarantine=quarantine, account=account,
-                          image_root=image_root, check_images=check_images, indexed=True)
-    write_rows(valid, out_dir, SCHEMAS[kind], rows_per_shard)
+    seen_ids: set[str] = set()
+
+    def rows() -> Iterator[Mapping[str, Any]]:
+        left = max_records
+        for name, files in sources:
+            offset = 0
+            for f in files:
+                if left is not None and left <= 0:
+                    return
+                source = str(f)
+                counted = _Counted(read_records(f), left)
+                converted = convert_records(counted, fmt, source=source, task=name, quarantine=quarantine,
+                                            account=account, id_offset=offset)
+                yield from validate_rows(converted, kind, source=source, quarantine=quarantine, account=account,
+                                         image_root=image_root, check_images=check_images, indexed=True,
+                                         seen_ids=seen_ids)
+                offset += counted.n
+                left = None if left is None else left - counted.n
+
+    write_rows(rows(), out_dir, SCHEMAS[kind], rows_per_shard)
     quarantine.write()
     account.check()
     return account
+
+
+class _Counted:
+    """Iterates ``records`` (at most ``limit``), counting them."""
+
+    def __init__(self, records: Iterable[Any], limit: int | None = None):
+        self.records, self.limit, self.n = records, limit, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for rec in self.records:
+            if self.limit is not None and self.n >= self.limit:
+                return
+            self.n += 1
+            yield rec
 
 
 def import_pairs(input_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, **kwargs) -> RowAccount:

@@ -17,7 +17,7 @@ _EXPORTS = {
     "rank_order": "metrics",
     "IND": "mmeb", "META_TASKS": "mmeb", "MMEB_DATASETS": "mmeb", "OOD": "mmeb", "SUMMARY_KEYS": "mmeb",
     "evaluate_mmeb_dir": "mmeb", "evaluate_pairs_table": "mmeb", "mmeb_name": "mmeb", "prepare_mmeb_dir": "mmeb",
-    "summarize": "mmeb",
+    "headline": "mmeb", "summarize": "mmeb",
     "RetrievalSet": "retrieval", "bidirectional_recall": "retrieval", "caption_to_image": "retrieval",
     "evaluate_retrieval_sets": "retrieval", "load_retrieval_set": "retrieval", "recall_at_k": "retrieval",
     "GROUPS": "compositional", "evaluate_compositional": "compositional", "load_compositional": "compositional",

@@ -53,7 +53,9 @@ IND = ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "OK-VQA", 
        "InfographicsVQA", "ChartQA", "Visual7W", "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i",
        "MSCOCO_i2t", "NIGHTS", "WebQA", "MSCOCO")
 OOD = tuple(d for d in MMEB_DATASETS if d not in IND)
-SUMMARY_KEYS = ("Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD", "Overall")
+SUMMARY_KEYS = ("Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD", "Overall", "Other")
+"""Summary groups: the four meta-tasks, IND/OOD and Overall cover only the 36 MMEB datasets; ``Other`` holds
+every other dataset (e.g. CIFAR-100, which the published MMEB-eval folder also carries, or custom sets)."""
 
 
 def _norm(name: str) -> str:
@@ -79,26 +81,42 @@ def split_of(name: str) -> str | None:
     return None if canon is None else ("IND" if canon in IND else "OOD")
 
 
-def summarize(per_dataset: Mapping[str, float | None]) -> dict[str, dict[str, float | int | None]]:
-    """Meta-task, IND/OOD and overall means of per-dataset scores (percent).
+def summarize(per_dataset: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Meta-task, IND/OOD, overall and "other" means of per-dataset scores (percent).
 
     Returns ``{key: {"mean": float | None, "count": int}}`` for each key of :data:`SUMMARY_KEYS`;
-    ``mean`` is None when no dataset of that group is present. Means are over the datasets present (the
-    paper's numbers need all 36). A dataset outside the 36 counts only toward ``Overall``; a None score
-    counts nowhere. Names match case- and punctuation-insensitively; two names for one dataset are an error.
+    ``mean`` is None when no dataset of that group is present. The meta-tasks, IND, OOD and ``Overall``
+    count only the 36 MMEB datasets (the paper's numbers need all 36; means are over those present). A
+    dataset outside the 36 (CIFAR-100 of the published MMEB-eval folder, a custom set) counts only toward
+    ``Other``, whose entry also lists them (``"datasets"``). A None score counts nowhere. Names match case-
+    and punctuation-insensitively; two names for one dataset are an error.
     """
     groups: dict[str, list[float | None]] = {k: [] for k in SUMMARY_KEYS}
     seen: dict[str, str] = {}
+    others: list[str] = []
     for name, score in per_dataset.items():
         canon = mmeb_name(name)
-        if canon is not None:
-            if canon in seen:
-                raise ValueError(f"datasets {seen[canon]!r} and {name!r} both name MMEB's {canon}")
-            seen[canon] = name
-            groups[meta_task(canon)].append(score)
-            groups[split_of(canon)].append(score)
+        if canon is None:
+            groups["Other"].append(score)
+            others.append(name)
+            continue
+        if canon in seen:
+            raise ValueError(f"datasets {seen[canon]!r} and {name!r} both name MMEB's {canon}")
+        seen[canon] = name
+        groups[meta_task(canon)].append(score)
+        groups[split_of(canon)].append(score)
         groups["Overall"].append(score)
-    return {k: mean_count(v) for k, v in groups.items()}
+    out: dict[str, dict[str, Any]] = {k: mean_count(v) for k, v in groups.items()}
+    out["Other"]["datasets"] = others
+    return out
+
+
+def headline(summary: Mapping[str, Mapping[str, Any]]) -> tuple[str, float | None]:
+    """The one number of an MMEB-form run: ``("Overall", mean over the MMEB datasets present)``, or, when
+    none of the 36 is present (custom sets such as the demo's), ``("Other", mean over those sets)``."""
+    if summary["Overall"]["count"]:
+        return "Overall", summary["Overall"]["mean"]
+    return "Other", (summary.get("Other") or {}).get("mean")   # results written before "Other" existed lack it
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -394,7 +412,8 @@ def prepare_mmeb_dir(mmeb_dir: str | os.PathLike, tables_dir: str | os.PathLike,
                                     f"rows{hint} (found: {', '.join(found) or 'none'})")
     for s in subsets:
         if mmeb_name(s) is None:
-            logger.warning("subset %r is not one of the 36 MMEB datasets: it counts only toward Overall", s)
+            logger.warning("subset %r is not one of the 36 MMEB datasets: it is reported under Other, not in "
+                           "Overall", s)
     out_paths = []
     for s in subsets:
         files = _data_files(root / s)

@@ -70,7 +70,8 @@ def _pairs_markdown(r: Mapping[str, Any]) -> str:
     parts.append(markdown_table(shead, srows))
     notes = []
     if r.get("outside_mmeb"):
-        notes.append(f"Datasets outside the 36 of MMEB count only toward Overall: {', '.join(r['outside_mmeb'])}.")
+        notes.append(f"Datasets outside the 36 of MMEB are reported under Other and are not in Overall/IND/OOD: "
+                     f"{', '.join(r['outside_mmeb'])}.")
     if rr:
         notes.append(f"Reranking: listwise over the embedder's top-{rr['top_k']}; the reranker's choice becomes "
                      f"rank 1, other ranks keep the embedder order. Unusable answers (fallback to the embedder's "

@@ -173,7 +173,9 @@ def load_retrieval_set(path: str | os.PathLike, *, name: str | None = None,
                        image_root: str | os.PathLike | None = None, captions_per_image: int | None = None,
                        image_prompt: str = IMAGE_PROMPT, caption_prompt: str = "", max_images: int | None = None,
                        check_images: bool = True) -> RetrievalSet:
-    """Read ``{image_path | image, caption | captions}`` records (JSONL / JSON list / Parquet).
+    """Read ``{image_path | image, caption | captions | text}`` records (JSONL / JSON list / Parquet), e.g.
+    the official Flickr30K / COCO test Parquet (``image`` struct, ``text`` = 5 captions) or a retrieval
+    table written by ``unime-ray prepare --format retrieval|sharegpt4v|urban1k``.
 
     Records may hold one image with all its captions (``captions`` list) or one caption each (rows of
     one image share ``image_path``); captions group by image in first-seen order. ``captions_per_image``
@@ -198,7 +200,7 @@ def load_retrieval_set(path: str | os.PathLike, *, name: str | None = None,
             images[key] = Item(instruction=image_prompt, image=data, image_path=img_path)
             caps[key] = []
             order.append(key)
-        value = rec.get("captions", rec.get("caption"))
+        value = next((rec[k] for k in ("captions", "caption", "text") if rec.get(k) is not None), None)
         texts = [value] if isinstance(value, str) else value
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) and t.strip()
                                                                         for t in texts):

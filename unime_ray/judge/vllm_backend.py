@@ -32,6 +32,13 @@ How the score is read (vLLM 0.33-era API):
 * Engine: ``enable_prefix_caching`` (a query's ~51 prompts share the prefix), ``limit_mm_per_prompt``,
   ``mm_processor_kwargs={"min_pixels", "max_pixels"}`` (as in the same example), ``load_format="dummy"``
   for weight-free throughput runs (random weights; scores are meaningless there).
+
+Bad pairs cost only themselves (:meth:`VLLMJudge.score_or_errors`): vLLM validates a whole ``generate``
+call up front, so one unreadable image or over-long prompt fails every request of the call. Each pair is
+therefore checked before it is sent (images decoded; the prompt length after vLLM's image expansion,
+computed with the Qwen-VL resize rule, against ``max_model_len``), and a call that still fails is split
+in halves until the failing request is alone: one bad pair in n costs about 2 log2(n) extra calls, and
+only that pair is marked failed, with its reason.
 """
 
 from __future__ import annotations
@@ -164,6 +171,76 @@ def parse_yes_no(completion_logprobs: Any, yes_id: int, no_id: int) -> float:
     return yes_probability(lp_yes, lp_no)
 
 
+@dataclass(frozen=True)
+class VisionLimits:
+    """How the Qwen-VL image processor sizes an image: the pixel range and the patch / merge sizes."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    merge_size: int = 2
+
+
+MAX_ASPECT_RATIO = 200   # the Qwen-VL processors refuse more elongated images
+
+
+def qwen_resized_size(height: int, width: int, limits: VisionLimits) -> tuple[int, int]:
+    """(height, width) the Qwen-VL image processor resizes an image to: each side rounded to a multiple of
+    patch * merge, then scaled (keeping the aspect ratio) into [min_pixels, max_pixels]. Raises ValueError
+    for the images the processor refuses (aspect ratio above 200)."""
+    factor = limits.patch_size * limits.merge_size
+    if min(height, width) <= 0:
+        raise ValueError(f"image of size {width}x{height}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image of {width}x{height} pixels: aspect ratio above {MAX_ASPECT_RATIO}, which the "
+                         f"Qwen-VL processor refuses")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > limits.max_pixels:
+        scale = math.sqrt(height * width / limits.max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < limits.min_pixels:
+        scale = math.sqrt(limits.min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def image_token_count(height: int, width: int, limits: VisionLimits) -> int:
+    """How many ``<|image_pad|>`` tokens vLLM expands one image into (grid cells / merge_size**2)."""
+    h, w = qwen_resized_size(height, width, limits)
+    return (h // (limits.patch_size * limits.merge_size)) * (w // (limits.patch_size * limits.merge_size))
+
+
+def vision_limits(cfg: VLLMJudgeConfig) -> VisionLimits | None:
+    """The image sizing vLLM will apply: the checkpoint's image-processor config, with the config's
+    ``min_pixels`` / ``max_pixels`` (passed to vLLM as ``mm_processor_kwargs``) on top. None when the
+    image-processor config cannot be read (then only text length is checked before sending)."""
+    try:
+        from transformers.image_processing_utils import ImageProcessingMixin
+
+        d, _ = ImageProcessingMixin.get_image_processor_dict(str(cfg.model))
+    except Exception:  # noqa: BLE001 - a missing config only weakens the up-front check
+        return None
+    size = d.get("size") or {}
+    lo = cfg.min_pixels or d.get("min_pixels") or size.get("shortest_edge")
+    hi = cfg.max_pixels or d.get("max_pixels") or size.get("longest_edge")
+    if not lo or not hi:
+        return None
+    return VisionLimits(int(lo), int(hi), int(d.get("patch_size", 14)), int(d.get("merge_size", 2)))
+
+
+def prompt_length(request: Mapping[str, Any], limits: VisionLimits | None) -> int:
+    """Tokens of a request once vLLM has expanded each ``<|image_pad|>`` to its image's tokens (without
+    ``limits``, each image counts as its one pad: a lower bound)."""
+    ids = request["prompt_token_ids"]
+    images = (request.get("multi_modal_data") or {}).get("image") or []
+    if limits is None:
+        return len(ids)
+    return len(ids) - len(images) + sum(image_token_count(im.height, im.width, limits) for im in images)
+
+
 def _query_grouped_order(pairs: Sequence[tuple[Item, Item]]) -> list[int]:
     """Pair indices with pairs of the same query adjacent (first-seen query order), for prefix-cache hits."""
     first_seen: dict[str, int] = {}
@@ -179,6 +256,8 @@ class VLLMJudge:
     """Scores (query, candidate) pairs with a vLLM engine; the GPU twin of the transformers judge."""
 
     name = "vllm"
+    max_model_len: int | None = None          # None: no length check before sending
+    vision: VisionLimits | None = None        # None: images count as one token in that check
 
     def __init__(self, cfg: VLLMJudgeConfig, prompt: JudgePrompt = JudgePrompt(),
                  image_root: str | os.PathLike | None = None):
@@ -193,18 +272,69 @@ class VLLMJudge:
         self.tokenizer = self.llm.get_tokenizer()
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer, prompt)
         self.sampling_params = vllm.SamplingParams(**sampling_params_kwargs(self.yes_id, self.no_id))
+        self.max_model_len = cfg.max_model_len
+        self.vision = vision_limits(cfg)
+        self.generate_calls = 0
 
     def score(self, pairs: Sequence[tuple[Item, Item]]) -> np.ndarray:
-        """float64 scores in pair order, from one ``generate`` call over all pairs."""
-        pairs = list(pairs)
-        if not pairs:
-            return np.zeros(0, dtype=np.float64)
-        order = _query_grouped_order(pairs)
-        requests = [build_request(self.tokenizer, *pairs[i], self.prompt, self.image_root) for i in order]
-        outputs = self.llm.generate(requests, self.sampling_params, use_tqdm=False)
-        if len(outputs) != len(requests):
-            raise JudgeOutputError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
-        scores = np.empty(len(pairs), dtype=np.float64)
-        for i, out in zip(order, outputs):
-            scores[i] = parse_yes_no(out.outputs[0].logprobs, self.yes_id, self.no_id)
+        """float64 scores in pair order (one ``generate`` call when every pair is good); raises ValueError
+        naming the first bad pair (use :meth:`score_or_errors` to keep the others)."""
+        scores, errors = self.score_or_errors(pairs)
+        bad = next((i for i, e in enumerate(errors) if e), None)
+        if bad is not None:
+            raise ValueError(f"pair {bad}: {errors[bad]}")
         return scores
+
+    def check_request(self, query: Item, candidate: Item) -> dict[str, Any]:
+        """The request of a pair, or ValueError / ImageError with the reason vLLM would fail the whole call:
+        an image that does not decode or that the processor refuses, or a prompt (after image expansion)
+        that leaves no room for the answer token within ``max_model_len``."""
+        request = build_request(self.tokenizer, query, candidate, self.prompt, self.image_root)
+        for im in (request.get("multi_modal_data") or {}).get("image") or []:
+            qwen_resized_size(im.height, im.width, self.vision or VisionLimits())   # refused shapes raise
+        if self.max_model_len is not None:
+            n = prompt_length(request, self.vision)
+            if n + 1 > self.max_model_len:
+                raise ValueError(f"prompt is {n} tokens (images expanded); with the answer token that exceeds "
+                                 f"the judge's max_model_len of {self.max_model_len} (lower max_pixels?)")
+        return request
+
+    def score_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
+        """(scores with NaN for bad pairs, error message or None per pair); a bad pair costs only itself."""
+        pairs = list(pairs)
+        scores = np.full(len(pairs), np.nan, dtype=np.float64)
+        errors: list[str | None] = [None] * len(pairs)
+        batch: list[tuple[int, dict[str, Any]]] = []
+        for i in _query_grouped_order(pairs):
+            try:
+                batch.append((i, self.check_request(*pairs[i])))
+            except ValueError as exc:   # ImageError is one
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        if batch:
+            self._generate_isolating(batch, scores, errors)
+        return scores, errors
+
+    def _generate_isolating(self, batch: list[tuple[int, dict[str, Any]]], scores: np.ndarray,
+                            errors: list[str | None]) -> None:
+        """Score ``batch`` with one ``generate`` call; if the call fails, split it in halves (recursively)
+        so a request that fails on its own is marked failed and every other request is scored."""
+        try:
+            self.generate_calls = getattr(self, "generate_calls", 0) + 1
+            outputs = self.llm.generate([r for _, r in batch], self.sampling_params, use_tqdm=False)
+            if len(outputs) != len(batch):
+                raise JudgeOutputError(f"vLLM returned {len(outputs)} outputs for {len(batch)} requests")
+        except Exception as exc:  # noqa: BLE001 - narrowed below; each failure is recorded with its reason
+            if type(exc).__name__ == "EngineDeadError":   # the engine is gone: no request can succeed
+                raise
+            if len(batch) == 1:
+                errors[batch[0][0]] = f"vLLM generate failed: {type(exc).__name__}: {exc}"
+                return
+            mid = len(batch) // 2
+            self._generate_isolating(batch[:mid], scores, errors)
+            self._generate_isolating(batch[mid:], scores, errors)
+            return
+        for (i, _), out in zip(batch, outputs):
+            try:
+                scores[i] = parse_yes_no(out.outputs[0].logprobs, self.yes_id, self.no_id)
+            except JudgeOutputError as exc:
+                errors[i] = f"JudgeOutputError: {exc}"

@@ -6,7 +6,15 @@
    "Ans: (i)" where i is the positive's 1-based position.
 
 The random order is drawn from a generator keyed by (seed, query id, epoch), so a rerun (or a resumed run)
-sees the same order, and each epoch sees a new one. (The released code always used the first 5 stored
+sees the same order, and each epoch sees a new one.
+
+Negatives are de-duplicated first: when mining found fewer survivors than it stores, it cycles them
+(``A, P, A, A, A``), and a list must never show one candidate twice (two correct-looking answers, or a
+"(i)" that is not unique). A negative repeats another when it has the same ``neg_id`` or the same content
+(identical candidates cannot be told apart in a prompt whatever their ids); the first occurrence in
+judge-score order is kept. When fewer than x distinct
+negatives remain, the list is shorter (the positive and every distinct negative): it never pads with
+repeats, and the answer stays uniform over the slots it has. (The released code always used the first 5 stored
 negatives, 6 candidates whatever was asked, and a position skewed to the front that never reached the last
 slot; none of that is reproduced.)
 """
@@ -41,10 +49,17 @@ class RerankExample:
 
 
 def ranked_negatives(row: Mapping[str, Any]) -> list[Item]:
-    """The row's negatives, highest judge score first (stable: stored order among equal or missing scores)."""
+    """The row's distinct negatives, highest judge score first (stable: stored order among equal or missing
+    scores). A negative with the id or the content of an earlier one is dropped."""
     negs = negatives_from_row(row)
-    keyed = [(-(s if s is not None and s == s else float("-inf")), j, it) for j, (it, s, _) in enumerate(negs)]
-    return [it for _, _, it in sorted(keyed, key=lambda t: (t[0], t[1]))]
+    keyed = [(-(s if s is not None and s == s else float("-inf")), j, it, nid) for j, (it, s, nid) in enumerate(negs)]
+    out, seen = [], set()
+    for _, _, it, nid in sorted(keyed, key=lambda t: (t[0], t[1])):
+        keys = {("content", it.content_key())} | ({("id", nid)} if nid else set())
+        if not keys & seen:
+            seen |= keys
+            out.append(it)
+    return out
 
 
 def _rng(seed: int, query_id: str, epoch: int) -> random.Random:
@@ -54,9 +69,10 @@ def _rng(seed: int, query_id: str, epoch: int) -> random.Random:
 
 def example_from_row(row: Mapping[str, Any], list_negatives: int = 4, seed: int = 0, epoch: int = 0,
                      pair_negative: str = "hardest") -> RerankExample:
-    """One query's example; ``list_negatives`` = x (the list holds x + 1 candidates when the row has x).
-    ``pair_negative``: the pairwise "No" example is the hardest negative (the paper), or one drawn from the
-    top-x (``sampled``: a stand-in judge then sees more of each query's candidates)."""
+    """One query's example; ``list_negatives`` = x (the list holds x + 1 candidates when the row has x
+    distinct negatives, fewer when it has fewer: see the module docstring). ``pair_negative``: the pairwise
+    "No" example is the hardest negative (the paper), or one drawn from the top-x distinct negatives
+    (``sampled``: a stand-in judge then sees more of each query's candidates)."""
     negs = ranked_negatives(row)
     qid = str(row.get("id"))
     if not negs:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.schema import Item, item_from_row, negatives_from_row
-from .losses import hard_label_loss, infonce, judge_alignment_loss
+from .losses import KL_FORMS, hard_label_loss, infonce, judge_alignment_loss
 from .trainer import TrainSettings, build_model, export_model, fit
 
 # re-exported: the trainer used to live here
@@ -40,8 +40,9 @@ def examples_from_rows(rows: Sequence[dict[str, Any]], k: int) -> list[tuple[Ite
 
 
 def batch_loss(embedder, examples, objective: str, temperature: float,
-               gather_positives=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of a batch of examples and its agreement metric (differentiable through ``embedder``)."""
+               gather_positives=None, kl_form: str = "exact") -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of a batch of examples and its agreement metric (differentiable through ``embedder``).
+    ``kl_form``: the judge_alignment KL, ``exact`` or the official code's ``floored`` (see the loss)."""
     queries = [q for q, _, _ in examples]
     cands = [c for _, cs, _ in examples for c in cs]
     n, width = len(examples), len(examples[0][1])
@@ -52,7 +53,7 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
     if objective == "judge_alignment":
         if torch.isnan(scores).any():
             raise ValueError("judge_alignment needs judge scores for the positive and every negative")
-        loss = judge_alignment_loss(sim, scores, temperature)
+        loss = judge_alignment_loss(sim, scores, temperature, kl_form)
     elif objective == "hard_label":
         loss = hard_label_loss(sim, temperature)
     else:
@@ -85,6 +86,8 @@ class EmbedderTask:
     """Rows of a training table -> the embedder's loss (on a Ray Train worker)."""
 
     def __init__(self, s: TrainSettings):
+        if s.kl_form not in KL_FORMS:
+            raise ValueError(f"unknown kl_form {s.kl_form!r}; choose one of {', '.join(KL_FORMS)}")
         self.s = s
         self.metric_names = (("inbatch_top1",) if s.objective == "infonce" else ()) + (
             ("agreement_top1",) if s.num_negatives else ()) + ("positive_top1",)
@@ -98,7 +101,7 @@ class EmbedderTask:
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         examples = examples_from_rows(rows, self.s.num_negatives)
         return batch_loss(self.embedder, examples, self.s.objective, self.s.temperature,
-                          gather_with_grad if self.s.objective == "infonce" else None)
+                          gather_with_grad if self.s.objective == "infonce" else None, self.s.kl_form)
 
 
 def train_embedder(training_table: str | os.PathLike, s: TrainSettings, name: str = "embedder") -> dict[str, Any]:

@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
+KL_FORMS = ("exact", "floored")
+"""How :func:`judge_alignment_loss` takes logarithms: ``exact`` (the paper's formula, log-softmax) or
+``floored`` (the official code: ``log(p + 1e-8)`` of the softmax of the other side)."""
+KL_FLOOR_EPS = 1e-8
+
+
 def judge_alignment_loss(similarity: torch.Tensor, judge_scores: torch.Tensor,
-                         temperature: float = 0.02) -> torch.Tensor:
+                         temperature: float = 0.02, kl_form: str = "exact") -> torch.Tensor:
     """Symmetric KL between the embedder's and the judge's distributions over each query's candidates.
 
     ``similarity`` and ``judge_scores`` are [N, 1+k] with the positive in column 0 and the k mined hard
@@ -22,15 +28,29 @@ def judge_alignment_loss(similarity: torch.Tensor, judge_scores: torch.Tensor,
     (The paper calls this a JS divergence; it is the symmetrised KL.) There is no term across queries, so
     the loss of a batch is the mean of per-query losses and gradient accumulation reproduces large batches
     exactly; no in-batch negatives, as in the official recipe.
+
+    ``kl_form``: ``"exact"`` (default) is the formula above, computed with log-softmax. ``"floored"``
+    reproduces the official code, which passes ``log(B + 1e-8)`` as the second argument of each KL:
+    KL(A || B) = sum_j A_j (log A_j - log(B_j + 1e-8)), with 0 log 0 = 0. A log-probability then never
+    goes below log(1e-8) = -18.4; at t = 0.02 that floor is reached by a candidate about 0.37 or more
+    below the row's best in similarity or judge score, so the two forms differ on confident rows.
     """
     if similarity.shape != judge_scores.shape or similarity.dim() != 2:
         raise ValueError(f"similarity {tuple(similarity.shape)} and judge_scores {tuple(judge_scores.shape)} "
                          "must both be [N, 1+k]")
+    if kl_form not in KL_FORMS:
+        raise ValueError(f"unknown kl_form {kl_form!r}; choose one of {', '.join(KL_FORMS)}")
     log_p = F.log_softmax(similarity.float() / temperature, dim=-1)
     log_q = F.log_softmax(judge_scores.float().to(similarity.device) / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()
-    kl_qp = (q * (log_q - log_p)).sum(-1)
-    kl_pq = (p * (log_p - log_q)).sum(-1)
+    if kl_form == "exact":
+        kl_qp = (q * (log_q - log_p)).sum(-1)
+        kl_pq = (p * (log_p - log_q)).sum(-1)
+    else:
+        # A log A with the exact log (0 where A underflows, as F.kl_div's target term), whose gradient stays
+        # finite there; only the second argument's log is floored
+        kl_qp = (q * (log_q - torch.log(p + KL_FLOOR_EPS))).sum(-1)
+        kl_pq = (p * (log_p - torch.log(q + KL_FLOOR_EPS))).sum(-1)
     return (0.5 * (kl_qp + kl_pq)).mean()
 
 

@@ -42,6 +42,7 @@ class TrainSettings:
     objective: str = "judge_alignment"       # embedder: judge_alignment | hard_label | infonce
     num_negatives: int = 8                   # embedder: k, the paper's best (0: in-batch negatives only)
     temperature: float = 0.02
+    kl_form: str = "exact"                   # embedder judge_alignment: "exact" (paper) | "floored" (official code)
     list_negatives: int = 4                  # reranker: x negatives (top-x by judge score) beside the positive
     pair_weight: float = 1.0                 # reranker: L = pair_weight * L_pair + list_weight * L_list
     list_weight: float = 1.0
@@ -309,7 +310,11 @@ def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train"
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=s.max_failures)),
         datasets={"train": dataset})
-    result = trainer.fit()
+    from ..utils.logs import watch_metrics
+
+    # Rank 0 appends a line per step to metrics.jsonl; a thread here turns it into the console's progress line.
+    with watch_metrics(out / "metrics.jsonl", f"train {name}", s.max_steps, logger):
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as d:
