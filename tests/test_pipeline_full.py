@@ -6,34 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from unime_ray.data.io import read_table
 
-OVERRIDES = [
-    "data.max_items=24", "data.rows_per_shard=16", "models.tiny.vocab_size=512", "embed.tables=[]",
-    "retrieve.top_k=6", "mine.num_negatives=4", "train.num_negatives=4", "judge.rows_per_call=16",
-    "baseline.enabled=true", "baseline.max_steps=3", "baseline.micro_batch_size=4", "baseline.lora=false",
-    "baseline.checkpoint_every=3",
-    "judge_fit={folds: 2, negatives_per_query: 4, list_negatives: 4, max_steps: 2, micro_batch_size: 2, "
-    "lora: false, lr: 0.001, checkpoint_every: 2}",
-    "train.init=baseline", "train.max_steps=2", "train.checkpoint_every=2", "train.lora=false",
-    "compare={seeds: [0], ablations: [{name: hard-labels, objective: hard_label}]}",
-    "reranker={enabled: true, init: fitted_judge, list_negatives: 3, max_steps: 2, micro_batch_size: 2, "
-    "lora: false, lr: 0.001, checkpoint_every: 2}",
-    "eval={rerank: {enabled: true, top_k: 3}, use_ray: false, batch_size: 16}",
-]
 
-
-def test_whole_method_runs_and_reports(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "unime_ray.cli", "pipeline", "--preset", "synthetic", "--run-dir", str(run)]
-    for o in OVERRIDES:
-        cmd += ["-o", o]
-    proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                          timeout=900)
+def test_whole_method_runs_and_reports(whole_method_run):
+    run, cmd, proc = whole_method_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     order = ["data", "models", "prepare", "baseline", "retrieve", "judge_fit", "judge", "mine", "train", "ablations",

@@ -33,33 +33,78 @@ def _config_from_args(args):
     return load_run_config(preset=preset, config_path=args.config, overrides=overrides)
 
 
+def _add_console_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=os.environ.get("UNIME_VERBOSE", "") not in ("", "0"),
+                   help="show Ray's and the libraries' own messages and the workers' output on the console (by "
+                        "default they go to RUN_DIR/logs/console.log); env UNIME_VERBOSE=1")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data.validate import DataError
+    from .models.backbone import ModelNotFoundError, UnsupportedArchitectureError
+
+    return ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError
+
+
+def _run_logged(args, cfg, only: list[str] | None):
+    """run_pipeline with the run's console set-up: (manifest, 0), or (None, exit code) after one error line."""
+    from .pipeline import Manifest, failed_stage, run_pipeline
+    from .utils.logs import console, log_only, one_line_error, start_run_logging
+
+    run_dir = Path(cfg.run_dir).resolve()
+    run_log = start_run_logging(run_dir, verbose=args.verbose, level=args.log_level)
+    try:
+        logger.info("run directory: %s", run_dir)
+        if not args.verbose:
+            logger.info("Ray's, the libraries' and the workers' own messages: %s (--verbose shows them here)",
+                        run_log.path)
+        try:
+            return run_pipeline(cfg, force=args.force, only=only), 0
+        except Exception as exc:
+            log_only(logger, logging.ERROR, "the run failed", exc_info=exc)
+            stage = failed_stage(Manifest(run_dir))
+            line = f"error: {f'stage {stage} failed: ' if stage else ''}{one_line_error(exc)}"
+            if not args.verbose:
+                line += f" (traceback and workers' output: {run_log.path})"
+            print(line, file=console(), flush=True)
+            return None, 2 if isinstance(exc, _user_errors()) else 1
+        finally:
+            _shutdown_ray()
+    finally:
+        run_log.close()
+
+
+def _shutdown_ray() -> None:
+    """Stop (or leave) Ray while its exit messages still go to the run's log."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # shutting down is best effort; the process ends next
+        logger.debug("ray.shutdown", exc_info=True)
+
+
 # ------------------------------------------------------------------------------------------- commands
 def cmd_pipeline(args) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import run_summary
 
     cfg = _config_from_args(args)
     only = args.stages.split(",") if args.stages else None
-    manifest = run_pipeline(cfg, force=args.force, only=only)
-    run_dir = Path(cfg.run_dir).resolve()
-    print(f"\nrun directory: {run_dir}")
-    from .pipeline import STAGE_NAMES
-
-    for name in STAGE_NAMES:
-        st = manifest.stage(name)
-        if st:
-            print(f"  {name:<8} {st.get('status'):<9} {st.get('seconds', '')}")
-    report = run_dir / "report.md"
-    if report.is_file():
-        print(f"report: {report}")
-    return 0
+    manifest, rc = _run_logged(args, cfg, only)
+    if manifest is not None:
+        print("\n" + run_summary(cfg.run_dir, manifest))
+    return rc
 
 
 def cmd_stage(args) -> int:
     """A pipeline stage on its own (after the stages it needs, which are skipped when complete)."""
-    from .pipeline import run_pipeline, stages_through
+    from .pipeline import stages_through
 
     cfg = _config_from_args(args)
-    manifest = run_pipeline(cfg, force=args.force, only=stages_through(args.stage))
+    manifest, rc = _run_logged(args, cfg, stages_through(args.stage))
+    if manifest is None:
+        return rc
     st = manifest.stage(args.stage)
     print(json.dumps(st.get("outputs", {}), indent=1, default=str))
     return 0
@@ -72,7 +117,8 @@ def cmd_prepare(args) -> int:
     quarantine = Path(args.quarantine) if args.quarantine else out.parent / f"{out.name}.quarantine.parquet"
     account = import_table(args.input, args.format, out, quarantine_path=quarantine, kind=args.kind,
                            task=args.task, image_root=args.image_root, check_images=not args.no_check_images,
-                           rows_per_shard=args.rows_per_shard)
+                           rows_per_shard=args.rows_per_shard, mmeb_split=args.mmeb_split,
+                           max_records=args.max_records)
     print(f"{args.input} -> {out}: {account.summary()}")
     print(f"quarantine: {quarantine}")
     return 0
@@ -200,19 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default_preset="demo")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
     p.add_argument("--force", action="store_true", help="rerun stages even if complete")
+    _add_console_args(p)
     p.set_defaults(func=cmd_pipeline)
 
     for command, stage, text in STAGE_COMMANDS:
         p = sub.add_parser(command, help=text)
         _add_config_args(p, default_preset="demo")
         p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
+        _add_console_args(p)
         p.set_defaults(func=cmd_stage, stage=stage)
 
     from .data.convert import FORMATS
 
     p = sub.add_parser("prepare", help="convert + validate a dataset into a canonical table (bad rows quarantined)")
     p.add_argument("--input", required=True, help="JSON / JSONL / Parquet file or folder")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="retrieval / sharegpt4v / urban1k write a retrieval table (eval --retrieval reads it)")
     p.add_argument("--out", required=True, help="output folder of Parquet shards")
     p.add_argument("--kind", default="pairs", choices=["pairs", "candidates"])
     p.add_argument("--task", default=None, help="task/dataset name (MMEB rows carry none)")
@@ -220,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check-images", action="store_true", help="skip decoding images (faster, less safe)")
     p.add_argument("--quarantine", default=None, help="quarantine file (default OUT.quarantine.parquet)")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.add_argument("--mmeb-split", default=None,
+                   help="mmeb-train folders: the split read per subset (default train, else original)")
+    p.add_argument("--max-records", type=int, default=None,
+                   help="read only the first N input records (ShareGPT4V's protocol: 1000)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("export", help="export a canonical pair table (official JSON, MMEB-train/eval JSONL)")
@@ -283,19 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .utils.logs import setup_logging
+    from .utils.logs import console, setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    from .config import ConfigError
-    from .data.validate import DataError
-    from .models.backbone import ModelNotFoundError, UnsupportedArchitectureError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=console())
         return 2
 
 
