@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -177,6 +178,16 @@ def test_readme_quick_start_evaluation_and_serving(workdir):
     assert all(h["rerank_score"] is not None for h in hits)
 
 
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _stop_cluster_of_session(session_dir: str) -> None:
     """What ``ray stop`` does, for this cluster only: its processes, and the file that points ``ray.init()`` at it."""
     from tests.test_ops import _stop_local_cluster
@@ -192,6 +203,9 @@ def _stop_cluster_of_session(session_dir: str) -> None:
 def test_cluster_local_recipe_and_job_submission(repo_copy):
     """cluster/README.md's local two-node cluster, then jobs/README.md's submission to it."""
     work, home = repo_copy
+    busy = [port for port in (6379, 8265, 52365, 52366) if _port_in_use(port)]
+    assert not busy, (f"ports {busy} are taken by another process (another Ray?): the README's recipe needs "
+                      "Ray's default ports, and would talk to that process instead")
     script, _ = script_of(bash_blocks(REPO / "cluster" / "README.md", "Trying it locally")
                           + bash_blocks(REPO / "jobs" / "README.md"))
     session = None
