@@ -88,7 +88,9 @@ def test_unknown_model_name_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name,expected", [("Qwen/Qwen2-VL-2B-Instruct", (2_208_985_600, 1536)),
                                            ("Qwen/Qwen2-VL-7B-Instruct", (8_291_375_616, 3584)),
-                                           ("Qwen/Qwen2.5-VL-7B-Instruct", (8_292_166_656, 3584))])
+                                           ("Qwen/Qwen2.5-VL-7B-Instruct", (8_292_166_656, 3584)),
+                                           # HF reports 8.03B for this checkpoint
+                                           ("llava-hf/llava-onevision-qwen2-7b-ov-hf", (8_030_807_584, 3584))])
 def test_real_size_models_build_on_meta(name, expected):
     model = build_random_backbone(name, device="meta")
     n = sum(p.numel() for p in model.parameters())
@@ -246,3 +248,195 @@ def test_position_modes(tiny_models):
     np.testing.assert_allclose(a, np.stack([seq.encode([it])[0] for it in items]), atol=1e-5)
     with pytest.raises(ValueError, match="positions"):
         Embedder(seq.model, seq.processor, positions="2d")
+
+
+# ------------------------------------------------------------------------------------------- LLaVA-OneVision
+# The published llava-hf chat template (chat_template.json of the llava-onevision-qwen2-*-ov-hf checkpoints).
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    from unime_ray.models.tiny import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny_llava"), seed=0, archs=["llava_onevision"])["llava_onevision"]
+
+
+def llava_items() -> list[Item]:
+    # mixed_items plus a wide image and a large square one (its 4x4 tile grid exceeds anyres_max_9: downscaled)
+    return mixed_items() + [Item(text="wide", image=make_png(300, 90, seed=4)),
+                            Item(instruction="Represent the given image", image=make_png(200, 200, seed=5))]
+
+
+def test_llava_tiny_checkpoint_loads(tiny_llava):
+    from transformers import AutoTokenizer
+
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (tiny_llava / f).is_file(), f
+    config = json.loads((tiny_llava / "config.json").read_text())
+    assert config["model_type"] == "llava_onevision"
+    assert config["text_config"]["model_type"] == "qwen2"
+    assert config["vision_config"]["model_type"] == "siglip_vision_model"
+    model = load_backbone(tiny_llava, dtype="float32")
+    assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    tok = AutoTokenizer.from_pretrained(tiny_llava)
+    assert tok.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    assert len(tok) == model.config.text_config.vocab_size
+    for word in ["Yes", "No", *"0123456789"]:
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+
+
+def test_llava_is_embedder_only(tiny_llava):
+    from unime_ray.judge.hf_backend import TransformersJudge
+    from unime_ray.models.backbone import architecture_of, load_config
+    from unime_ray.models.inputs import rope_positions
+
+    assert architecture_of(load_config(tiny_llava), "x", role="embedder").model_type == "llava_onevision"
+    for role in ("judge", "reranker"):
+        with pytest.raises(UnsupportedArchitectureError, match=f"cannot be the {role} backbone.*qwen2_5_vl"):
+            load_backbone(tiny_llava, role=role)
+    with pytest.raises(UnsupportedArchitectureError, match="judge backbone"):
+        TransformersJudge(tiny_llava, dtype="float32")
+    model = load_backbone(tiny_llava, dtype="float32")
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(UnsupportedArchitectureError, match="1-D RoPE"):
+        rope_positions(model, 0, ids, torch.ones_like(ids), [])
+
+
+def test_llava_format_is_the_published_chat_template(tiny_llava):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llava)
+    for item in llava_items():
+        text = item.prompt_text().replace("<image>", "").strip()
+        content = ([{"type": "image"}] if item.has_image else []) + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        want = tok.apply_chat_template(messages, chat_template=LLAVA_HF_CHAT_TEMPLATE, tokenize=False,
+                                       add_generation_prompt=True)
+        assert format_item(item, "official", "llava_onevision") == want
+        assert format_item(item, "chat", "llava_onevision") == want
+        # the tiny checkpoint's own (reduced) template renders the same text
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+    assert format_item(Item(text="<image>\nwhat?", image=b"x"), "official", "llava_onevision") == (
+        "<|im_start|>user <image>\nwhat?<|im_end|><|im_start|>assistant\n")
+
+
+def test_llava_hf_and_manual_processors_give_identical_inputs(tiny_llava):
+    from unime_ray.data.images import load_image
+    from unime_ray.models.llava_onevision import LlavaOVProcessor
+
+    proc = VLProcessor.from_pretrained(tiny_llava, backend="auto")
+    assert isinstance(proc, LlavaOVProcessor) and proc.backend == "hf"
+    items = llava_items()
+    texts = [format_item(it, "official", "llava_onevision") for it in items]
+    images = [load_image(it) for it in items]
+    hf, manual = proc(texts, images, backend="hf"), proc(texts, images, backend="manual")
+    assert set(hf) == set(manual) == {"input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images"}
+    for k in hf:
+        assert torch.equal(hf[k], manual[k]), k
+    n_tokens = (manual["input_ids"] == proc.image_pad_id).sum(dim=1).tolist()
+    counts = iter(proc.feature_count(im) for im in images if im is not None)
+    assert n_tokens == [next(counts) if im is not None else 0 for im in images]
+    assert len(set(n for n in n_tokens if n)) > 3  # the image sizes give different grids
+    # text-only batches carry no vision inputs
+    assert set(proc(["<|im_start|>user \nhi<|im_end|>"], [None])) == {"input_ids", "attention_mask"}
+
+
+def test_llava_processor_image_options(tiny_llava):
+    from PIL import Image
+
+    proc = VLProcessor.from_pretrained(tiny_llava, backend="manual", image_options=ImageOptions(resize=(112, 56)))
+    out = proc(["<image>"], [Image.new("RGB", (300, 40), (255, 0, 0))])
+    assert out["image_sizes"].tolist() == [[56, 112]]  # (height, width) after the resize
+    with pytest.raises(ValueError, match="Qwen-VL processor settings"):
+        VLProcessor.from_pretrained(tiny_llava, image_options=ImageOptions(max_pixels=56 * 56))
+    with pytest.raises(ValueError, match="image placeholders"):
+        proc(["no placeholder"], [Image.new("RGB", (30, 30))])
+
+
+def test_llava_feature_count_matches_hf_at_real_size():
+    """The manual token count against Hugging Face's, with the real 384 px tiles and 6x6 pinpoints."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from unime_ray.models.llava_onevision import _hf_processor, image_feature_count, tiny_tokenizer
+    from unime_ray.models.tiny import train_tokenizer
+
+    tok = tiny_tokenizer(train_tokenizer([], 400))
+    images = LlavaOnevisionImageProcessorPil()
+    hf = _hf_processor(tok, images, 27 * 27, "full", "anyres_max_9")
+    sizes = [(336, 336), (384, 384), (1344, 1344), (480, 640), (640, 480), (100, 2000), (2000, 100), (503, 316),
+             (28, 28), (720, 1280), (1080, 1920), (3000, 4000), (37, 991), (1200, 300)]
+    for h, w in sizes:
+        ours = image_feature_count(h, w, tile=384, patch=14, pinpoints=images.image_grid_pinpoints)
+        assert ours == hf._get_number_of_features(h, w, 384, 384), (h, w)
+    assert image_feature_count(336, 336, tile=384, patch=14, pinpoints=images.image_grid_pinpoints) == 729 + 27 * 28
+
+
+@pytest.mark.parametrize("input_format", ["official", "chat"])
+def test_llava_embeddings_unit_norm_and_batch_invariant(tiny_llava, input_format):
+    emb = Embedder.from_pretrained(tiny_llava, input_format=input_format, dtype="float32")
+    assert emb.positions == "sequential" and emb.dim == 64
+    items = llava_items()
+    batched = emb.encode(items, batch_size=len(items))
+    alone = np.stack([emb.encode([it])[0] for it in items])
+    assert batched.dtype == np.float32 and batched.shape == (len(items), emb.dim)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    np.testing.assert_allclose(emb.encode(items, batch_size=3), batched, atol=1e-5)
+    assert np.abs(batched[0] - batched[3]).max() > 1e-4
+    assert np.abs(batched[1] - batched[4]).max() > 1e-4  # different images, same instruction
+    with pytest.raises(ValueError, match="1-D"):
+        Embedder(emb.model, emb.processor, positions="mrope")
+
+
+def test_llava_embedding_equals_manual_forward(tiny_llava):
+    """Last-layer hidden state at the last token of one unpadded sequence, through the full model."""
+    from unime_ray.data.images import load_image
+
+    emb = Embedder.from_pretrained(tiny_llava, dtype="float32")
+    items = [Item(text="a red car"), Item(instruction="Represent the given image", image=make_png(100, 50, seed=2))]
+    for item, vec in zip(items, emb.encode(items)):
+        inputs = emb.processor([format_item(item, "official", "llava_onevision")], [load_image(item)], backend="hf")
+        with torch.no_grad():
+            out = emb.model(**inputs, output_hidden_states=True)
+        h = out.hidden_states[-1][0, -1].numpy()
+        np.testing.assert_allclose(vec, h / np.linalg.norm(h), atol=1e-5)
+
+
+def test_llava_lora_save_load_merge(tiny_llava, tmp_path):
+    base = load_backbone(tiny_llava, dtype="float32")
+    model = apply_lora(base, LoraSettings(r=4, alpha=16, dropout=0.0))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("language_model" in n for n in names) and not any("vision_tower" in n for n in names)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    proc = VLProcessor.from_pretrained(tiny_llava)
+    items = llava_items()
+    with_adapter = Embedder(model.eval(), proc).encode(items)
+    plain = Embedder(load_backbone(tiny_llava, dtype="float32"), proc).encode(items)
+    assert np.abs(with_adapter - plain).max() > 1e-3
+
+    save_adapter(model, tmp_path / "adapter")
+    reloaded = load_adapter(load_backbone(tiny_llava, dtype="float32"), tmp_path / "adapter")
+    np.testing.assert_allclose(Embedder(reloaded.eval(), proc).encode(items), with_adapter, atol=1e-5)
+
+    merged_dir = Embedder(reloaded, proc).save(tmp_path / "merged")
+    from_merged = Embedder.from_pretrained(merged_dir, dtype="float32")
+    assert type(from_merged.model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    np.testing.assert_allclose(from_merged.encode(items), with_adapter, atol=1e-4)
+
+    via_flag = Embedder.from_pretrained(tiny_llava, adapter=tmp_path / "adapter", dtype="float32")
+    np.testing.assert_allclose(via_flag.encode(items), with_adapter, atol=1e-5)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+ROLES = ("embedder", "judge", "reranker")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Architecture:
     model_type: str
     model_class: str          # attribute of ``transformers``
     description: str
+    roles: tuple[str, ...] = ROLES      # which stages may use it as backbone
+    mrope: bool = True                  # Qwen M-RoPE (3-axis positions) vs plain 1-D RoPE
 
     def load_class(self):
         import transformers
@@ -35,6 +38,10 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2-VL (embedder backbone)"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
                                "Qwen2.5-VL (judge and reranker backbone)"),
+    # The judge and the reranker assemble Qwen inputs themselves (<|vision_start|> prompts, image grids, M-RoPE
+    # positions in models/inputs.py, prefix-KV reuse): LLaVA-OV serves as embedder only.
+    "llava_onevision": Architecture("llava_onevision", "LlavaOnevisionForConditionalGeneration",
+                                    "LLaVA-OneVision (embedder backbone only)", roles=("embedder",), mrope=False),
 }
 
 # Shipped configs of the published checkpoints: hub id -> file.
@@ -42,6 +49,7 @@ SHIPPED_CONFIGS = {
     "Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b-instruct.json",
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b-instruct.json",
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b-instruct.json",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b-ov-hf.json",
 }
 
 
@@ -57,14 +65,32 @@ def _supported_list() -> str:
     return ", ".join(f"{k} ({a.description})" for k, a in SUPPORTED_ARCHITECTURES.items())
 
 
-def architecture_of(config: Any, name: str = "") -> Architecture:
+def architecture_of(config: Any, name: str = "", role: str | None = None) -> Architecture:
+    """The supported architecture of ``config``; with ``role`` ("embedder", "judge", "reranker"), also check
+    that it may serve that role."""
     model_type = getattr(config, "model_type", None)
     arch = SUPPORTED_ARCHITECTURES.get(model_type)
     if arch is None:
         raise UnsupportedArchitectureError(
             f"model {name!r} has architecture {model_type!r}, which unime-ray does not support; "
             f"supported: {_supported_list()}")
+    if role is not None:
+        if role not in ROLES:
+            raise ValueError(f"unknown model role {role!r}; choose one of {', '.join(ROLES)}")
+        if role not in arch.roles:
+            others = [k for k, a in SUPPORTED_ARCHITECTURES.items() if role in a.roles]
+            raise UnsupportedArchitectureError(
+                f"model {name!r} ({arch.description}) cannot be the {role} backbone: the judge and the reranker "
+                f"build Qwen-VL inputs (vision-start prompts, image grids, M-RoPE positions); use one of "
+                f"{', '.join(others)} for the {role}")
     return arch
+
+
+def uses_mrope(model_or_config: Any) -> bool:
+    """Whether a model (or its config) takes Qwen's 3-axis M-RoPE positions; False for 1-D RoPE (LLaVA-OV)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    arch = SUPPORTED_ARCHITECTURES.get(getattr(config, "model_type", None))
+    return arch.mrope if arch is not None else True
 
 
 def load_config(name_or_path: str | os.PathLike):
@@ -101,10 +127,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load_backbone(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
-                  device: str | torch.device | None = None, attn_implementation: str | None = None):
-    """Load a supported ``*ForConditionalGeneration`` model from a folder or hub id."""
+                  device: str | torch.device | None = None, attn_implementation: str | None = None,
+                  role: str | None = None):
+    """Load a supported ``*ForConditionalGeneration`` model from a folder or hub id; ``role`` (embedder, judge,
+    reranker) refuses, before any weights load, an architecture that cannot serve it."""
     config = load_config(name_or_path)
-    arch = architecture_of(config, str(name_or_path))
+    arch = architecture_of(config, str(name_or_path), role)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..data.images import load_image
 from ..data.schema import Item
-from .backbone import load_backbone, resolve_dtype
+from .backbone import load_backbone, resolve_dtype, uses_mrope
 from .formatting import INPUT_FORMATS, format_item
 from .processor import ImageOptions, VLProcessor
 
@@ -57,7 +57,8 @@ class Embedder:
 
     ``positions``: ``mrope`` lets the backbone place image tokens on its 2-D grid (transformers 5
     default); ``sequential`` numbers all tokens 1-D as the released UniME-V2 models were trained;
-    ``auto`` is ``sequential`` for the ``official`` format and ``mrope`` for ``chat``.
+    ``auto`` is ``sequential`` for the ``official`` format and ``mrope`` for ``chat``. Backbones with 1-D RoPE
+    (LLaVA-OneVision) always get ``sequential`` positions (mask-based, so batches equal single items).
     """
 
     def __init__(self, model, processor: VLProcessor, input_format: str = "official",
@@ -67,8 +68,12 @@ class Embedder:
             raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
         if positions not in POSITION_MODES:
             raise ValueError(f"unknown positions mode {positions!r}; choose one of {', '.join(POSITION_MODES)}")
+        self.mrope = uses_mrope(model)
+        if positions == "mrope" and not self.mrope:
+            raise ValueError(f"positions mode 'mrope' needs a Qwen-VL backbone; {model.config.model_type} has 1-D "
+                             "RoPE (use auto or sequential)")
         if positions == "auto":
-            positions = "sequential" if input_format == "official" else "mrope"
+            positions = "sequential" if input_format == "official" or not self.mrope else "mrope"
         self.positions = positions
         self.model = model
         self.processor = processor
@@ -83,7 +88,7 @@ class Embedder:
                         image_root: str | os.PathLike | None = None, processor_backend: str = "auto",
                         positions: str = "auto") -> "Embedder":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_backbone(name_or_path, dtype=dtype, device=device)
+        model = load_backbone(name_or_path, dtype=dtype, device=device, role="embedder")
         if adapter is not None:
             from .lora import load_adapter
 
@@ -98,7 +103,7 @@ class Embedder:
         return getattr(cfg, "text_config", cfg).hidden_size
 
     def prepare(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
-        texts = [format_item(it, self.input_format) for it in items]
+        texts = [format_item(it, self.input_format, self.processor.model_type) for it in items]
         images = [load_image(it, self.image_root) for it in items]
         return self.processor(texts, images)
 
@@ -108,7 +113,8 @@ class Embedder:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         if self.positions == "sequential":
-            inputs["position_ids"] = sequential_position_ids(inputs["attention_mask"])
+            pos = sequential_position_ids(inputs["attention_mask"])
+            inputs["position_ids"] = pos if self.mrope else pos[0]
         out = language_core(self.model)(**inputs, use_cache=False, return_dict=True)
         pooled = last_token_pool(out.last_hidden_state, inputs["attention_mask"])
         return F.normalize(pooled.float(), dim=-1)

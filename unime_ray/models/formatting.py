@@ -5,6 +5,8 @@
   template). An image item without a marker gets ``<|image_pad|>\\n`` in front, as MMEB writes it.
 * ``chat``: the backbone's chat template (Qwen2-VL and Qwen2.5-VL share it): a system turn, a user turn
   with ``<|vision_start|><|image_pad|><|vision_end|>`` where the image goes, and the assistant header.
+* LLaVA-OneVision (``model_type="llava_onevision"``): its own chat format for both, see
+  :func:`~unime_ray.models.llava_onevision.format_llava_ov`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,15 @@ def format_chat(item: Item, system: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
     return chat_prompt(item_chat_parts(item), system)
 
 
-def format_item(item: Item, input_format: str) -> str:
+def format_item(item: Item, input_format: str, model_type: str | None = None) -> str:
+    """``item`` as the backbone reads it; ``model_type="llava_onevision"`` gives the LLaVA-OV chat format for
+    either input format (UniME-V2 trained LLaVA-OV on its chat template; see models/llava_onevision.py)."""
+    if model_type == "llava_onevision":
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        from .llava_onevision import format_llava_ov
+
+        return format_llava_ov(item)
     if input_format == "official":
         return format_official(item)
     if input_format == "chat":

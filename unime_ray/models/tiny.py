@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL checkpoints with random weights, built offline.
+"""Tiny Qwen2-VL / Qwen2.5-VL (and, on request, LLaVA-OneVision) checkpoints with random weights, built offline.
 
 They are ordinary Hugging Face folders (config, safetensors weights, tokenizer, image-processor config),
 so tests and the demo load them through exactly the code path that loads real checkpoints. The tokenizer is
@@ -136,8 +136,12 @@ def build_tiny_model(arch: str, tok, spec: TinySpec, seed: int = 0):
                       out_hidden_size=spec.hidden_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                       window_size=112, fullatt_block_indexes=[spec.vision_depth - 1])
         cfg_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    elif arch == "llava_onevision":  # ``tok`` must be the LLaVA-OV tokenizer (llava_onevision.tiny_tokenizer)
+        from .llava_onevision import build_tiny_llava_onevision
+
+        return build_tiny_llava_onevision(tok, spec, seed)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose qwen2_vl or qwen2_5_vl")
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_NAMES)}")
     cfg = cfg_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **special, **spec.extra)
     torch.manual_seed(seed)
     return model_cls(cfg).eval()
@@ -150,12 +154,13 @@ def build_image_processor(spec: TinySpec):
                                     patch_size=14, merge_size=2, temporal_patch_size=2)
 
 
-TINY_NAMES = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+TINY_NAMES = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "llava_onevision": "tiny-llava-onevision"}
 
 
 def make_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None,
                      corpus: Iterable[str] = (), archs: Iterable[str] = ("qwen2_vl", "qwen2_5_vl")) -> dict[str, Path]:
-    """Write tiny checkpoints to ``out_dir/<name>``; returns {arch: folder}. Deterministic given ``seed``."""
+    """Write tiny checkpoints to ``out_dir/<name>``; returns {arch: folder}. Deterministic given ``seed``.
+    ``archs`` may add ``"llava_onevision"`` (see :data:`TINY_NAMES`)."""
     spec = spec or TinySpec()
     out_dir = Path(out_dir)
     corpus = list(corpus)
@@ -164,11 +169,16 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     written = {}
     for i, arch in enumerate(archs):
         folder = out_dir / TINY_NAMES[arch]
-        model = build_tiny_model(arch, tok, spec, seed=seed + i)
+        arch_tok, arch_images = tok, image_processor
+        if arch == "llava_onevision":  # the same tokenizer plus <image>/<video>; LLaVA-OV's anyres image processor
+            from .llava_onevision import tiny_image_processor, tiny_tokenizer
+
+            arch_tok, arch_images = tiny_tokenizer(tok), tiny_image_processor()
+        model = build_tiny_model(arch, arch_tok, spec, seed=seed + i)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        image_processor.save_pretrained(folder)
+        arch_tok.save_pretrained(folder)
+        arch_images.save_pretrained(folder)
         (folder / "unime_tiny.json").write_text(json.dumps(
             {"arch": arch, "seed": seed + i, "spec": asdict(spec), "corpus_texts": len(corpus)}, indent=1))
         n_params = sum(p.numel() for p in model.parameters())
