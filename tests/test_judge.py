@@ -31,7 +31,7 @@ def test_prompt_layout():
     assert text.index("What is shown?") < text.index("Candidate: ") < text.index("Represent the given image")
     assert text.endswith("<|im_start|>assistant\n")
     prefix, suffix = judge_segments(q, c)
-    assert prefix + suffix == text and prefix.endswith("Candidate: ")
+    assert prefix + suffix == text and prefix.endswith("Candidate:") and suffix.startswith(" <|vision_start|>")
     assert judge_segments(q, CANDS[0])[0] == prefix  # the prefix depends on the query alone
     custom = JudgePrompt(instruction="Does the candidate match?", version="v2")
     assert judge_text(q, c, custom).count("Does the candidate match?") == 1
@@ -174,7 +174,7 @@ def test_judge_stage_resumes_and_accounts(tiny_models, retrieved, tmp_path):
     assert again["scored"] == out["scored"]
 
     # another prompt version writes its own scores; nothing mixes
-    other = JudgeSpec(**{**spec.__dict__, "prompt": {"version": "pairwise-v2"}})
+    other = JudgeSpec(**{**spec.__dict__, "prompt": {"version": JudgePrompt().version + "-other"}})
     assert other.identity() != spec.identity()
 
 
@@ -226,3 +226,83 @@ def test_prefix_groups_never_merge_different_query_images(judge):
     pairs = [(q1, CANDS[0]), (q2, CANDS[0]), (q1, CANDS[2]), (q2, CANDS[2])]
     one = np.array([judge.score_one(q, c) for q, c in pairs])
     np.testing.assert_allclose(judge.score(pairs), one, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- token-aligned prompt split
+# Candidate texts starting with letters, digits, punctuation, quotes, contractions and non-ASCII characters,
+# an image with no text, an image with text, and an instruction + text.
+SPLIT_CANDS = [Item(text="parking lot"), Item(text="5 cars parked"), Item(text="2024"), Item(text="(a) red car"),
+               Item(text="'s car"), Item(text='"quoted" car'), Item(text="...and more"), Item(text="-x"),
+               Item(text="élan vital"), Item(text="日本の車"), Item(text="Ünïcödé"), Item(text="🚗 car"),
+               Item(text="  spaced\n"), Item(image=make_png(30, 70, seed=3)),
+               Item(text="<image> a photo of a car", image=make_png(50, 50, seed=2)),
+               Item(text="a red car", instruction="Represent the given text:")]
+SPLIT_QUERIES = [Item(text="a small red circle", instruction="Find an image:"),
+                 Item(text="<image> What is shown?", image=make_png(60, 40, seed=1)),
+                 Item(image=make_png(56, 56, seed=4)), Item(text="Where? (2)")]
+
+
+def _chat_template_ids(tok, q, c, grids, merge):
+    """The whole prompt through the tokenizer's own chat template, each image pad expanded to its tokens."""
+    from unime_ray.judge.prompt import judge_parts
+    from unime_ray.models.formatting import DEFAULT_SYSTEM_PROMPT
+
+    content = [{"type": "image"} if kind == "image" else {"type": "text", "text": value}
+               for kind, value in judge_parts(q, c)]
+    text = tok.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                    {"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    assert text == judge_text(q, c)
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    counts = iter([int(g.prod()) // merge for g in grids])
+    out = []
+    for t in tok(text, add_special_tokens=False)["input_ids"]:
+        out += [pad] * next(counts) if t == pad else [t]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_prefix_plus_suffix_ids_are_the_whole_prompt_ids(tiny_models, arch):
+    """What each backend scores is the whole prompt string's tokenization (the chat template's), for any
+    candidate start; the query prefix is one token sequence for all of a query's candidates."""
+    from unime_ray.judge.prompt import collapse_image_pads
+    from unime_ray.judge.vllm_backend import build_request
+
+    j = TransformersJudge(tiny_models[arch], dtype="float32")
+    tok, merge = j.processor.tokenizer, j.processor.image_processor.merge_size ** 2
+    pairs = [(q, c) for q in SPLIT_QUERIES for c in SPLIT_CANDS]
+    encoded = j.encode_all(pairs)
+    for (q, c), e in zip(pairs, encoded):
+        assert not isinstance(e, Exception), e
+        assert e.prefix_ids + e.suffix_ids == _chat_template_ids(tok, q, c, e.grids, merge), (q, c)
+        assert e.prefix_ids == j.encode(q, SPLIT_CANDS[0]).prefix_ids         # same prefix for the query
+        assert j.encode(q, c).suffix_ids == e.suffix_ids                      # one pair = batched
+        # the vLLM backend sends the same ids (images as their one unexpanded pad)
+        assert build_request(tok, q, c)["prompt_token_ids"] == collapse_image_pads(
+            e.prefix_ids + e.suffix_ids, j.processor.image_pad_id)
+    # the v1 cut (after the space) gave ' ' + 'parking': not the prompt's tokens
+    prefix, suffix = judge_segments(SPLIT_QUERIES[0], SPLIT_CANDS[0])
+    assert suffix.startswith(" parking") and prefix.endswith("Candidate:")
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids(prefix + " ") + ids(suffix[1:]) != ids(prefix + suffix)
+
+
+def test_prompt_version_is_bumped_for_the_token_aligned_split():
+    assert JudgePrompt().version == "pairwise-v2"
+
+
+def test_misaligned_split_is_an_error_not_a_score(judge, tiny_models):
+    """A custom label that lets BPE merge across the cut fails per pair in both backends."""
+    from unime_ray.judge.prompt import PromptSplitError, split_token_ids
+    from unime_ray.judge.vllm_backend import build_request
+
+    tok = judge.processor.tokenizer
+    with pytest.raises(PromptSplitError, match="token boundary"):
+        split_token_ids(tok, "I will provide you with a que", "ry and a candidate.")
+    bad = JudgePrompt(candidate_label=", Candidate: que")
+    q, c = Item(text="a red car"), Item(text="ry")
+    j = TransformersJudge(tiny_models["qwen2_5_vl"], prompt=bad, dtype="float32")
+    scores, errors = j.score_or_errors([(q, c), (q, Item(text="(query) a car"))])
+    assert np.isnan(scores[0]) and "token boundary" in errors[0]
+    assert errors[1] is None and 0 < scores[1] < 1
+    with pytest.raises(ValueError, match="token boundary"):
+        build_request(tok, q, c, bad)

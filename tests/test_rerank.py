@@ -232,3 +232,41 @@ def test_reranker_trains_on_ray_with_zero2(tiny_models, ray_local, tmp_path):
 def test_prompt_versions_differ_from_judge():
     p = RerankPrompt()
     assert p.version != p.pairwise.version
+
+
+def test_pairwise_training_encoding_is_what_pairwise_inference_scores(tiny_models, rr_model):
+    """A pairwise training conversation encodes to the whole string's ids (prompt + answer + end of turn),
+    and its ids up to the answer are exactly the ids the reranker's pairwise inference (the judge's
+    backend, prefix + suffix) scores, with the same images; the answer's first token is the Yes/No the
+    inference reads."""
+    from unime_ray.judge.hf_backend import TransformersJudge
+    from unime_ray.rerank import pairwise_text
+    from unime_ray.rerank.examples import Conversation
+    from unime_ray.rerank.prompt import END_OF_TURN
+
+    from .conftest import make_png
+
+    _, proc = rr_model
+    judge = TransformersJudge(tiny_models["qwen2_5_vl"], dtype="float32")
+    ex = example_from_row(training_rows(1, 4)[0], 3)
+    extra = [Item(text="parking lot"), Item(text="5 cars"), Item(text="(a) red"), Item(text="élan"),
+             Item(image=make_png(30, 70, seed=3)), Item(text="<image> 'quoted'", image=make_png(28, 56, seed=5))]
+    pos, neg = conversations(ex)[:2]
+    convs = [(ex.query, ex.positive, pos), (ex.query, ex.hardest_negative, neg)]
+    for query in (ex.query, Item(text="Where? (2)")):
+        for cand in extra:
+            images = [i for i in (query, cand) if i.has_image]
+            convs.append((query, cand, Conversation("pair_pos", pairwise_text(query, cand), images, "Yes")))
+    tok, pad, merge = proc.tokenizer, proc.image_pad_id, proc.image_processor.merge_size ** 2
+    for query, cand, conv in convs:
+        enc = encode_conversation(proc, conv.prompt, conv.images, conv.answer)
+        whole = []
+        counts = iter([int(g.prod()) // merge for g in enc.grids])
+        for t in tok(conv.prompt + conv.answer + END_OF_TURN, add_special_tokens=False)["input_ids"]:
+            whole += [pad] * next(counts) if t == pad else [t]
+        assert enc.ids == whole                                        # training = the whole string
+        scored = judge.encode(query, cand)
+        assert scored.prefix_ids + scored.suffix_ids == enc.ids[:enc.answer_start]   # = what inference scores
+        assert all(torch.equal(a, b) for a, b in zip(scored.pixel_values, enc.pixel_values))
+        assert len(scored.pixel_values) == len(enc.pixel_values)
+        assert enc.ids[enc.answer_start] == (judge.yes_id if conv.answer == "Yes" else judge.no_id)

@@ -1,11 +1,12 @@
 """The transformers judge backend (CPU and small GPUs): batched forwards with query-prefix KV reuse.
 
-Every prompt is ``tokens(prefix) + tokens(suffix)`` (see :func:`~unime_ray.judge.prompt.judge_segments`);
-the prefix (system turn, instruction, the query and its image) is the same for all of a query's
-candidates. With ``prefix_reuse`` the prefix runs once per query, its KV cache is copied across a batch
-of candidate suffixes, and only the suffixes run; without it, whole prompts are batched. M-RoPE positions
-are computed once on the full sequence and passed explicitly, so both paths (and the one-pair-at-a-time
-baseline) see identical positions and give the same scores.
+Every prompt is ``tokens(prefix) + tokens(suffix)`` (see :func:`~unime_ray.judge.prompt.judge_segments`),
+which is checked per pair to be the tokens of the whole prompt string; the prefix (system turn,
+instruction, the query and its image) is the same for all of a query's candidates. With ``prefix_reuse``
+the prefix runs once per query, its KV cache is copied across a batch of candidate suffixes, and only the
+suffixes run; without it, whole prompts are batched. M-RoPE positions are computed once on the full sequence
+and passed explicitly, so both paths (and the one-pair-at-a-time baseline) see identical positions and give
+the same scores.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..data.schema import Item
 from ..models.backbone import load_backbone
 from ..models.inputs import rope_positions, vision_inputs
 from ..models.processor import ImageOptions, VLProcessor
-from .prompt import JudgePrompt, answer_token_ids, judge_segments
+from .prompt import JudgePrompt, answer_token_ids, collapse_image_pads, judge_segments, split_error_message
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class TransformersJudge:
                  image_options: ImageOptions | None = None, batch_size: int = 16, prefix_reuse: bool = True,
                  max_length: int | None = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_backbone(model, dtype=dtype, device=device)
+        self.model = load_backbone(model, dtype=dtype, device=device, role="judge")
         self.device = torch.device(device)
         self.processor = VLProcessor.from_pretrained(model, self.model.config.model_type, "manual", image_options)
         self.prompt = prompt
@@ -111,18 +112,23 @@ class TransformersJudge:
 
     def encode(self, query: Item, candidate: Item, prefix_cache: dict | None = None) -> _Encoded:
         """Token ids and vision inputs of one pair; ``prefix_cache`` reuses a query's encoded prefix."""
-        prefix, suffix = judge_segments(query, candidate, self.prompt)
-        return self._assemble(self._prefix(query, prefix, prefix_cache),
-                              self._segment(suffix, [candidate] if candidate.has_image else []))
+        enc = self.encode_all([(query, candidate)], prefix_cache)[0]
+        if isinstance(enc, PairError):
+            raise enc
+        return enc
 
-    def encode_all(self, pairs: Sequence[tuple[Item, Item]]) -> list[_Encoded | PairError]:
-        """:meth:`encode` for many pairs: prefixes once per query, text-only suffixes tokenized together."""
-        prefix_cache: dict = {}
+    def encode_all(self, pairs: Sequence[tuple[Item, Item]], prefix_cache: dict | None = None
+                   ) -> list[_Encoded | PairError]:
+        """:meth:`encode` for many pairs: prefixes once per query, text-only suffixes tokenized together.
+        A pair whose prefix + suffix ids (images collapsed to their one pad) are not the ids of the whole
+        prompt string is a :class:`PairError` (see :func:`~unime_ray.judge.prompt.judge_segments`)."""
+        prefix_cache = {} if prefix_cache is None else prefix_cache
         out: list[_Encoded | PairError | None] = [None] * len(pairs)
         prefixes: list = [None] * len(pairs)
         text_suffixes: list[tuple[int, str]] = []
+        segments = [judge_segments(q, c, self.prompt) for q, c in pairs]
         for i, (q, c) in enumerate(pairs):
-            prefix, suffix = judge_segments(q, c, self.prompt)
+            prefix, suffix = segments[i]
             try:
                 prefixes[i] = self._prefix(q, prefix, prefix_cache)
                 if c.has_image:
@@ -140,7 +146,20 @@ class TransformersJudge:
                     out[i] = self._assemble(prefixes[i], (ids, [], []))
                 except PairError as exc:
                     out[i] = exc
+        self._check_whole(segments, out)
         return out  # type: ignore[return-value]
+
+    def _check_whole(self, segments: list[tuple[str, str]], out: list) -> None:
+        """Replace by a PairError every encoding that is not the tokenization of its whole prompt string."""
+        todo = [i for i, e in enumerate(out) if isinstance(e, _Encoded)]
+        pad = self.processor.image_pad_id
+        for j in range(0, len(todo), 256):
+            chunk = todo[j:j + 256]
+            whole = self.processor.tokenizer([segments[i][0] + segments[i][1] for i in chunk],
+                                             add_special_tokens=False)["input_ids"]
+            for i, ids in zip(chunk, whole):
+                if collapse_image_pads(out[i].prefix_ids + out[i].suffix_ids, pad) != list(ids):
+                    out[i] = PairError(split_error_message(*segments[i]))
 
     # ------------------------------------------------------------------------------------- forwards
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:

@@ -3,7 +3,9 @@
 A prompt is split after every ``<|vision_end|>`` so each piece holds at most one image; the pieces are
 tokenized separately and concatenated (special tokens end BPE merges, so this equals tokenizing the whole
 string) — the same ids at training time, at inference time and in tests. The answer (``Yes``, ``No`` or
-``Ans: (i)``) and the end-of-turn token follow the assistant header; only they carry loss.
+``Ans: (i)``) and the end-of-turn token follow the assistant header; only they carry loss. Every encoding is
+checked against one tokenization of the whole string (prompt + answer + end of turn, images collapsed to their
+one pad), so what is trained on is exactly what pairwise inference (the judge's backend) scores.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from ..data.images import ImageError, load_image
 from ..data.schema import Item
+from ..judge.prompt import collapse_image_pads
 from ..models.processor import IMAGE_PAD, VISION_END, VLProcessor
 from .prompt import END_OF_TURN
 
@@ -63,6 +66,11 @@ def encode_conversation(processor: VLProcessor, prompt: str, image_items: Sequen
     answer_start = len(ids)
     if answer is not None:
         ids.extend(processor.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"])
+    whole = processor.tokenizer(prompt + ("" if answer is None else answer + END_OF_TURN),
+                                add_special_tokens=False)["input_ids"]
+    if collapse_image_pads(ids, processor.image_pad_id) != list(whole):
+        raise ConversationError("the conversation's pieces do not tokenize to the whole conversation's ids "
+                                f"(answer {answer!r}): BPE merged across a piece boundary")
     if max_length is not None and len(ids) > max_length:
         raise ConversationError(f"conversation is {len(ids)} tokens, more than the context of {max_length} "
                                 "(too many or too large images? lower max_pixels or the number of candidates)")

@@ -34,7 +34,7 @@ class RerankPrompt:
     candidates_label: str = " Candidates: "
     answer_template: str = "Ans: ({index})"        # 1-based index of the chosen candidate
     system: str | None = DEFAULT_SYSTEM_PROMPT
-    version: str = "rerank-v1"
+    version: str = "rerank-v2"   # v2: pairwise inference scores the whole prompt's ids (judge prompt pairwise-v2)
 
 
 def pairwise_text(query: Item, candidate: Item, prompt: RerankPrompt = RerankPrompt()) -> str:
