@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import make_png
 from unime_ray.data.schema import Item
-from unime_ray.judge.prompt import JudgePrompt, answer_token_ids, judge_segments
+from unime_ray.judge.prompt import JudgePrompt, answer_token_ids, judge_segments, judge_text
 from unime_ray.judge.vllm_backend import (VLLM_MISSING, JudgeOutputError, VisionLimits, VLLMJudge, VLLMJudgeConfig,
                                           build_request, engine_kwargs, image_token_count, parse_yes_no, prompt_length,
                                           qwen_resized_size, sampling_params_kwargs, vision_limits)
@@ -135,6 +135,18 @@ def test_build_request_images_in_prompt_order(tok):
     assert [im.size for im in images] == [(40, 30), (20, 50)]       # query image first, then candidate
     assert all(im.mode == "RGB" for im in images)
     assert set(req) == {"prompt_token_ids", "multi_modal_data"}
+
+
+@pytest.mark.parametrize("text", ["parking lot", "5 cars", "(a) red", "'s car", "élan", "日本", "", "<image> a car"])
+def test_build_request_ids_are_the_whole_prompt_ids(tok, text):
+    """vLLM gets the ids of the whole prompt string, which start with the query prefix's own ids (the prefix
+    vLLM caches is the same for every candidate of the query)."""
+    query = Item(text="What is shown?", image=make_png(seed=1))
+    cand = Item(text=text, image=make_png(seed=2) if not text or "<image>" in text else None)
+    ids = build_request(tok, query, cand)["prompt_token_ids"]
+    prefix, suffix = judge_segments(query, cand)
+    assert ids == _ids(tok, judge_text(query, cand)) == _ids(tok, prefix) + _ids(tok, suffix)
+    assert prefix.endswith("Candidate:") and ids[:len(_ids(tok, prefix))] == _ids(tok, prefix)
 
 
 def test_build_request_text_only(tok):

@@ -554,6 +554,9 @@ def _alive_nodes(cluster: LocalCluster) -> int:
     return sum(n["state"] == "ALIVE" for n in r.json()["data"]["result"]["result"])
 
 
+# slow: tests/test_readme_commands.py runs the same two-node cluster and smoke job in the default suite, through
+# the README's own commands; this one adds the checks of the job's environment (Jobs SDK, its own ports).
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
     """`ray job submit` of jobs/pipeline.py with jobs/configs/smoke.yaml: joins the cluster through RAY_ADDRESS,

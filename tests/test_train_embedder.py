@@ -44,6 +44,33 @@ def test_examples_and_validation():
         TrainSettings(model="m", output_dir="o", zero_stage=3, use_dora=True)
 
 
+def test_lr_schedules_and_epoch_steps():
+    from unime_ray.config import load_run_config
+    from unime_ray.train.trainer import lr_lambda
+
+    linear, cosine = lr_lambda(2, 10), lr_lambda(2, 10, "cosine")
+    assert [linear(i) for i in (0, 1, 2, 6)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert [cosine(i) for i in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    assert cosine(4) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.25)))   # above linear's 0.75 early on
+    # max_steps unset: epochs over full global batches (micro 4 x accum 2 x workers 2 = 16); warm-up ratio rounds up
+    s = TrainSettings(model="m", output_dir="o", max_steps=None, epochs=2, micro_batch_size=4, grad_accum=2,
+                      warmup_ratio=0.03)
+    assert s.steps_for(100) == 12 and s.steps_for(10) == 1
+    with pytest.raises(ValueError, match="max_steps resolved"):
+        s.warmup
+    s.max_steps = s.steps_for(100)
+    assert s.warmup == 1 and TrainSettings(model="m", output_dir="o", max_steps=5, warmup_steps=3).steps_for(100) == 5
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainSettings(model="m", output_dir="o", lr_schedule="step")
+    # the reranker's defaults are the paper's recipe; the embedder keeps fixed steps, linear
+    cfg = load_run_config(preset="synthetic")
+    assert (cfg.reranker.max_steps, cfg.reranker.epochs, cfg.reranker.lr_schedule, cfg.reranker.warmup_ratio) == (
+        None, 1.0, "cosine", 0.03)
+    assert (cfg.train.lr_schedule, cfg.train.warmup_ratio) == ("linear", 0.0) and cfg.train.max_steps is not None
+    with pytest.raises(ValueError, match="warmup_steps or warmup_ratio"):
+        load_run_config(preset="synthetic", overrides=["reranker.warmup_steps=10"])
+
+
 def test_gradient_accumulation_equals_full_batch(tiny_models):
     from unime_ray.models import Embedder
 

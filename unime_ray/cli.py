@@ -135,8 +135,12 @@ def cmd_export(args) -> int:
 def cmd_embed(args) -> int:
     from .retrieval.embed import EmbedderSpec, embed_table_local, embed_table_ray
 
+    from .models.budget import budget_from_arguments
+
+    budget = budget_from_arguments(args)
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=args.image_root)
+                        image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
+                        max_pixels=budget.max_pixels)
     prefix = args.prefix if args.prefix is not None else ("query_" if _is_pair_table(args.table) else "")
     if args.no_ray:
         stats = embed_table_local(spec.build(), args.table, args.out, prefix=prefix, batch_size=args.batch_size)
@@ -170,7 +174,8 @@ def cmd_make_tiny_models(args) -> int:
             corpus.extend(v for k, v in row.items() if isinstance(v, str) and v and
                           k.endswith(("text", "instruction")))
     spec = TinySpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, vocab_size=args.vocab_size)
-    written = make_tiny_models(args.out, seed=args.seed, spec=spec, corpus=corpus)
+    archs = args.arch or ["qwen2_vl", "qwen2_5_vl"]
+    written = make_tiny_models(args.out, seed=args.seed, spec=spec, corpus=corpus, archs=archs)
     for arch, path in written.items():
         print(f"{arch}: {path}")
     return 0
@@ -238,6 +243,8 @@ STAGE_COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models.budget import add_budget_arguments
+
     parser = argparse.ArgumentParser(prog="unime-ray", description="UniME-V2 universal multimodal embeddings on Ray.")
     parser.add_argument("--log-level", default=os.environ.get("UNIME_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -291,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-format", default="official", choices=["official", "chat"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--image-root", default=None)
+    add_budget_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=2)
@@ -306,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--arch", action="append", choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"],
+                   help="architectures to write (repeatable; default qwen2_vl and qwen2_5_vl)")
     p.set_defaults(func=cmd_make_tiny_models)
 
     p = sub.add_parser("make-demo-data", help="build the offline emoji (or synthetic shapes) dataset")

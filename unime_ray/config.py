@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .eval.config import EvalConfig
+from .models.budget import ROLES, ImageBudget
 from .serve.config import ServeConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -62,20 +63,55 @@ class TinyModelConfig(_Section):
         return self
 
 
+class RetrieverModelConfig(_Section):
+    """The embedder of S1 global retrieval when it is not the embedder's init (the paper: VLM2Vec, Qwen2-VL-7B),
+    with its own input format and image-token positions. ``models.retriever: <ref>`` is short for ``{model: <ref>}``."""
+
+    model: str
+    adapter: str | None = None          # a peft adapter folder applied on top of ``model`` (merged on load)
+    input_format: Literal["official", "chat"] = "official"
+    positions: Literal["auto", "mrope", "sequential"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_ref(cls, v: Any) -> Any:
+        return {"model": v} if isinstance(v, str) else v
+
+
+class ImageBudgets(_Section):
+    """One image budget per model role (``models.images.<role>``; null: see :meth:`RunConfig.image_budget`).
+
+    ``retriever``: S1 embedding (the embed and retrieve stages); ``judge``: S2 scoring and the stand-in
+    judge's training (judge_fit); ``embedder``: embedder training (baseline, train, ablations);
+    ``reranker``: reranker training and inference (eval reranking, serving); ``eval``: the embedders at
+    evaluation. Paper values: presets/paper-qwen2vl-2b.yaml.
+    """
+
+    retriever: ImageBudget | None = None
+    judge: ImageBudget | None = None
+    embedder: ImageBudget | None = None
+    reranker: ImageBudget | None = None
+    eval: ImageBudget | None = None
+
+
 class ModelsConfig(_Section):
     """Which checkpoints each role uses: hub ids (e.g. Qwen/Qwen2-VL-2B-Instruct) or folders (``./`` = run dir)."""
 
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     embedder: str = "./models/tiny-qwen2-vl"
     judge: str = "./models/tiny-qwen2.5-vl"
+    # S1's retriever; null: the embedder's init (models.embedder), or the trained baseline with baseline.enabled
+    retriever: RetrieverModelConfig | None = None
     input_format: Literal["official", "chat"] = "official"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     processor_backend: Literal["auto", "hf", "manual"] = "auto"
     # image-token positions: sequential (as the released UniME-V2 models), mrope, or auto (by input_format)
     positions: Literal["auto", "mrope", "sequential"] = "auto"
+    # legacy budget of S1 embedding and evaluation, used where models.images.retriever / .eval are null
     image_resize: tuple[int, int] | None = None
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
+    images: ImageBudgets = Field(default_factory=ImageBudgets)
 
 
 class DataConfig(_Section):
@@ -162,7 +198,7 @@ class JudgeConfig(_Section):
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=16)
-    prompt_version: str = "pairwise-v1"
+    prompt_version: str = "pairwise-v2"   # judge.prompt.JudgePrompt.version: the prompt the scores were made with
     instruction: str | None = None      # None: the paper's pairwise wording
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
@@ -183,6 +219,10 @@ class MineConfig(_Section):
     interval: int = Field(default=5, ge=1)
     fallback_score: float = Field(default=1.0, ge=0, le=1)
     export_official: bool = True        # also write the official UniME-V2 JSON
+    # training pairs that already carry judge-scored negatives (the official score JSON, or a table with neg_* and
+    # neg_score): "use" trains on them as they are (retrieve, judge and mine are recorded as imported);
+    # "remine" runs retrieve -> judge -> mine on their queries and positives as for any other data
+    from_imported: Literal["use", "remine"] = "use"
 
 
 class TrainConfig(_Section):
@@ -198,8 +238,11 @@ class TrainConfig(_Section):
     init: Literal["embedder", "baseline"] = "embedder"
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: Literal["linear", "cosine"] = "linear"   # decay to 0 after the warm-up
     warmup_steps: int = Field(default=0, ge=0)
-    max_steps: int = Field(default=30, ge=1)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)   # warm-up as a share of the steps (with warmup_steps 0)
+    max_steps: int | None = Field(default=30, ge=1)  # null: epochs x (table rows // global batch)
+    epochs: float = Field(default=1.0, gt=0)         # used when max_steps is null
     micro_batch_size: int = Field(default=8, ge=1)   # queries per worker per forward
     grad_accum: int = Field(default=1, ge=1)
     num_workers: int = Field(default=2, ge=1)
@@ -224,6 +267,8 @@ class TrainConfig(_Section):
             raise ValueError("DoRA does not work under ZeRO-3: set use_dora: false or zero_stage <= 2")
         if self.num_negatives == 0 and self.objective != "infonce":
             raise ValueError(f"objective {self.objective} needs mined negatives (num_negatives >= 1)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give warmup_steps or warmup_ratio, not both (set the other to 0)")
         return self
 
     def settings_kwargs(self) -> dict[str, Any]:
@@ -244,8 +289,9 @@ class BaselineConfig(TrainConfig):
 
 
 class RerankerTrainConfig(TrainConfig):
-    """Reranker training on the mined table: L = pair_weight * L_pair + list_weight * L_list (paper recipe:
-    LoRA r 128 / alpha 256 on every LLM linear layer, vision frozen, ZeRO-2, lr 2e-5)."""
+    """Reranker training on the mined table: L = pair_weight * L_pair + list_weight * L_list (paper recipe, the
+    defaults: LoRA r 128 / alpha 256 on every LLM linear layer, vision frozen, ZeRO-2, lr 2e-5, cosine schedule
+    with 3% warm-up, one epoch)."""
 
     enabled: bool = False
     # where the weights start: models.judge, or the first fold's stand-in judge (demo; the paper's reranker
@@ -255,6 +301,9 @@ class RerankerTrainConfig(TrainConfig):
     pair_weight: float = Field(default=1.0, ge=0)
     list_weight: float = Field(default=1.0, ge=0)
     lr: float = Field(default=2e-5, gt=0)
+    lr_schedule: Literal["linear", "cosine"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    max_steps: int | None = Field(default=None, ge=1)  # null: one pass (epochs) over the training table
     lora_r: int = Field(default=128, ge=1)
     lora_alpha: int = Field(default=256, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
@@ -277,6 +326,9 @@ class JudgeFitConfig(RerankerTrainConfig):
     negatives_per_query: int = Field(default=8, ge=1)   # retrieved candidates kept as "No" examples
     list_weight: float = Field(default=0.0, ge=0)      # pairwise only: the judge answers Yes/No
     pair_negative: Literal["hardest", "sampled"] = "sampled"
+    lr_schedule: Literal["linear", "cosine"] = "linear"   # a short fit, not the reranker's recipe
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    max_steps: int | None = Field(default=30, ge=1)
     init: Literal["judge"] = "judge"                   # type: ignore[assignment]
 
     def settings_kwargs(self) -> dict[str, Any]:
@@ -346,6 +398,22 @@ class RunConfig(BaseModel):
         if ref.startswith(("/", "~", "./", "../")):
             return str(self.path(ref))
         return ref
+
+    def image_budget(self, role: str) -> ImageBudget:
+        """The image budget of a model role (models.budget.ROLES): ``models.images.<role>`` when set; else, as
+        before per-role budgets existed, ``models.image_resize/min_pixels/max_pixels`` for the retriever and
+        evaluation and ``judge.min_pixels/max_pixels`` for the judge; else the checkpoint's own setting."""
+        if role not in ROLES:
+            raise ValueError(f"unknown image budget role {role!r}; roles: {', '.join(ROLES)}")
+        budget = getattr(self.models.images, role)
+        if budget is not None:
+            return budget
+        m = self.models
+        if role in ("retriever", "eval"):
+            return ImageBudget.from_legacy(m.image_resize, m.min_pixels, m.max_pixels)
+        if role == "judge":
+            return ImageBudget(min_pixels=self.judge.min_pixels, max_pixels=self.judge.max_pixels)
+        return ImageBudget()
 
     def section_hash(self, *names: str) -> str:
         data = {n: (v.model_dump(mode="json") if (v := getattr(self, n)) is not None else None) for n in names}

@@ -6,7 +6,9 @@ retriever trained with in-batch negatives, when enabled) -> ``embed`` (optional:
 ``retrieve`` (S1, sharded FAISS) -> ``judge_fit`` (offline stand-in judges, cross-fitted, when configured)
 -> ``judge`` (S2) -> ``mine`` (S3) -> ``train`` (S4, UniME-V2) -> ``ablations`` (extra seeds and the
 ablation objectives) -> ``rerank`` (reranker training, when enabled) -> ``eval`` (P@1 with and without
-reranking) -> ``report``. A disabled stage completes at once with ``{"enabled": false}``.
+reranking) -> ``report``. A disabled stage completes at once with ``{"enabled": false}``; with training pairs
+that already carry judge-scored negatives (the official score JSON), retrieve, judge and mine complete at once
+with ``{"imported": true, ...}`` and training reads those pairs (``mine.from_imported: remine`` recomputes them).
 
 ``manifest.json`` records, per stage, its status, the hash of the config it ran with, outputs and
 counts. A rerun skips stages that completed with the same config (and the same upstream), and reruns
@@ -69,6 +71,7 @@ class Stage:
     sections: tuple[str, ...]          # config sections whose change reruns the stage
     run: Callable[[RunConfig, Manifest], dict[str, Any]]
     clear_on_rerun: bool = True         # wipe the stage folder when its config changed
+    fields: tuple[str, ...] = ()        # single config fields ("section.key") whose change reruns the stage
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -129,9 +132,15 @@ def stage_models(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
         written = make_tiny_models(_stage_dir(cfg, "models"), seed=t.seed, spec=spec, corpus=corpus)
         out["tiny_models"] = {k: str(v) for k, v in written.items()}
         out["tokenizer_corpus_texts"] = len(corpus)
-    for role in ("embedder", "judge"):  # fail now, with a clear message, on unknown names or architectures
-        ref = cfg.model_ref(getattr(cfg.models, role))
-        out[role] = {"ref": ref, "architecture": architecture_of(load_config(ref), ref).model_type}
+    roles = {"embedder": cfg.models.embedder, "judge": cfg.models.judge}
+    r = cfg.models.retriever
+    if r is not None and not cfg.baseline.enabled and not (cfg.data.source == "official"
+                                                           and cfg.mine.from_imported == "use"):
+        roles["retriever"] = r.model  # an imported official file skips S1: its retriever need not be here
+    for role, name in roles.items():  # fail now, with a clear message, on unknown names or architectures
+        ref = cfg.model_ref(name)
+        as_role = "embedder" if role == "retriever" else role   # S1's retriever is an embedder backbone
+        out[role] = {"ref": ref, "architecture": architecture_of(load_config(ref), ref, as_role).model_type}
     return out
 
 
@@ -168,7 +177,7 @@ def stage_embed(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .retrieval.embed import embed_table_ray
 
     prepared = manifest.outputs("prepare")
-    spec = _embedder_spec(cfg, prepared.get("image_root"), _retriever_model(cfg, manifest))
+    spec = _retriever_spec(cfg, manifest, prepared.get("image_root"))
     _init_ray(cfg)
     results = {}
     for table in cfg.embed.tables:
@@ -182,26 +191,48 @@ def stage_embed(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                                 max_actors=e.max_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor)
         results[table] = {**stats, "path": str(_stage_dir(cfg, "embed") / table)}
         logger.info("embed %s: %d rows at %.1f items/s", table, stats["rows_embedded"], stats["items_per_s"])
-    return {"tables": results, "embedder": spec.model}
+    return {"tables": results, "embedder": spec.model,
+            "visual_tokens": _visual_tokens(cfg, retriever=[r.get("visual_tokens") for r in results.values()])}
 
 
-def _retriever_model(cfg: RunConfig, manifest: Manifest) -> str:
-    """The embedder of global retrieval: the trained baseline when there is one, else models.embedder."""
+def _retriever_spec(cfg: RunConfig, manifest: Manifest, image_root: str | None):
+    """The embedder of global retrieval: the trained baseline when there is one (it reads the embedder's input
+    format), else models.retriever with its own input format and positions, else models.embedder."""
+    from dataclasses import replace
+
     base = manifest.stage("baseline").get("outputs") or {}
     if cfg.baseline.enabled:
         if not base.get("model"):
             raise RuntimeError("baseline.enabled but the baseline stage has no model; run it first")
-        return base["model"]
-    return cfg.model_ref(cfg.models.embedder)
+        return _embedder_spec(cfg, image_root, base["model"])
+    r = cfg.models.retriever
+    if r is None:
+        return _embedder_spec(cfg, image_root)
+    return replace(_embedder_spec(cfg, image_root, cfg.model_ref(r.model)), input_format=r.input_format,
+                   positions=r.positions, adapter=cfg.model_ref(r.adapter) if r.adapter else None)
 
 
-def _embedder_spec(cfg: RunConfig, image_root: str | None, model: str | None = None):
+def _embedder_spec(cfg: RunConfig, image_root: str | None, model: str | None = None, role: str = "retriever"):
     from .retrieval.embed import EmbedderSpec
 
     m = cfg.models
+    b = cfg.image_budget(role)   # retriever (S1 embedding) or eval
     return EmbedderSpec(model=model or cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
-                        image_root=image_root, processor_backend=m.processor_backend, image_resize=m.image_resize,
-                        min_pixels=m.min_pixels, max_pixels=m.max_pixels, positions=m.positions)
+                        image_root=image_root, processor_backend=m.processor_backend, image_resize=b.resize,
+                        min_pixels=b.min_pixels, max_pixels=b.max_pixels, positions=m.positions)
+
+
+def _visual_tokens(cfg: RunConfig, **tallies: Any) -> dict[str, Any]:
+    """A stage's ``visual_tokens`` output: per budget role, the tally of visual tokens per image it used
+    (models.budget.token_tally, or several merged) and the configured budget; roles without images left out."""
+    from .models.budget import merge_tallies
+
+    out = {}
+    for role, tally in tallies.items():
+        merged = merge_tallies(*tally) if isinstance(tally, (list, tuple)) else tally
+        if merged:
+            out[role] = {**merged, "budget": cfg.image_budget(role).describe()}
+    return out
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -211,10 +242,44 @@ def _init_ray(cfg: RunConfig) -> None:
     init_ray(r.address, r.num_cpus, r.num_gpus, r.include_dashboard, r.env_vars)
 
 
+def imported_training(cfg: RunConfig, manifest: Manifest) -> dict[str, Any] | None:
+    """The prepared training pairs, when they already carry judge-scored negatives (the official score JSON, or a
+    canonical table with neg_* and neg_score columns) and ``mine.from_imported`` is ``use``: retrieve, judge and
+    mine then record them as imported and training reads them as they are. None: mine as for any other data."""
+    from .mining.stage import scored_negatives
+
+    if cfg.mine.from_imported != "use":
+        return None
+    split = cfg.retrieve.split
+    table = manifest.outputs("prepare")["tables"].get(f"{split}_pairs")
+    if table is None:
+        return None
+    stats = scored_negatives(table["path"])
+    if not stats["scored_rows"]:
+        return None
+    if stats["scored_rows"] < stats["rows"]:
+        raise ValueError(f"{split} pairs: {stats['scored_rows']} of {stats['rows']} rows carry judge-scored "
+                         "negatives; a table is used as imported only when every row does (a judge score for the "
+                         "positive and each negative). Fix the table, or set mine.from_imported: remine")
+    data = manifest.outputs("data")
+    return {"imported": True, "imported_from": data["inputs"].get(f"{split}_pairs"), "format": data["format"],
+            "table": table["path"], **stats}
+
+
+def _imported_stage(info: dict[str, Any], what: str) -> dict[str, Any]:
+    logger.info("%s: imported with the training table (%d rows from %s), not recomputed", what, info["rows"],
+                info["imported_from"])
+    return {**info, "note": f"{what} not run: the training pairs came with judge-scored negatives "
+                            "(mine.from_imported: use; remine recomputes them)"}
+
+
 def stage_retrieve(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .retrieval.index import IndexSpec
     from .retrieval.stage import RetrieveSettings, run_retrieval
 
+    imported = imported_training(cfg, manifest)
+    if imported:
+        return _imported_stage(imported, "global retrieval")
     prepared = manifest.outputs("prepare")
     r, e = cfg.retrieve, cfg.embed
     tables = prepared["tables"]
@@ -227,7 +292,7 @@ def stage_retrieve(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                                                 nprobe=r.nprobe, seed=cfg.seed),
                                 search_batch_size=r.search_batch_size)
     _init_ray(cfg)
-    spec = _embedder_spec(cfg, prepared.get("image_root"), _retriever_model(cfg, manifest))
+    spec = _retriever_spec(cfg, manifest, prepared.get("image_root"))
     out = run_retrieval(pairs["path"], candidates["path"] if candidates else None, _stage_dir(cfg, "retrieve"),
                         spec, settings, use_ray=True,
                         batch_size=e.batch_size, min_actors=e.min_actors, max_actors=e.max_actors,
@@ -235,31 +300,34 @@ def stage_retrieve(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                         search_actors=r.search_actors)
     logger.info("retrieve: %d queries, %.1f candidates each on average, %d without any", out["queries"],
                 out["mean_candidates"], out["queries_without_candidates"])
-    return {**out, "embedder": spec.model}
+    return {**out, "embedder": spec.model, "visual_tokens": _visual_tokens(cfg, retriever=out.get("visual_tokens"))}
 
 
 def _judge_spec(cfg: RunConfig, image_root: str | None, model: str | None = None):
     from .judge.stage import JudgeSpec
 
     j = cfg.judge
+    budget = cfg.image_budget("judge")
     prompt: dict[str, Any] = {"version": j.prompt_version}
     if j.instruction:
         prompt["instruction"] = j.instruction
     return JudgeSpec(model=model or cfg.model_ref(j.model or cfg.models.judge), backend=j.backend, dtype=j.dtype,
                      batch_size=j.batch_size, prefix_reuse=j.prefix_reuse, image_root=image_root,
-                     min_pixels=j.min_pixels, max_pixels=j.max_pixels, max_length=j.max_length, prompt=prompt,
-                     vllm=j.vllm.model_dump() if j.backend == "vllm" else {})
+                     min_pixels=budget.min_pixels, max_pixels=budget.max_pixels, image_resize=budget.resize,
+                     max_length=j.max_length, prompt=prompt, vllm=j.vllm.model_dump() if j.backend == "vllm" else {})
 
 
 def _train_settings(cfg: RunConfig, section, model: str, out_dir: Path, task: str, image_root: str | None,
-                    seed: int | None = None, **changes: Any):
+                    seed: int | None = None, role: str | None = None, **changes: Any):
     from .train.trainer import TrainSettings
 
     m = cfg.models
     kwargs = {**section.settings_kwargs(), **changes}
+    # the image budget: embedder training, reranker training, or (judge_fit) the judge's
+    images = cfg.image_budget(role or ("reranker" if task == "reranker" else "embedder")).model_dump(mode="json")
     return TrainSettings(model=model, output_dir=str(out_dir), task=task, input_format=m.input_format,
                          positions=m.positions, image_root=image_root,
-                         seed=cfg.seed if seed is None else seed, **kwargs)
+                         seed=cfg.seed if seed is None else seed, images=images, **kwargs)
 
 
 def _done(out_dir: Path) -> dict[str, Any] | None:
@@ -292,7 +360,7 @@ def stage_baseline(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     _init_ray(cfg)
     out = _train_once(train_embedder, prepared["tables"]["train_pairs"]["path"], settings, "baseline")
     logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return {"enabled": True, **out}
+    return {"enabled": True, **out, "visual_tokens": _visual_tokens(cfg, embedder=out.get("visual_tokens"))}
 
 
 def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -304,6 +372,9 @@ def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     jf = cfg.judge_fit
     if jf is None or not jf.enabled:
         return {"enabled": False}
+    if manifest.outputs("retrieve").get("imported"):
+        return {"enabled": False, "imported": True,
+                "note": "no judge to fit: the scores came with the training table"}
     retrieved, prepared = manifest.outputs("retrieve"), manifest.outputs("prepare")
     out_dir = _stage_dir(cfg, "judge_fit")
     tables = build_fit_tables(retrieved["candidates_table"], prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"],
@@ -313,14 +384,15 @@ def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     folds = {}
     for f, info in tables.items():
         settings = _train_settings(cfg, jf, cfg.model_ref(cfg.models.judge), out_dir / f"fold{f}", "reranker",
-                                   prepared.get("image_root"))
+                                   prepared.get("image_root"), role="judge")
         out = _train_once(train_reranker, info["table"], settings, f"judge-fold{f}")
         folds[str(f)] = {"model": out["model"], "queries": info["queries"], "steps": out["steps"],
-                         "final": out["final"]}
+                         "final": out["final"], "visual_tokens": out.get("visual_tokens")}
         logger.info("judge_fit fold %d: %d queries, final loss %.4f", f, info["queries"],
                     out["final"].get("loss", float("nan")))
     return {"enabled": True, "folds": folds, "num_folds": jf.folds,
-            "note": "stand-in judge: fine-tuned offline on the training pairs with cross-fitting"}
+            "note": "stand-in judge: fine-tuned offline on the training pairs with cross-fitting",
+            "visual_tokens": _visual_tokens(cfg, judge=[f.get("visual_tokens") for f in folds.values()])}
 
 
 def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -328,6 +400,8 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .judge.stage import run_judge
 
     retrieved = manifest.outputs("retrieve")
+    if retrieved.get("imported"):
+        return _imported_stage(imported_training(cfg, manifest), "the judge")
     prepared = manifest.outputs("prepare")
     j = cfg.judge
     image_root = prepared.get("image_root")
@@ -341,7 +415,8 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                         _judge_spec(cfg, image_root), **kw)
         logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
                     out["pairs_per_s"])
-        return {**out, "positive_auc": score_summary(out["scores_table"])["positive_auc"]}
+        return {**out, "positive_auc": score_summary(out["scores_table"])["positive_auc"],
+                "visual_tokens": _visual_tokens(cfg, judge=out.get("visual_tokens"))}
     k = fitted["num_folds"]
     root = _stage_dir(cfg, "judge")
     assignment = query_folds(pairs, k, seed=cfg.seed)
@@ -359,13 +434,16 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     total = {key: sum(o[key] for o in per_fold.values()) for key in ("pairs", "scored", "quarantined", "seconds")}
     return {"crossfit": True, "folds": per_fold, "scores_table": scores, **total, "seconds": round(total["seconds"], 2),
             "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]), "judge": "cross-fitted stand-in judges",
-            **score_summary(scores)}
+            **score_summary(scores),
+            "visual_tokens": _visual_tokens(cfg, judge=[o.get("visual_tokens") for o in per_fold.values()])}
 
 
 def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .mining.stage import MineSettings, run_mining
 
     retrieved, judged, prepared = manifest.outputs("retrieve"), manifest.outputs("judge"), manifest.outputs("prepare")
+    if retrieved.get("imported"):
+        return _mine_imported(cfg, imported_training(cfg, manifest))
     m = cfg.mine
     settings = MineSettings(num_negatives=m.num_negatives, beta=m.beta, interval=m.interval, seed=cfg.seed,
                             fallback_score=m.fallback_score)
@@ -373,6 +451,19 @@ def stage_mine(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                       prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"], retrieved["candidate_pool"],
                       _stage_dir(cfg, "mine"), settings, image_root=prepared.get("image_root"),
                       export_official=m.export_official)
+
+
+def _mine_imported(cfg: RunConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """The imported table is the training table: summarised, not re-mined (training checks it against k)."""
+    from .mining.stage import score_summary
+
+    out_dir = _stage_dir(cfg, "mine")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = {**_imported_stage(info, "hard-negative mining"), "training_table": info["table"],
+           **score_summary(info["table"], out_dir / "score_histograms.png")}
+    if info["format"] == "official":
+        out["official_json"] = info["imported_from"]
+    return out
 
 
 def _embedder_init(cfg: RunConfig, manifest: Manifest) -> str:
@@ -384,17 +475,25 @@ def _embedder_init(cfg: RunConfig, manifest: Manifest) -> str:
     return cfg.model_ref(cfg.models.embedder)
 
 
+def _check_imported_negatives(mined: dict[str, Any], k: int) -> None:
+    """An imported table is trained as it is: every row needs the k negatives that training takes."""
+    if mined.get("imported") and mined.get("min_negatives", k) < k:
+        raise ValueError(f"the imported training table has rows with {mined['min_negatives']} negatives; "
+                         f"train.num_negatives is {k} (lower it, or set mine.from_imported: remine)")
+
+
 def stage_train(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .train.embedder import train_embedder
 
     mined, prepared = manifest.outputs("mine"), manifest.outputs("prepare")
+    _check_imported_negatives(mined, cfg.train.num_negatives)
     settings = _train_settings(cfg, cfg.train, _embedder_init(cfg, manifest), _stage_dir(cfg, "train"), "embedder",
                                prepared.get("image_root"))
     _init_ray(cfg)
     out = _train_once(train_embedder, mined["training_table"], settings, cfg.name)
     logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
                 out["model"])
-    return out
+    return {**out, "visual_tokens": _visual_tokens(cfg, embedder=out.get("visual_tokens"))}
 
 
 def variant_runs(cfg: RunConfig) -> list[tuple[str, int, dict[str, Any]]]:
@@ -417,18 +516,21 @@ def stage_ablations(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     mined, prepared, main = manifest.outputs("mine"), manifest.outputs("prepare"), manifest.outputs("train")
     init = _embedder_init(cfg, manifest)
     variants: dict[str, dict[str, Any]] = {}
+    tallies = []
     for name, seed, changes in variant_runs(cfg):
         if name == "unime-v2" and seed == cfg.seed:
             out = main
         else:
+            _check_imported_negatives(mined, changes.get("num_negatives", cfg.train.num_negatives))
             settings = _train_settings(cfg, cfg.train, init, _stage_dir(cfg, "ablations") / f"{name}-seed{seed}",
                                        "embedder", prepared.get("image_root"), seed=seed, **changes)
             _init_ray(cfg)
             out = _train_once(train_embedder, mined["training_table"], settings, f"{name}-seed{seed}")
+            tallies.append(out.get("visual_tokens"))
         variants.setdefault(name, {})[str(seed)] = {"model": out["model"], "steps": out["steps"],
                                                     "final": out["final"], "objective":
                                                     changes.get("objective", cfg.train.objective)}
-    return {"variants": variants, "init": init}
+    return {"variants": variants, "init": init, "visual_tokens": _visual_tokens(cfg, embedder=tallies)}
 
 
 def stage_rerank(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -449,7 +551,7 @@ def stage_rerank(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     _init_ray(cfg)
     out = _train_once(train_reranker, mined["training_table"], settings, "reranker")
     logger.info("rerank: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return {"enabled": True, "init": init, **out}
+    return {"enabled": True, "init": init, **out, "visual_tokens": _visual_tokens(cfg, reranker=out.get("visual_tokens"))}
 
 
 def eval_models(cfg: RunConfig, manifest: Manifest) -> list[dict[str, Any]]:
@@ -496,7 +598,7 @@ def stage_eval(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     reranker = None
     if ev.rerank.enabled and reranker_ref:
         reranker = load_reranker(reranker_ref, image_root=image_root, dtype=ev.rerank.dtype,
-                                 batch_size=ev.rerank.batch_size)
+                                 batch_size=ev.rerank.batch_size, image_options=cfg.image_budget("reranker"))
     if ev.use_ray:
         _init_ray(cfg)
     out_dir = _stage_dir(cfg, "eval")
@@ -507,7 +609,7 @@ def stage_eval(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
         if done.is_file():
             res = json.loads(done.read_text())
         else:
-            spec = _embedder_spec(cfg, image_root, m["model"])
+            spec = _embedder_spec(cfg, image_root, m["model"], role="eval")
             kw = dict(image_root=image_root, top_k_dump=ev.top_k_dump, use_ray=ev.use_ray, batch_size=ev.batch_size,
                       min_actors=ev.min_actors, max_actors=ev.max_actors, num_cpus_per_actor=ev.num_cpus_per_actor,
                       num_gpus_per_actor=ev.num_gpus_per_actor, check_images=ev.check_images, label=m["label"])
@@ -521,13 +623,18 @@ def stage_eval(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                 res["mmeb"] = evaluate_mmeb_dir(spec, ev.mmeb_dir, target / "mmeb", subsets=ev.mmeb_subsets,
                                                 reranker=reranker if m["rerank"] else None,
                                                 rerank_top_k=ev.rerank.top_k, **kw)
+        vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
+        tokens = _visual_tokens(cfg, eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])
         results[m["label"]] = {**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),
                                "chance": res.get("chance"), "sizes": res.get("sizes"),
-                               "rerank": res.get("rerank"), "results": str(done)}
+                               "rerank": res.get("rerank"), "results": str(done), "visual_tokens": tokens}
         logger.info("eval %s: %s", m["label"], {k: round(v, 2) for k, v in (res.get("per_dataset") or {}).items()
                                                 if v is not None})
+    per_model = [r["visual_tokens"] for r in results.values()]
     return {"enabled": True, "table": str(table) if table else None, "models": results,
-            "reranker": str(reranker_ref) if reranker is not None else None}
+            "reranker": str(reranker_ref) if reranker is not None else None,
+            "visual_tokens": _visual_tokens(cfg, eval=[t.get("eval") for t in per_model],
+                                            reranker=[t.get("reranker") for t in per_model])}
 
 
 def stage_report(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -543,7 +650,7 @@ STAGES: list[Stage] = [
     Stage("prepare", ("data",), stage_prepare),
     Stage("baseline", ("models", "baseline"), stage_baseline),
     Stage("embed", ("models", "embed"), stage_embed),
-    Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve),
+    Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve, fields=("mine.from_imported",)),
     Stage("judge_fit", ("models", "judge_fit"), stage_judge_fit),
     Stage("judge", ("judge",), stage_judge),
     Stage("mine", ("mine",), stage_mine),
@@ -567,6 +674,9 @@ def stages_through(name: str) -> list[str]:
 
 def _stage_key(cfg: RunConfig, stage: Stage, upstream: str) -> str:
     own = cfg.section_hash(*stage.sections) if stage.sections else ""
+    for f in stage.fields:  # e.g. whether retrieve runs or records imported negatives (and so all that follows)
+        section, key = f.split(".")
+        own += f"|{f}={getattr(getattr(cfg, section), key)}"
     return hashlib.sha256(f"{upstream}|{stage.name}|{own}".encode()).hexdigest()[:16]
 
 

@@ -171,6 +171,17 @@ def _comparison_section(stages: dict[str, Any], run_dir: Path) -> list[str]:
     return parts
 
 
+def visual_token_rows(stages: dict[str, Any]) -> list[list[Any]]:
+    """(stage, budget role, configured budget, images, min / median / max visual tokens per image) of every
+    stage that recorded its ``visual_tokens`` (see unime_ray.models.budget)."""
+    rows = []
+    for name, st in stages.items():
+        for role, t in ((st.get("outputs") or {}).get("visual_tokens") or {}).items():
+            if isinstance(t, dict) and t.get("images"):
+                rows.append([name, role, t.get("budget"), t["images"], t.get("min"), t.get("median"), t.get("max")])
+    return rows
+
+
 def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
     stages = manifest.get("stages", {})
     parts = [f"# unime-ray run report\n\nRun directory: `{run_dir}`\n"]
@@ -179,6 +190,12 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
     parts.append(markdown_table(["stage", "status", "seconds"],
                                 [[n, s.get("status"), s.get("seconds")] for n, s in stages.items()
                                  if n != "report"]))
+    token_rows = visual_token_rows(stages)
+    if token_rows:
+        parts.append("\n## Images: visual tokens per image\n")
+        parts.append("Tokens each stage's model actually received per image (image grid / merge size^2, counted "
+                     "where images are processed), against the budget configured for its role (models.images).\n")
+        parts.append(markdown_table(["stage", "role", "budget", "images", "min", "median", "max"], token_rows))
     data = stages.get("data", {}).get("outputs", {})
     if data.get("summary"):
         summ = data["summary"]
@@ -212,7 +229,7 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
     if jud.get("pairs") is not None:
         parts.append("\n## MLLM-as-a-Judge\n")
         parts.append(f"Judge: `{jud['judge']}` ({jud.get('backend', 'transformers')}, prompt "
-                     f"{jud.get('prompt_version', 'pairwise-v1')})\n")
+                     f"{jud.get('prompt_version', 'unrecorded')})\n")
         parts.append(markdown_table(
             ["pairs", "scored", "quarantined", "pairs/s", "mean score (positives)", "mean score (candidates)",
              "P(positive outscores a candidate)"],
@@ -234,6 +251,16 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
              "cyclic repeats (< k survivors)", "mean positive score", "mean negative score"],
             [[mine["queries"], mine["mined"], mine["quarantined"], mine["false_negatives"], mine["fallbacks"],
               mine["repeated_fill"], mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
+        if mine.get("histogram"):
+            parts.append(f"\n![judge scores]({_rel(mine['histogram'], run_dir)})\n")
+    if mine.get("imported"):
+        parts.append("\n## Hard negatives (imported)\n")
+        parts.append("Global retrieval, the judge and mining did not run: the training table "
+                     f"`{mine['training_table']}` came with judge-scored negatives from `{mine.get('imported_from')}` "
+                     f"({mine.get('format')}; mine.from_imported: use).\n")
+        parts.append(markdown_table(["rows", "negatives per row", "mean positive score", "mean negative score"],
+                                    [[mine["rows"], f"{mine['min_negatives']}-{mine['max_negatives']}",
+                                      mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
         if mine.get("histogram"):
             parts.append(f"\n![judge scores]({_rel(mine['histogram'], run_dir)})\n")
     base = stages.get("baseline", {}).get("outputs", {})

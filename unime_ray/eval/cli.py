@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..models.budget import add_budget_arguments
+
 
 def cmd_eval(args) -> int:
+    from ..models.budget import ImageBudget, budget_from_arguments
     from ..retrieval.embed import EmbedderSpec
     from .encode import ItemEncoder
     from .rerank import load_reranker
@@ -24,12 +27,16 @@ def cmd_eval(args) -> int:
 
         init_ray(num_cpus=args.num_cpus)
     out = Path(args.out)
+    budget = budget_from_arguments(args)   # the eval budget (paper: --image-resize 1344 1344, 1280*28*28 cap)
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=args.image_root)
+                        image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
+                        max_pixels=budget.max_pixels)
     encoder = ItemEncoder(spec, image_root=args.image_root, batch_size=args.batch_size, use_ray=use_ray,
                           min_actors=args.min_actors, max_actors=args.max_actors,
                           num_gpus_per_actor=args.num_gpus_per_actor, work_dir=out)
-    reranker = load_reranker(args.reranker, image_root=args.image_root, batch_size=args.rerank_batch_size)
+    rerank_budget = ImageBudget(min_pixels=args.rerank_min_pixels, max_pixels=args.rerank_max_pixels)
+    reranker = load_reranker(args.reranker, image_root=args.image_root, batch_size=args.rerank_batch_size,
+                             image_options=rerank_budget)
     subsets = [s for s in args.subsets.split(",") if s] if args.subsets else None
     common = dict(reranker=reranker, rerank_top_k=args.rerank_top_k, label=args.label)
     written = []
@@ -90,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--mmeb-dir", default=None, help="MMEB-eval download: one folder of Parquet/JSONL per subset")
     p.add_argument("--subsets", default=None, help="comma-separated datasets/subsets to evaluate (default: all)")
     p.add_argument("--image-root", default=None, help="folder that image paths are relative to")
+    add_budget_arguments(p, "the embedder's images")
     p.add_argument("--retrieval", action="append", default=[], metavar="PATH",
                    help="a retrieval set {image_path, caption|captions} (JSONL/JSON/Parquet; repeatable)")
     p.add_argument("--captions-per-image", type=int, default=None,
@@ -100,6 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                     "compositional pairs)")
     p.add_argument("--rerank-top-k", type=int, default=5)
     p.add_argument("--rerank-batch-size", type=int, default=16)
+    p.add_argument("--rerank-min-pixels", type=int, default=None,
+                   help="reranker pixel floor per image (default: the checkpoint's; paper: 3136 = 4*28*28)")
+    p.add_argument("--rerank-max-pixels", type=int, default=None,
+                   help="reranker pixel cap per image (default: the checkpoint's; paper: 235200 = 300*28*28)")
     p.add_argument("--top-k-dump", type=int, default=10, help="embedder top-K per query written to topk.parquet")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-rows", type=int, default=None, help="first N rows per dataset (images per retrieval set)")

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
@@ -24,6 +25,7 @@ from ..data.images import resolve_image_path
 from ..data.io import ShardWriter
 from ..data.schema import CANDIDATE_SCHEMA, Item
 from ..data.validate import DataError
+from ..models.budget import drain_visual_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ class ItemEncoder:
         self.min_actors, self.max_actors = min_actors, max_actors
         self.num_cpus_per_actor, self.num_gpus_per_actor = num_cpus_per_actor, num_gpus_per_actor
         self.work_dir = work_dir
+        self.visual_tokens: Counter = Counter()   # {tokens per image: images encoded}, drained per evaluation
 
     @property
     def label(self) -> str:
@@ -168,6 +171,7 @@ class ItemEncoder:
         finally:
             if hasattr(emb, "image_root"):
                 emb.image_root = previous
+            self.visual_tokens.update(drain_visual_tokens(emb))
 
     def _encode_ray(self, items: Sequence[Item], image_root) -> np.ndarray:
         from ..retrieval.embed import embed_table_ray, read_embeddings
@@ -187,9 +191,11 @@ class ItemEncoder:
                              "image": it.image, "image_path": it.image_path})
             spec = self.spec if image_root is None else dataclasses.replace(
                 self.spec, image_root=_absolute_if_local(str(image_root)))
-            embed_table_ray(spec, tmp / "items", tmp / "emb", batch_size=self.batch_size,
-                            min_actors=self.min_actors, max_actors=self.max_actors,
-                            num_cpus=self.num_cpus_per_actor, num_gpus=self.num_gpus_per_actor)
+            stats = embed_table_ray(spec, tmp / "items", tmp / "emb", batch_size=self.batch_size,
+                                    min_actors=self.min_actors, max_actors=self.max_actors,
+                                    num_cpus=self.num_cpus_per_actor, num_gpus=self.num_gpus_per_actor)
+            hist = (stats.get("visual_tokens") or {}).get("histogram") or {}
+            self.visual_tokens.update({int(k): int(v) for k, v in hist.items()})
             ids, vectors = read_embeddings(tmp / "emb")
             index = np.asarray([int(i) for i in ids], dtype=np.int64)
             order = np.argsort(index)

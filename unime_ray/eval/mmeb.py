@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from ..data.io import iter_rows, shard_paths, write_table_atomic
 from ..data.schema import Item, item_from_row, negatives_from_row
 from ..data.validate import DataError
+from ..models.budget import drain_visual_tokens, token_tally
 from ..utils.logs import Progress
 from .encode import ItemEncoder, ItemRegistry
 from .metrics import TIE_RULE, gt_rank, mean_count, rank_order
@@ -344,6 +345,10 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
                          "items_per_s": round(len(registry) / max(t_enc - t_plan, 1e-9), 2),
                          "use_ray": encoder.use_ray}
     results["metrics"] = pair_metrics(results)
+    # visual tokens per image actually used (models.budget tallies): the embedder's encodes, the reranker's prompts
+    results["visual_tokens"] = {"embedder": token_tally(drain_visual_tokens(encoder)),
+                                "reranker": token_tally(drain_visual_tokens(reranker)) if reranker is not None
+                                else None}
     if out is not None:
         from .outputs import write_outputs
 

@@ -92,10 +92,12 @@ def score_pairs_chunked(reranker, pairs: Sequence[tuple[Item, Item]], chunk: int
 
 
 def load_reranker(reranker: Any, *, image_root: str | os.PathLike | None = None, dtype: str = "auto",
-                  batch_size: int = 16):
-    """A reranker object as is, or ``unime_ray.rerank.Reranker.from_pretrained`` of a folder / hub id."""
+                  batch_size: int = 16, image_options: Any = None):
+    """A reranker object as is, or ``unime_ray.rerank.Reranker.from_pretrained`` of a folder / hub id
+    (``image_options``: its :class:`~unime_ray.models.budget.ImageBudget`; None: the checkpoint's)."""
     if reranker is None or not isinstance(reranker, (str, os.PathLike)):
         return reranker
     from ..rerank import Reranker  # the lead's module; imported only when a reranker path is given
 
-    return Reranker.from_pretrained(str(reranker), dtype=dtype, image_root=image_root, batch_size=batch_size)
+    return Reranker.from_pretrained(str(reranker), dtype=dtype, image_root=image_root, batch_size=batch_size,
+                                    image_options=image_options)

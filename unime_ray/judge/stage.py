@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from ..data.io import iter_rows, read_table, shard_paths, write_table_atomic
 from ..data.schema import Item
-from ..utils.shards import map_shards_local, map_shards_ray
+from ..utils.shards import VISUAL_TOKENS_COLUMN, map_shards_local, map_shards_ray, visual_tokens_column
 from .prompt import JudgePrompt
 
 logger = logging.getLogger(__name__)
@@ -59,24 +59,29 @@ class JudgeSpec:
     max_length: int | None = None
     prompt: dict[str, Any] = field(default_factory=dict)   # JudgePrompt fields to override
     vllm: dict[str, Any] = field(default_factory=dict)     # VLLMJudgeConfig fields
+    image_resize: tuple[int, int] | None = None            # with min/max_pixels: the judge's ImageBudget
 
     def judge_prompt(self) -> JudgePrompt:
         return JudgePrompt(**self.prompt)
 
-    def build(self):
-        from ..models.processor import ImageOptions
+    def image_budget(self):
+        from ..models.budget import ImageBudget
 
+        return ImageBudget.from_legacy(self.image_resize, self.min_pixels, self.max_pixels)
+
+    def build(self):
         if self.backend == "transformers":
             from .hf_backend import TransformersJudge
 
             return TransformersJudge(self.model, self.judge_prompt(), dtype=self.dtype, image_root=self.image_root,
-                                     image_options=ImageOptions(None, self.min_pixels, self.max_pixels),
+                                     image_options=self.image_budget(),
                                      batch_size=self.batch_size, prefix_reuse=self.prefix_reuse,
                                      max_length=self.max_length)
         if self.backend == "vllm":
             from .vllm_backend import VLLMJudge, VLLMJudgeConfig
 
             cfg = VLLMJudgeConfig(model=self.model, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                  image_resize=tuple(self.image_resize) if self.image_resize else None,
                                   **self.vllm)
             return VLLMJudge(cfg, self.judge_prompt(), image_root=self.image_root)
         raise ValueError(f"unknown judge backend {self.backend!r}; choose transformers or vllm")
@@ -123,7 +128,8 @@ class JudgeActor:
         scores, errors = score_with_errors(self.backend, pairs)
         return {"query_id": list(batch["query_id"]), "cand_id": list(batch["cand_id"]),
                 "is_positive": [bool(x) for x in batch["is_positive"]], "score": [float(s) for s in scores],
-                "error": errors, "judge": [self.judge_name] * n, "prompt_version": [self.prompt_version] * n}
+                "error": errors, "judge": [self.judge_name] * n, "prompt_version": [self.prompt_version] * n,
+                VISUAL_TOKENS_COLUMN: visual_tokens_column(self.backend, n)}
 
 
 def _scores_table(cols: dict[str, list]) -> pa.Table:
@@ -215,5 +221,6 @@ def run_judge(candidates_table: str | os.PathLike, pairs_table: str | os.PathLik
             "scores_table": str(scores_dir), "quarantine": str(out_dir / "quarantine.parquet"),
             "judge": spec.model, "backend": spec.backend, "prompt_version": spec.judge_prompt().version,
             "pairs_per_s": stats["rows_per_s"], "seconds": stats["seconds"],
+            "visual_tokens": stats.get("visual_tokens"),
             "mean_score_positive": float(scores[positive].mean()) if positive.any() else None,
             "mean_score_candidates": float(scores[~positive].mean()) if (~positive).any() else None}

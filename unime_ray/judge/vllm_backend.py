@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -54,7 +55,7 @@ import numpy as np
 from ..data.images import load_image
 from ..data.schema import Item
 from ..models.processor import IMAGE_PAD
-from .prompt import JudgePrompt, answer_token_ids, judge_images, judge_segments, yes_probability
+from .prompt import JudgePrompt, answer_token_ids, judge_images, judge_segments, split_token_ids, yes_probability
 
 VLLM_MISSING = ("vLLM is not installed; pip install 'unime-ray[gpu]' on a CUDA machine, "
                 "or use the transformers backend")
@@ -76,6 +77,7 @@ class VLLMJudgeConfig:
     max_images_per_prompt: int = 2  # the pairwise prompt holds at most a query and a candidate image
     min_pixels: int | None = None   # passed as mm_processor_kwargs if set
     max_pixels: int | None = None
+    image_resize: tuple[int, int] | None = None   # (width, height) images are resized to before vLLM sees them
     extra_engine_kwargs: dict = field(default_factory=dict)
 
 
@@ -121,13 +123,15 @@ def build_request(tokenizer, query: Item, candidate: Item, prompt: JudgePrompt =
                   image_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """One vLLM token prompt for a pair.
 
-    The prefix (query-only) and suffix are tokenized separately and concatenated: the same ids the
+    The ids are those of the whole prompt string, which start with the query prefix's own ids (checked;
+    :class:`~unime_ray.judge.prompt.PromptSplitError`, a ValueError, otherwise): the same ids the
     transformers backend scores, and an identical prefix for all candidates of a query (prefix caching).
     Each image appears as ONE ``<|image_pad|>``; vLLM expands it to the image's feature count itself (see
     the module docstring), so passing the already-expanded count would be wrong.
     """
     prefix, suffix = judge_segments(query, candidate, prompt)
-    ids = _token_ids(tokenizer, prefix) + _token_ids(tokenizer, suffix)
+    head, tail = split_token_ids(tokenizer, prefix, suffix)
+    ids = head + tail
     images = [load_image(it, image_root) for it in judge_images(query, candidate)]
     pad = _token_ids(tokenizer, IMAGE_PAD)
     n_pads = ids.count(pad[0]) if len(pad) == 1 else 0
@@ -275,6 +279,7 @@ class VLLMJudge:
         self.max_model_len = cfg.max_model_len
         self.vision = vision_limits(cfg)
         self.generate_calls = 0
+        self.visual_tokens: Counter = Counter()   # {tokens per image: images sent}, see models.budget
 
     def score(self, pairs: Sequence[tuple[Item, Item]]) -> np.ndarray:
         """float64 scores in pair order (one ``generate`` call when every pair is good); raises ValueError
@@ -290,6 +295,12 @@ class VLLMJudge:
         an image that does not decode or that the processor refuses, or a prompt (after image expansion)
         that leaves no room for the answer token within ``max_model_len``."""
         request = build_request(self.tokenizer, query, candidate, self.prompt, self.image_root)
+        resize = getattr(getattr(self, "cfg", None), "image_resize", None)
+        if resize and request.get("multi_modal_data"):
+            from ..models.budget import ImageBudget
+
+            budget = ImageBudget(resize=tuple(resize))
+            request["multi_modal_data"]["image"] = [budget.prepare(im) for im in request["multi_modal_data"]["image"]]
         for im in (request.get("multi_modal_data") or {}).get("image") or []:
             qwen_resized_size(im.height, im.width, self.vision or VisionLimits())   # refused shapes raise
         if self.max_model_len is not None:
@@ -310,6 +321,12 @@ class VLLMJudge:
                 batch.append((i, self.check_request(*pairs[i])))
             except ValueError as exc:   # ImageError is one
                 errors[i] = f"{type(exc).__name__}: {exc}"
+        if not hasattr(self, "visual_tokens"):
+            self.visual_tokens = Counter()
+        limits = self.vision or VisionLimits()   # what vLLM expands each image to (the stage's token tally)
+        for _, request in batch:
+            self.visual_tokens.update(image_token_count(im.height, im.width, limits)
+                                      for im in (request.get("multi_modal_data") or {}).get("image") or [])
         if batch:
             self._generate_isolating(batch, scores, errors)
         return scores, errors

@@ -133,6 +133,30 @@ def run_mining(candidates_table: str | os.PathLike, scores_table: str | os.PathL
     return out
 
 
+def scored_negatives(pairs_table: str | os.PathLike) -> dict[str, Any]:
+    """How many rows of a pair table carry judge-scored negatives (a score for the positive and for each of at
+    least one negative, none missing or NaN), and the number of negatives per such row: what tells an imported
+    training table (the official score JSON) from pairs still to be mined."""
+    import pyarrow.compute as pc
+
+    t = read_table(pairs_table, ["pos_score", "neg_score"])
+    pos = t.column("pos_score").combine_chunks()
+    neg = t.column("neg_score").combine_chunks()
+    rows = len(t)
+    if not rows:
+        return {"rows": 0, "scored_rows": 0, "negatives": 0, "min_negatives": 0, "max_negatives": 0}
+    pos_ok = np.asarray(pc.fill_null(pc.invert(pc.is_nan(pos)), False), dtype=bool)
+    counts = np.asarray(pc.fill_null(pc.list_value_length(neg), 0), dtype=np.int64)
+    flat = pc.list_flatten(neg)
+    bad = np.asarray(pc.fill_null(pc.or_(pc.is_null(flat), pc.is_nan(flat)), True), dtype=bool)
+    neg_ok = np.ones(rows, dtype=bool)
+    neg_ok[np.asarray(pc.list_parent_indices(neg), dtype=np.int64)[bad]] = False
+    scored = pos_ok & neg_ok & (counts > 0)
+    n = counts[scored]
+    return {"rows": rows, "scored_rows": int(scored.sum()), "negatives": int(n.sum()),
+            "min_negatives": int(n.min()) if len(n) else 0, "max_negatives": int(n.max()) if len(n) else 0}
+
+
 def score_summary(training_table: str | os.PathLike, plot_path: Path | None = None) -> dict[str, Any]:
     """Means of positive and negative judge scores, and a histogram plot of both."""
     t = read_table(training_table, ["pos_score", "neg_score"])

@@ -1,15 +1,25 @@
-"""MLLM backbones (Qwen2-VL, Qwen2.5-VL): loading, input processing, the embedder, adapters, tiny models."""
+"""MLLM backbones (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision as embedder): loading, input processing, the embedder, adapters, tiny models.
 
-from .backbone import (SUPPORTED_ARCHITECTURES, ModelNotFoundError, UnsupportedArchitectureError,
-                       build_random_backbone, load_backbone, load_config)
-from .embedder import Embedder, last_token_pool
-from .formatting import INPUT_FORMATS, format_item
-from .lora import LoraSettings, apply_lora, load_adapter, merged, save_adapter
-from .processor import ImageOptions, VLProcessor
-from .tiny import TinySpec, make_tiny_models
+Names are imported lazily, so ``unime_ray.models.budget`` (pydantic only) stays cheap to import from the
+run config.
+"""
 
-__all__ = [
-    "Embedder", "INPUT_FORMATS", "ImageOptions", "LoraSettings", "ModelNotFoundError", "SUPPORTED_ARCHITECTURES",
-    "TinySpec", "UnsupportedArchitectureError", "VLProcessor", "apply_lora", "build_random_backbone", "format_item",
-    "last_token_pool", "load_adapter", "load_backbone", "load_config", "make_tiny_models", "merged", "save_adapter",
-]
+from __future__ import annotations
+
+from ..utils.lazy import lazy_exports
+
+_EXPORTS = {
+    "SUPPORTED_ARCHITECTURES": "backbone", "ModelNotFoundError": "backbone", "UnsupportedArchitectureError": "backbone",
+    "build_random_backbone": "backbone", "load_backbone": "backbone", "load_config": "backbone",
+    "Embedder": "embedder", "last_token_pool": "embedder",
+    "INPUT_FORMATS": "formatting", "format_item": "formatting",
+    "LoraSettings": "lora", "apply_lora": "lora", "load_adapter": "lora", "merged": "lora", "save_adapter": "lora",
+    "ImageOptions": "processor", "VLProcessor": "processor",
+    "ImageBudget": "budget",
+    "TinySpec": "tiny", "make_tiny_models": "tiny",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

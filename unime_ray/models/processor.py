@@ -8,19 +8,23 @@ Two interchangeable backends produce identical tensors (a test checks it):
 * ``manual``: our own expansion of each ``<|image_pad|>`` into ``t*h*w / merge**2`` copies, using only
   the tokenizer and the (PIL) image processor: the path that works on any install.
 
-Images can be resized first (``ImageOptions.resize``, e.g. 672x672 as in UniME-V2 training) and bounded
-by a pixel budget (``min_pixels``/``max_pixels``, e.g. 256*28*28 .. 1280*28*28).
+Images can be resized first (``ImageBudget.resize``, e.g. 672x672 as in UniME-V2 training) and bounded
+by a pixel budget (``min_pixels``/``max_pixels``, e.g. 256*28*28 .. 1280*28*28); see :mod:`.budget`.
+Every call records the visual tokens of each image it processed (``t*h*w / merge**2`` from the image grid)
+in ``VLProcessor.visual_tokens``, a histogram the stages drain into their outputs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections import Counter
+from typing import Sequence
 
 import torch
 from PIL import Image
+
+from .budget import ImageBudget
 
 logger = logging.getLogger(__name__)
 
@@ -30,32 +34,8 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 
 
-@dataclass(frozen=True)
-class ImageOptions:
-    """How images are sized before the vision tower (see the method reference, section 3.1)."""
-
-    resize: tuple[int, int] | None = None     # (width, height), e.g. (672, 672); None keeps the image size
-    min_pixels: int | None = None             # None: the checkpoint's image-processor setting
-    max_pixels: int | None = None
-
-    def __post_init__(self):
-        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) <= 0):
-            raise ValueError(f"resize must be (width, height) with positive sizes, got {self.resize}")
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
-
-    def prepare(self, image: Image.Image) -> Image.Image:
-        if self.resize is not None and image.size != tuple(self.resize):
-            return image.resize(tuple(self.resize), Image.Resampling.BICUBIC)
-        return image
-
-    def size_kwargs(self, image_processor) -> dict[str, Any]:
-        if self.min_pixels is None and self.max_pixels is None:
-            return {}
-        size = dict(image_processor.size) if image_processor.size is not None else {}
-        lo = self.min_pixels if self.min_pixels is not None else size.get("shortest_edge")
-        hi = self.max_pixels if self.max_pixels is not None else size.get("longest_edge")
-        return {"size": {"shortest_edge": lo, "longest_edge": hi}}
+# The image budget type (defined once, in .budget); ``ImageOptions`` is its historical name here.
+ImageOptions = ImageBudget
 
 
 def _hf_processor(tokenizer, image_processor, model_type: str):
@@ -77,6 +57,16 @@ def _hf_processor(tokenizer, image_processor, model_type: str):
     return proc
 
 
+def check_image_slots(texts: Sequence[str], images: Sequence[Image.Image | None], placeholder: str) -> None:
+    """Each text holds one image placeholder exactly when its image slot is filled (one image per item)."""
+    if len(texts) != len(images):
+        raise ValueError(f"{len(texts)} texts but {len(images)} image slots")
+    for i, (t, im) in enumerate(zip(texts, images)):
+        n = t.count(placeholder)
+        if n != (im is not None):
+            raise ValueError(f"batch item {i}: {n} image placeholders for {int(im is not None)} images")
+
+
 class VLProcessor:
     """(formatted text, optional image) batches -> model inputs, left-padded."""
 
@@ -89,6 +79,7 @@ class VLProcessor:
         self.image_processor = image_processor
         self.model_type = model_type
         self.image_options = image_options or ImageOptions()
+        self.visual_tokens: Counter = Counter()   # {tokens per image: images processed}, see models.budget
         self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.pad_id = tokenizer.pad_token_id
         self._hf = None
@@ -107,13 +98,17 @@ class VLProcessor:
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        # The PIL image processor is the torchvision-free twin of Qwen2VLImageProcessor (same outputs).
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
         if model_type is None:
             from .backbone import load_config
 
             model_type = load_config(path).model_type
+        if model_type == "llava_onevision":  # its own processor, same interface (models/llava_onevision.py)
+            from .llava_onevision import LlavaOVProcessor
+
+            return LlavaOVProcessor.from_pretrained(path, backend, image_options)  # type: ignore[return-value]
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # The PIL image processor is the torchvision-free twin of Qwen2VLImageProcessor (same outputs).
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
         return cls(tokenizer, image_processor, model_type, backend, image_options)
 
     def _images(self, images: Sequence[Image.Image | None]) -> list[Image.Image]:
@@ -122,22 +117,22 @@ class VLProcessor:
     def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None
                  ) -> dict[str, torch.Tensor]:
         """``texts[i]`` holds one ``<|image_pad|>`` exactly when ``images[i]`` is not None."""
-        if len(texts) != len(images):
-            raise ValueError(f"{len(texts)} texts but {len(images)} image slots")
-        for i, (t, im) in enumerate(zip(texts, images)):
-            n = t.count(IMAGE_PAD)
-            if n != (im is not None):
-                raise ValueError(f"batch item {i}: {n} image placeholders for {int(im is not None)} images")
+        check_image_slots(texts, images, IMAGE_PAD)
         backend = backend or self.backend
         pil = self._images(images)
         if backend == "hf":
             if self._hf is None:
                 raise RuntimeError("the Hugging Face processor is not available here")
-            out = self._hf(images=pil or None, text=list(texts), return_tensors="pt", padding=True,
-                           padding_side="left", return_mm_token_type_ids=True,
-                           **self.image_options.size_kwargs(self.image_processor))
-            return dict(out)
-        return self._manual(list(texts), pil)
+            out = dict(self._hf(images=pil or None, text=list(texts), return_tensors="pt", padding=True,
+                                padding_side="left", return_mm_token_type_ids=True,
+                                **self.image_options.size_kwargs(self.image_processor)))
+        else:
+            out = self._manual(list(texts), pil)
+        grid = out.get("image_grid_thw")
+        if grid is not None and len(grid):
+            merge = self.image_processor.merge_size ** 2
+            self.visual_tokens.update((grid.prod(dim=1) // merge).tolist())
+        return out
 
     def _manual(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         vision: dict[str, torch.Tensor] = {}

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ..data.io import shard_paths
 from ..data.schema import Item
-from ..utils.shards import map_shards_local, map_shards_ray
+from ..utils.shards import VISUAL_TOKENS_COLUMN, map_shards_local, map_shards_ray, visual_tokens_column
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ class EmbedderSpec:
     positions: str = "auto"
 
     def build(self):
-        from ..models import Embedder, ImageOptions
+        from ..models import Embedder
+        from ..models.budget import ImageBudget
 
-        options = ImageOptions(tuple(self.image_resize) if self.image_resize else None, self.min_pixels,
-                               self.max_pixels)
+        options = ImageBudget.from_legacy(self.image_resize, self.min_pixels, self.max_pixels)
         return Embedder.from_pretrained(self.model, input_format=self.input_format, adapter=self.adapter,
                                         dtype=self.dtype, device=self.device, image_options=options,
                                         image_root=self.image_root, processor_backend=self.processor_backend,
@@ -123,12 +123,13 @@ class EmbedActor:
         vectors = self.embedder.encode(items_from_columns(batch, self.prefix), batch_size=self.batch_size)
         out = {"id": list(batch["id"]), "embedding": vectors}
         out.update({c: list(batch[c]) for c in self.passthrough})
+        out[VISUAL_TOKENS_COLUMN] = visual_tokens_column(self.embedder, len(out["id"]))
         return out
 
 
 def _stats(s: dict[str, Any]) -> dict[str, Any]:
     return {"rows_embedded": s["rows"], "shards_written": s["shards_written"], "seconds": s["seconds"],
-            "items_per_s": s["rows_per_s"]}
+            "items_per_s": s["rows_per_s"], "visual_tokens": s.get("visual_tokens")}
 
 
 def embed_table_local(embedder_or_spec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",

@@ -297,8 +297,11 @@ def run_retrieval(pairs: str | os.PathLike, candidates: str | os.PathLike | None
     s_stats = search_queries(out_dir / "query_embeddings", out_dir / "index", out_dir / "candidates", settings,
                              use_ray=use_ray and search_actors > 0, actors=max(search_actors, 1), num_cpus=num_cpus)
     summary = retrieval_summary(out_dir / "candidates")
+    from ..models.budget import merge_tallies
+
     return {"query_embedding": q_stats, "candidate_embedding": c_stats, "search": s_stats, "pools": len(groups),
-            "candidates_table": str(out_dir / "candidates"), "candidate_pool": str(candidates), **summary}
+            "candidates_table": str(out_dir / "candidates"), "candidate_pool": str(candidates), **summary,
+            "visual_tokens": merge_tallies(q_stats.get("visual_tokens"), c_stats.get("visual_tokens"))}
 
 
 def _embed_local(spec, table, out, prefix="", passthrough=(), batch_size=16):

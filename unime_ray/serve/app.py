@@ -154,9 +154,9 @@ class PairScorer:
 
     @classmethod
     def load(cls, folder: str, settings: RerankerSettings) -> "PairScorer":
-        from ..models.processor import ImageOptions
+        from ..models.budget import ImageBudget
 
-        options = ImageOptions(max_pixels=settings.max_pixels) if settings.max_pixels else None
+        options = ImageBudget.from_legacy(settings.image_resize, settings.min_pixels, settings.max_pixels)
         kwargs = {"dtype": settings.dtype, "device": settings.device, "image_options": options,
                   "batch_size": settings.pair_batch_size}
         if reranker_implementation(settings.implementation) == RERANK_IMPL:
@@ -521,6 +521,17 @@ def load_serve_config(config: dict[str, Any] | ServeConfig | None = None,
             raise ValueError(f"{config_file}: expected a mapping")
         data = loaded.get("serve", loaded) if "serve" in loaded else loaded
         data = data or {}
+        # a run config's reranker budget (models.images.reranker) serves when serve.reranker sets none
+        budget = ((loaded.get("models") or {}).get("images") or {}).get("reranker") if "serve" in loaded else None
+        if isinstance(budget, dict):
+            from ..models.budget import ImageBudget
+
+            b = ImageBudget(**budget)
+            rr = dict(data.get("reranker") or {})
+            for key, value in (("image_resize", b.resize), ("min_pixels", b.min_pixels), ("max_pixels", b.max_pixels)):
+                if value is not None and rr.get(key) is None:
+                    rr[key] = value
+            data = {**data, "reranker": rr}
     if isinstance(config, ServeConfig):
         config = config.model_dump(exclude_unset=True)
     return ServeConfig(**_deep_merge(data, config or {}))

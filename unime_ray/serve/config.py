@@ -144,7 +144,11 @@ class RerankerSettings(_ModelSettings):
     max_batch_size: int = Field(default=4, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     pair_batch_size: int = Field(default=32, ge=1)
+    # the reranker's image budget (models.budget.ImageBudget; paper: 3136 .. 235200 = 300*28*28 pixels per
+    # image); None: the checkpoint's, or a run config's models.images.reranker (serve --config)
     max_pixels: int | None = Field(default=None, ge=1)
+    min_pixels: int | None = Field(default=None, ge=1)
+    image_resize: tuple[int, int] | None = None
     # auto: unime_ray.rerank.Reranker when installed, else the judge's TransformersJudge (same prompt)
     implementation: Literal["auto", "rerank", "judge"] = "auto"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -49,8 +50,11 @@ class TrainSettings:
     pair_negative: str = "hardest"           # reranker: "hardest" (top judge score) or "sampled" from the top-x
     lr: float = 1e-4
     weight_decay: float = 0.0
+    lr_schedule: str = "linear"              # linear | cosine decay to 0 after the warm-up
     warmup_steps: int = 0
-    max_steps: int = 20
+    warmup_ratio: float = 0.0                # warm-up as a share of max_steps when warmup_steps is 0
+    max_steps: int | None = 20               # None: epochs x (table rows // global batch), set by fit()
+    epochs: float = 1.0
     micro_batch_size: int = 4                # queries per rank per forward
     grad_accum: int = 1
     num_workers: int = 2
@@ -74,6 +78,7 @@ class TrainSettings:
     seed: int = 0
     fail_at_step: int | None = None          # testing: kill rank 0 once at this step (see max_failures)
     report_memory: bool = False              # add per-rank parameter / optimizer-state bytes to the metrics
+    images: dict[str, Any] | None = None     # the role's ImageBudget fields (models.budget); None: checkpoint's
 
     def __post_init__(self):
         if self.task not in TASK_NAMES:
@@ -91,6 +96,10 @@ class TrainSettings:
             raise ValueError("pair_weight and list_weight must be >= 0 and not both 0")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
+        if self.lr_schedule not in ("linear", "cosine"):
+            raise ValueError(f"lr_schedule must be linear or cosine, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_ratio < 1 or self.epochs <= 0:
+            raise ValueError("warmup_ratio must be in [0, 1) and epochs > 0")
         if self.zero_stage == 3 and self.lora and self.use_dora:
             raise ValueError("DoRA does not work under ZeRO-3 (peft computes the DoRA weight norm from the whole "
                              "base weight, which ZeRO-3 partitions): set use_dora: false or zero_stage <= 2")
@@ -98,6 +107,22 @@ class TrainSettings:
     @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.num_workers
+
+    def steps_for(self, rows: int) -> int:
+        """Optimizer steps of the run: max_steps, or epochs over a table of ``rows`` rows (full global batches;
+        at least 1)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.floor(self.epochs * rows / self.global_batch))
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: warmup_steps, or warmup_ratio of max_steps rounded up (as Hugging Face's trainer)."""
+        if self.warmup_steps or not self.warmup_ratio:
+            return self.warmup_steps
+        if self.max_steps is None:
+            raise ValueError("warmup_ratio needs max_steps resolved (fit() sets it from the table size)")
+        return math.ceil(self.warmup_ratio * self.max_steps)
 
 
 class TrainTask(Protocol):
@@ -120,12 +145,15 @@ def make_task(s: TrainSettings) -> TrainTask:
     return EmbedderTask(s)
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then linear decay to 0 (the official schedule)."""
+def lr_lambda(warmup: int, total: int, schedule: str = "linear"):
+    """Linear warm-up, then decay to 0: linear (the official embedder schedule) or cosine (the reranker's)."""
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
     return f
 
 
@@ -141,7 +169,7 @@ def build_model(s: TrainSettings):
     from ..models.backbone import load_backbone
     from ..models.lora import LoraSettings, apply_lora
 
-    model = load_backbone(s.model, dtype="float32", device="cpu")
+    model = load_backbone(s.model, dtype="float32", device="cpu", role=s.task)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -190,12 +218,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not s.offload_optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s.warmup_steps, s.max_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s.warmup, s.max_steps, s.lr_schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(s, bf16),
         model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad])
     task = make_task(s)
-    task.setup(engine.module, VLProcessor.from_pretrained(s.model, engine.module.config.model_type), engine.device)
+    processor = VLProcessor.from_pretrained(s.model, engine.module.config.model_type, image_options=image_budget(s))
+    task.setup(engine.module, processor, engine.device)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -243,6 +272,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names}}
             if s.report_memory:
                 metrics.update(rank_memory(engine))
+            if step % s.checkpoint_every == 0 or step == s.max_steps:   # every rank: a collective
+                metrics["visual_tokens"] = gather_visual_tokens(processor)
             losses, infos = [], []
             if rank == 0:
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +291,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise ValueError(f"rank {rank}: the training table gives this worker no full micro-batch of "
                              f"{s.micro_batch_size} rows; it needs at least micro_batch_size x num_workers "
                              f"= {s.micro_batch_size * world} rows")
+
+
+def image_budget(s: TrainSettings):
+    from ..models.budget import ImageBudget
+
+    return ImageBudget(**(s.images or {}))
+
+
+def gather_visual_tokens(processor) -> dict[str, Any] | None:
+    """The visual tokens per image every rank's processor has seen so far in this attempt (a tally, see
+    models.budget), summed over ranks; called by every rank at the same step."""
+    import torch.distributed as dist
+
+    from ..models.budget import token_tally
+
+    hist = dict(getattr(processor, "visual_tokens", None) or {})   # a processor that records none: {}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, hist)
+        total: dict[int, int] = {}
+        for part in parts:
+            for k, v in (part or {}).items():
+                total[k] = total.get(k, 0) + v
+        hist = total
+    return token_tally(hist)
 
 
 def _tensor_bytes(obj) -> int:
@@ -301,6 +357,11 @@ def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train"
     # Shuffled once, globally: tables come grouped by task, and single-task batches both starve in-batch
     # negatives of variety and (for classification) fill them with the query's own label.
     dataset = ray.data.read_parquet(str(Path(training_table).resolve())).random_shuffle(seed=s.seed).materialize()
+    if s.max_steps is None:  # an epoch-based run: the steps follow from the table size and the global batch
+        rows = dataset.count()
+        s.max_steps = s.steps_for(rows)
+        logger.info("%s: %g epoch(s) of %d rows at global batch %d = %d steps", name, s.epochs, rows,
+                    s.global_batch, s.max_steps)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=asdict(s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -321,9 +382,14 @@ def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train"
         model_dir = export_model(d, s, out / "model")
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     plot = plot_training_curve(metrics, out / "training_curve.png")
-    return {"model": str(model_dir), "checkpoint": result.checkpoint.path, "metrics": str(out / "metrics.jsonl"),
+    tokens = next((m["visual_tokens"] for m in reversed(metrics) if m.get("visual_tokens")), None)
+    for m in metrics:   # the tally is reported apart from the final step's metrics
+        m.pop("visual_tokens", None)
+    return {"visual_tokens": tokens,
+            "model": str(model_dir), "checkpoint": result.checkpoint.path, "metrics": str(out / "metrics.jsonl"),
             "final": metrics[-1] if metrics else {}, "steps": metrics[-1]["step"] if metrics else 0,
-            "plot": str(plot) if plot else None, "global_batch": s.global_batch}
+            "plot": str(plot) if plot else None, "global_batch": s.global_batch, "max_steps": s.max_steps,
+            "warmup_steps": s.warmup, "lr_schedule": s.lr_schedule}
 
 
 def export_model(checkpoint_dir: str | os.PathLike, s: TrainSettings, out_dir: str | os.PathLike) -> Path:

@@ -9,9 +9,10 @@ bounded by the shards in flight, never by the dataset.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +32,29 @@ TableBuilder = Callable[[dict[str, list]], pa.Table]
 # shards of a map labelled "judged pairs" (the ``what`` of map_shards_*).
 KILL_ENV = "UNIME_KILL_AFTER_SHARDS"
 _written: dict[str, int] = {}
+
+# An actor may return this column besides its outputs: a JSON histogram {visual tokens: images} of the
+# images it processed for the batch on one row, "" on the others (see :func:`visual_tokens_column`). The
+# drivers sum it into the ``visual_tokens`` tally they return (models.budget); it never reaches a table.
+VISUAL_TOKENS_COLUMN = "__visual_tokens__"
+
+
+def visual_tokens_column(owner: Any, n: int) -> list[str]:
+    """The :data:`VISUAL_TOKENS_COLUMN` of an ``n``-row batch: what ``owner``'s processor recorded since the
+    last call (drained), on the first row."""
+    from ..models.budget import drain_visual_tokens
+
+    hist = drain_visual_tokens(owner)
+    col = [""] * n
+    if hist and n:
+        col[0] = json.dumps({str(k): v for k, v in sorted(hist.items())})
+    return col
+
+
+def _add_visual_tokens(total: Counter, values) -> None:
+    for v in values if values is not None else ():
+        if isinstance(v, str) and v:
+            total.update({int(k): int(c) for k, c in json.loads(v).items()})
 
 
 def _write_shard(table: pa.Table, path: Path, what: str) -> None:
@@ -63,11 +87,13 @@ def map_shards_local(fn: Callable[[dict[str, list]], dict[str, Any]], table: str
     todo = pending_shards(table, out_dir)
     total = sum(shard_rows(s) for s, _ in todo)
     progress = Progress(logger, f"{what} ({Path(table).name})", total, unit="rows")
+    tokens: Counter = Counter()
     for shard, out in todo:
         acc: dict[str, list] = defaultdict(list)
         for batch in iter_batches(shard, batch_size=batch_size, columns=columns):
             cols = batch.to_pydict()
             res = {k: list(v) for k, v in fn(cols).items()}
+            _add_visual_tokens(tokens, res.pop(VISUAL_TOKENS_COLUMN, None))
             n = len(next(iter(cols.values()))) if cols else 0
             for k, v in res.items():
                 if len(v) != n:
@@ -76,7 +102,13 @@ def map_shards_local(fn: Callable[[dict[str, list]], dict[str, Any]], table: str
             progress.update(n)
         _write_shard(build_table(dict(acc)), out, what)
     return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
-            "rows_per_s": round(progress.rate, 2) if total else 0.0}
+            "rows_per_s": round(progress.rate, 2) if total else 0.0, "visual_tokens": _tally(tokens)}
+
+
+def _tally(tokens: Counter) -> dict[str, Any] | None:
+    from ..models.budget import token_tally
+
+    return token_tally(tokens)
 
 
 class _WithPath:
@@ -112,6 +144,7 @@ def map_shards_ray(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLike, 
     outputs = {s.name: o for s, o in todo}
     total = sum(expected.values())
     progress = Progress(logger, f"{what} ({Path(table).name}, Ray)", total, unit="rows")
+    tokens: Counter = Counter()
     for name, n in list(expected.items()):
         if n == 0:  # an empty shard yields no batch: its output is an empty table
             write_table_atomic(build_table({}), outputs[name])
@@ -125,6 +158,7 @@ def map_shards_ray(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLike, 
         buffers: dict[str, dict[str, list]] = {}
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
             names = batch.pop("__shard__")
+            _add_visual_tokens(tokens, batch.pop(VISUAL_TOKENS_COLUMN, None))
             for name in np.unique(names):
                 idx = np.nonzero(names == name)[0]
                 buf = buffers.setdefault(str(name), defaultdict(list))
@@ -137,4 +171,4 @@ def map_shards_ray(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLike, 
         if buffers:
             raise RuntimeError(f"incomplete output for shards {sorted(buffers)}")
     return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
-            "rows_per_s": round(progress.rate, 2) if total else 0.0}
+            "rows_per_s": round(progress.rate, 2) if total else 0.0, "visual_tokens": _tally(tokens)}

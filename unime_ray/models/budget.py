@@ -1,0 +1,155 @@
+"""Image budgets (how large images reach the vision tower) and the tally of visual tokens they produce.
+
+An :class:`ImageBudget` is the one type every model role uses (run config ``models.images.<role>``, the
+stage specs, the CLI flags, the server): an optional fixed resize, then the Qwen-VL processor's pixel range
+(``min_pixels`` / ``max_pixels``; None keeps the checkpoint's own setting). The processor rounds each side
+to a multiple of ``patch_size * merge_size`` (28 for Qwen2-VL / Qwen2.5-VL) and scales the image into the
+range, so an image becomes ``(h / 28) * (w / 28)`` visual tokens (method reference 3.1; 672x672 -> 576).
+
+A *tally* is what a stage records of the tokens it actually used: ``{"images", "min", "median", "max",
+"histogram": {tokens: images}}`` (:func:`token_tally`); tallies of workers and sub-runs merge exactly
+through their histograms (:func:`merge_tallies`).
+
+Only pydantic, PIL (lazily) and the standard library: the run config imports this module.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterable, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ROLES = ("retriever", "judge", "embedder", "reranker", "eval")
+
+
+class ImageBudget(BaseModel):
+    """How images are sized before the vision tower: ``resize`` to (width, height) first (None: keep the
+    image's size), then the processor's pixel range (None: the checkpoint's image-processor setting)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resize: tuple[int, int] | None = None
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.resize is not None and min(self.resize) <= 0:
+            raise ValueError(f"resize must be (width, height) with positive sizes, got {self.resize}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+        return self
+
+    @property
+    def is_default(self) -> bool:
+        return self.resize is None and self.min_pixels is None and self.max_pixels is None
+
+    def prepare(self, image):
+        """The image after ``resize`` (bicubic), unchanged without one."""
+        if self.resize is not None and image.size != tuple(self.resize):
+            from PIL import Image
+
+            return image.resize(tuple(self.resize), Image.Resampling.BICUBIC)
+        return image
+
+    def size_kwargs(self, image_processor) -> dict[str, Any]:
+        """``size=`` for a Qwen-VL image processor call (empty: the processor's own range)."""
+        if self.min_pixels is None and self.max_pixels is None:
+            return {}
+        size = dict(image_processor.size) if image_processor.size is not None else {}
+        lo = self.min_pixels if self.min_pixels is not None else size.get("shortest_edge")
+        hi = self.max_pixels if self.max_pixels is not None else size.get("longest_edge")
+        return {"size": {"shortest_edge": lo, "longest_edge": hi}}
+
+    def describe(self) -> str:
+        """Short text for reports, e.g. ``672x672, 200704-1003520 px``."""
+        if self.is_default:
+            return "checkpoint default"
+        parts = [f"{self.resize[0]}x{self.resize[1]}" if self.resize else "native size"]
+        if self.min_pixels is not None or self.max_pixels is not None:
+            parts.append(f"{self.min_pixels or 'default'}-{self.max_pixels or 'default'} px")
+        return ", ".join(parts)
+
+    @classmethod
+    def from_legacy(cls, resize=None, min_pixels=None, max_pixels=None) -> "ImageBudget":
+        return cls(resize=tuple(resize) if resize else None, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+# ---------------------------------------------------------------------------------------------- tallies
+def _histogram(counts: Mapping[Any, int] | Iterable[int] | None) -> Counter:
+    if counts is None:
+        return Counter()
+    if isinstance(counts, Mapping):
+        return Counter({int(k): int(v) for k, v in counts.items() if int(v)})
+    return Counter(int(x) for x in counts)
+
+
+def token_tally(counts: Mapping[Any, int] | Iterable[int] | None) -> dict[str, Any] | None:
+    """``{"images", "min", "median", "max", "histogram"}`` of visual tokens per image, from a histogram
+    ``{tokens: images}`` (JSON string keys accepted) or a list of per-image counts; None without images."""
+    hist = _histogram(counts)
+    n = sum(hist.values())
+    if not n:
+        return None
+    values = sorted(hist)
+
+    def nth(i: int) -> int:   # the i-th smallest image's tokens (0-based)
+        seen = 0
+        for v in values:
+            seen += hist[v]
+            if i < seen:
+                return v
+        raise IndexError(i)
+
+    median = (nth((n - 1) // 2) + nth(n // 2)) / 2
+    return {"images": n, "min": values[0], "median": int(median) if median == int(median) else median,
+            "max": values[-1], "histogram": {str(v): hist[v] for v in values}}
+
+
+def merge_tallies(*tallies: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """One tally of several (None entries skipped), exact through the histograms."""
+    total: Counter = Counter()
+    for t in tallies:
+        if t:
+            total.update(_histogram(t.get("histogram") or {}))
+    return token_tally(total)
+
+
+def drain_visual_tokens(owner: Any) -> Counter:
+    """The visual-token histogram recorded by the processor behind ``owner`` (a ``VLProcessor``, or an object
+    with ``.processor``, ``.judge.processor`` or its own ``visual_tokens``), reset to empty; empty for objects
+    that record nothing (e.g. test doubles)."""
+    for path in (("visual_tokens",), ("processor", "visual_tokens"), ("judge", "processor", "visual_tokens"),
+                 ("embedder", "processor", "visual_tokens")):
+        obj = owner
+        for name in path:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if isinstance(obj, Counter):
+            out = Counter(obj)
+            obj.clear()
+            return out
+    return Counter()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_budget_arguments(parser, what: str = "images") -> None:
+    """``--image-resize W H``, ``--min-pixels``, ``--max-pixels`` (an :class:`ImageBudget`) on a parser."""
+    parser.add_argument("--image-resize", type=int, nargs=2, default=None, metavar=("W", "H"),
+                        help=f"resize {what} to W x H before the processor (e.g. 1344 1344 for evaluation)")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="processor pixel floor per image (default: the checkpoint's), e.g. 200704 = 256*28*28")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="processor pixel cap per image (default: the checkpoint's), e.g. 1003520 = 1280*28*28")
+
+
+def budget_from_arguments(args) -> ImageBudget:
+    return ImageBudget.from_legacy(getattr(args, "image_resize", None), getattr(args, "min_pixels", None),
+                                   getattr(args, "max_pixels", None))
