@@ -100,3 +100,34 @@ def test_paper_image_budgets(job):
     assert (emb.resize, emb.min_pixels, emb.max_pixels) == ((672, 672), 256 * PX, 1280 * PX)   # reference 3.1
     assert job.image_budget("reranker").max_pixels == 300 * PX                               # reference 4
     assert job.image_budget("eval").resize == (1344, 1344)                                    # reference 5.1
+
+
+def test_llava_ov_preset_recipe(tmp_path):
+    """paper-llava-ov-7b: the Qwen preset with the LLaVA-OV embedder, 336x336 training images, lr 2e-5 (the
+    paper's), and LoRA on the LLM's projections plus SigLIP's q/k/v/out_proj, counted on the real 7B config."""
+    from unime_ray.config import load_run_config
+    from unime_ray.models.backbone import architecture_of, build_random_backbone
+    from unime_ray.models.lora import LoraSettings, apply_lora
+
+    cfg = load_run_config("paper-llava-ov-7b")
+    qwen = load_run_config("paper-qwen2vl-2b")
+    assert cfg.models.embedder == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    assert (cfg.models.judge, cfg.models.retriever, cfg.mine, cfg.reranker) == (
+        qwen.models.judge, qwen.models.retriever, qwen.mine, qwen.reranker)
+    emb = cfg.image_budget("embedder")
+    assert (emb.resize, emb.min_pixels, emb.max_pixels) == ((336, 336), None, None)
+    assert cfg.image_budget("eval").resize == (1344, 1344)
+    s = _settings(cfg, cfg.train, "embedder", tmp_path)
+    assert {k: getattr(s, k) for k in EMBEDDER} == {**EMBEDDER, "lr": 2e-5}
+    assert not s.freeze_vision
+
+    model = build_random_backbone(cfg.models.embedder)          # meta device: no memory
+    arch = architecture_of(model.config)
+    model = apply_lora(model, LoraSettings(vision_targets=list(arch.vision_lora_targets),
+                                           vision_module=arch.vision_modules[0]))
+    adapted = [n.rsplit(".", 2)[0] for n, _ in model.named_modules() if n.endswith("lora_A")]
+    vision = [n for n in adapted if ".vision_tower." in n]
+    language = [n for n in adapted if ".language_model." in n]
+    assert len(vision) == 4 * model.config.vision_config.num_hidden_layers       # 26 SigLIP layers x q/k/v/out
+    assert len(language) == 5 * model.config.text_config.num_hidden_layers       # 28 Qwen2 layers x q/k/v/o/down
+    assert len(adapted) == len(vision) + len(language)

@@ -474,6 +474,21 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _load_extending(path: Path, source: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """A preset or config file; ``extends: <preset>`` makes it hold only what differs from that preset (presets
+    may extend presets, e.g. paper-llava-ov-7b extends paper-qwen2vl-2b; jobs/configs/*.yaml extend presets)."""
+    data = _load_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data, source
+    if not isinstance(base, str) or not (PRESET_DIR / f"{base}.yaml").is_file():
+        raise ConfigError(f"{path}: extends: unknown preset {base!r}; available: {', '.join(list_presets())}")
+    if base in seen:
+        raise ConfigError(f"{path}: extends: preset {base!r} extends itself ({' -> '.join(seen + (base,))})")
+    parent, _ = _load_extending(PRESET_DIR / f"{base}.yaml", f"preset {base}", seen + (base,))
+    return _deep_merge(parent, data), f"{source} (extends preset {base})"
+
+
 def load_run_config(preset: str | None = None, config_path: str | os.PathLike | None = None,
                     overrides: list[str] | None = None) -> RunConfig:
     """Build a :class:`RunConfig` from a preset name or YAML file, then overrides."""
@@ -485,19 +500,12 @@ def load_run_config(preset: str | None = None, config_path: str | os.PathLike | 
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
-        data, source = _load_yaml(path), f"preset {preset}"
+        data, source = _load_extending(path, f"preset {preset}")
     elif config_path:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data, source = _load_yaml(path), str(path)
-        base = data.pop("extends", None)
-        if base is not None:
-            # ``extends: <preset>``: the file holds only what differs from a preset (e.g. jobs/configs/*.yaml)
-            if not isinstance(base, str) or not (PRESET_DIR / f"{base}.yaml").is_file():
-                raise ConfigError(f"{path}: extends: unknown preset {base!r}; available: {', '.join(list_presets())}")
-            data = _deep_merge(_load_yaml(PRESET_DIR / f"{base}.yaml"), data)
-            source = f"{path} (extends preset {base})"
+        data, source = _load_extending(path, str(path))
     for ov in overrides or []:
         apply_override(data, ov)
     try:

@@ -27,6 +27,15 @@ class Architecture:
     description: str
     roles: tuple[str, ...] = ROLES      # which stages may use it as backbone
     mrope: bool = True                  # Qwen M-RoPE (3-axis positions) vs plain 1-D RoPE
+    # the vision side's top-level modules (tower first; projector/merger after): ``freeze_vision`` freezes them
+    vision_modules: tuple[str, ...] = ("visual",)
+    # vision-tower projections the official LoRA target list matches (suffix match): none on Qwen-VL,
+    # SigLIP's q/k/v/out_proj on LLaVA-OV (method reference 3.3)
+    vision_lora_targets: tuple[str, ...] = ()
+
+    def is_vision_parameter(self, name: str) -> bool:
+        parts = f".{name}."
+        return any(f".{m}." in parts for m in self.vision_modules)
 
     def load_class(self):
         import transformers
@@ -41,7 +50,9 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     # The judge and the reranker assemble Qwen inputs themselves (<|vision_start|> prompts, image grids, M-RoPE
     # positions in models/inputs.py, prefix-KV reuse): LLaVA-OV serves as embedder only.
     "llava_onevision": Architecture("llava_onevision", "LlavaOnevisionForConditionalGeneration",
-                                    "LLaVA-OneVision (embedder backbone only)", roles=("embedder",), mrope=False),
+                                    "LLaVA-OneVision (embedder backbone only)", roles=("embedder",), mrope=False,
+                                    vision_modules=("vision_tower", "multi_modal_projector", "image_newline"),
+                                    vision_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj")),
 }
 
 # Shipped configs of the published checkpoints: hub id -> file.

@@ -1,8 +1,10 @@
 """LoRA / DoRA adapters on the language model through peft: apply, save, load, merge.
 
-The official UniME-V2 setting is DoRA with r=16, alpha=64, dropout 0.1, Gaussian init, on the language
-model's projections (its target list only matches q/k/v/o and down_proj of Qwen2-VL's LLM). Adapters
-attach to the language model only: the regex below never matches the vision tower.
+The official UniME-V2 setting is DoRA with r=16, alpha=64, dropout 0.1, Gaussian init. Its target list
+(suffix-matched by peft) hits q/k/v/o and down_proj of the language model on every backbone, and on
+LLaVA-OneVision also the SigLIP vision tower's q/k/v/out_proj (method reference 3.3); Qwen-VL's vision
+tower names its layers qkv/proj/fc1/fc2, so nothing there matches. ``vision_targets`` and
+``vision_module`` state that per architecture (see ``backbone.Architecture``) instead of relying on names.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ class LoraSettings:
     use_dora: bool = True
     init: str = "gaussian"
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    vision_targets: list[str] = field(default_factory=list)   # projections of the vision tower (none: frozen)
+    vision_module: str = "vision_tower"                          # the vision tower's module name
 
     def target_regex(self) -> str:
         names = "|".join(self.target_modules)
-        return rf".*language_model.*\.({names})$"
+        language = rf".*language_model.*\.({names})"
+        if not self.vision_targets:
+            return language + "$"
+        vision = rf".*\.{self.vision_module}\..*\.({'|'.join(self.vision_targets)})"
+        return rf"({language}|{vision})$"
 
     def to_peft(self):
         from peft import LoraConfig

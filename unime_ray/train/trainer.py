@@ -166,20 +166,25 @@ def default_lora_targets(task: str) -> list[str]:
 
 
 def build_model(s: TrainSettings):
-    from ..models.backbone import load_backbone
+    from ..models.backbone import architecture_of, load_backbone
     from ..models.lora import LoraSettings, apply_lora
 
     model = load_backbone(s.model, dtype="float32", device="cpu", role=s.task)
+    arch = architecture_of(model.config, s.model)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if s.lora:
         model = apply_lora(model, LoraSettings(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
                                                 use_dora=s.use_dora,
-                                                target_modules=s.lora_targets or default_lora_targets(s.task)))
-    if s.freeze_vision:  # LoRA never touches the vision tower; with full fine-tuning freeze it explicitly
+                                                target_modules=s.lora_targets or default_lora_targets(s.task),
+                                                # the official list's vision-tower matches, unless frozen
+                                                vision_targets=[] if s.freeze_vision
+                                                else list(arch.vision_lora_targets),
+                                                vision_module=arch.vision_modules[0]))
+    if s.freeze_vision:  # with full fine-tuning (no LoRA) freeze the vision tower and its projector explicitly
         for name, p in model.named_parameters():
-            if ".visual." in f".{name}":
+            if arch.is_vision_parameter(name):
                 p.requires_grad_(False)
     return model
 
