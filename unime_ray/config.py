@@ -341,14 +341,15 @@ class AblationConfig(_Section):
     name: str
     objective: Literal["judge_alignment", "hard_label", "infonce"]
     num_negatives: int | None = Field(default=None, ge=0)   # None: train.num_negatives
-    seeds: list[int] | None = None                        # None: compare.seeds
+    seeds: list[int] | None = None                        # None: compare.seeds (or the run's seed)
 
 
 class CompareConfig(_Section):
     """Ablations trained beside UniME-V2 (same init, steps and data) and the seeds of the comparison."""
 
     ablations: list[AblationConfig] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0])   # UniME-V2 itself runs for every seed here
+    # UniME-V2 itself runs for every seed here; null: the run's seed only (the main run, nothing trained twice)
+    seeds: list[int] | None = None
 
 
 class RunConfig(BaseModel):

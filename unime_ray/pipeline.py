@@ -498,12 +498,13 @@ def stage_train(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
 
 def variant_runs(cfg: RunConfig) -> list[tuple[str, int, dict[str, Any]]]:
     """(variant name, seed, changes to the train section) of every comparison run, UniME-V2 first."""
-    runs = [("unime-v2", seed, {}) for seed in cfg.compare.seeds]
+    seeds = cfg.compare.seeds if cfg.compare.seeds is not None else [cfg.seed]
+    runs = [("unime-v2", seed, {}) for seed in seeds]
     for ab in cfg.compare.ablations:
         changes: dict[str, Any] = {"objective": ab.objective}
         if ab.num_negatives is not None:
             changes["num_negatives"] = ab.num_negatives
-        runs += [(ab.name, seed, changes) for seed in (ab.seeds or cfg.compare.seeds)]
+        runs += [(ab.name, seed, changes) for seed in (ab.seeds or seeds)]
     return runs
 
 
@@ -580,6 +581,7 @@ def stage_eval(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     """MMEB-protocol P@1 of each model on the eval pairs (and MMEB-eval when configured), with and without
     listwise reranking of the top-K. Each model's results are kept, so a rerun evaluates only what is missing."""
     from .eval.mmeb import evaluate_mmeb_dir, evaluate_pairs_table
+    from .eval.outputs import write_json_atomic
     from .eval.rerank import load_reranker
 
     ev = cfg.eval
@@ -620,9 +622,13 @@ def stage_eval(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
                                            **kw)
             if "mmeb" in ev.sets:
                 kw.pop("check_images")
-                res["mmeb"] = evaluate_mmeb_dir(spec, ev.mmeb_dir, target / "mmeb", subsets=ev.mmeb_subsets,
-                                                reranker=reranker if m["rerank"] else None,
-                                                rerank_top_k=ev.rerank.top_k, **kw)
+                mmeb = evaluate_mmeb_dir(spec, ev.mmeb_dir, target / "mmeb", subsets=ev.mmeb_subsets,
+                                         reranker=reranker if m["rerank"] else None, rerank_top_k=ev.rerank.top_k,
+                                         **kw)
+                # MMEB-eval alone (the paper's eval): its results are the model's; beside pairs, a part of them.
+                # Written as the model's results.json: what the report reads, and a rerun skips the model.
+                res = {**res, "mmeb": mmeb} if "pairs" in ev.sets else mmeb
+                write_json_atomic(res, done)
         vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
         tokens = _visual_tokens(cfg, eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])
         results[m["label"]] = {**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),

@@ -301,6 +301,7 @@ def run_retrieval(pairs: str | os.PathLike, candidates: str | os.PathLike | None
 
     return {"query_embedding": q_stats, "candidate_embedding": c_stats, "search": s_stats, "pools": len(groups),
             "candidates_table": str(out_dir / "candidates"), "candidate_pool": str(candidates), **summary,
+            "settings": asdict(settings),
             "visual_tokens": merge_tallies(q_stats.get("visual_tokens"), c_stats.get("visual_tokens"))}
 
 

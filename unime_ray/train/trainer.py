@@ -394,7 +394,8 @@ def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train"
             "model": str(model_dir), "checkpoint": result.checkpoint.path, "metrics": str(out / "metrics.jsonl"),
             "final": metrics[-1] if metrics else {}, "steps": metrics[-1]["step"] if metrics else 0,
             "plot": str(plot) if plot else None, "global_batch": s.global_batch, "max_steps": s.max_steps,
-            "warmup_steps": s.warmup, "lr_schedule": s.lr_schedule}
+            "warmup_steps": s.warmup, "lr_schedule": s.lr_schedule,
+            "settings": asdict(s)}   # every setting the run trained with (max_steps resolved)
 
 
 def export_model(checkpoint_dir: str | os.PathLike, s: TrainSettings, out_dir: str | os.PathLike) -> Path:
