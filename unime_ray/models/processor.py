@@ -114,9 +114,28 @@ class VLProcessor:
     def _images(self, images: Sequence[Image.Image | None]) -> list[Image.Image]:
         return [self.image_options.prepare(im) for im in images if im is not None]
 
-    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None
-                 ) -> dict[str, torch.Tensor]:
-        """``texts[i]`` holds one ``<|image_pad|>`` exactly when ``images[i]`` is not None."""
+    def adapt_chat(self, text: str) -> str:
+        """A chat prompt of :func:`~unime_ray.models.formatting.chat_prompt` in this backbone's own image
+        placeholders (Qwen-VL's are the canonical ones)."""
+        return text
+
+    def per_image(self, enc: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pixels, grid) of each image of a processor output, in order: what the judge and the reranker keep
+        per image (see :func:`~unime_ray.models.inputs.forward_kwargs`)."""
+        grids = enc.get("image_grid_thw")
+        if grids is None:
+            return []
+        out, start = [], 0
+        for g in grids:
+            n = int(g.prod())
+            out.append((enc["pixel_values"][start:start + n], g))
+            start += n
+        return out
+
+    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None,
+                 multi_image: bool = False) -> dict[str, torch.Tensor]:
+        """``texts[i]`` holds one ``<|image_pad|>`` exactly when ``images[i]`` is not None. ``multi_image``
+        (the images are one multi-image prompt's) changes nothing for Qwen-VL."""
         check_image_slots(texts, images, IMAGE_PAD)
         backend = backend or self.backend
         pil = self._images(images)
