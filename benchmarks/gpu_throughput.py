@@ -93,19 +93,23 @@ def _qwen_sequence(config, text_tokens: list[int], tokens: int, images: int, gen
     return ids, pix, grids
 
 
+def _batch(model, seqs, device) -> tuple[dict, int]:
+    """Forward kwargs of left-padded sequences (the project's positions and input assembly) and their width."""
+    width = max(len(s[0]) for s in seqs)
+    ids = torch.tensor([[0] * (width - len(s[0])) + s[0] for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s[0])) + [1] * len(s[0]) for s in seqs])
+    pix = [p.to(model.dtype) for s in seqs for p in s[1]]
+    grids = [gr for s in seqs for gr in s[2]]
+    pad = model.config.image_token_id
+    return forward_kwargs(model, pad, ids, mask, positions(model, pad, ids, mask, grids), pix, grids, device), width
+
+
 def bench_judge(model, device, batch_sizes, tokens: int, warmup: int, iters: int) -> list[dict]:
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     rows = []
     for b in batch_sizes:
-        seqs = [_qwen_sequence(cfg, [70, 30, 10], tokens, 2, g) for _ in range(b)]
-        width = max(len(s[0]) for s in seqs)
-        ids = torch.tensor([[0] * (width - len(s[0])) + s[0] for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s[0])) + [1] * len(s[0]) for s in seqs])
-        pix = [p.to(model.dtype) for s in seqs for p in s[1]]
-        grids = [gr for s in seqs for gr in s[2]]
-        pos = positions(model, cfg.image_token_id, ids, mask, grids)
-        kwargs = forward_kwargs(model, cfg.image_token_id, ids, mask, pos, pix, grids, device)
+        kwargs, width = _batch(model, [_qwen_sequence(cfg, [70, 30, 10], tokens, 2, g) for _ in range(b)], device)
         _reset_peak(device)
         try:
             with torch.inference_mode():
@@ -139,14 +143,7 @@ def bench_embedder(model, device, micro_batches, tokens: int, negatives: int, wa
     group = 2 + negatives                            # query, positive, negatives
     rows = []
     for q in micro_batches:
-        seqs = [_qwen_sequence(cfg, [25, 15], tokens, 1, g) for _ in range(q * group)]
-        width = max(len(s[0]) for s in seqs)
-        ids = torch.tensor([[0] * (width - len(s[0])) + s[0] for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s[0])) + [1] * len(s[0]) for s in seqs])
-        pix = [p.to(model.dtype) for s in seqs for p in s[1]]
-        grids = [gr for s in seqs for gr in s[2]]
-        pos = positions(model, cfg.image_token_id, ids, mask, grids)
-        kwargs = forward_kwargs(model, cfg.image_token_id, ids, mask, pos, pix, grids, device)
+        kwargs, width = _batch(model, [_qwen_sequence(cfg, [25, 15], tokens, 1, g) for _ in range(q * group)], device)
         scores = torch.rand(q, 1 + negatives, generator=g).to(device)
 
         def step():

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from ..data.schema import IMAGE_MARKER, Item
-from .processor import ImageOptions, check_image_slots
+from .processor import ImageOptions, check_image_slots, choose_hf_processor
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,6 @@ class LlavaOVProcessor:
     def __init__(self, tokenizer, image_processor, *, tile: int, patch: int, pinpoints: Sequence[Sequence[int]],
                  select_strategy: str = "full", aspect_ratio: str = "anyres_max_9", backend: str = "auto",
                  image_options: ImageOptions | None = None):
-        if backend not in ("auto", "hf", "manual"):
-            raise ValueError(f"processor backend must be auto, hf or manual, got {backend!r}")
         image_options = image_options or ImageOptions()
         if image_options.min_pixels is not None or image_options.max_pixels is not None:
             raise ValueError("min_pixels / max_pixels are Qwen-VL processor settings; LLaVA-OneVision takes only a "
@@ -167,15 +165,8 @@ class LlavaOVProcessor:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: not a LLaVA-OneVision tokenizer")
         self.pad_id = tokenizer.pad_token_id
         self.visual_tokens: Counter = Counter()   # {tokens per image: images processed}, see models.budget
-        self._hf = None
-        if backend in ("auto", "hf"):
-            try:
-                self._hf = _hf_processor(tokenizer, image_processor, (self.tile // self.patch) ** 2,
-                                         select_strategy, aspect_ratio)
-            except Exception as exc:
-                if backend == "hf":
-                    raise
-                logger.info("Hugging Face LLaVA-OV processor unavailable (%s); using the manual processor", exc)
+        self._hf = choose_hf_processor(backend, lambda: _hf_processor(
+            tokenizer, image_processor, (self.tile // self.patch) ** 2, select_strategy, aspect_ratio))
         self.backend = "hf" if self._hf is not None else "manual"
 
     @classmethod
