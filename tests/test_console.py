@@ -224,7 +224,7 @@ def test_run_summary_prints_the_reports_headline_table(tmp_path):
         | variant | reranked (top-5, listwise) | seeds | P@1 shapes | P@1 mean |
         |---|---|---|---|---|
         | retriever: in-batch InfoNCE | no | 1 | 40.62 | 40.62 |
-        | UniME-V2: mined negatives + judge-score alignment | no | 2 | 50.00 (46.88-53.12, n=2) | 50.00 |
+        | UniME-V2: mined negatives + judge-score alignment | no | 2 | 50.00 ± 4.42 | 50.00 |
 
         ## Stages
         """))

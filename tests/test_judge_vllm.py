@@ -438,3 +438,15 @@ def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
             logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].double()
         ref = torch.softmax(logits[[yes, no]], dim=0)[0].item()
         assert got == pytest.approx(ref, abs=1e-3)
+
+
+def test_vllm_backend_refuses_non_qwen_backbones(tmp_path):
+    """LLaVA-OV judges run on the transformers backend; the vLLM backend's Qwen-VL token prompts would mis-bind."""
+    from unime_ray.judge.vllm_backend import check_vllm_backbone
+    from unime_ray.models.tiny import make_tiny_models
+
+    models = make_tiny_models(tmp_path, seed=0, archs=["qwen2_5_vl", "llava_onevision"])
+    check_vllm_backbone(str(models["qwen2_5_vl"]))
+    check_vllm_backbone("not/a-cached-model")            # unreadable here: left to vLLM
+    with pytest.raises(ValueError, match="llava_onevision.*judge.backend: transformers"):
+        check_vllm_backbone(str(models["llava_onevision"]))

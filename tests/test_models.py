@@ -297,21 +297,85 @@ def test_llava_tiny_checkpoint_loads(tiny_llava):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
 
 
-def test_llava_is_embedder_only(tiny_llava):
-    from unime_ray.judge.hf_backend import TransformersJudge
-    from unime_ray.models.backbone import architecture_of, load_config
-    from unime_ray.models.inputs import rope_positions
+def _llava_pairs():
+    wide, square = make_png(300, 90, seed=4), make_png(64, 64, seed=6)
+    return [
+        (Item(text="a red car"), Item(text="the car is red")),
+        (Item(instruction="Represent the given image", image=wide), Item(text="a wide picture")),
+        (Item(text="find the picture"), Item(image=square)),
+        (Item(instruction="Find a matching image", image=square), Item(image=wide, text="wide one")),
+        (Item(instruction="Find a matching image", image=square), Item(image=square)),
+    ]
 
-    assert architecture_of(load_config(tiny_llava), "x", role="embedder").model_type == "llava_onevision"
-    for role in ("judge", "reranker"):
-        with pytest.raises(UnsupportedArchitectureError, match=f"cannot be the {role} backbone.*qwen2_5_vl"):
-            load_backbone(tiny_llava, role=role)
-    with pytest.raises(UnsupportedArchitectureError, match="judge backbone"):
-        TransformersJudge(tiny_llava, dtype="float32")
-    model = load_backbone(tiny_llava, dtype="float32")
-    ids = torch.ones(1, 3, dtype=torch.long)
-    with pytest.raises(UnsupportedArchitectureError, match="1-D RoPE"):
-        rope_positions(model, 0, ids, torch.ones_like(ids), [])
+
+def test_llava_judge_matches_the_hf_processor_and_model(tiny_llava):
+    """LLaVA-OV as the judge's backbone: pairwise P(Yes) with prefix reuse, batched whole prompts and one pair at
+    a time all equal Hugging Face's own processor + model on the whole prompt (anyres for a lone image, base
+    views for the two images of an image-image pair via batch_num_images)."""
+    from unime_ray.data.images import load_image
+    from unime_ray.judge.hf_backend import TransformersJudge
+    from unime_ray.judge.prompt import judge_images, judge_text
+    from unime_ray.models.backbone import architecture_of, load_config
+
+    for role in ("embedder", "judge", "reranker"):
+        assert architecture_of(load_config(tiny_llava), "x", role=role).model_type == "llava_onevision"
+    pairs = _llava_pairs()
+    judge = TransformersJudge(tiny_llava, dtype="float32", prefix_reuse=True, batch_size=2)
+    proc = judge.processor
+    hf = VLProcessor.from_pretrained(tiny_llava, backend="hf")._hf
+    expected = []
+    for q, c in pairs:
+        images = [load_image(it) for it in judge_images(q, c)]
+        text = proc.adapt_chat(judge_text(q, c, judge.prompt))
+        assert "<|vision_start|>" not in text and text.count("<image>") == len(images)
+        inputs = hf(images=[images] if images else None, text=[text], return_tensors="pt")
+        with torch.no_grad():
+            logits = judge.model(**inputs).logits[0, -1]
+        two = torch.softmax(logits[[judge.yes_id, judge.no_id]], dim=-1)
+        expected.append(float(two[0]))
+        n_image_tokens = int((inputs["input_ids"] == proc.image_pad_id).sum())
+        enc = judge.encode(q, c)
+        assert len(enc.prefix_ids) + len(enc.suffix_ids) == inputs["input_ids"].shape[1]
+        assert sum(t == proc.image_pad_id for t in enc.prefix_ids + enc.suffix_ids) == n_image_tokens
+    np.testing.assert_allclose(judge.score(pairs), expected, atol=1e-5)
+    judge.prefix_reuse = False
+    np.testing.assert_allclose(judge.score(pairs), expected, atol=1e-5)
+    np.testing.assert_allclose([judge.score_one(q, c) for q, c in pairs], expected, atol=1e-5)
+
+
+def test_llava_reranker_trains_and_decodes(tiny_llava):
+    """The reranker's answer-token loss backpropagates into a LLaVA-OV model (LoRA), and listwise greedy
+    decoding with a multi-image prompt runs and equals step-by-step decoding of the HF model."""
+    from unime_ray.rerank.encoding import encode_conversation
+    from unime_ray.rerank.inference import Reranker
+    from unime_ray.rerank.model import answer_token_losses
+    from unime_ray.rerank.prompt import listwise_text, pairwise_text
+
+    q, c = _llava_pairs()[3]
+    model = apply_lora(load_backbone(tiny_llava, dtype="float32"), LoraSettings(r=4, alpha=8, dropout=0.0))
+    proc = VLProcessor.from_pretrained(tiny_llava, backend="manual")
+    encs = [encode_conversation(proc, pairwise_text(q, c), [q, c], "Yes"),
+            encode_conversation(proc, listwise_text(q, [c, Item(text="none")]), [q, c], "Ans: (1)")]
+    losses = answer_token_losses(model.train(), proc, encs)
+    assert losses.shape == (2,) and torch.isfinite(losses).all()
+    losses.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+    from unime_ray.data.images import load_image
+    from unime_ray.rerank.model import greedy_generate
+
+    reranker = Reranker(tiny_llava, dtype="float32", max_new_tokens=4)
+    cands = [c, Item(text="none")]
+    enc = encode_conversation(reranker.processor, listwise_text(q, cands), [q, c])
+    text = reranker.processor.adapt_chat(listwise_text(q, cands))
+    inputs = VLProcessor.from_pretrained(tiny_llava, backend="hf")._hf(
+        images=[[load_image(q), load_image(c)]], text=[text], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == enc.ids          # base views: the HF multi-image token count
+    with torch.no_grad():
+        ref = reranker.model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, len(enc.ids):].tolist()
+    ours = greedy_generate(reranker.model, reranker.processor, [enc], max_new_tokens=4)[0]
+    assert ours == ref
+    assert reranker.choose(q, cands).raw == reranker.processor.tokenizer.decode(ref, skip_special_tokens=False)
 
 
 def test_llava_format_is_the_published_chat_template(tiny_llava):

@@ -571,7 +571,7 @@ def eval_models(cfg: RunConfig, manifest: Manifest) -> list[dict[str, Any]]:
     for name, seeds in (variants or {}).items():
         for seed, out in seeds.items():
             models.append({"label": f"{name}-seed{seed}", "variant": name, "seed": int(seed), "model": out["model"],
-                           "rerank": name == "unime-v2" and int(seed) == cfg.seed})
+                           "rerank": name == "unime-v2"})   # every seed: the reranker's effect is paired over seeds
     for label, ref in cfg.eval.models.items():
         models.append({"label": label, "variant": label, "seed": None, "model": cfg.model_ref(ref), "rerank": False})
     return models

@@ -68,17 +68,15 @@ VARIANT_TEXT = {
 
 
 def _spread(values: list[float]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ({min(vals):.2f}-{max(vals):.2f}, n={len(vals)})"
+    """mean ± sample std over seeds (the mean alone for one seed)."""
+    from .eval.stats import seed_spread
+
+    spread = seed_spread(values)
+    return "-" if spread is None else spread.text()
 
 
 def comparison_rows(models: dict[str, Any]) -> tuple[list[str], list[list[Any]], dict[str, list[float]]]:
-    """Rows of the variant comparison: P@1 per dataset and overall, mean (min-max over seeds)."""
+    """Rows of the variant comparison: P@1 per dataset and overall, mean ± sample std over seeds."""
     from .eval.mmeb import headline   # Overall over the 36 MMEB datasets; the mean of the custom sets without them
     datasets: list[str] = []
     for m in models.values():
@@ -163,11 +161,42 @@ def _comparison_section(stages: dict[str, Any], run_dir: Path) -> list[str]:
                 f"{d} {rr['gt_in_top_k'].get(d, 0):.1f} -> {before.get(d, 0):.2f} -> {v:.2f}"
                 for d, v in rr["per_dataset"].items()) + f" (fallbacks {rr.get('fallbacks', 0)})")
         parts.append("")
-    seeds = {k: v for k, v in overall.items() if len(v) > 1}
-    if seeds:
-        parts.append("Seed spread (max - min of the mean P@1): " + ", ".join(
-            f"{k} {max(v) - min(v):.2f}" for k, v in seeds.items()) + ". Differences smaller than the spread, "
-            "or than the sampling error of the eval set, are not evidence either way.\n")
+    parts += _statistics_section(models, chance)
+    return parts
+
+
+def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> list[str]:
+    """Paired comparisons over seeds (see :mod:`unime_ray.eval.stats`): the paper's order, the reranker's
+    effect, and each variant's P@1 as a multiple of chance."""
+    from .eval.stats import MEAN_KEY, PAPER_ORDER, order_verdict, paired_difference, per_seed, rerank_effect
+
+    plain, reranked = per_seed(models), per_seed(models, reranked=True)
+    parts = ["\n### Statistics over seeds\n",
+             "Each variant starts from the same weights and trains on the same data for the same steps, once per "
+             "seed; runs with the same seed are paired. Cells: mean ± sample standard deviation (n - 1) of the "
+             "paired differences in P@1 points, and that mean in standard deviations (sd).\n"]
+    keys = [d for d in chance if any(d in v for v in plain.values())] + [MEAN_KEY]
+    pairs = list(zip(PAPER_ORDER[1:], PAPER_ORDER)) + [(PAPER_ORDER[-1], PAPER_ORDER[0])]
+    rows = []
+    for better, worse in pairs:
+        if better in plain and worse in plain:
+            cells = [paired_difference(plain[better].get(k, {}), plain[worse].get(k, {}), better, worse) for k in keys]
+            n = max((len(c.seeds) for c in cells if c), default=0)
+            rows.append([f"{better} - {worse}", n] + [c.text() if c else "-" for c in cells])
+    if rows:
+        parts.append(markdown_table(["difference", "seeds"] + [f"P@1 {k}" for k in keys], rows))
+        parts.append("")
+    parts.append(order_verdict(plain).sentence() + "\n")
+    if reranked:
+        parts.append(rerank_effect(plain, reranked)[1] + "\n")
+    if chance:
+        ratio_rows = []
+        for variant, scores in plain.items():
+            ratio_rows.append([variant] + [f"{sum(scores[d].values()) / len(scores[d]) / chance[d]:.1f}x"
+                                           if d in scores and chance.get(d) else "-" for d in chance])
+        parts.append("P@1 as a multiple of chance (mean over seeds / chance P@1):\n")
+        parts.append(markdown_table(["variant"] + list(chance), ratio_rows))
+        parts.append("")
     return parts
 
 

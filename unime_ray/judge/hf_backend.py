@@ -4,9 +4,11 @@ Every prompt is ``tokens(prefix) + tokens(suffix)`` (see :func:`~unime_ray.judge
 which is checked per pair to be the tokens of the whole prompt string; the prefix (system turn,
 instruction, the query and its image) is the same for all of a query's candidates. With ``prefix_reuse``
 the prefix runs once per query, its KV cache is copied across a batch of candidate suffixes, and only the
-suffixes run; without it, whole prompts are batched. M-RoPE positions are computed once on the full sequence
-and passed explicitly, so both paths (and the one-pair-at-a-time baseline) see identical positions and give
-the same scores.
+suffixes run; without it, whole prompts are batched. Positions (M-RoPE on Qwen-VL, 1-D on LLaVA-OneVision)
+are computed once on the full sequence and passed explicitly, so both paths (and the one-pair-at-a-time
+baseline) see identical positions and give the same scores. On LLaVA-OV an image alone in its prompt is read
+with anyres tiles and the two images of an image-image pair as base views (its multi-image convention), see
+:mod:`unime_ray.models.inputs`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from ..data.images import ImageError, load_image
 from ..data.schema import Item
 from ..models.backbone import load_backbone
-from ..models.inputs import rope_positions, vision_inputs
+from ..models.inputs import forward_kwargs, positions
 from ..models.processor import ImageOptions, VLProcessor
 from .prompt import JudgePrompt, answer_token_ids, collapse_image_pads, judge_segments, split_error_message
 
@@ -55,7 +57,8 @@ class _Encoded:
 
 
 class TransformersJudge:
-    """Scores (query, candidate) pairs with a Qwen-VL model loaded through :func:`load_backbone`."""
+    """Scores (query, candidate) pairs with a Qwen-VL or LLaVA-OneVision model loaded through
+    :func:`load_backbone`."""
 
     name = "transformers"
 
@@ -77,7 +80,8 @@ class TransformersJudge:
         self.model_name = str(model)
 
     # ------------------------------------------------------------------------------------- encoding
-    def _segment(self, text: str, items: list[Item]) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+    def _segment(self, text: str, items: list[Item], multi_image: bool = False
+                 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
         images = []
         for it in items:
             try:
@@ -86,18 +90,19 @@ class TransformersJudge:
                 raise PairError(str(exc)) from None
         if len(images) > 1:
             raise PairError("more than one image in one prompt segment")
-        enc = self.processor([text], [images[0] if images else None])
+        enc = self.processor([self.processor.adapt_chat(text)], [images[0] if images else None],
+                             multi_image=multi_image)
         ids = enc["input_ids"][0].tolist()
         if not images:
             return ids, [], []
-        n_patches = int(enc["image_grid_thw"][0].prod())
-        return ids, [enc["pixel_values"][:n_patches]], [enc["image_grid_thw"][0]]
+        (pix, grid), = self.processor.per_image(enc)
+        return ids, [pix], [grid]
 
-    def _prefix(self, query: Item, prefix: str, cache: dict | None):
-        key = (prefix, _item_key(query))
+    def _prefix(self, query: Item, prefix: str, cache: dict | None, multi_image: bool):
+        key = (prefix, _item_key(query), multi_image)
         if cache is not None and key in cache:
             return cache[key]
-        enc = self._segment(prefix, [query] if query.has_image else [])
+        enc = self._segment(prefix, [query] if query.has_image else [], multi_image)
         if cache is not None:
             cache[key] = enc
         return enc
@@ -129,17 +134,18 @@ class TransformersJudge:
         segments = [judge_segments(q, c, self.prompt) for q, c in pairs]
         for i, (q, c) in enumerate(pairs):
             prefix, suffix = segments[i]
+            multi = q.has_image and c.has_image   # LLaVA-OV: base views in a two-image prompt
             try:
-                prefixes[i] = self._prefix(q, prefix, prefix_cache)
+                prefixes[i] = self._prefix(q, prefix, prefix_cache, multi)
                 if c.has_image:
-                    out[i] = self._assemble(prefixes[i], self._segment(suffix, [c]))
+                    out[i] = self._assemble(prefixes[i], self._segment(suffix, [c], multi))
                 else:
                     text_suffixes.append((i, suffix))
             except PairError as exc:
                 out[i] = exc
         for j in range(0, len(text_suffixes), 256):
             chunk = text_suffixes[j:j + 256]
-            enc = self.processor([t for _, t in chunk], [None] * len(chunk))
+            enc = self.processor([self.processor.adapt_chat(t) for _, t in chunk], [None] * len(chunk))
             for row, (i, _) in enumerate(chunk):
                 ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
                 try:
@@ -155,7 +161,8 @@ class TransformersJudge:
         pad = self.processor.image_pad_id
         for j in range(0, len(todo), 256):
             chunk = todo[j:j + 256]
-            whole = self.processor.tokenizer([segments[i][0] + segments[i][1] for i in chunk],
+            whole = self.processor.tokenizer([self.processor.adapt_chat(segments[i][0] + segments[i][1])
+                                              for i in chunk],
                                              add_special_tokens=False)["input_ids"]
             for i, ids in zip(chunk, whole):
                 if collapse_image_pads(out[i].prefix_ids + out[i].suffix_ids, pad) != list(ids):
@@ -163,10 +170,11 @@ class TransformersJudge:
 
     # ------------------------------------------------------------------------------------- forwards
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, grids: list[torch.Tensor]) -> torch.Tensor:
-        return rope_positions(self.model, self.processor.image_pad_id, ids, mask, grids)
+        return positions(self.model, self.processor.image_pad_id, ids, mask, grids)
 
-    def _vision_kwargs(self, pix: list[torch.Tensor], grids: list[torch.Tensor]) -> dict:
-        return vision_inputs(self.model, pix, grids, self.device)
+    def _inputs(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, pix: list[torch.Tensor],
+                grids: list[torch.Tensor]) -> dict:
+        return forward_kwargs(self.model, self.processor.image_pad_id, ids, mask, pos, pix, grids, self.device)
 
     def _yes_no(self, logits: torch.Tensor) -> np.ndarray:
         two = logits[:, [self.yes_id, self.no_id]].float()
@@ -182,10 +190,8 @@ class TransformersJudge:
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         grids = [g for e in encs for g in e.grids]
         pos = self._positions(ids, mask, grids)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), mm_token_type_ids=(ids == self.processor.image_pad_id)
-                         .long().to(self.device), use_cache=False, logits_to_keep=1,
-                         **self._vision_kwargs([p for e in encs for p in e.pixel_values], grids))
+        out = self.model(use_cache=False, logits_to_keep=1,
+                         **self._inputs(ids, mask, pos, [p for e in encs for p in e.pixel_values], grids))
         return self._yes_no(out.logits[:, -1])
 
     @torch.inference_mode()
@@ -199,12 +205,10 @@ class TransformersJudge:
         # Positions of the first pair's full sequence; the prefix part is the same for every candidate.
         first = self._positions(torch.tensor([head.prefix_ids + head.suffix_ids]),
                                 torch.ones(1, n_p + len(head.suffix_ids), dtype=torch.long), head.grids)
-        p_kw = self._vision_kwargs(head.pixel_values[:head.prefix_images], head.grids[:head.prefix_images])
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=p_ids.to(self.device), attention_mask=torch.ones_like(p_ids).to(self.device),
-                   position_ids=first[:, :, :n_p].to(self.device),
-                   mm_token_type_ids=(p_ids == self.processor.image_pad_id).long().to(self.device),
-                   past_key_values=cache, use_cache=True, logits_to_keep=1, **p_kw)
+        self.model(past_key_values=cache, use_cache=True, logits_to_keep=1,
+                   **self._inputs(p_ids, torch.ones_like(p_ids), first[:, :, :n_p],
+                                  head.pixel_values[:head.prefix_images], head.grids[:head.prefix_images]))
         scores = []
         for j in range(0, len(encs), self.batch_size):
             scores.append(self._score_suffixes(encs[j:j + self.batch_size], cache, n_p))
@@ -227,10 +231,8 @@ class TransformersJudge:
         batch_cache.batch_repeat_interleave(len(encs))
         s_pix = [p for e in encs for p in e.pixel_values[e.prefix_images:]]
         s_grid = [g for e in encs for g in e.grids[e.prefix_images:]]
-        out = self.model(input_ids=s_ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device),
-                         mm_token_type_ids=(s_ids == self.processor.image_pad_id).long().to(self.device),
-                         past_key_values=batch_cache, use_cache=True, **self._vision_kwargs(s_pix, s_grid))
+        out = self.model(past_key_values=batch_cache, use_cache=True,
+                         **self._inputs(s_ids, mask, pos, s_pix, s_grid))
         last = torch.tensor(lengths) - 1
         return self._yes_no(out.logits[torch.arange(len(encs)), last.to(out.logits.device)])
 
@@ -272,7 +274,8 @@ class TransformersJudge:
         """The naive baseline: one full forward for one pair, positions computed by the model itself."""
         e = self.encode(query, candidate)
         ids = torch.tensor([e.prefix_ids + e.suffix_ids])
-        out = self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
-                         mm_token_type_ids=(ids == self.processor.image_pad_id).long().to(self.device),
-                         use_cache=False, **self._vision_kwargs(e.pixel_values, e.grids))
+        mask = torch.ones_like(ids)
+        kwargs = self._inputs(ids, mask, self._positions(ids, mask, e.grids), e.pixel_values, e.grids)
+        kwargs.pop("position_ids")     # the model numbers the positions itself
+        out = self.model(use_cache=False, **kwargs)
         return float(self._yes_no(out.logits[:, -1])[0])

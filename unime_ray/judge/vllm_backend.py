@@ -81,6 +81,20 @@ class VLLMJudgeConfig:
     extra_engine_kwargs: dict = field(default_factory=dict)
 
 
+def check_vllm_backbone(model: str) -> None:
+    """This backend sends Qwen-VL token prompts (one ``<|image_pad|>`` per image); refuse other backbones
+    before an engine is built (a config that cannot be read here is left to vLLM)."""
+    from ..models.backbone import ModelNotFoundError, load_config
+
+    try:
+        model_type = load_config(model).model_type
+    except (ModelNotFoundError, OSError, ValueError):
+        return
+    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"judge model {model!r} is {model_type}: the vLLM judge backend builds Qwen-VL prompts; "
+                         "run this judge with judge.backend: transformers")
+
+
 def engine_kwargs(cfg: VLLMJudgeConfig) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``; ``extra_engine_kwargs`` win, except the logprobs mode."""
     kw: dict[str, Any] = dict(
@@ -269,6 +283,7 @@ class VLLMJudge:
             import vllm
         except ImportError as exc:
             raise RuntimeError(VLLM_MISSING) from exc
+        check_vllm_backbone(cfg.model)
         self.cfg = cfg
         self.prompt = prompt
         self.image_root = image_root

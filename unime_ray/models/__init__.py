@@ -1,4 +1,4 @@
-"""MLLM backbones (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision as embedder): loading, input processing, the embedder, adapters, tiny models.
+"""MLLM backbones (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision): loading, input processing, the embedder, adapters, tiny models.
 
 Names are imported lazily, so ``unime_ray.models.budget`` (pydantic only) stays cheap to import from the
 run config.

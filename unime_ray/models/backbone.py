@@ -47,10 +47,9 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2-VL (embedder backbone)"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
                                "Qwen2.5-VL (judge and reranker backbone)"),
-    # The judge and the reranker assemble Qwen inputs themselves (<|vision_start|> prompts, image grids, M-RoPE
-    # positions in models/inputs.py, prefix-KV reuse): LLaVA-OV serves as embedder only.
     "llava_onevision": Architecture("llava_onevision", "LlavaOnevisionForConditionalGeneration",
-                                    "LLaVA-OneVision (embedder backbone only)", roles=("embedder",), mrope=False,
+                                    "LLaVA-OneVision (embedder backbone; judge and reranker on transformers)",
+                                    mrope=False,
                                     vision_modules=("vision_tower", "multi_modal_projector", "image_newline"),
                                     vision_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj")),
 }
@@ -91,8 +90,7 @@ def architecture_of(config: Any, name: str = "", role: str | None = None) -> Arc
         if role not in arch.roles:
             others = [k for k, a in SUPPORTED_ARCHITECTURES.items() if role in a.roles]
             raise UnsupportedArchitectureError(
-                f"model {name!r} ({arch.description}) cannot be the {role} backbone: the judge and the reranker "
-                f"build Qwen-VL inputs (vision-start prompts, image grids, M-RoPE positions); use one of "
+                f"model {name!r} ({arch.description}) cannot be the {role} backbone; use one of "
                 f"{', '.join(others)} for the {role}")
     return arch
 

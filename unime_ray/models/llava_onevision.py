@@ -1,4 +1,4 @@
-"""LLaVA-OneVision (``llava_onevision``) as an embedder backbone: input format, processor, tiny checkpoint.
+"""LLaVA-OneVision (``llava_onevision``) as a backbone: input format, processor, tiny checkpoint.
 
 LLaVA-OV is the paper's strongest embedder backbone (Table 1; method reference 3.1 and 3.3: 336x336 images in
 training, lr 2e-5). It differs from Qwen-VL in three ways that matter here:
@@ -19,9 +19,11 @@ training, lr 2e-5). It differs from Qwen-VL in three ways that matter here:
 processor), so :class:`LlavaOVProcessor` builds it for images only (``hf`` backend) and has its own
 ``manual`` path (PIL image processor + tokenizer + ``<image>`` expansion), like ``VLProcessor`` for Qwen.
 
-The judge and the reranker are not offered on LLaVA-OV (see ``backbone.SUPPORTED_ARCHITECTURES``): their
-inputs (prompts with ``<|vision_start|>``, per-image grids, explicit M-RoPE positions, prefix-KV reuse) are
-Qwen-specific.
+As the judge's and the reranker's backbone (transformers backend), prompts are the same ChatML prompts as for
+Qwen with ``<image>`` in place of Qwen's vision slot (:meth:`LlavaOVProcessor.adapt_chat`); an image alone in
+its prompt gets anyres tiles, the images of a multi-image prompt (an image-image pair, a listwise prompt) their
+base view and a newline, as LLaVA-OV's processor and model treat multi-image inputs; positions are 1-D and the
+image features are placed by :mod:`unime_ray.models.inputs`. The vLLM judge backend stays Qwen-VL only.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 from PIL import Image
 
 from ..data.schema import IMAGE_MARKER, Item
-from .processor import ImageOptions, check_image_slots
+from .processor import ImageOptions, check_image_slots, choose_hf_processor
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +149,6 @@ class LlavaOVProcessor:
     def __init__(self, tokenizer, image_processor, *, tile: int, patch: int, pinpoints: Sequence[Sequence[int]],
                  select_strategy: str = "full", aspect_ratio: str = "anyres_max_9", backend: str = "auto",
                  image_options: ImageOptions | None = None):
-        if backend not in ("auto", "hf", "manual"):
-            raise ValueError(f"processor backend must be auto, hf or manual, got {backend!r}")
         image_options = image_options or ImageOptions()
         if image_options.min_pixels is not None or image_options.max_pixels is not None:
             raise ValueError("min_pixels / max_pixels are Qwen-VL processor settings; LLaVA-OneVision takes only a "
@@ -165,15 +165,8 @@ class LlavaOVProcessor:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: not a LLaVA-OneVision tokenizer")
         self.pad_id = tokenizer.pad_token_id
         self.visual_tokens: Counter = Counter()   # {tokens per image: images processed}, see models.budget
-        self._hf = None
-        if backend in ("auto", "hf"):
-            try:
-                self._hf = _hf_processor(tokenizer, image_processor, (self.tile // self.patch) ** 2,
-                                         select_strategy, aspect_ratio)
-            except Exception as exc:
-                if backend == "hf":
-                    raise
-                logger.info("Hugging Face LLaVA-OV processor unavailable (%s); using the manual processor", exc)
+        self._hf = choose_hf_processor(backend, lambda: _hf_processor(
+            tokenizer, image_processor, (self.tile // self.patch) ** 2, select_strategy, aspect_ratio))
         self.backend = "hf" if self._hf is not None else "manual"
 
     @classmethod
@@ -211,12 +204,41 @@ class LlavaOVProcessor:
         return image_feature_count(height, width, tile=self.tile, patch=self.patch, pinpoints=self.pinpoints,
                                    aspect_ratio=self.aspect_ratio, select_strategy=self.select_strategy)
 
-    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None
-                 ) -> dict[str, torch.Tensor]:
-        """``texts[i]`` holds one ``<image>`` exactly when ``images[i]`` is not None."""
+    def base_feature_count(self) -> int:
+        """``<image>`` tokens of an image in a multi-image prompt: its base view and one newline."""
+        return (self.tile // self.patch) ** 2 + 1 - (self.select_strategy == "default")
+
+    def adapt_chat(self, text: str) -> str:
+        """A Qwen-style chat prompt (:func:`~unime_ray.models.formatting.chat_prompt`) with LLaVA-OV's image
+        placeholder; the rest of the format (ChatML turns) is the one LLaVA-OV's Qwen2 language model uses."""
+        from .processor import IMAGE_PAD, VISION_END, VISION_START
+
+        return text.replace(f"{VISION_START}{IMAGE_PAD}{VISION_END}", IMAGE_TOKEN)
+
+    def per_image(self, enc: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tiles [n, 3, H, W], image size [2]) per image of a processor output; one tile = a base view."""
+        sizes = enc.get("image_sizes")
+        if sizes is None:
+            return []
+        return [(enc["pixel_values"][i][:self._tiles(enc, i)], sizes[i]) for i in range(len(sizes))]
+
+    def _tiles(self, enc, i: int) -> int:
+        if enc["pixel_values"].shape[1] == 1:   # base views (multi-image prompt)
+            return 1
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        return image_size_to_num_patches(enc["image_sizes"][i], self.pinpoints, self.tile)
+
+    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None,
+                 multi_image: bool = False) -> dict[str, torch.Tensor]:
+        """``texts[i]`` holds one ``<image>`` exactly when ``images[i]`` is not None. With ``multi_image`` the
+        images belong to one multi-image prompt (the judge's query and candidate, a listwise prompt): each is
+        its base view and a newline (LLaVA-OV's multi-image convention), not anyres tiles."""
         check_image_slots(texts, images, IMAGE_TOKEN)
         backend = backend or self.backend
         pil = [self.image_options.prepare(im) for im in images if im is not None]
+        if multi_image:
+            return self._base_views(list(texts), pil)
         counts = [self.feature_count(im) for im in pil]
         if backend == "hf":
             if self._hf is None:
@@ -226,6 +248,20 @@ class LlavaOVProcessor:
         else:
             out = self._manual(list(texts), pil, counts)
         self.visual_tokens.update(counts)
+        return out
+
+    def _base_views(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Images of a multi-image prompt: each padded to a square and resized to one tile (the image
+        processor's own multi-image path, asked for through a nested batch of at least two images)."""
+        count = self.base_feature_count()
+        expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * count) for t in texts]
+        enc = self.tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if images:
+            vision = self.image_processor(images=[images if len(images) > 1 else images * 2], return_tensors="pt")
+            out["pixel_values"] = vision["pixel_values"][:len(images), :1]
+            out["image_sizes"] = vision["image_sizes"][:len(images)]
+        self.visual_tokens.update([count] * len(images))
         return out
 
     def _manual(self, texts: list[str], images: list[Image.Image], counts: list[int]) -> dict[str, torch.Tensor]:

@@ -67,13 +67,27 @@ def check_image_slots(texts: Sequence[str], images: Sequence[Image.Image | None]
             raise ValueError(f"batch item {i}: {n} image placeholders for {int(im is not None)} images")
 
 
+def choose_hf_processor(backend: str, build):
+    """Hugging Face's processor from ``build()`` for ``hf`` (errors raised) and ``auto`` (None when it cannot be
+    built here: the manual path is used); None for ``manual``."""
+    if backend not in ("auto", "hf", "manual"):
+        raise ValueError(f"processor backend must be auto, hf or manual, got {backend!r}")
+    if backend == "manual":
+        return None
+    try:
+        return build()
+    except Exception as exc:
+        if backend == "hf":
+            raise
+        logger.info("Hugging Face processor unavailable (%s); using the manual processor", exc)
+        return None
+
+
 class VLProcessor:
     """(formatted text, optional image) batches -> model inputs, left-padded."""
 
     def __init__(self, tokenizer, image_processor, model_type: str = "qwen2_vl", backend: str = "auto",
                  image_options: ImageOptions | None = None):
-        if backend not in ("auto", "hf", "manual"):
-            raise ValueError(f"processor backend must be auto, hf or manual, got {backend!r}")
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"  # so position -1 is each row's last real token
         self.image_processor = image_processor
@@ -82,14 +96,7 @@ class VLProcessor:
         self.visual_tokens: Counter = Counter()   # {tokens per image: images processed}, see models.budget
         self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.pad_id = tokenizer.pad_token_id
-        self._hf = None
-        if backend in ("auto", "hf"):
-            try:
-                self._hf = _hf_processor(tokenizer, image_processor, model_type)
-            except Exception as exc:
-                if backend == "hf":
-                    raise
-                logger.info("Hugging Face processor unavailable (%s); using the manual processor", exc)
+        self._hf = choose_hf_processor(backend, lambda: _hf_processor(tokenizer, image_processor, model_type))
         self.backend = "hf" if self._hf is not None else "manual"
 
     @classmethod
@@ -114,9 +121,28 @@ class VLProcessor:
     def _images(self, images: Sequence[Image.Image | None]) -> list[Image.Image]:
         return [self.image_options.prepare(im) for im in images if im is not None]
 
-    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None
-                 ) -> dict[str, torch.Tensor]:
-        """``texts[i]`` holds one ``<|image_pad|>`` exactly when ``images[i]`` is not None."""
+    def adapt_chat(self, text: str) -> str:
+        """A chat prompt of :func:`~unime_ray.models.formatting.chat_prompt` in this backbone's own image
+        placeholders (Qwen-VL's are the canonical ones)."""
+        return text
+
+    def per_image(self, enc: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pixels, grid) of each image of a processor output, in order: what the judge and the reranker keep
+        per image (see :func:`~unime_ray.models.inputs.forward_kwargs`)."""
+        grids = enc.get("image_grid_thw")
+        if grids is None:
+            return []
+        out, start = [], 0
+        for g in grids:
+            n = int(g.prod())
+            out.append((enc["pixel_values"][start:start + n], g))
+            start += n
+        return out
+
+    def __call__(self, texts: Sequence[str], images: Sequence[Image.Image | None], backend: str | None = None,
+                 multi_image: bool = False) -> dict[str, torch.Tensor]:
+        """``texts[i]`` holds one ``<|image_pad|>`` exactly when ``images[i]`` is not None. ``multi_image``
+        (the images are one multi-image prompt's) changes nothing for Qwen-VL."""
         check_image_slots(texts, images, IMAGE_PAD)
         backend = backend or self.backend
         pil = self._images(images)

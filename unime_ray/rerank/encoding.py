@@ -1,6 +1,7 @@
 """Token ids and vision inputs of reranker conversations (any number of images), and their batching.
 
-A prompt is split after every ``<|vision_end|>`` so each piece holds at most one image; the pieces are
+A prompt (in the canonical Qwen-VL placeholders, adapted per piece to the backbone's, see
+``VLProcessor.adapt_chat``) is split after every ``<|vision_end|>`` so each piece holds at most one image; the pieces are
 tokenized separately and concatenated (special tokens end BPE merges, so this equals tokenizing the whole
 string) — the same ids at training time, at inference time and in tests. The answer (``Yes``, ``No`` or
 ``Ans: (i)``) and the end-of-turn token follow the assistant header; only they carry loss. Every encoding is
@@ -34,13 +35,14 @@ class Encoded:
     ids: list[int]
     answer_start: int                    # index of the first answer token (== len(ids) without an answer)
     pixel_values: list[torch.Tensor]     # per image, prompt order
-    grids: list[torch.Tensor]            # per image [3]
+    grids: list[torch.Tensor]            # per image: Qwen-VL grid [3], LLaVA-OV image size [2]
 
 
 def encode_conversation(processor: VLProcessor, prompt: str, image_items: Sequence[Item], answer: str | None = None,
                         image_root: str | os.PathLike | None = None, max_length: int | None = None) -> Encoded:
     """Encode ``prompt`` (one image placeholder per item of ``image_items``, in order) and the answer."""
     n_slots = prompt.count(IMAGE_PAD)
+    multi = n_slots > 1          # LLaVA-OV reads the images of a multi-image prompt as base views
     if n_slots != len(image_items):
         raise ConversationError(f"prompt has {n_slots} image placeholders for {len(image_items)} images")
     pieces = prompt.split(VISION_END)
@@ -57,16 +59,15 @@ def encode_conversation(processor: VLProcessor, prompt: str, image_items: Sequen
                 image = load_image(item, image_root)
             except ImageError as exc:
                 raise ConversationError(str(exc)) from None
-        enc = processor([piece], [image])
+        enc = processor([processor.adapt_chat(piece)], [image], multi_image=multi)
         ids.extend(enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist())
-        if image is not None:
-            n = int(enc["image_grid_thw"][0].prod())
-            pix.append(enc["pixel_values"][:n])
-            grids.append(enc["image_grid_thw"][0])
+        for p, g in processor.per_image(enc):
+            pix.append(p)
+            grids.append(g)
     answer_start = len(ids)
     if answer is not None:
         ids.extend(processor.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"])
-    whole = processor.tokenizer(prompt + ("" if answer is None else answer + END_OF_TURN),
+    whole = processor.tokenizer(processor.adapt_chat(prompt) + ("" if answer is None else answer + END_OF_TURN),
                                 add_special_tokens=False)["input_ids"]
     if collapse_image_pads(ids, processor.image_pad_id) != list(whole):
         raise ConversationError("the conversation's pieces do not tokenize to the whole conversation's ids "

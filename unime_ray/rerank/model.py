@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.embedder import language_core
-from ..models.inputs import rope_positions, vision_inputs
+from ..models.inputs import forward_kwargs, positions
 from ..models.processor import VLProcessor
 from .encoding import IGNORE_INDEX, Encoded, collate
 
@@ -24,12 +24,10 @@ def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], 
     device = device or next(model.parameters()).device
     batch = collate(encs, processor.pad_id, side="right")
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    pos = rope_positions(model, processor.image_pad_id, ids, mask, batch["grids"])
-    out = language_core(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=pos.to(device),
-                               mm_token_type_ids=(ids == processor.image_pad_id).long().to(device),
-                               use_cache=False, return_dict=True,
-                               **vision_inputs(model, batch["pixel_values"], batch["grids"], device))
+    pos = positions(model, processor.image_pad_id, ids, mask, batch["grids"])
+    out = language_core(model)(use_cache=False, return_dict=True,
+                               **forward_kwargs(model, processor.image_pad_id, ids, mask, pos,
+                                                batch["pixel_values"], batch["grids"], device))
     hidden = out.last_hidden_state
     target = labels[:, 1:].to(device)                 # token t is predicted from position t-1
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
@@ -46,20 +44,19 @@ def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], 
 @torch.inference_mode()
 def greedy_generate(model, processor: VLProcessor, encs: Sequence[Encoded], max_new_tokens: int = 8,
                     stop_ids: Sequence[int] = (), device=None) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (left-padded, KV cache, explicit M-RoPE positions: each
-    new token sits one past the largest position of its prompt, as the model's own decoding does)."""
+    """Greedy continuations of a batch of prompts (left-padded, KV cache, explicit positions, M-RoPE or 1-D:
+    each new token sits one past the largest position of its prompt, as the model's own decoding does)."""
     from transformers import DynamicCache
 
     device = device or next(model.parameters()).device
     batch = collate(encs, processor.pad_id, side="left")
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    pos = rope_positions(model, processor.image_pad_id, ids, mask, batch["grids"])
+    pos = positions(model, processor.image_pad_id, ids, mask, batch["grids"])
     next_pos = (pos.masked_fill(~mask.bool().unsqueeze(0), -1).amax(dim=(0, 2)) + 1)  # [B]
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                mm_token_type_ids=(ids == processor.image_pad_id).long().to(device), past_key_values=cache,
-                use_cache=True, logits_to_keep=1,
-                **vision_inputs(model, batch["pixel_values"], batch["grids"], device))
+    out = model(past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **forward_kwargs(model, processor.image_pad_id, ids, mask, pos, batch["pixel_values"],
+                                 batch["grids"], device))
     n = len(encs)
     generated: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool)
@@ -74,8 +71,8 @@ def greedy_generate(model, processor: VLProcessor, encs: Sequence[Encoded], max_
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], dim=1)
-        step_pos = (next_pos + step).view(1, n, 1).expand(3, n, 1)
-        out = model(input_ids=token.view(n, 1).to(device), attention_mask=attn, position_ids=step_pos.to(device),
-                    mm_token_type_ids=torch.zeros(n, 1, dtype=torch.long, device=device), past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        step_pos = (next_pos + step).view(1, n, 1).expand(pos.shape[0], n, 1)
+        out = model(past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    **forward_kwargs(model, processor.image_pad_id, token.view(n, 1), attn, step_pos, [], [],
+                                     device))
     return generated
