@@ -334,6 +334,9 @@ def test_judge_and_mining_settings(paper_run):
     assert mine["settings"] == {"num_negatives": 10, "beta": 0.01, "interval": 5, "seed": 42, "fallback_score": 1.0}
     rows = read_table(mine["training_table"]).to_pylist()
     assert len(rows) == mine["mined"] >= 2 and mine["mined"] + mine["quarantined"] == 2 * N
+    # a query whose whole pool sits at or above delta has no candidates: quarantined, not given made-up negatives
+    empty = sum(not r["cand_ids"] for r in read_table(_outputs(paper_run, "retrieve")["candidates_table"]).to_pylist())
+    assert mine["no_candidates"] == empty and mine["quarantined"] == empty
     for r in rows:
         assert len(r["neg_score"]) == 10                              # always 10, cycled when fewer survive
         assert all(x <= r["pos_score"] - 0.01 for x in r["neg_score"]) or r["neg_score"] == [1.0] * 10
