@@ -412,3 +412,20 @@ def test_report_and_a_rerun(paper_run):
     run_pipeline(cfg)
     after = Manifest(run_dir).data["stages"]
     assert [s for s in STAGE_NAMES if s != "report" and after[s]["started"] != before[s]["started"]] == []
+
+
+def test_the_job_as_it_is_imports_the_scores_and_embeds_nothing(tiny_models, tmp_path):
+    """Without the remine override the job trains on the score JSON as imported: S1 does not run, so neither the
+    models stage nor the (optional) embed stage needs S1's retriever, which here does not exist."""
+    from unime_ray.pipeline import Manifest, run_pipeline
+
+    folders = _folders(tmp_path, tiny_models, tmp_path / "no-such-retriever")
+    build_data(Path(folders["data"]))
+    cfg = job_config([f"{k}={v.format(**folders)}" for k, v, _ in OVERRIDES if k != "mine.from_imported"]
+                     + ["stages=[data, models, prepare, embed, retrieve]"])
+    assert cfg.mine.from_imported == "use" and cfg.embed.tables == ["train_pairs"]
+    run_pipeline(cfg)
+    stages = Manifest(Path(cfg.run_dir).resolve()).data["stages"]
+    assert "retriever" not in stages["models"]["outputs"]
+    assert stages["embed"]["outputs"]["imported"] is True and stages["embed"]["outputs"]["tables"] == {}
+    assert stages["retrieve"]["outputs"]["imported"] is True

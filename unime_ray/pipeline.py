@@ -177,6 +177,10 @@ def stage_embed(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     from .retrieval.embed import embed_table_ray
 
     prepared = manifest.outputs("prepare")
+    if cfg.embed.tables and imported_training(cfg, manifest):
+        # S1 does not run, so its retriever is not part of the run (the models stage does not require it either)
+        return {"imported": True, "tables": {}, "note": "not run: the training pairs came with judge-scored "
+                "negatives (mine.from_imported: use), so S1's retriever embeds nothing in this run"}
     spec = _retriever_spec(cfg, manifest, prepared.get("image_root"))
     _init_ray(cfg)
     results = {}
@@ -655,7 +659,7 @@ STAGES: list[Stage] = [
     Stage("models", ("models",), stage_models),
     Stage("prepare", ("data",), stage_prepare),
     Stage("baseline", ("models", "baseline"), stage_baseline),
-    Stage("embed", ("models", "embed"), stage_embed),
+    Stage("embed", ("models", "embed"), stage_embed, fields=("mine.from_imported",)),
     Stage("retrieve", ("models", "embed", "retrieve"), stage_retrieve, fields=("mine.from_imported",)),
     Stage("judge_fit", ("models", "judge_fit"), stage_judge_fit),
     Stage("judge", ("judge",), stage_judge),
