@@ -67,8 +67,9 @@ OVERRIDES: list[tuple[str, str, str]] = [
     ("reranker.num_workers", "1", "2 CPUs: one Ray Train worker (8 GPUs in the job)"),
     # step counts and batch sizes: 2000 steps at global batch 512 do not fit a test
     ("train.max_steps", "2", "test time: 2 of the 2000 steps"),
-    ("train.micro_batch_size", "2", "test time: 2 queries (x 10 sequences) a step, not 512 (64 x 8 GPUs)"),
-    ("train.grad_accum", "1", "test time (with micro_batch_size 2)"),
+    ("train.micro_batch_size", "2",
+     "test time: 2 queries (x 10 sequences) a step, not 512 (8 x grad-accum 8 x 8 GPUs)"),
+    ("train.grad_accum", "1", "test time: one micro-batch a step (the job: 8)"),
     # the stages S1-S3 run on the score JSON's queries and positives (the job imports its scores as they are)
     ("mine.from_imported", "remine", "runs retrieve, judge and mine (the job with `use` records them as imported)"),
 ]
