@@ -423,7 +423,9 @@ def test_the_job_as_it_is_imports_the_scores_and_embeds_nothing(tiny_models, tmp
     folders = _folders(tmp_path, tiny_models, tmp_path / "no-such-retriever")
     build_data(Path(folders["data"]))
     cfg = job_config([f"{k}={v.format(**folders)}" for k, v, _ in OVERRIDES if k != "mine.from_imported"]
-                     + ["stages=[data, models, prepare, embed, retrieve]"])
+                     # embed.tables: the job embeds none; asking for the training pairs must still not load S1's
+                     # retriever when S1 does not run
+                     + ["stages=[data, models, prepare, embed, retrieve]", "embed.tables=[train_pairs]"])
     assert cfg.mine.from_imported == "use" and cfg.embed.tables == ["train_pairs"]
     run_pipeline(cfg)
     stages = Manifest(Path(cfg.run_dir).resolve()).data["stages"]
