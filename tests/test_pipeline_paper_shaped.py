@@ -292,8 +292,10 @@ def test_visual_tokens_per_image_are_the_paper_budgets(paper_run):
     for role in TOKENS:   # the expected counts follow from the budgets by the smart-resize rule alone
         assert smart_tokens(IMAGE_W, IMAGE_H, _budget(paper_run, role).model_dump(), **QWEN) == TOKENS[role]
     assert TOKENS["reranker"] <= 300 and _budget(paper_run, "reranker").max_pixels == 300 * PX
-    stage_roles = {"embed": ["retriever"], "retrieve": ["retriever"], "judge": ["judge"], "train": ["embedder"],
-                   "rerank": ["reranker"], "eval": ["eval"]}
+    # the job embeds no tables in the embed stage (S1 embeds its queries itself); eval reranks the top-5 (Table 3)
+    assert _outputs(paper_run, "embed")["tables"] == {}
+    stage_roles = {"embed": [], "retrieve": ["retriever"], "judge": ["judge"], "train": ["embedder"],
+                   "rerank": ["reranker"], "eval": ["eval", "reranker"]}
     for stage, roles in stage_roles.items():
         recorded = _outputs(paper_run, stage)["visual_tokens"]
         assert sorted(recorded) == roles, stage
