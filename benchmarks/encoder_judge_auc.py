@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     store = FeatureStore(cache)
     settings = EncoderFitSettings(method=args.method, dim=args.dim, steps=args.steps, lr=args.lr,
                                   weight_decay=args.weight_decay, ridge_alpha=args.ridge_alpha,
-                                  text_input=args.text_input,
+                                  text_input=args.text_input, hard_negatives=not args.no_hard_negatives,
                                   image_tower={"kind": "efficientnet-lite0", "pool": args.pool})
 
     tables = build_fit_tables(retrieved["candidates_table"], pairs_table, retrieved["candidate_pool"],
@@ -77,9 +77,6 @@ def main(argv=None) -> int:
     for f, info in tables.items():
         t0 = time.perf_counter()
         ex = examples_from_table(info["table"])
-        if args.no_hard_negatives:
-            for e in ex:
-                e.negatives = []
         judges[f] = fit_encoder_judge(ex, settings, image_root=image_root, store=store, name=f"fold{f}")
         fit_s[f] = time.perf_counter() - t0
         store.flush()

@@ -321,6 +321,8 @@ class EncoderJudge:
                                      config.get("text_input", "text"), device,
                                      text_dim=config["text_dim"], image_dim=config["image_dim"])
         self.model_name = config.get("name", "encoder-judge")
+        self._vectors: dict[str, tuple[np.ndarray | None, str | None]] = {}
+        self.max_cached_vectors = 200_000
 
     # ---------------------------------------------------------------- folder
     def save(self, folder: str | os.PathLike) -> Path:
@@ -362,13 +364,30 @@ class EncoderJudge:
         f = self.featurizer.features(items)
         return self.embed_features(f), f.errors
 
+    def _embed_cached(self, items: Sequence[Item]) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Shared-space vectors of items, each distinct item embedded once (a query recurs for each of its
+        candidates, a candidate across queries); recent vectors are kept (bounded) across calls."""
+        keys = [it.content_key() for it in items]
+        todo: dict[str, Item] = {}
+        for k, it in zip(keys, items):
+            if k not in self._vectors and k not in todo:
+                todo[k] = it
+        if todo:
+            if len(self._vectors) + len(todo) > self.max_cached_vectors:
+                self._vectors.clear()
+            z, errs = self.embed(list(todo.values()))
+            for r, k in enumerate(todo):
+                self._vectors[k] = (None, errs[r]) if errs[r] else (z[r], None)
+        got = [self._vectors[k] for k in keys]
+        return [v for v, _ in got], [e for _, e in got]
+
     def cosine_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
         cos = np.full(len(pairs), np.nan)
         errors: list[str | None] = [None] * len(pairs)
         for j in range(0, len(pairs), self.batch_size):
             chunk = pairs[j:j + self.batch_size]
-            zq, eq = self.embed([q for q, _ in chunk])
-            zc, ec = self.embed([c for _, c in chunk])
+            zq, eq = self._embed_cached([q for q, _ in chunk])
+            zc, ec = self._embed_cached([c for _, c in chunk])
             for r in range(len(chunk)):
                 if eq[r] or ec[r]:
                     errors[j + r] = f"query: {eq[r]}" if eq[r] else f"candidate: {ec[r]}"

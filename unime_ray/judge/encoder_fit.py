@@ -51,6 +51,7 @@ class EncoderFitSettings:
     weight_decay: float = 1e-2
     temperature: float = 0.05            # initial; learned
     symmetric: bool = True
+    hard_negatives: bool = True          # False: train on in-batch negatives only (they still score held-out)
     heldout_fraction: float = 0.15
     eval_every: int = 25
     patience: int = 8                    # evaluations without a better held-out AUC before stopping
@@ -211,7 +212,7 @@ def _fit_contrastive(heads: ProjectionHeads, data: _Data, train: np.ndarray, hel
         ib = ((zq @ zp.T) * scale).masked_fill(mask_ib, float("-inf"))
         hn = (torch.einsum("bd,bkd->bk", zq, zn) * scale).masked_fill(n < 0, float("-inf"))
         target = torch.arange(B)
-        loss = torch.nn.functional.cross_entropy(torch.cat([ib, hn], 1), target)
+        loss = torch.nn.functional.cross_entropy(torch.cat([ib, hn], 1) if s.hard_negatives else ib, target)
         if s.symmetric:
             mask_t = (task[:, None] != task[None, :]) | ((q[:, None] == q[None, :]) & ~eye)
             ibt = ((zp @ zq.T) * scale).masked_fill(mask_t, float("-inf"))
@@ -331,7 +332,10 @@ def warm_features(items: Sequence[Item], settings: EncoderFitSettings, *, image_
         seen.setdefault(it.content_key(), it)
     uniq = list(seen.values())
     bad = 0
+    t0 = time.perf_counter()
     for j in range(0, len(uniq), chunk):
         bad += sum(e is not None for e in featurizer.features(uniq[j:j + chunk]).errors)
         featurizer.store.flush()
+        logger.info("encoder judge: tower features of %d/%d distinct items (%.0f s)", min(j + chunk, len(uniq)),
+                    len(uniq), time.perf_counter() - t0)
     return {"items": len(uniq), "bad": bad}
