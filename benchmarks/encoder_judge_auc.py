@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--negatives-per-query", type=int, default=8)
     p.add_argument("--method", default="contrastive", choices=["contrastive", "ridge"])
-    p.add_argument("--pool", default="final", choices=["final", "multi"], help="EfficientNet pooling")
+    p.add_argument("--pool", default="multi", choices=["final", "multi"], help="EfficientNet pooling")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=2e-3)

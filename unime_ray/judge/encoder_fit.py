@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 class EncoderFitSettings:
     method: str = "contrastive"          # contrastive | ridge
     text_tower: dict[str, Any] = field(default_factory=lambda: {"kind": "hf-text"})
-    image_tower: dict[str, Any] = field(default_factory=lambda: {"kind": "efficientnet-lite0"})
+    image_tower: dict[str, Any] = field(default_factory=lambda: {"kind": "efficientnet-lite0", "pool": "multi"})
     text_input: str = "text"             # text | prompt (instruction + text)
     dim: int = 256                       # shared space (ridge: the text tower's width)
     steps: int = 600
