@@ -419,7 +419,8 @@ def _fit_encoder_judges(cfg: RunConfig, tables: dict[int, dict[str, Any]], prepa
     t0 = time.perf_counter()
     warmed = warm_features(items, settings, image_root=image_root, feature_cache=cache)
     feature_s = time.perf_counter() - t0
-    logger.info("judge_fit (dual encoder): tower features of %d distinct items in %.1f s", warmed["items"], feature_s)
+    logger.info("judge_fit (dual encoder): tower features for %d distinct query and pool items in %.1f s",
+                warmed["items"], feature_s)
     fitted = fit_folds({f: info["table"] for f, info in tables.items()}, out_dir, settings, image_root=image_root,
                        feature_cache=cache)
     folds = {}
@@ -476,6 +477,7 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
             "judge": "cross-fitted " + ("dual-encoder judges" if fitted.get("kind") == "dual_encoder"
                                         else "stand-in judges"),
             "backend": fitted.get("backend", "transformers"),
+            "prompt_version": next((o.get("prompt_version") for o in per_fold.values()), None),
             **score_summary(scores),
             "visual_tokens": _visual_tokens(cfg, judge=[o.get("visual_tokens") for o in per_fold.values()])}
 

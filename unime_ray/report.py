@@ -277,8 +277,8 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
                      f"{fit['text_tower'].get('path') or ''}, image `{fit['image_tower'].get('kind')}`) with "
                      f"{fit['method']}-fitted projection heads and a Platt calibration on held-out pairs, "
                      f"{fit['num_folds']}-fold cross-fitted: each fold's queries were scored by the judge fitted on "
-                     f"another fold. Tower features of {fit.get('feature_items')} distinct items took "
-                     f"{fit.get('feature_seconds')} s.\n")
+                     f"another fold. Tower features for the {fit.get('feature_items')} distinct query and pool "
+                     f"items (each distinct image and text encoded once) took {fit.get('feature_seconds')} s.\n")
         parts.append(markdown_table(["fold", "training queries", "held-out AUC (fitting fold)", "fit seconds",
                                      "judge"],
                                     [[k, v["queries"], v.get("heldout_auc"), v.get("seconds"), f"`{v['model']}`"]
