@@ -238,6 +238,12 @@ def test_config_selects_the_dual_encoder_judge():
     assert JudgeConfig(backend="encoder").backend == "encoder"
     s = EncoderFitSettings(**jf.encoder.model_dump())
     assert s.method == "ridge" and s.dim == 64
+    from unime_ray.config import load_run_config
+
+    cfg = load_run_config(preset="demo", overrides=["judge_fit.kind=dual_encoder", "reranker.init=judge"])
+    assert cfg.judge_fit.kind == "dual_encoder"
+    with pytest.raises(Exception, match="reranker.init: fitted_judge"):   # the demo's reranker starts from it
+        load_run_config(preset="demo", overrides=["judge_fit.kind=dual_encoder"])
 
 
 # ----------------------------------------------------------------------------------------------- towers

@@ -408,6 +408,15 @@ class RunConfig(BaseModel):
                              f"({self.mine.num_negatives}): training cannot use more negatives than were mined")
         return self
 
+    @model_validator(mode="after")
+    def _reranker_init_has_weights(self):
+        jf = self.judge_fit
+        if (self.reranker.enabled and self.reranker.init == "fitted_judge" and jf is not None and jf.enabled
+                and jf.kind == "dual_encoder"):
+            raise ValueError("reranker.init: fitted_judge starts the reranker from the fitted MLLM stand-in judge, "
+                             "but judge_fit.kind is dual_encoder (no MLLM weights): set reranker.init: judge")
+        return self
+
     @field_validator("run_dir")
     @classmethod
     def _run_dir(cls, v: str) -> str:
