@@ -307,10 +307,14 @@ def stage_retrieve(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     return {**out, "embedder": spec.model, "visual_tokens": _visual_tokens(cfg, retriever=out.get("visual_tokens"))}
 
 
-def _judge_spec(cfg: RunConfig, image_root: str | None, model: str | None = None):
+def _judge_spec(cfg: RunConfig, image_root: str | None, model: str | None = None, backend: str | None = None,
+                feature_cache: str | None = None):
     from .judge.stage import JudgeSpec
 
     j = cfg.judge
+    if (backend or j.backend) == "encoder":
+        return JudgeSpec(model=model or cfg.model_ref(j.model or cfg.models.judge), backend="encoder",
+                         batch_size=j.batch_size, image_root=image_root, feature_cache=feature_cache)
     budget = cfg.image_budget("judge")
     prompt: dict[str, Any] = {"version": j.prompt_version}
     if j.instruction:
@@ -384,6 +388,8 @@ def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     tables = build_fit_tables(retrieved["candidates_table"], prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"],
                               retrieved["candidate_pool"], out_dir / "tables", jf.folds, jf.negatives_per_query,
                               seed=cfg.seed)
+    if jf.kind == "dual_encoder":
+        return _fit_encoder_judges(cfg, tables, prepared, retrieved, out_dir)
     _init_ray(cfg)
     folds = {}
     for f, info in tables.items():
@@ -397,6 +403,39 @@ def stage_judge_fit(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     return {"enabled": True, "folds": folds, "num_folds": jf.folds,
             "note": "stand-in judge: fine-tuned offline on the training pairs with cross-fitting",
             "visual_tokens": _visual_tokens(cfg, judge=[f.get("visual_tokens") for f in folds.values()])}
+
+
+def _fit_encoder_judges(cfg: RunConfig, tables: dict[int, dict[str, Any]], prepared: dict[str, Any],
+                        retrieved: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """judge_fit.kind: dual_encoder. The towers encode every distinct image and text of the pool and the pairs
+    once, into a feature cache the judge stage reads too; then one judge per fold (a finished fold is skipped)."""
+    from .data.io import iter_rows
+    from .data.schema import item_from_row
+    from .judge.encoder_fit import EncoderFitSettings, fit_folds, warm_features
+
+    jf = cfg.judge_fit
+    settings = EncoderFitSettings(**jf.encoder.model_dump(), seed=cfg.seed)
+    image_root = prepared.get("image_root")
+    cache = out_dir / "features"
+    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
+    items = [item_from_row(r) for r in iter_rows(retrieved["candidate_pool"])]
+    items += [item_from_row(r, "query_") for r in iter_rows(pairs)]
+    t0 = time.perf_counter()
+    warmed = warm_features(items, settings, image_root=image_root, feature_cache=cache)
+    feature_s = time.perf_counter() - t0
+    logger.info("judge_fit (dual encoder): tower features for %d distinct query and pool items in %.1f s",
+                warmed["items"], feature_s)
+    fitted = fit_folds({f: info["table"] for f, info in tables.items()}, out_dir, settings, image_root=image_root,
+                       feature_cache=cache)
+    folds = {}
+    for f, info in tables.items():
+        folds[str(f)] = {**fitted[str(f)], "queries": info["queries"]}
+        logger.info("judge_fit fold %d: %d queries, held-out AUC %.3f", f, info["queries"],
+                    fitted[str(f)].get("heldout_auc") or float("nan"))
+    return {"enabled": True, "kind": "dual_encoder", "backend": "encoder", "folds": folds, "num_folds": jf.folds,
+            "feature_cache": str(cache), "feature_items": warmed["items"], "feature_seconds": round(feature_s, 2),
+            "method": settings.method, "text_tower": settings.text_tower, "image_tower": settings.image_tower,
+            "note": "stand-in judge: heads on frozen pretrained text/image encoders, fitted with cross-fitting"}
 
 
 def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
@@ -429,7 +468,8 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     for f in range(k):
         judge_model = fitted["folds"][str(scoring_judge(f, k))]["model"]
         out = run_judge(split[f], pairs, retrieved["candidate_pool"], root / f"fold{f}",
-                        _judge_spec(cfg, image_root, judge_model), **kw)
+                        _judge_spec(cfg, image_root, judge_model, backend=fitted.get("backend"),
+                                    feature_cache=fitted.get("feature_cache")), **kw)
         per_fold[str(f)] = {**out, "judge_fold": scoring_judge(f, k)}
         score_dirs.append(out["scores_table"])
         logger.info("judge fold %d (judge of fold %d): %d pairs, %.1f pairs/s", f, scoring_judge(f, k), out["scored"],
@@ -437,7 +477,11 @@ def stage_judge(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
     scores = merge_score_tables(score_dirs, root / "scores" / "crossfit")
     total = {key: sum(o[key] for o in per_fold.values()) for key in ("pairs", "scored", "quarantined", "seconds")}
     return {"crossfit": True, "folds": per_fold, "scores_table": scores, **total, "seconds": round(total["seconds"], 2),
-            "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]), "judge": "cross-fitted stand-in judges",
+            "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]),
+            "judge": "cross-fitted " + ("dual-encoder judges" if fitted.get("kind") == "dual_encoder"
+                                        else "stand-in judges"),
+            "backend": fitted.get("backend", "transformers"),
+            "prompt_version": next((o.get("prompt_version") for o in per_fold.values()), None),
             **score_summary(scores),
             "visual_tokens": _visual_tokens(cfg, judge=[o.get("visual_tokens") for o in per_fold.values()])}
 
@@ -551,6 +595,9 @@ def stage_rerank(cfg: RunConfig, manifest: Manifest) -> dict[str, Any]:
         fitted = manifest.stage("judge_fit").get("outputs") or {}
         if not fitted.get("enabled"):
             raise ValueError("reranker.init: fitted_judge needs judge_fit (and its stage run)")
+        if fitted.get("kind") == "dual_encoder":
+            raise ValueError("reranker.init: fitted_judge needs an MLLM stand-in judge (judge_fit.kind: mllm); a "
+                             "dual-encoder judge has no MLLM weights to start from: set reranker.init: judge")
         init = fitted["folds"]["0"]["model"]
     settings = _train_settings(cfg, r, init, _stage_dir(cfg, "rerank"), "reranker", prepared.get("image_root"))
     _init_ray(cfg)

@@ -300,7 +300,19 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
                                     [[base["steps"], f.get("loss"), f.get("inbatch_top1"), f.get("samples_per_s"),
                                       f"`{base['model']}`"]]))
     fit = stages.get("judge_fit", {}).get("outputs", {})
-    if fit.get("enabled"):
+    if fit.get("enabled") and fit.get("kind") == "dual_encoder":
+        parts.append("\n## Stand-in judge: dual encoder (offline: no pretrained MLLM judge)\n")
+        parts.append(f"Frozen pretrained towers (text `{fit['text_tower'].get('kind')}` "
+                     f"{fit['text_tower'].get('path') or ''}, image `{fit['image_tower'].get('kind')}`) with "
+                     f"{fit['method']}-fitted projection heads and a Platt calibration on held-out pairs, "
+                     f"{fit['num_folds']}-fold cross-fitted: each fold's queries were scored by the judge fitted on "
+                     f"another fold. Tower features for the {fit.get('feature_items')} distinct query and pool "
+                     f"items (each distinct image and text encoded once) took {fit.get('feature_seconds')} s.\n")
+        parts.append(markdown_table(["fold", "training queries", "held-out AUC (fitting fold)", "fit seconds",
+                                     "judge"],
+                                    [[k, v["queries"], v.get("heldout_auc"), v.get("seconds"), f"`{v['model']}`"]
+                                     for k, v in fit["folds"].items()]))
+    elif fit.get("enabled"):
         parts.append("\n## Stand-in judge (offline: no pretrained MLLM judge)\n")
         parts.append(f"The judge checkpoint was fine-tuned on pairwise Yes/No (positive vs retrieved candidates) with "
                      f"{fit['num_folds']}-fold cross-fitting: each fold's queries were scored by the judge fitted on "

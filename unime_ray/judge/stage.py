@@ -49,7 +49,7 @@ class JudgeSpec:
     """What a judge actor builds: the backend and its settings (a plain dict crosses to Ray workers)."""
 
     model: str
-    backend: str = "transformers"          # transformers | vllm
+    backend: str = "transformers"          # transformers | vllm | encoder (a fitted dual-encoder judge folder)
     dtype: str = "auto"
     batch_size: int = 32
     prefix_reuse: bool = True
@@ -60,6 +60,7 @@ class JudgeSpec:
     prompt: dict[str, Any] = field(default_factory=dict)   # JudgePrompt fields to override
     vllm: dict[str, Any] = field(default_factory=dict)     # VLLMJudgeConfig fields
     image_resize: tuple[int, int] | None = None            # with min/max_pixels: the judge's ImageBudget
+    feature_cache: str | None = None       # encoder: a folder of cached tower features (read, and appended to)
 
     def judge_prompt(self) -> JudgePrompt:
         return JudgePrompt(**self.prompt)
@@ -84,14 +85,28 @@ class JudgeSpec:
                                   image_resize=tuple(self.image_resize) if self.image_resize else None,
                                   **self.vllm)
             return VLLMJudge(cfg, self.judge_prompt(), image_root=self.image_root)
-        raise ValueError(f"unknown judge backend {self.backend!r}; choose transformers or vllm")
+        if self.backend == "encoder":
+            from .encoder_backend import EncoderJudge
+
+            return EncoderJudge.load(self.model, image_root=self.image_root, feature_cache=self.feature_cache,
+                                     batch_size=max(self.batch_size, 256))
+        raise ValueError(f"unknown judge backend {self.backend!r}; choose transformers, vllm or encoder")
+
+    def score_version(self) -> str:
+        """What the scores were made with, stored per score: the prompt version (an encoder judge has none)."""
+        if self.backend == "encoder":
+            from .encoder_backend import FORMAT, FORMAT_VERSION
+
+            return f"{FORMAT}-v{FORMAT_VERSION}"
+        return self.judge_prompt().version
 
     def identity(self) -> str:
         """Folder name for this judge + prompt: scores of another judge or prompt never mix in."""
         prompt = self.judge_prompt()
-        h = hashlib.sha1(f"{self.model}|{asdict(prompt)}".encode()).hexdigest()[:8]
+        key = f"{self.model}|{asdict(prompt)}" if self.backend != "encoder" else f"{self.model}|encoder"
+        h = hashlib.sha1(key.encode()).hexdigest()[:8]
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(self.model).name)
-        return f"{name}-{prompt.version}-{h}"
+        return f"{name}-{self.score_version()}-{h}"
 
 
 def score_with_errors(backend, pairs: list[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
@@ -117,7 +132,7 @@ class JudgeActor:
         self.spec = JudgeSpec(**spec)
         self.backend = self.spec.build()
         self.judge_name = self.spec.model
-        self.prompt_version = self.spec.judge_prompt().version
+        self.prompt_version = self.spec.score_version()
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         from ..retrieval.embed import items_from_columns
@@ -219,7 +234,7 @@ def run_judge(candidates_table: str | os.PathLike, pairs_table: str | os.PathLik
     positive = np.asarray(ok.column("is_positive").to_pylist(), dtype=bool)
     return {"pairs": expanded["pairs"], "scored": int(len(scores)), "quarantined": n_bad,
             "scores_table": str(scores_dir), "quarantine": str(out_dir / "quarantine.parquet"),
-            "judge": spec.model, "backend": spec.backend, "prompt_version": spec.judge_prompt().version,
+            "judge": spec.model, "backend": spec.backend, "prompt_version": spec.score_version(),
             "pairs_per_s": stats["rows_per_s"], "seconds": stats["seconds"],
             "visual_tokens": stats.get("visual_tokens"),
             "mean_score_positive": float(scores[positive].mean()) if positive.any() else None,
