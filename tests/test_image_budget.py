@@ -40,7 +40,7 @@ def smart_tokens(width: int, height: int, budget: dict, *, default_min: int, def
     return (h // f) * (w // f)
 
 
-def real_size_png(seed: int, width: int = IMAGE_W, height: int = IMAGE_H) -> bytes:
+def real_size_png(seed: int, width: int = IMAGE_W, height: int = IMAGE_H, fmt: str = "PNG") -> bytes:
     """A large image that compresses well (a colour field with a few boxes), distinct per seed."""
     from PIL import Image, ImageDraw
 
@@ -50,7 +50,7 @@ def real_size_png(seed: int, width: int = IMAGE_W, height: int = IMAGE_H) -> byt
         x, y = (seed * 97 + k * 211) % (width - 200), (seed * 61 + k * 157) % (height - 200)
         draw.rectangle([x, y, x + 150, y + 120], fill=((k * 80) % 256, (seed * 40) % 256, 200 - k * 50))
     buf = io.BytesIO()
-    im.save(buf, format="PNG")
+    im.save(buf, format=fmt)
     return buf.getvalue()
 
 

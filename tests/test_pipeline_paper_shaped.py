@@ -16,14 +16,13 @@ overridden values are the paper's in the job as it is.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from tests.test_image_budget import smart_tokens
+from tests.test_image_budget import real_size_png, smart_tokens
 from tests.test_paper_recipe import (EMBEDDER, EMBEDDER_GLOBAL_BATCH, OFFICIAL_ROWS, PX, RERANKER,
                                      RERANKER_GLOBAL_BATCH)
 
@@ -99,17 +98,8 @@ def job_config(overrides: list[str] = ()):
 
 # ------------------------------------------------------------------------------------------------ data
 def _image(seed: int, fmt: str) -> bytes:
-    """A 1000x800 image that compresses well (a colour field with a few boxes), distinct per seed."""
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (IMAGE_W, IMAGE_H), ((37 * seed) % 256, (91 * seed) % 256, (53 * seed + 80) % 256))
-    draw = ImageDraw.Draw(im)
-    for k in range(3):
-        x, y = (seed * 97 + k * 211) % (IMAGE_W - 200), (seed * 61 + k * 157) % (IMAGE_H - 200)
-        draw.rectangle([x, y, x + 150, y + 120], fill=((k * 80) % 256, (seed * 40) % 256, 200 - k * 50))
-    buf = io.BytesIO()
-    im.save(buf, format=fmt)
-    return buf.getvalue()
+    """A 1000x800 image, distinct per seed."""
+    return real_size_png(seed, IMAGE_W, IMAGE_H, fmt)
 
 
 LABELS = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus"]
