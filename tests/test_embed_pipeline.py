@@ -110,6 +110,7 @@ def test_pipeline_quarantines_bad_official_rows(tiny_models, ray_local, tmp_path
     train.write_text(json.dumps(records))
     cfg, manifest = _run(tmp_path, "data.source=official", f"data.train_path={train}",
                          f"data.image_root={root}", "embed.tables=[train_pairs]", "models.tiny.make=false",
+                         "mine.from_imported=remine",   # S1 runs on the imported rows, so the embed stage embeds them
                          f"models.embedder={tiny_models['qwen2_vl']}", f"models.judge={tiny_models['qwen2_5_vl']}")
     acc = manifest.data["stages"]["prepare"]["outputs"]["tables"]["train_pairs"]
     assert (acc["rows_in"], acc["rows_out"], acc["rows_quarantined"]) == (5, 2, 3)

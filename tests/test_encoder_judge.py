@@ -240,10 +240,10 @@ def test_config_selects_the_dual_encoder_judge():
     assert s.method == "ridge" and s.dim == 64
     from unime_ray.config import load_run_config
 
-    cfg = load_run_config(preset="demo", overrides=["judge_fit.kind=dual_encoder", "reranker.init=judge"])
-    assert cfg.judge_fit.kind == "dual_encoder"
-    with pytest.raises(Exception, match="reranker.init: fitted_judge"):   # the demo's reranker starts from it
-        load_run_config(preset="demo", overrides=["judge_fit.kind=dual_encoder"])
+    cfg = load_run_config(preset="demo")       # the demo's judge; its reranker starts from the judge checkpoint
+    assert cfg.judge_fit.kind == "dual_encoder" and cfg.reranker.init == "judge"
+    with pytest.raises(Exception, match="reranker.init: fitted_judge"):   # no fitted MLLM judge to start from
+        load_run_config(preset="demo", overrides=["reranker.init=fitted_judge"])
 
 
 # ----------------------------------------------------------------------------------------------- towers
