@@ -60,9 +60,3 @@ def load_image(item: Item, image_root: str | os.PathLike | None = None) -> Image
     if item.image_path:
         return decode_image(read_image_bytes(item.image_path, image_root))
     return None
-
-
-def encode_png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()

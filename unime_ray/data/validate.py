@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-import pyarrow as pa
 
 from .images import ImageError, decode_image, read_image_bytes
 from .io import rows_to_table, write_table_atomic
@@ -227,9 +226,3 @@ def _reason_kind(reason: str) -> str:
         if key in reason:
             return key
     return reason[:40]
-
-
-def check_schema_columns(table_schema: pa.Schema, expected: pa.Schema, source: str) -> None:
-    missing = [n for n in expected.names if n not in table_schema.names]
-    if missing:
-        raise DataError(source, None, ",".join(missing), "missing columns of the canonical schema")

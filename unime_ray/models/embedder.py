@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..data.images import load_image
 from ..data.schema import Item
-from .backbone import load_backbone, resolve_dtype, uses_mrope
+from .backbone import load_backbone, uses_mrope
 from .formatting import INPUT_FORMATS, format_item
 from .processor import ImageOptions, VLProcessor
 
@@ -144,7 +144,3 @@ class Embedder:
         self.processor.tokenizer.save_pretrained(path)
         self.processor.image_processor.save_pretrained(path)
         return path
-
-
-def default_dtype_name() -> str:
-    return "bfloat16" if resolve_dtype("auto") == torch.bfloat16 else "float32"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..data.schema import Item
-from ..judge.prompt import JudgePrompt, _item_parts, _merge_text, judge_text
+from ..judge.prompt import JudgePrompt, item_parts, merge_text, judge_text
 from ..models.formatting import DEFAULT_SYSTEM_PROMPT, chat_prompt
 
 LISTWISE_INSTRUCTION = (
@@ -51,13 +51,13 @@ def listwise_text(query: Item, candidates: Sequence[Item], prompt: RerankPrompt 
     if not candidates:
         raise ValueError("a listwise prompt needs at least one candidate")
     parts: list[tuple[str, str]] = [("text", f"{prompt.listwise_instruction} {prompt.query_label}")]
-    parts += _item_parts(query)
+    parts += item_parts(query)
     parts.append(("text", prompt.candidates_label))
     for i, cand in enumerate(candidates, start=1):
         parts.append(("text", f"({i}) "))
-        parts += _item_parts(cand)
+        parts += item_parts(cand)
         parts.append(("text", " "))
-    return chat_prompt(_merge_text(parts), prompt.system)
+    return chat_prompt(merge_text(parts), prompt.system)
 
 
 def listwise_answer(index: int, prompt: RerankPrompt = RerankPrompt()) -> str:

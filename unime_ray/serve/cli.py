@@ -17,19 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    """``-o embedder.max_batch_size=32`` -> nested dict (values parsed as YAML)."""
-    import yaml
+    """``-o embedder.max_batch_size=32`` -> nested dict, parsed as the run config's overrides are."""
+    from ..config import apply_override
 
     out: dict = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {pair!r} is not KEY=VALUE")
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        apply_override(out, pair)
     return out
 
 
