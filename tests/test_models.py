@@ -170,14 +170,19 @@ def test_last_token_pool_left_and_right_padding():
 @pytest.mark.parametrize("input_format", ["official", "chat"])
 def test_embeddings_unit_norm_and_batch_invariant(tiny_models, arch, input_format):
     emb = Embedder.from_pretrained(tiny_models[arch], input_format=input_format, dtype="float32")
-    items = mixed_items()
+    batched = _unit_norm_and_batch_invariant(emb, mixed_items())
+    # different items give different vectors (the model is not collapsed)
+    assert np.abs(batched[0] - batched[3]).max() > 1e-4
+
+
+def _unit_norm_and_batch_invariant(emb, items):
+    """Encode ``items`` as one batch and one by one: float32 unit vectors, equal either way; the batch."""
     batched = emb.encode(items, batch_size=len(items))
     alone = np.stack([emb.encode([it])[0] for it in items])
     assert batched.dtype == np.float32 and batched.shape == (len(items), emb.dim)
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(batched, alone, atol=1e-5)
-    # different items give different vectors (the model is not collapsed)
-    assert np.abs(batched[0] - batched[3]).max() > 1e-4
+    return batched
 
 
 def test_embedding_equals_manual_forward(tiny_models):
@@ -452,11 +457,7 @@ def test_llava_embeddings_unit_norm_and_batch_invariant(tiny_llava, input_format
     emb = Embedder.from_pretrained(tiny_llava, input_format=input_format, dtype="float32")
     assert emb.positions == "sequential" and emb.dim == 64
     items = llava_items()
-    batched = emb.encode(items, batch_size=len(items))
-    alone = np.stack([emb.encode([it])[0] for it in items])
-    assert batched.dtype == np.float32 and batched.shape == (len(items), emb.dim)
-    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    batched = _unit_norm_and_batch_invariant(emb, items)
     np.testing.assert_allclose(emb.encode(items, batch_size=3), batched, atol=1e-5)
     assert np.abs(batched[0] - batched[3]).max() > 1e-4
     assert np.abs(batched[1] - batched[4]).max() > 1e-4  # different images, same instruction

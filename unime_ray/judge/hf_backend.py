@@ -134,7 +134,8 @@ class TransformersJudge:
         segments = [judge_segments(q, c, self.prompt) for q, c in pairs]
         for i, (q, c) in enumerate(pairs):
             prefix, suffix = segments[i]
-            multi = q.has_image and c.has_image   # LLaVA-OV: base views in a two-image prompt
+            # LLaVA-OV: base views in a two-image prompt (Qwen-VL encodes the query the same either way)
+            multi = q.has_image and c.has_image and self.processor.multi_image_base_views
             try:
                 prefixes[i] = self._prefix(q, prefix, prefix_cache, multi)
                 if c.has_image:

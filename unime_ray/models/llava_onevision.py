@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from ..data.schema import IMAGE_MARKER, Item
-from .processor import ImageOptions, check_image_slots, choose_hf_processor
+from .processor import ImageOptions, check_image_slots, choose_hf_processor, image_only_processor
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +118,7 @@ def _hf_processor(tokenizer, image_processor, num_image_tokens: int, select_stra
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
     except Exception as exc:  # torchvision-only video processor: build the image-only processor
         logger.debug("full LlavaOnevisionProcessor unavailable (%s); using it for images only", exc)
-    proc = cls.__new__(cls)
-    proc.tokenizer, proc.image_processor = tokenizer, image_processor
-    proc.chat_template = getattr(tokenizer, "chat_template", None)
-    proc.num_image_tokens = num_image_tokens
-    proc.vision_feature_select_strategy = select_strategy
-    proc.vision_aspect_ratio = aspect_ratio
-    proc.image_token, proc.video_token = IMAGE_TOKEN, VIDEO_TOKEN
-    proc.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    proc.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-    return proc
+    return image_only_processor(cls, tokenizer, image_processor, IMAGE_TOKEN, VIDEO_TOKEN, **kwargs)
 
 
 def _size_field(size, key: str):
@@ -145,6 +136,7 @@ class LlavaOVProcessor:
 
     model_type = MODEL_TYPE
     image_token = IMAGE_TOKEN
+    multi_image_base_views = True    # images of a multi-image prompt are encoded differently (base views)
 
     def __init__(self, tokenizer, image_processor, *, tile: int, patch: int, pinpoints: Sequence[Sequence[int]],
                  select_strategy: str = "full", aspect_ratio: str = "anyres_max_9", backend: str = "auto",

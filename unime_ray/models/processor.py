@@ -47,13 +47,20 @@ def _hf_processor(tokenizer, image_processor, model_type: str):
         return cls(image_processor=image_processor, tokenizer=tokenizer)
     except Exception as exc:  # torchvision-only video processor: build the image-only processor
         logger.debug("full %s unavailable (%s); using it for images only", cls.__name__, exc)
+    return image_only_processor(cls, tokenizer, image_processor, IMAGE_PAD, VIDEO_PAD)
+
+
+def image_only_processor(cls, tokenizer, image_processor, image_token: str, video_token: str, **attributes):
+    """An instance of Hugging Face processor ``cls`` without its video processor (a torchvision-only class):
+    Hugging Face's own text/image code runs on it; ``attributes`` are the class's other settings."""
     proc = cls.__new__(cls)
+    proc.tokenizer, proc.image_processor = tokenizer, image_processor
     proc.chat_template = getattr(tokenizer, "chat_template", None)
-    proc.tokenizer = tokenizer
-    proc.image_processor = image_processor
-    proc.image_token, proc.video_token = IMAGE_PAD, VIDEO_PAD
-    proc.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    proc.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    proc.image_token, proc.video_token = image_token, video_token
+    proc.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    proc.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
+    for name, value in attributes.items():
+        setattr(proc, name, value)
     return proc
 
 
@@ -85,6 +92,8 @@ def choose_hf_processor(backend: str, build):
 
 class VLProcessor:
     """(formatted text, optional image) batches -> model inputs, left-padded."""
+
+    multi_image_base_views = False   # an image is encoded the same alone or beside another (LLaVA-OV: not)
 
     def __init__(self, tokenizer, image_processor, model_type: str = "qwen2_vl", backend: str = "auto",
                  image_options: ImageOptions | None = None):
