@@ -46,9 +46,9 @@ def job():
 
 
 def _settings(cfg, section, task, tmp_path):
-    from unime_ray.pipeline import _train_settings
+    from unime_ray.train.stages import train_settings
 
-    return _train_settings(cfg, section, "model", tmp_path / task, task, None)
+    return train_settings(cfg, section, "model", tmp_path / task, task, None)
 
 
 def test_paper_embedder_recipe(job, tmp_path):

@@ -57,8 +57,9 @@ def test_whole_method_runs_and_reports(whole_method_run):
 ])
 def test_inconsistent_stage_settings_fail_clearly(tmp_path, bad, message):
     from unime_ray.config import load_run_config
-    from unime_ray.pipeline import Manifest, _embedder_init
+    from unime_ray.stage import Context, Manifest
+    from unime_ray.train.stages import _embedder_init
 
     cfg = load_run_config(preset="synthetic", overrides=[bad, f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match=message):
-        _embedder_init(cfg, Manifest(tmp_path))
+        _embedder_init(Context(cfg, Manifest(tmp_path), "train"))

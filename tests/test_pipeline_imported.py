@@ -118,8 +118,10 @@ def test_imported_official_table_trains_directly(tiny_models, ray_local, tmp_pat
 
 # --------------------------------------------------------------------------------------------- S1's retriever
 def _retrieve_with(tmp_path, monkeypatch, *overrides, baseline_model=None):
-    """The EmbedderSpec stage_retrieve hands to run_retrieval (stubbed) for a config."""
+    """The EmbedderSpec the retrieve stage hands to run_retrieval (stubbed) for a config."""
     from unime_ray import pipeline
+    from unime_ray.retrieval.stages import RETRIEVE
+    from unime_ray.stage import Context
     import unime_ray.retrieval.stage as rstage
 
     pairs = tmp_path / "pairs"
@@ -139,8 +141,8 @@ def _retrieve_with(tmp_path, monkeypatch, *overrides, baseline_model=None):
         return {"queries": 1, "mean_candidates": 0.0, "queries_without_candidates": 1}
 
     monkeypatch.setattr(rstage, "run_retrieval", fake_retrieval)
-    monkeypatch.setattr(pipeline, "_init_ray", lambda cfg: None)
-    out = pipeline.stage_retrieve(cfg, manifest)
+    monkeypatch.setattr(Context, "init_ray", lambda self: None)
+    out = RETRIEVE.execute(Context(cfg, manifest, "retrieve")).as_dict()
     assert out["embedder"] == seen["spec"].model
     return seen["spec"], cfg
 
@@ -165,18 +167,23 @@ def test_retrieve_uses_models_retriever(tmp_path, monkeypatch):
 
 def test_models_stage_checks_the_retriever(tiny_models, tmp_path):
     from unime_ray import pipeline
+    from unime_ray.models.stages import run_models
+    from unime_ray.stage import Context
+
+    def stage_models(cfg, manifest):
+        return run_models(Context(cfg, manifest, "models"))
 
     base = [f"run_dir={tmp_path / 'run'}", "models.tiny.make=false", f"models.embedder={tiny_models['qwen2_vl']}",
             f"models.judge={tiny_models['qwen2_5_vl']}"]
     cfg = load_run_config(preset="synthetic", overrides=[*base, f"models.retriever={tiny_models['qwen2_vl']}"])
-    out = pipeline.stage_models(cfg, pipeline.Manifest(tmp_path / "run"))
+    out = stage_models(cfg, pipeline.Manifest(tmp_path / "run"))
     assert out["retriever"] == {"ref": str(tiny_models["qwen2_vl"]), "architecture": "qwen2_vl"}
     cfg = load_run_config(preset="synthetic", overrides=[*base, f"models.retriever={tmp_path / 'missing'}"])
     with pytest.raises(Exception, match="missing"):
-        pipeline.stage_models(cfg, pipeline.Manifest(tmp_path / "run"))
+        stage_models(cfg, pipeline.Manifest(tmp_path / "run"))
     # an imported official file never runs S1, so its retriever need not be present
     src = tmp_path / "scores.json"
     src.write_text("[]")
     cfg = load_run_config(overrides=[*base, f"models.retriever={tmp_path / 'missing'}", "data.source=official",
                                      f"data.train_path={src}"])
-    assert "retriever" not in pipeline.stage_models(cfg, pipeline.Manifest(tmp_path / "run"))
+    assert "retriever" not in stage_models(cfg, pipeline.Manifest(tmp_path / "run"))

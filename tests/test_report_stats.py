@@ -112,10 +112,10 @@ def test_rerank_effect_is_paired_over_the_same_seeds():
 
 
 def test_report_section_prints_these_numbers(tmp_path):
-    from unime_ray.report import _comparison_section
+    from unime_ray.eval.report import comparison_section
 
     models = _models()
-    text = "\n".join(_comparison_section({"eval": {"outputs": {"models": models}}}, tmp_path))
+    text = "\n".join(comparison_section({"models": models}, tmp_path))
     vals = [_mean("unime-v2", s) for s in (0, 1, 2)]
     assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in text          # the comparison table
     diffs = [_mean("unime-v2", s) - _mean("hard-labels", s) for s in (0, 1, 2)]

@@ -228,20 +228,6 @@ def cmd_model_info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
-# (command, pipeline stage, help): each runs one stage after the completed stages it needs.
-STAGE_COMMANDS = [
-    ("retrieve", "retrieve", "stage S1: top-K candidates per query below delta (sharded FAISS)"),
-    ("judge", "judge", "stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates"),
-    ("mine", "mine", "stage S3: hard negatives from judge scores -> training table (+ official JSON)"),
-    ("train-embedder", "train", "stage S4: train the embedder on the mined table (Ray Train + DeepSpeed)"),
-    ("train-baseline", "baseline", "train the retriever with in-batch negatives (VLM2Vec's role)"),
-    ("fit-judge", "judge_fit", "fine-tune cross-fitted stand-in judges (runs without a pretrained judge)"),
-    ("train-ablations", "ablations", "train the comparison variants (extra seeds, ablation objectives)"),
-    ("train-reranker", "rerank", "train the reranker: pairwise Yes/No + listwise (i) on the mined table"),
-    ("evaluate", "eval", "evaluate the run's embedders (and reranker) on its eval set"),
-]
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .models.budget import add_budget_arguments
 
@@ -256,12 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_console_args(p)
     p.set_defaults(func=cmd_pipeline)
 
-    for command, stage, text in STAGE_COMMANDS:
-        p = sub.add_parser(command, help=text)
+    from .pipeline import STAGES
+
+    for stage in STAGES:   # a command per stage, named and described by the stage's one declaration
+        if stage.command_name is None:
+            continue
+        p = sub.add_parser(stage.command_name, help=stage.help + " (after the stages it needs)")
         _add_config_args(p, default_preset="demo")
         p.add_argument("--force", action="store_true", help="rerun the stage even if complete")
         _add_console_args(p)
-        p.set_defaults(func=cmd_stage, stage=stage)
+        p.set_defaults(func=cmd_stage, stage=stage.name)
 
     from .data.convert import FORMATS
 

@@ -1,0 +1,151 @@
+"""The data stages: ``data`` (build the demo data, or locate the input files) and ``prepare`` (convert and
+validate them into canonical tables, quarantining bad rows: in = out + quarantined for every table)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..stage import Context, Section, Stage, StageResult
+
+logger = logging.getLogger(__name__)
+
+TABLES = ("train_pairs", "train_candidates", "eval_pairs", "eval_candidates")
+
+
+class DataResult(StageResult):
+    format: str
+    image_root: str | None = None
+    inputs: dict[str, str]                 # table name -> input file or folder
+    summary: dict[str, Any] | None = None  # the demo data's own summary
+
+
+class PrepareResult(StageResult):
+    tables: dict[str, dict[str, Any]]      # table name -> row accounting + "path"
+    image_root: str | None = None
+
+    def path(self, table: str) -> str | None:
+        return (self.tables.get(table) or {}).get("path")
+
+
+def run_data(ctx: Context) -> DataResult:
+    d = ctx.cfg.data
+    if d.source in ("emoji", "synthetic"):
+        from .demo import make_demo_data
+
+        out = ctx.dir
+        summary = make_demo_data(out, source=d.source, seed=d.seed, eval_fraction=d.eval_fraction,
+                                 max_items=d.max_items, image_size=d.image_size, rows_per_shard=d.rows_per_shard)
+        inputs = {"train_pairs": out / "train/pairs", "train_candidates": out / "train/candidates",
+                  "eval_pairs": out / "eval/pairs", "eval_candidates": out / "eval/candidates"}
+        return DataResult(format="canonical", image_root=str(out), inputs={k: str(v) for k, v in inputs.items()},
+                          summary=summary)
+    inputs = {}
+    if d.train_path:
+        inputs["train_pairs"] = str(ctx.cfg.path(d.train_path))
+    if d.eval_path:
+        inputs["eval_pairs"] = str(ctx.cfg.path(d.eval_path))
+    for k, v in inputs.items():
+        if not Path(v).exists():
+            raise FileNotFoundError(f"data.{k.split('_')[0]}_path: {v} does not exist")
+    return DataResult(format=d.source, image_root=str(ctx.cfg.path(d.image_root)) if d.image_root else None,
+                      inputs=inputs)
+
+
+def imported_training(ctx: Context) -> dict[str, Any] | None:
+    """The prepared training pairs, when they already carry judge-scored negatives (the official score JSON, or a
+    canonical table with neg_* and neg_score columns) and ``mine.from_imported`` is ``use``: retrieve, judge and
+    mine then record them as imported and training reads them as they are. None: mine as for any other data."""
+    from ..mining.stage import scored_negatives
+
+    cfg = ctx.cfg
+    if cfg.mine.from_imported != "use":
+        return None
+    split = cfg.retrieve.split
+    table = ctx.outputs("prepare")["tables"].get(f"{split}_pairs")
+    if table is None:
+        return None
+    stats = scored_negatives(table["path"])
+    if not stats["scored_rows"]:
+        return None
+    if stats["scored_rows"] < stats["rows"]:
+        raise ValueError(f"{split} pairs: {stats['scored_rows']} of {stats['rows']} rows carry judge-scored "
+                         "negatives; a table is used as imported only when every row does (a judge score for the "
+                         "positive and each negative). Fix the table, or set mine.from_imported: remine")
+    data = ctx.outputs("data")
+    return {"imported": True, "imported_from": data["inputs"].get(f"{split}_pairs"), "format": data["format"],
+            "table": table["path"], **stats}
+
+
+def imported_stage(info: dict[str, Any], what: str) -> dict[str, Any]:
+    """The result of a stage that did not run because the training pairs came with judge-scored negatives."""
+    logger.info("%s: imported with the training table (%d rows from %s), not recomputed", what, info["rows"],
+                info["imported_from"])
+    return {**info, "note": f"{what} not run: the training pairs came with judge-scored negatives "
+                            "(mine.from_imported: use; remine recomputes them)"}
+
+
+def report_data(s: Section) -> list[str]:
+    summ = s.result.get("summary")
+    if not summ:
+        return []
+    items = summ.get("items", {})
+    return ["\n## Data\n", f"Source: {summ.get('source')}, seed {summ.get('seed')}; items: "
+            + ", ".join(f"{k} {v}" for k, v in items.items()) + ".\n"]
+
+
+def run_prepare(ctx: Context) -> PrepareResult:
+    from .convert import import_table
+
+    data = ctx.result("data", DataResult)
+    out_root = ctx.dir
+    results: dict[str, Any] = {}
+    for table, src in data.inputs.items():
+        final = out_root / table
+        account_file = out_root / f"{table}.account.json"
+        if final.is_dir() and account_file.is_file():  # finished in an earlier, interrupted run
+            results[table] = json.loads(account_file.read_text())
+            continue
+        tmp = out_root / f".{table}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        kind = "candidates" if table.endswith("candidates") else "pairs"
+        fmt = data.format if kind == "pairs" else "canonical"
+        if fmt == "mmeb-eval" and table == "train_pairs":
+            raise ValueError("data.source mmeb-eval describes evaluation rows; give it as data.eval_path")
+        start = time.perf_counter()
+        account = import_table(src, fmt, tmp, quarantine_path=out_root / "quarantine" / f"{table}.parquet",
+                               kind=kind, task=ctx.cfg.data.task, image_root=data.image_root,
+                               check_images=ctx.cfg.data.check_images, rows_per_shard=ctx.cfg.data.rows_per_shard)
+        os.replace(tmp, final)
+        results[table] = {**account.as_dict(), "path": str(final), "seconds": round(time.perf_counter() - start, 2)}
+        account_file.write_text(json.dumps(results[table], indent=1))
+        logger.info("prepare %s: %s", table, account.summary())
+    return PrepareResult(tables=results, image_root=data.image_root)
+
+
+def report_prepare(s: Section) -> list[str]:
+    from ..report import markdown_table, plot_accounting
+
+    rows = []
+    for name, acc in s.result.get("tables", {}).items():
+        reasons = ", ".join(f"{k}: {v}" for k, v in acc.get("reasons", {}).items()) or "-"
+        rows.append([name, acc["rows_in"], acc["rows_out"], acc["rows_quarantined"], reasons])
+    if not rows:
+        return []
+    parts = ["\n## Row accounting (in = out + quarantined)\n",
+             markdown_table(["table", "in", "out", "quarantined", "reasons"], rows)]
+    plot = plot_accounting(rows, s.run_dir / "report_rows.png")
+    if plot:
+        parts.append(f"\n![rows]({plot.name})\n")
+    return parts
+
+
+DATA = Stage("data", "build the demo data, or locate the input files", run_data, sections=("data",),
+             result=DataResult, report=report_data, command="")
+PREPARE = Stage("prepare", "convert + validate the inputs into canonical tables (bad rows quarantined)", run_prepare,
+                sections=("data",), result=PrepareResult, report=report_prepare, command="")

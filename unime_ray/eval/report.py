@@ -1,0 +1,152 @@
+"""The eval stage's report section: the paper's Table 4 on the run's data (P@1 per eval set, mean ± std over
+seeds, with and without reranking), a plot, and the statistics over seeds (:mod:`unime_ray.eval.stats`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..report import markdown_table
+
+
+VARIANT_ORDER = {"initial-embedder": 0, "baseline": 1, "infonce-inbatch": 2, "hard-labels": 3, "unime-v2": 4}
+VARIANT_TEXT = {
+    "initial-embedder": "the initial embedder (models.embedder), untrained here",
+    "baseline": "retriever: in-batch InfoNCE from the initial model (VLM2Vec's role)",
+    "infonce-inbatch": "ablation: no mined negatives, no soft scores (in-batch InfoNCE)",
+    "hard-labels": "ablation: mined negatives, hard labels",
+    "unime-v2": "UniME-V2: mined negatives + judge-score alignment",
+}
+
+
+def _spread(values: list[float]) -> str:
+    """mean ± sample std over seeds (the mean alone for one seed)."""
+    from .stats import seed_spread
+
+    spread = seed_spread(values)
+    return "-" if spread is None else spread.text()
+
+
+def comparison_rows(models: dict[str, Any]) -> tuple[list[str], list[list[Any]], dict[str, list[float]]]:
+    """Rows of the variant comparison: P@1 per dataset and overall, mean ± sample std over seeds."""
+    from .mmeb import headline   # Overall over the 36 MMEB datasets; the mean of the custom sets without them
+    datasets: list[str] = []
+    for m in models.values():
+        for d in (m.get("per_dataset") or {}):
+            if d not in datasets:
+                datasets.append(d)
+    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    for m in models.values():
+        if m.get("per_dataset") is None:
+            continue
+        groups.setdefault((m["variant"], False), []).append({**m["per_dataset"],
+                                                            "overall": headline(m["summary"])[1]})
+        rr = m.get("rerank")
+        if rr:
+            groups.setdefault((m["variant"], True), []).append({**rr["per_dataset"],
+                                                               "overall": headline(rr["summary"])[1],
+                                                               "fallbacks": rr.get("fallbacks")})
+    headers = ["variant", "reranked (top-5, listwise)", "seeds"] + [f"P@1 {d}" for d in datasets] + ["P@1 mean"]
+    rows, overall = [], {}
+    for (variant, reranked), runs in sorted(groups.items(), key=lambda kv: (VARIANT_ORDER.get(kv[0][0], 9),
+                                                                               kv[0][0], kv[0][1])):
+        label = variant + (" + reranker" if reranked else "")
+        overall[label] = [r["overall"] for r in runs]
+        fb = sum(r.get("fallbacks") or 0 for r in runs) if reranked else None
+        rows.append([VARIANT_TEXT.get(variant, variant), f"yes ({fb} fallbacks)" if reranked else "no", len(runs)]
+                    + [_spread([r.get(d) for r in runs]) for d in datasets] + [_spread(overall[label])])
+    return headers, rows, overall
+
+
+def _plot_comparison(overall: dict[str, list[float]], chance: float | None, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = list(overall)
+    means = [sum(v) / len(v) for v in overall.values()]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.barh(labels, means, color="#4c72b0")
+    for i, vals in enumerate(overall.values()):
+        ax.plot(vals, [i] * len(vals), "k|", markersize=12)
+    if chance is not None:
+        ax.axvline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("P@1 mean over eval sets (%); ticks = seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def comparison_section(ev: dict[str, Any], run_dir: Path) -> list[str]:
+    """The comparison (the paper's Table 4 on the run's data), from the eval stage's result."""
+    models = ev.get("models") or {}
+    if not models:
+        return []
+    parts = ["\n## Comparison (the paper's Table 4, on this run's data)\n"]
+    any_model = next(iter(models.values()))
+    sizes = (any_model.get("sizes") or {}).get("rows_per_dataset", {})
+    chance = any_model.get("chance") or {}
+    parts.append("Protocol: MMEB precision@1 (ground truth at candidate 0, cosine, a tie with a distractor counts as "
+                 "a miss) on the eval split; every query ranks its dataset's whole candidate list.\n")
+    parts.append(markdown_table(["eval set", "queries", "chance P@1 (%)"],
+                                [[d, sizes.get(d), chance.get(d)] for d in sizes]))
+    headers, rows, overall = comparison_rows(models)
+    parts.append("")
+    parts.append(markdown_table(headers, rows))
+    chance_mean = sum(chance.values()) / len(chance) if chance else None
+    plot = _plot_comparison(overall, chance_mean, run_dir / "report_comparison.png")
+    if plot:
+        parts.append(f"\n![comparison]({plot.name})\n")
+    reranked = [(label, m["rerank"]) for label, m in models.items() if m.get("rerank")]
+    if reranked:
+        parts.append("Reranking can only help where the ground truth is in the embedder's top-K; with a chance-level "
+                     "reranker the reranked P@1 tends to (GT in top-K) / K. Per reranked model (GT in top-K % -> P@1 "
+                     "before -> after):\n")
+        for label, rr in reranked:
+            before = models[label]["per_dataset"]
+            parts.append(f"- {label}: " + "; ".join(
+                f"{d} {rr['gt_in_top_k'].get(d, 0):.1f} -> {before.get(d, 0):.2f} -> {v:.2f}"
+                for d, v in rr["per_dataset"].items()) + f" (fallbacks {rr.get('fallbacks', 0)})")
+        parts.append("")
+    parts += _statistics_section(models, chance)
+    return parts
+
+
+def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> list[str]:
+    """Paired comparisons over seeds (see :mod:`unime_ray.eval.stats`): the paper's order, the reranker's
+    effect, and each variant's P@1 as a multiple of chance."""
+    from .stats import MEAN_KEY, PAPER_ORDER, order_verdict, paired_difference, per_seed, rerank_effect
+
+    plain, reranked = per_seed(models), per_seed(models, reranked=True)
+    parts = ["\n### Statistics over seeds\n",
+             "Each variant starts from the same weights and trains on the same data for the same steps, once per "
+             "seed; runs with the same seed are paired. Cells: mean ± sample standard deviation (n - 1) of the "
+             "paired differences in P@1 points, and that mean in standard deviations (sd).\n"]
+    keys = [d for d in chance if any(d in v for v in plain.values())] + [MEAN_KEY]
+    pairs = list(zip(PAPER_ORDER[1:], PAPER_ORDER)) + [(PAPER_ORDER[-1], PAPER_ORDER[0])]
+    rows = []
+    for better, worse in pairs:
+        if better in plain and worse in plain:
+            cells = [paired_difference(plain[better].get(k, {}), plain[worse].get(k, {}), better, worse) for k in keys]
+            n = max((len(c.seeds) for c in cells if c), default=0)
+            rows.append([f"{better} - {worse}", n] + [c.text() if c else "-" for c in cells])
+    if rows:
+        parts.append(markdown_table(["difference", "seeds"] + [f"P@1 {k}" for k in keys], rows))
+        parts.append("")
+    parts.append(order_verdict(plain).sentence() + "\n")
+    if reranked:
+        parts.append(rerank_effect(plain, reranked)[1] + "\n")
+    if chance:
+        ratio_rows = []
+        for variant, scores in plain.items():
+            ratio_rows.append([variant] + [f"{sum(scores[d].values()) / len(scores[d]) / chance[d]:.1f}x"
+                                           if d in scores and chance.get(d) else "-" for d in chance])
+        parts.append("P@1 as a multiple of chance (mean over seeds / chance P@1):\n")
+        parts.append(markdown_table(["variant"] + list(chance), ratio_rows))
+        parts.append("")
+    return parts

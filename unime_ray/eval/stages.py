@@ -1,0 +1,120 @@
+"""The ``eval`` stage: MMEB-protocol P@1 of every embedder the run trained (and the initial one), with and
+without listwise reranking of the top-K, and the report's comparison (the paper's Table 4) with its
+statistics over seeds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from ..stage import Context, Section, Stage, StageResult
+
+logger = logging.getLogger(__name__)
+
+
+class EvalResult(StageResult):
+    enabled: bool = True
+    models: dict[str, dict[str, Any]] = {}   # label -> variant, seed, model, P@1 per eval set, reranked P@1
+
+
+def eval_models(ctx: Context) -> list[dict[str, Any]]:
+    """What the eval step measures: the retriever, UniME-V2 and every comparison run, labelled."""
+    cfg = ctx.cfg
+    models: list[dict[str, Any]] = []
+    base = ctx.optional("baseline")
+    if base.get("enabled"):
+        models.append({"label": "baseline", "variant": "baseline", "seed": cfg.seed,
+                       "model": base["model"], "rerank": True})
+    else:
+        models.append({"label": "initial-embedder", "variant": "initial-embedder", "seed": None,
+                       "model": cfg.model_ref(cfg.models.embedder), "rerank": False})
+    variants = (ctx.optional("ablations")).get("variants")
+    if not variants and ctx.completed("train"):
+        variants = {"unime-v2": {str(cfg.seed): ctx.outputs("train")}}
+    for name, seeds in (variants or {}).items():
+        for seed, out in seeds.items():
+            models.append({"label": f"{name}-seed{seed}", "variant": name, "seed": int(seed), "model": out["model"],
+                           "rerank": name == "unime-v2"})   # every seed: the reranker's effect is paired over seeds
+    for label, ref in cfg.eval.models.items():
+        models.append({"label": label, "variant": label, "seed": None, "model": cfg.model_ref(ref), "rerank": False})
+    return models
+
+
+def run_eval(ctx: Context) -> dict[str, Any]:
+    """MMEB-protocol P@1 of each model on the eval pairs (and MMEB-eval when configured), with and without
+    listwise reranking of the top-K. Each model's results are kept, so a rerun evaluates only what is missing."""
+    from .mmeb import evaluate_mmeb_dir, evaluate_pairs_table
+    from .outputs import write_json_atomic
+    from .rerank import load_reranker
+    from ..retrieval.stages import embedder_spec
+
+    cfg = ctx.cfg
+    ev = cfg.eval
+    prepared = ctx.outputs("prepare")
+    image_root = ev.image_root or prepared.get("image_root")
+    table = cfg.path(ev.table) if ev.table else (prepared["tables"].get("eval_pairs") or {}).get("path")
+    if "pairs" in ev.sets and not table:
+        return {"enabled": False, "reason": "no eval pairs (data has no eval split and eval.table is unset)"}
+    reranker_ref = ev.rerank.model and cfg.model_ref(ev.rerank.model)
+    if ev.rerank.enabled and not reranker_ref:
+        trained = ctx.optional("rerank")
+        reranker_ref = trained.get("model")
+        if not reranker_ref:
+            raise ValueError("eval.rerank.enabled, but eval.rerank.model is not set and this run trained no "
+                             "reranker (reranker.enabled: false)")
+    reranker = None
+    if ev.rerank.enabled and reranker_ref:
+        reranker = load_reranker(reranker_ref, image_root=image_root, dtype=ev.rerank.dtype,
+                                 batch_size=ev.rerank.batch_size, image_options=cfg.image_budget("reranker"))
+    if ev.use_ray:
+        ctx.init_ray()
+    out_dir = ctx.dir
+    results: dict[str, Any] = {}
+    for m in eval_models(ctx):
+        target = out_dir / m["label"]
+        done = target / "results.json"
+        if done.is_file():
+            res = json.loads(done.read_text())
+        else:
+            spec = embedder_spec(ctx, image_root, m["model"], role="eval")
+            kw = dict(image_root=image_root, top_k_dump=ev.top_k_dump, use_ray=ev.use_ray, batch_size=ev.batch_size,
+                      min_actors=ev.min_actors, max_actors=ev.max_actors, num_cpus_per_actor=ev.num_cpus_per_actor,
+                      num_gpus_per_actor=ev.num_gpus_per_actor, check_images=ev.check_images, label=m["label"])
+            res = {}
+            if "pairs" in ev.sets:
+                res = evaluate_pairs_table(spec, table, target, reranker=reranker if m["rerank"] else None,
+                                           rerank_top_k=ev.rerank.top_k, max_rows_per_dataset=ev.max_rows_per_dataset,
+                                           **kw)
+            if "mmeb" in ev.sets:
+                kw.pop("check_images")
+                mmeb = evaluate_mmeb_dir(spec, ev.mmeb_dir, target / "mmeb", subsets=ev.mmeb_subsets,
+                                         reranker=reranker if m["rerank"] else None, rerank_top_k=ev.rerank.top_k,
+                                         **kw)
+                # MMEB-eval alone (the paper's eval): its results are the model's; beside pairs, a part of them.
+                # Written as the model's results.json: what the report reads, and a rerun skips the model.
+                res = {**res, "mmeb": mmeb} if "pairs" in ev.sets else mmeb
+                write_json_atomic(res, done)
+        vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
+        tokens = ctx.visual_tokens(eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])
+        results[m["label"]] = {**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),
+                               "chance": res.get("chance"), "sizes": res.get("sizes"),
+                               "rerank": res.get("rerank"), "results": str(done), "visual_tokens": tokens}
+        logger.info("eval %s: %s", m["label"], {k: round(v, 2) for k, v in (res.get("per_dataset") or {}).items()
+                                                if v is not None})
+    per_model = [r["visual_tokens"] for r in results.values()]
+    return {"enabled": True, "table": str(table) if table else None, "models": results,
+            "reranker": str(reranker_ref) if reranker is not None else None,
+            "visual_tokens": ctx.visual_tokens(eval=[t.get("eval") for t in per_model],
+                                            reranker=[t.get("reranker") for t in per_model])}
+
+
+
+def report_eval(s: Section) -> list[str]:
+    from .report import comparison_section
+
+    return comparison_section(s.result.as_dict(), s.run_dir)
+
+
+EVAL = Stage("eval", "evaluate the run's embedders (and reranker) on its eval set", run_eval,
+             sections=("models", "eval"), result=EvalResult, report=report_eval, headline=True, command="evaluate")

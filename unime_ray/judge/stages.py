@@ -1,0 +1,217 @@
+"""The judge stages: ``judge_fit`` (offline stand-in judges, k-fold cross-fitted, when configured) and ``judge``
+(S2: Yes/No scores for each query's positive and retrieved candidates, over an actor pool)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..stage import Context, Section, Stage, StageResult
+
+logger = logging.getLogger(__name__)
+
+
+class JudgeResult(StageResult):
+    imported: bool = False
+    scores_table: str | None = None       # per (query, candidate) pair: the judge's score
+
+
+def judge_spec(ctx: Context, image_root: str | None, model: str | None = None, backend: str | None = None,
+                feature_cache: str | None = None):
+    from .stage import JudgeSpec
+
+    cfg = ctx.cfg
+    j = cfg.judge
+    if (backend or j.backend) == "encoder":
+        return JudgeSpec(model=model or cfg.model_ref(j.model or cfg.models.judge), backend="encoder",
+                         batch_size=j.batch_size, image_root=image_root, feature_cache=feature_cache)
+    budget = cfg.image_budget("judge")
+    prompt: dict[str, Any] = {"version": j.prompt_version}
+    if j.instruction:
+        prompt["instruction"] = j.instruction
+    return JudgeSpec(model=model or cfg.model_ref(j.model or cfg.models.judge), backend=j.backend, dtype=j.dtype,
+                     batch_size=j.batch_size, prefix_reuse=j.prefix_reuse, image_root=image_root,
+                     min_pixels=budget.min_pixels, max_pixels=budget.max_pixels, image_resize=budget.resize,
+                     max_length=j.max_length, prompt=prompt, vllm=j.vllm.model_dump() if j.backend == "vllm" else {})
+
+
+def run_judge_fit(ctx: Context) -> dict[str, Any]:
+    """Stand-in judge (no pretrained MLLM judge offline): fine-tune the judge checkpoint on pairwise Yes/No,
+    one model per fold of the training queries (see :mod:`unime_ray.judge.crossfit`)."""
+    from .crossfit import build_fit_tables
+    from ..train.reranker import train_reranker
+    from ..train.stages import train_once, train_settings
+
+    cfg = ctx.cfg
+    jf = cfg.judge_fit
+    if jf is None or not jf.enabled:
+        return {"enabled": False}
+    if ctx.outputs("retrieve").get("imported"):
+        return {"enabled": False, "imported": True,
+                "note": "no judge to fit: the scores came with the training table"}
+    retrieved, prepared = ctx.outputs("retrieve"), ctx.outputs("prepare")
+    out_dir = ctx.dir
+    tables = build_fit_tables(retrieved["candidates_table"], prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"],
+                              retrieved["candidate_pool"], out_dir / "tables", jf.folds, jf.negatives_per_query,
+                              seed=cfg.seed)
+    if jf.kind == "dual_encoder":
+        return _fit_encoder_judges(ctx, tables, prepared, retrieved, out_dir)
+    ctx.init_ray()
+    folds = {}
+    for f, info in tables.items():
+        settings = train_settings(cfg, jf, cfg.model_ref(cfg.models.judge), out_dir / f"fold{f}", "reranker",
+                                   prepared.get("image_root"), role="judge")
+        out = train_once(train_reranker, info["table"], settings, f"judge-fold{f}")
+        folds[str(f)] = {"model": out["model"], "queries": info["queries"], "steps": out["steps"],
+                         "final": out["final"], "visual_tokens": out.get("visual_tokens")}
+        logger.info("judge_fit fold %d: %d queries, final loss %.4f", f, info["queries"],
+                    out["final"].get("loss", float("nan")))
+    return {"enabled": True, "folds": folds, "num_folds": jf.folds,
+            "note": "stand-in judge: fine-tuned offline on the training pairs with cross-fitting",
+            "visual_tokens": ctx.visual_tokens(judge=[f.get("visual_tokens") for f in folds.values()])}
+
+
+def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepared: dict[str, Any],
+                        retrieved: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """judge_fit.kind: dual_encoder. The towers encode every distinct image and text of the pool and the pairs
+    once, into a feature cache the judge stage reads too; then one judge per fold (a finished fold is skipped)."""
+    from ..data.io import iter_rows
+    from ..data.schema import item_from_row
+    from .encoder_fit import EncoderFitSettings, fit_folds, warm_features
+
+    cfg = ctx.cfg
+    jf = cfg.judge_fit
+    settings = EncoderFitSettings(**jf.encoder.model_dump(), seed=cfg.seed)
+    image_root = prepared.get("image_root")
+    cache = out_dir / "features"
+    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
+    items = [item_from_row(r) for r in iter_rows(retrieved["candidate_pool"])]
+    items += [item_from_row(r, "query_") for r in iter_rows(pairs)]
+    t0 = time.perf_counter()
+    warmed = warm_features(items, settings, image_root=image_root, feature_cache=cache)
+    feature_s = time.perf_counter() - t0
+    logger.info("judge_fit (dual encoder): tower features for %d distinct query and pool items in %.1f s",
+                warmed["items"], feature_s)
+    fitted = fit_folds({f: info["table"] for f, info in tables.items()}, out_dir, settings, image_root=image_root,
+                       feature_cache=cache)
+    folds = {}
+    for f, info in tables.items():
+        folds[str(f)] = {**fitted[str(f)], "queries": info["queries"]}
+        logger.info("judge_fit fold %d: %d queries, held-out AUC %.3f", f, info["queries"],
+                    fitted[str(f)].get("heldout_auc") or float("nan"))
+    return {"enabled": True, "kind": "dual_encoder", "backend": "encoder", "folds": folds, "num_folds": jf.folds,
+            "feature_cache": str(cache), "feature_items": warmed["items"], "feature_seconds": round(feature_s, 2),
+            "method": settings.method, "text_tower": settings.text_tower, "image_tower": settings.image_tower,
+            "note": "stand-in judge: heads on frozen pretrained text/image encoders, fitted with cross-fitting"}
+
+
+def run_judge_stage(ctx: Context) -> dict[str, Any]:
+    from .crossfit import merge_score_tables, query_folds, score_summary, scoring_judge, split_candidates
+    from ..data.stages import imported_stage, imported_training
+    from .stage import run_judge
+
+    cfg = ctx.cfg
+    retrieved = ctx.outputs("retrieve")
+    if retrieved.get("imported"):
+        return imported_stage(imported_training(ctx), "the judge")
+    prepared = ctx.outputs("prepare")
+    j = cfg.judge
+    image_root = prepared.get("image_root")
+    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
+    ctx.init_ray()
+    kw = dict(use_ray=True, batch_size=j.rows_per_call, min_actors=j.min_actors, max_actors=j.max_actors,
+              num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor)
+    fitted = ctx.optional("judge_fit")
+    if not fitted.get("enabled"):
+        out = run_judge(retrieved["candidates_table"], pairs, retrieved["candidate_pool"], ctx.dir,
+                        judge_spec(ctx, image_root), **kw)
+        logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
+                    out["pairs_per_s"])
+        return {**out, "positive_auc": score_summary(out["scores_table"])["positive_auc"],
+                "visual_tokens": ctx.visual_tokens(judge=out.get("visual_tokens"))}
+    k = fitted["num_folds"]
+    root = ctx.dir
+    assignment = query_folds(pairs, k, seed=cfg.seed)
+    split = split_candidates(retrieved["candidates_table"], assignment, k, root / "candidates")
+    per_fold, score_dirs = {}, []
+    for f in range(k):
+        judge_model = fitted["folds"][str(scoring_judge(f, k))]["model"]
+        out = run_judge(split[f], pairs, retrieved["candidate_pool"], root / f"fold{f}",
+                        judge_spec(ctx, image_root, judge_model, backend=fitted.get("backend"),
+                                    feature_cache=fitted.get("feature_cache")), **kw)
+        per_fold[str(f)] = {**out, "judge_fold": scoring_judge(f, k)}
+        score_dirs.append(out["scores_table"])
+        logger.info("judge fold %d (judge of fold %d): %d pairs, %.1f pairs/s", f, scoring_judge(f, k), out["scored"],
+                    out["pairs_per_s"])
+    scores = merge_score_tables(score_dirs, root / "scores" / "crossfit")
+    total = {key: sum(o[key] for o in per_fold.values()) for key in ("pairs", "scored", "quarantined", "seconds")}
+    return {"crossfit": True, "folds": per_fold, "scores_table": scores, **total, "seconds": round(total["seconds"], 2),
+            "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]),
+            "judge": "cross-fitted " + ("dual-encoder judges" if fitted.get("kind") == "dual_encoder"
+                                        else "stand-in judges"),
+            "backend": fitted.get("backend", "transformers"),
+            "prompt_version": next((o.get("prompt_version") for o in per_fold.values()), None),
+            **score_summary(scores),
+            "visual_tokens": ctx.visual_tokens(judge=[o.get("visual_tokens") for o in per_fold.values()])}
+
+
+
+def report_judge_fit(s: Section) -> list[str]:
+    from ..report import markdown_table
+
+    fit = s.result
+    if not fit.get("enabled"):
+        return []
+    if fit.get("kind") == "dual_encoder":
+        parts = ["\n## Stand-in judge: dual encoder (offline: no pretrained MLLM judge)\n",
+                 f"Frozen pretrained towers (text `{fit.get('text_tower').get('kind')}` "
+                 f"{fit.get('text_tower').get('path') or ''}, image `{fit.get('image_tower').get('kind')}`) with "
+                 f"{fit.get('method')}-fitted projection heads and a Platt calibration on held-out pairs, "
+                 f"{fit.get('num_folds')}-fold cross-fitted: each fold's queries were scored by the judge fitted on "
+                 f"another fold. Tower features for the {fit.get('feature_items')} distinct query and pool "
+                 f"items (each distinct image and text encoded once) took {fit.get('feature_seconds')} s.\n"]
+        parts.append(markdown_table(["fold", "training queries", "held-out AUC (fitting fold)", "fit seconds",
+                                     "judge"],
+                                    [[k, v["queries"], v.get("heldout_auc"), v.get("seconds"), f"`{v['model']}`"]
+                                     for k, v in fit.get("folds").items()]))
+        return parts
+    parts = ["\n## Stand-in judge (offline: no pretrained MLLM judge)\n",
+             f"The judge checkpoint was fine-tuned on pairwise Yes/No (positive vs retrieved candidates) with "
+             f"{fit.get('num_folds')}-fold cross-fitting: each fold's queries were scored by the judge fitted on "
+             "another fold, so no judge scored pairs it was trained on. Its scores stand in for a "
+             "Qwen2.5-VL-7B judge's; numbers below are not the paper's judge.\n"]
+    parts.append(markdown_table(["fold", "training queries", "steps", "final loss", "answer prob. (Yes, positive)",
+                                 "answer prob. (No, negative)"],
+                                [[k, v["queries"], v["steps"], v["final"].get("loss"),
+                                  v["final"].get("answer_p_pair_pos"), v["final"].get("answer_p_pair_neg")]
+                                 for k, v in fit.get("folds").items()]))
+    return parts
+
+
+def report_judge(s: Section) -> list[str]:
+    from ..report import markdown_table
+
+    jud = s.result
+    if jud.get("pairs") is None:
+        return []
+    parts = ["\n## MLLM-as-a-Judge\n",
+             f"Judge: `{jud.get('judge')}` ({jud.get('backend', 'transformers')}, prompt "
+             f"{jud.get('prompt_version', 'unrecorded')})\n",
+             markdown_table(["pairs", "scored", "quarantined", "pairs/s", "mean score (positives)",
+                             "mean score (candidates)", "P(positive outscores a candidate)"],
+                            [[jud.get("pairs"), jud.get("scored"), jud.get("quarantined"), jud.get("pairs_per_s"),
+                              jud.get("mean_score_positive"), jud.get("mean_score_candidates"),
+                              jud.get("positive_auc")]])]
+    if jud.get("positive_auc") is not None and jud.get("positive_auc") < 0.6:
+        parts.append("\nThe judge barely separates positives from retrieved candidates (0.5 = chance): its soft "
+                     "scores carry little information, so UniME-V2's score alignment has little to learn from "
+                     "in this run.\n")
+    return parts
+
+
+JUDGE_FIT = Stage("judge_fit", "fit cross-fitted stand-in judges (runs without a pretrained judge)", run_judge_fit,
+                  sections=("models", "judge_fit"), report=report_judge_fit, command="fit-judge")
+JUDGE = Stage("judge", "stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates", run_judge_stage,
+              sections=("judge",), result=JudgeResult, report=report_judge)

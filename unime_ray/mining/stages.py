@@ -1,0 +1,79 @@
+"""The ``mine`` stage (S3): hard negatives from the judge's scores, and the rule for training pairs that arrive
+already mined (the official score JSON; see :func:`unime_ray.data.stages.imported_training`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..data.stages import imported_stage, imported_training
+from ..stage import Context, Section, Stage, StageResult
+
+logger = logging.getLogger(__name__)
+
+
+class MineResult(StageResult):
+    training_table: str                   # what the embedder and the reranker train on
+    imported: bool = False
+    official_json: str | None = None
+
+
+def run_mine(ctx: Context) -> dict[str, Any]:
+    from .stage import MineSettings, run_mining
+
+    cfg = ctx.cfg
+    retrieved, judged, prepared = ctx.outputs("retrieve"), ctx.outputs("judge"), ctx.outputs("prepare")
+    if retrieved.get("imported"):
+        return _mine_imported(ctx, imported_training(ctx))
+    m = cfg.mine
+    settings = MineSettings(num_negatives=m.num_negatives, beta=m.beta, interval=m.interval, seed=cfg.seed,
+                            fallback_score=m.fallback_score)
+    return run_mining(retrieved["candidates_table"], judged["scores_table"],
+                      prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"], retrieved["candidate_pool"],
+                      ctx.dir, settings, image_root=prepared.get("image_root"), export_official=m.export_official)
+
+
+def _mine_imported(ctx: Context, info: dict[str, Any]) -> dict[str, Any]:
+    """The imported table is the training table: summarised, not re-mined (training checks it against k)."""
+    from .stage import score_summary
+
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    out = {**imported_stage(info, "hard-negative mining"), "training_table": info["table"],
+           **score_summary(info["table"], ctx.dir / "score_histograms.png")}
+    if info["format"] == "official":
+        out["official_json"] = info["imported_from"]
+    return out
+
+
+def report_mine(s: Section) -> list[str]:
+    from ..report import markdown_table
+
+    mine = s.result
+    parts: list[str] = []
+    if mine.get("queries") is not None:
+        parts.append("\n## Hard-negative mining\n")
+        st = mine.get("settings", {})
+        parts.append(f"num_negatives {st.get('num_negatives')}, beta {st.get('beta')}, interval {st.get('interval')}; "
+                     f"training table `{mine.get('training_table')}`"
+                     + (f", official JSON `{mine.get('official_json')}`" if mine.get("official_json") else "") + "\n")
+        parts.append(markdown_table(
+            ["queries", "mined", "quarantined", "false negatives dropped", "fallbacks (no survivor)",
+             "cyclic repeats (< k survivors)", "mean positive score", "mean negative score"],
+            [[mine.get("queries"), mine.get("mined"), mine.get("quarantined"), mine.get("false_negatives"),
+              mine.get("fallbacks"), mine.get("repeated_fill"), mine.get("mean_positive_score"),
+              mine.get("mean_negative_score")]]))
+    if mine.get("imported"):
+        parts.append("\n## Hard negatives (imported)\n")
+        parts.append("Global retrieval, the judge and mining did not run: the training table "
+                     f"`{mine.get('training_table')}` came with judge-scored negatives from "
+                     f"`{mine.get('imported_from')}` ({mine.get('format')}; mine.from_imported: use).\n")
+        parts.append(markdown_table(["rows", "negatives per row", "mean positive score", "mean negative score"],
+                                    [[mine.get("rows"), f"{mine.get('min_negatives')}-{mine.get('max_negatives')}",
+                                      mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
+    if mine.get("histogram"):
+        parts.append(f"\n![judge scores]({s.link(mine.get('histogram'))})\n")
+    return parts
+
+
+MINE = Stage("mine", "stage S3: hard negatives from judge scores -> training table (+ official JSON)", run_mine,
+             sections=("mine",), result=MineResult, report=report_mine)

@@ -1,0 +1,59 @@
+"""The ``models`` stage: builds the tiny checkpoints the demo and tests use (when configured), then checks that
+every model role names a checkpoint with a supported architecture, so a typo fails in seconds, not hours."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..stage import Context, Stage, StageResult
+
+
+class ModelsResult(StageResult):
+    tiny_models: dict[str, str] | None = None    # architecture -> folder, when models.tiny.make
+    tokenizer_corpus_texts: int | None = None
+
+
+def _training_texts(ctx: Context) -> list[str]:
+    """Texts of the training split only (the tiny tokenizer must not see eval texts)."""
+    from ..data.io import iter_rows
+
+    data = ctx.outputs("data")
+    path = data["inputs"].get("train_pairs")
+    if not path or data["format"] != "canonical":
+        return []
+    texts = []
+    for row in iter_rows(path, columns=["query_instruction", "query_text", "pos_instruction", "pos_text"]):
+        texts.extend(v for v in row.values() if v)
+    return texts
+
+
+def run_models(ctx: Context) -> dict[str, Any]:
+    from .backbone import architecture_of, load_config
+    from .tiny import TinySpec, make_tiny_models
+
+    cfg = ctx.cfg
+    out: dict[str, Any] = {}
+    t = cfg.models.tiny
+    if t.make:
+        spec = TinySpec(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                        num_key_value_heads=t.num_key_value_heads, vision_depth=t.vision_depth,
+                        vocab_size=t.vocab_size)
+        corpus = _training_texts(ctx)
+        written = make_tiny_models(ctx.dir, seed=t.seed, spec=spec, corpus=corpus)
+        out["tiny_models"] = {k: str(v) for k, v in written.items()}
+        out["tokenizer_corpus_texts"] = len(corpus)
+    roles = {"embedder": cfg.models.embedder, "judge": cfg.models.judge}
+    r = cfg.models.retriever
+    if r is not None and not cfg.baseline.enabled and not (cfg.data.source == "official"
+                                                           and cfg.mine.from_imported == "use"):
+        roles["retriever"] = r.model  # an imported official file skips S1: its retriever need not be here
+    for role, name in roles.items():  # fail now, with a clear message, on unknown names or architectures
+        ref = cfg.model_ref(name)
+        as_role = "embedder" if role == "retriever" else role   # S1's retriever is an embedder backbone
+        out[role] = {"ref": ref, "architecture": architecture_of(load_config(ref), ref, as_role).model_type}
+    return out
+
+
+MODELS = Stage("models", "build the tiny checkpoints (demo) and check every model role's checkpoint", run_models,
+               sections=("models",), result=ModelsResult, command="")

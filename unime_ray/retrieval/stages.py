@@ -1,0 +1,142 @@
+"""The ``embed`` stage (encode tables with the retriever) and the ``retrieve`` stage (S1: top-K candidates per
+query below the threshold, sharded FAISS), and which embedder S1 uses: the trained baseline when there is one,
+else ``models.retriever``, else ``models.embedder``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..stage import Context, Section, Stage, StageResult
+
+logger = logging.getLogger(__name__)
+
+
+class RetrieveResult(StageResult):
+    imported: bool = False
+    candidates_table: str | None = None   # per query: retrieved candidate ids and similarities
+    candidate_pool: str | None = None     # the items candidates are drawn from
+
+
+def embedder_spec(ctx: Context, image_root: str | None, model: str | None = None, role: str = "retriever"):
+    """How workers rebuild an embedder of the run: its checkpoint, input format and the image budget of ``role``
+    (``retriever``: S1 embedding; ``eval``: evaluation)."""
+    from .embed import EmbedderSpec
+
+    cfg = ctx.cfg
+    m = cfg.models
+    b = cfg.image_budget(role)
+    return EmbedderSpec(model=model or cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
+                        image_root=image_root, processor_backend=m.processor_backend, image_resize=b.resize,
+                        min_pixels=b.min_pixels, max_pixels=b.max_pixels, positions=m.positions)
+
+
+def retriever_spec(ctx: Context, image_root: str | None):
+    """The embedder of global retrieval: the trained baseline when there is one (it reads the embedder's input
+    format), else models.retriever with its own input format and positions, else models.embedder."""
+    from dataclasses import replace
+
+    cfg = ctx.cfg
+    base = ctx.optional("baseline")
+    if cfg.baseline.enabled:
+        if not base.get("model"):
+            raise RuntimeError("baseline.enabled but the baseline stage has no model; run it first")
+        return embedder_spec(ctx, image_root, base["model"])
+    r = cfg.models.retriever
+    if r is None:
+        return embedder_spec(ctx, image_root)
+    return replace(embedder_spec(ctx, image_root, cfg.model_ref(r.model)), input_format=r.input_format,
+                   positions=r.positions, adapter=cfg.model_ref(r.adapter) if r.adapter else None)
+
+
+def run_embed(ctx: Context) -> dict[str, Any]:
+    from ..data.stages import imported_training
+    from .embed import embed_table_ray
+
+    cfg = ctx.cfg
+    prepared = ctx.outputs("prepare")
+    if cfg.embed.tables and imported_training(ctx):
+        # S1 does not run, so its retriever is not part of the run (the models stage does not require it either)
+        return {"imported": True, "tables": {}, "note": "not run: the training pairs came with judge-scored "
+                "negatives (mine.from_imported: use), so S1's retriever embeds nothing in this run"}
+    spec = retriever_spec(ctx, prepared.get("image_root"))
+    ctx.init_ray()
+    results = {}
+    for table in cfg.embed.tables:
+        if table not in prepared["tables"]:
+            logger.warning("embed: table %s was not prepared; skipping it", table)
+            continue
+        prefix = "query_" if table.endswith("pairs") else ""
+        e = cfg.embed
+        stats = embed_table_ray(spec, prepared["tables"][table]["path"], ctx.dir / table,
+                                prefix=prefix, batch_size=e.batch_size, min_actors=e.min_actors,
+                                max_actors=e.max_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor)
+        results[table] = {**stats, "path": str(ctx.dir / table)}
+        logger.info("embed %s: %d rows at %.1f items/s", table, stats["rows_embedded"], stats["items_per_s"])
+    return {"tables": results, "embedder": spec.model,
+            "visual_tokens": ctx.visual_tokens(retriever=[r.get("visual_tokens") for r in results.values()])}
+
+
+def report_embed(s: Section) -> list[str]:
+    from ..report import markdown_table
+
+    emb = s.result
+    if not emb.get("tables"):
+        return []
+    return ["\n## Embedding\n", f"Embedder: `{emb.get('embedder')}`\n",
+            markdown_table(["table", "rows embedded (this run)", "seconds", "items/s"],
+                           [[t, st["rows_embedded"], st["seconds"], st["items_per_s"]]
+                            for t, st in emb.get("tables").items()])]
+
+
+def run_retrieve(ctx: Context) -> dict[str, Any]:
+    from ..data.stages import imported_stage, imported_training
+    from .index import IndexSpec
+    from .stage import RetrieveSettings, run_retrieval
+
+    cfg = ctx.cfg
+    imported = imported_training(ctx)
+    if imported:
+        return imported_stage(imported, "global retrieval")
+    prepared = ctx.outputs("prepare")
+    r, e = cfg.retrieve, cfg.embed
+    tables = prepared["tables"]
+    pairs = tables.get(f"{r.split}_pairs")
+    if pairs is None:
+        raise ValueError(f"retrieve.split={r.split!r} but no {r.split} pairs were prepared")
+    candidates = tables.get(f"{r.split}_candidates")
+    settings = RetrieveSettings(top_k=r.top_k, delta=r.delta, fill=r.fill, pool=r.pool,
+                                index=IndexSpec(kind=r.index_kind, num_shards=r.num_shards, nlist=r.nlist,
+                                                nprobe=r.nprobe, seed=cfg.seed),
+                                search_batch_size=r.search_batch_size)
+    ctx.init_ray()
+    spec = retriever_spec(ctx, prepared.get("image_root"))
+    out = run_retrieval(pairs["path"], candidates["path"] if candidates else None, ctx.dir,
+                        spec, settings, use_ray=True,
+                        batch_size=e.batch_size, min_actors=e.min_actors, max_actors=e.max_actors,
+                        num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
+                        search_actors=r.search_actors)
+    logger.info("retrieve: %d queries, %.1f candidates each on average, %d without any", out["queries"],
+                out["mean_candidates"], out["queries_without_candidates"])
+    return {**out, "embedder": spec.model, "visual_tokens": ctx.visual_tokens(retriever=out.get("visual_tokens"))}
+
+
+def report_retrieve(s: Section) -> list[str]:
+    from ..report import markdown_table
+
+    ret = s.result
+    if ret.get("queries") is None:
+        return []
+    return ["\n## Global retrieval\n", markdown_table(
+        ["queries", "mean candidates", "queries without candidates", "mean dropped by delta", "pools",
+         "search rows/s"],
+        [[ret.get("queries"), ret.get("mean_candidates"), ret.get("queries_without_candidates"),
+          ret.get("mean_dropped_by_delta"), ret.get("pools"), ret.get("search", {}).get("rows_per_s")]])]
+
+
+EMBED = Stage("embed", "encode the configured tables with S1's embedder (Ray Data actor pool)", run_embed,
+              sections=("models", "embed"), fields=("mine.from_imported",), report=report_embed, optional=True,
+              command="")
+RETRIEVE = Stage("retrieve", "stage S1: top-K candidates per query below delta (sharded FAISS)", run_retrieve,
+                 sections=("models", "embed", "retrieve"), fields=("mine.from_imported",), result=RetrieveResult,
+                 report=report_retrieve)

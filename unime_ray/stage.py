@@ -1,0 +1,172 @@
+"""The one interface every pipeline stage implements, and what a stage sees while it runs.
+
+A stage is declared once, next to the library code it drives (``<package>/stages.py``), as a :class:`Stage`:
+its name (the same for the run-directory folder, the manifest key, the ``unime-ray`` command and the report
+section), the config sections whose change reruns it, a ``run(ctx)`` that returns its result, and a
+``report(section)`` that renders that result as Markdown. :mod:`unime_ray.pipeline` runs the list of
+stages; :mod:`unime_ray.cli` derives a command per stage; :mod:`unime_ray.report` concatenates the sections.
+
+A result is a frozen pydantic model (:class:`StageResult`); the manifest stores it as JSON and a later
+stage reads it back typed with :meth:`Context.result`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
+class StageResult(BaseModel):
+    """What a stage returns and the manifest keeps. Subclasses declare the fields other stages and the report
+    read; details a stage records for people (counts, timings) may ride along as extra fields."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access to declared and extra fields (a missing one gives ``default``)."""
+        value = getattr(self, key, None)
+        if value is None:
+            value = (self.model_extra or {}).get(key)
+        return default if value is None else value
+
+    def as_dict(self) -> dict[str, Any]:
+        """As the manifest stores it (JSON types; anything else as its string, e.g. paths)."""
+        return json.loads(json.dumps(self.model_dump(), default=str))
+
+
+R = TypeVar("R", bound=StageResult)
+
+
+class Manifest:
+    """``run_dir/manifest.json``: per stage its status, config key, timings and result; rewritten atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "manifest.json"
+        self.data: dict[str, Any] = {"stages": {}}
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].get(name, {})
+
+    def outputs(self, name: str) -> dict[str, Any]:
+        """What a completed stage returned (its result as JSON)."""
+        stage = self.stage(name)
+        if stage.get("status") != "complete":
+            raise RuntimeError(f"stage {name!r} has not completed in this run directory; run it first")
+        return stage["outputs"]
+
+    def update(self, name: str, **fields: Any) -> None:
+        self.data["stages"].setdefault(name, {}).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".manifest.json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+class Context:
+    """What a running stage gets: the run config, the results of earlier stages, its own folder, and Ray."""
+
+    def __init__(self, cfg: "RunConfig", manifest: Manifest, stage: str):
+        self.cfg = cfg
+        self.manifest = manifest
+        self.stage = stage
+        self.run_dir = Path(cfg.run_dir).resolve()
+
+    @property
+    def dir(self) -> Path:
+        """This stage's folder in the run directory."""
+        return self.run_dir / self.stage
+
+    def outputs(self, name: str) -> dict[str, Any]:
+        """A completed earlier stage's result as JSON (an error names the stage when it has not run)."""
+        return self.manifest.outputs(name)
+
+    def result(self, name: str, cls: type[R] = StageResult) -> R:  # type: ignore[assignment]
+        """A completed earlier stage's result, typed."""
+        return cls.model_validate(self.manifest.outputs(name))
+
+    def optional(self, name: str) -> dict[str, Any]:
+        """An earlier stage's result if it ran (``{}`` otherwise): for stages that are switched off by config."""
+        return self.manifest.stage(name).get("outputs") or {}
+
+    def completed(self, name: str) -> bool:
+        return self.manifest.stage(name).get("status") == "complete"
+
+    def init_ray(self) -> None:
+        """Start or join Ray as the run config's ``ray`` section says (idempotent)."""
+        from .utils.ray_utils import init_ray
+
+        r = self.cfg.ray
+        init_ray(r.address, r.num_cpus, r.num_gpus, r.include_dashboard, r.env_vars)
+
+    def visual_tokens(self, **tallies: Any) -> dict[str, Any]:
+        """A result's ``visual_tokens``: per budget role, the tally of visual tokens per image the stage's models
+        received (one tally or several merged) and the configured budget; roles without images left out."""
+        from .models.budget import merge_tallies
+
+        out = {}
+        for role, tally in tallies.items():
+            merged = merge_tallies(*tally) if isinstance(tally, (list, tuple)) else tally
+            if merged:
+                out[role] = {**merged, "budget": self.cfg.image_budget(role).describe()}
+        return out
+
+
+@dataclass(frozen=True)
+class Section:
+    """What a stage's report section is rendered from: its result, the whole manifest, the run directory."""
+
+    result: StageResult
+    stages: Mapping[str, Any]
+    run_dir: Path
+
+    def link(self, path: str | Path) -> str:
+        """A link target relative to the report when the file is inside the run directory."""
+        p = Path(path)
+        return str(p.relative_to(self.run_dir)) if p.is_relative_to(self.run_dir) else str(p)
+
+    def outputs(self, name: str) -> dict[str, Any]:
+        """Another stage's recorded result (``{}`` when it did not run)."""
+        return (self.stages.get(name) or {}).get("outputs") or {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage, declared once. ``name`` is its folder, manifest key, report anchor and (with ``-``
+    for ``_``) its command unless ``command`` says otherwise; ``sections``/``fields`` are the config it depends
+    on (a change reruns it and every stage after it)."""
+
+    name: str
+    help: str
+    run: Callable[[Context], StageResult | Mapping[str, Any]]
+    sections: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()          # single config fields ("section.key") whose change reruns the stage
+    result: type[StageResult] = StageResult
+    report: Callable[[Section], list[str]] | None = None
+    headline: bool = False                # its report section opens the report (the comparison)
+    clear_on_rerun: bool = True           # wipe the stage folder when its config changed
+    optional: bool = False                # nothing downstream reads its result
+    always_run: bool = False              # runs even when complete (the report)
+    command: str | None = field(default=None)   # None: the name with "-" for "_"; "": no command of its own
+
+    @property
+    def command_name(self) -> str | None:
+        if self.command is None:
+            return self.name.replace("_", "-")
+        return self.command or None
+
+    def execute(self, ctx: Context) -> StageResult:
+        out = self.run(ctx)
+        return out if isinstance(out, StageResult) else self.result.model_validate(dict(out))
