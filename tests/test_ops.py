@@ -1,6 +1,7 @@
-"""Operations: Ray job entrypoints (jobs/), cluster-launcher and KubeRay configs (cluster/).
+"""Operations: Ray jobs (`python -m unime_ray COMMAND`, configs in jobs/), cluster-launcher and KubeRay configs
+(cluster/).
 
-Static checks tie every YAML to what it references (scripts, configs, images, Ray's own schemas, the GPU
+Static checks tie every YAML to what it references (commands, configs, images, Ray's own schemas, the GPU
 resources the stage configs ask for). ``test_pipeline_job_on_a_two_node_cluster`` starts a real two-node
 Ray cluster on this machine with the ``ray`` CLI and submits the smoke pipeline through the Jobs SDK.
 """
@@ -36,16 +37,6 @@ LAUNCHER_CONFIGS = [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"]
 KUBERAY_FILES = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml", KUBERAY / "rayservice.yaml"]
 ALL_YAML = sorted({*JOB_CONFIGS, *CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.yml")})
 VENV_BIN = Path(sys.executable).parent
-
-
-def _common():
-    spec = importlib.util.spec_from_file_location("unime_jobs_common", JOBS / "_common.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-COMMON = _common()
 
 
 def _yaml(path: Path):
@@ -101,71 +92,147 @@ def test_job_configs_load(path):
 
 
 # ---------------------------------------------------------------------------------------------- entrypoints
-def test_entrypoint_scripts_match_the_table():
-    scripts = {p.stem for p in JOBS.glob("*.py") if not p.stem.startswith("_")}
-    assert scripts == set(COMMON.ENTRYPOINTS)
-    for name in scripts:
-        text = (JOBS / f"{name}.py").read_text()
-        assert "run_entrypoint(__file__)" in text and '__name__ == "__main__"' in text, name
+# A job's entrypoint is the command line itself: `python -m unime_ray COMMAND --config jobs/configs/X.yaml ...`.
+DOCS_NAMING_COMMANDS = sorted({REPO / "README.md", JOBS / "README.md", *CLUSTER.rglob("*.md"),
+                               *CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("Dockerfile*"), *JOB_CONFIGS})
 
 
-@pytest.mark.parametrize("name", sorted(COMMON.ENTRYPOINTS))
-def test_entrypoint_subcommand_exists(name):
-    """train-reranker, eval and index land with the reranker, eval and serving work."""
-    from unime_ray.cli import build_parser
-
-    sub = COMMON.ENTRYPOINTS[name]
-    commands = sorted(COMMON.subcommand_parsers(build_parser()))
-    assert sub in commands, f"jobs/{name}.py runs `unime-ray {sub}`, which is missing (have {commands})"
+def _named_commands(text: str) -> list[str]:
+    """The COMMANDs of every ``python -m unime_ray COMMAND`` in a text (line breaks allowed between the words)."""
+    return re.findall(r"python\s+-m\s+unime_ray\s+([a-z][\w-]*)", text)
 
 
-def test_build_argv_from_any_directory(tmp_path, monkeypatch):
+def test_there_are_no_job_scripts():
+    assert not list(JOBS.glob("*.py")), "jobs/ holds configs; the job entrypoint is `python -m unime_ray COMMAND`"
+    assert {p.name for p in JOBS.iterdir()} == {"README.md", "configs"}
+
+
+def test_every_named_command_exists():
+    """Every `python -m unime_ray COMMAND` in the READMEs, cluster/ and the job configs is a subcommand."""
+    from unime_ray.cli import commands
+
+    have = set(commands())
+    named = {}
+    for path in DOCS_NAMING_COMMANDS:
+        for cmd in _named_commands(path.read_text()):
+            named.setdefault(cmd, _rel(path))
+    assert {"pipeline", "judge", "index"} <= set(named), named
+    missing = {cmd: where for cmd, where in named.items() if cmd not in have}
+    assert not missing, f"named but not a subcommand (have {sorted(have)}): {missing}"
+
+
+def test_jobs_readme_table_names_every_job_command():
+    """jobs/README.md's table: the pipeline, every stage command, `eval` and `index`, each a subcommand."""
+    from unime_ray.cli import STAGE_COMMANDS, commands
+
+    rows = re.findall(r"^\| `python -m unime_ray ([\w-]+)` \|", (JOBS / "README.md").read_text(), flags=re.M)
+    assert len(rows) == len(set(rows))
+    assert set(rows) == {"pipeline", "eval", "index", *(c for c, _, _ in STAGE_COMMANDS)}
+    assert set(rows) <= set(commands())
+
+
+def test_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    from unime_ray.cli import build_parser, _config_from_args, find_config
+
     monkeypatch.chdir(tmp_path)
-    smoke = str((JOBS / "configs" / "smoke.yaml").resolve())
-    argv, _ = COMMON.build_argv("judge", ["--config", "jobs/configs/smoke.yaml", "-o", "a.b=1", "--force"])
-    assert argv == ["judge", "--config", smoke, "-o", "a.b=1", "--force"]
-    assert COMMON.build_argv("mine", ["--config", "smoke"])[0] == ["mine", "--config", smoke]
-    assert COMMON.build_argv("mine", [f"--config={smoke}"])[0] == ["mine", "--config", smoke]
-    assert COMMON.build_argv("pipeline", ["--stages", "data"])[0] == [
-        "pipeline", "--config", str(COMMON.DEFAULT_CONFIG), "--stages", "data"]
-    assert COMMON.build_argv("retrieve", ["--preset", "synthetic", "--run-dir", "/x"])[0] == [
-        "retrieve", "--preset", "synthetic", "--run-dir", "/x"]
-    # subcommands with their own options (eval, index) get the arguments unchanged
-    argv, known = COMMON.build_argv("build_index", ["--model", "m", "--out", "o"], takes_config=False)
-    assert argv == ["index", "--model", "m", "--out", "o"] and known.out == "o"
-    with pytest.raises(FileNotFoundError):
-        COMMON.build_argv("mine", ["--config", "no/such.yaml"])
-    with pytest.raises(ValueError):
-        COMMON.build_argv("mine", ["--config", smoke, "--preset", "demo"])
+    smoke = (JOBS / "configs" / "smoke.yaml").resolve()
+    assert find_config("jobs/configs/smoke.yaml") == smoke      # relative to the repo root
+    assert find_config("smoke") == find_config("smoke.yaml") == find_config(str(smoke)) == smoke  # jobs/configs/
+    (tmp_path / "smoke.yaml").write_text("extends: synthetic\nname: here\n")
+    assert find_config("smoke.yaml") == tmp_path / "smoke.yaml"  # as given comes first
+    with pytest.raises(FileNotFoundError, match="config 'no/such.yaml' not found"):
+        find_config("no/such.yaml")
+    cfg = _config_from_args(build_parser().parse_args(["judge", "--config", "smoke", "-o", "seed=3"]))
+    assert (cfg.name, cfg.seed) == ("smoke", 3)
 
 
-def test_driver_omp_threads_from_ray_are_dropped(monkeypatch):
-    import json
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert not COMMON.drop_forced_omp_threads() and os.environ["OMP_NUM_THREADS"] == "1"  # not in a job
-    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"OMP_NUM_THREADS": "1"}}}
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
-    assert not COMMON.drop_forced_omp_threads() and os.environ["OMP_NUM_THREADS"] == "1"  # the job asked for it
-    job["runtime_env"]["env_vars"] = {"HF_HUB_OFFLINE": "1"}
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
-    assert COMMON.drop_forced_omp_threads() and "OMP_NUM_THREADS" not in os.environ
+def _cli(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    """``python -m unime_ray ARGS`` in ``cwd``: the code of this repo (PYTHONPATH), as a job's uploaded copy."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_JOB_CONFIG", "RAY_ADDRESS"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **env_vars)
+    return subprocess.run([sys.executable, "-m", "unime_ray", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
-def test_entrypoint_script_runs_from_elsewhere_and_fails_with_exit_2(tmp_path):
-    """A real `python jobs/<x>.py` from another directory: finds its config, and a bad one exits nonzero."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run([sys.executable, str(JOBS / "mine.py"), "--config", "jobs/configs/smoke.yaml",
-                        "-o", "no_such_section.key=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=120)
+def test_command_runs_from_elsewhere_and_fails_with_exit_2(tmp_path):
+    """A real `python -m unime_ray <stage> --config jobs/configs/...` from another directory finds its config;
+    a config error and a missing config exit 2."""
+    r = _cli(["config", "show", "--config", "jobs/configs/smoke.yaml"], tmp_path)
+    assert r.returncode == 0 and "name: smoke" in r.stdout, r.stdout + r.stderr
+    r = _cli(["mine", "--config", "jobs/configs/smoke.yaml", "-o", "no_such_section.key=1"], tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "no_such_section: unknown key" in r.stderr
-    assert f"--config {(JOBS / 'configs' / 'smoke.yaml').resolve()}" in r.stdout
-    r = subprocess.run([sys.executable, str(JOBS / "judge.py"), "--config", "missing.yaml"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = _cli(["judge", "--config", "missing.yaml"], tmp_path)
     assert r.returncode == 2 and "config 'missing.yaml' not found" in r.stderr, r.stderr
+
+
+def test_command_line_loads_nothing_heavy_before_the_job_environment():
+    """cli.main calls prepare_job_environment first; nothing before it may load torch or an OpenMP runtime."""
+    code = ("import sys; import unime_ray.cli, unime_ray.utils.ray_utils; "
+            "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'numpy', 'pyarrow', 'faiss', "
+            "'transformers', 'pydantic', 'yaml'}; assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import inspect
+
+    from unime_ray import cli
+
+    body = inspect.getsource(cli.main).split('"""')[-1]
+    assert body.index("prepare_job_environment()") < body.index("build_parser()")
+
+
+def _job_json(**runtime_env) -> str:
+    import json
+
+    return json.dumps({"runtime_env": runtime_env, "metadata": {}})
+
+
+def test_job_environment(monkeypatch, tmp_path):
+    from unime_ray.utils.ray_utils import in_ray_job, job_working_dir_warning, prepare_job_environment
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    # not in a job: nothing changes
+    assert not in_ray_job() and prepare_job_environment() is None
+    assert os.environ["OMP_NUM_THREADS"] == "1" and "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in os.environ
+    assert job_working_dir_warning(tmp_path / "run") is None
+    # the job's runtime_env asked for one thread: kept
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", _job_json(working_dir="gcs://x.zip",
+                                                                env_vars={"OMP_NUM_THREADS": "1"}))
+    assert in_ray_job()
+    assert prepare_job_environment() == {"override_runtime_env": True, "dropped_omp_threads": False}
+    assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
+    # Ray's own OMP_NUM_THREADS=1 for the driver: dropped; an explicit RAY_OVERRIDE_JOB_RUNTIME_ENV is kept
+    monkeypatch.setenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", "0")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", _job_json(working_dir="gcs://x.zip",
+                                                                env_vars={"HF_HUB_OFFLINE": "1"}))
+    assert prepare_job_environment() == {"override_runtime_env": False, "dropped_omp_threads": True}
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "0"
+    # a thread count other than Ray's 1 is the user's
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert prepare_job_environment()["dropped_omp_threads"] is False and os.environ["OMP_NUM_THREADS"] == "4"
+    # outputs inside the job's copy of its working dir (its current directory) are warned about
+    monkeypatch.chdir(tmp_path)
+    assert "inside the job's copy of its working dir" in job_working_dir_warning("runs/x")
+    assert job_working_dir_warning(tmp_path.parent / "elsewhere") is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", _job_json())  # no working_dir: the cwd is not temporary
+    assert job_working_dir_warning("runs/x") is None
+
+
+def test_command_in_a_job_environment(tmp_path):
+    """`python -m unime_ray` as a job's driver: the job lines, the dropped thread limit, the run_dir warning."""
+    job = _job_json(working_dir="gcs://x.zip", env_vars={"HF_HUB_OFFLINE": "1"})
+    r = _cli(["config", "show", "--config", "smoke", "-o", "run_dir=runs/smoke"], tmp_path,
+             RAY_JOB_CONFIG_JSON_ENV_VAR=job, OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[unime-ray job] unime-ray config show --config smoke" in r.stdout
+    assert f"[unime-ray job] python {sys.executable}; unime_ray from {REPO / 'unime_ray'}; cwd {tmp_path}" in r.stdout
+    assert "[unime-ray job] dropped the job driver's OMP_NUM_THREADS=1" in r.stdout
+    assert f"warning: outputs go to {tmp_path / 'runs' / 'smoke'}, inside the job's copy" in r.stderr
+    r = _cli(["config", "show", "--config", "smoke"], tmp_path, RAY_JOB_CONFIG_JSON_ENV_VAR=job,
+             OMP_NUM_THREADS="1")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr   # smoke's run_dir is absolute
 
 
 # ---------------------------------------------------------------------------------------------- cluster nodes
@@ -398,9 +465,11 @@ def test_kuberay_specs_agree():
 
 
 def test_rayjob_entrypoint_references_exist():
+    from unime_ray.cli import commands
+
     spec = _yaml(KUBERAY / "rayjob.yaml")["spec"]
     args = shlex.split(spec["entrypoint"])
-    assert args[:2] == ["python", "jobs/pipeline.py"] and (REPO / args[1]).is_file()
+    assert args[:4] == ["python", "-m", "unime_ray", "pipeline"] and args[3] in commands()
     config = args[args.index("--config") + 1]
     assert (REPO / config).is_file()
     assert spec["shutdownAfterJobFinishes"] is True
@@ -559,7 +628,7 @@ def _alive_nodes(cluster: LocalCluster) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
-    """`ray job submit` of jobs/pipeline.py with jobs/configs/smoke.yaml: joins the cluster through RAY_ADDRESS,
+    """`ray job submit` of `python -m unime_ray pipeline` with jobs/configs/smoke.yaml: joins the cluster through RAY_ADDRESS,
     runs the uploaded working dir with the venv's python, and leaves a complete run dir."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -576,7 +645,7 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
     client = JobSubmissionClient(cluster.dashboard, headers=cluster.headers)
     run_dir = tmp_path / "smoke-run"
     job_id = client.submit_job(
-        entrypoint=f"python jobs/pipeline.py --config jobs/configs/smoke.yaml -o run_dir={run_dir}",
+        entrypoint=f"python -m unime_ray pipeline --config jobs/configs/smoke.yaml -o run_dir={run_dir}",
         submission_id=f"unime-smoke-{uuid.uuid4().hex[:8]}",
         runtime_env={"working_dir": str(REPO),
                      "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"],
@@ -598,7 +667,8 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
     assert f"[unime-ray job] python {VENV_BIN}" in logs
     m = re.search(r"unime_ray from (\S+);", logs)
     assert m and "_ray_pkg_" in m.group(1) and Path(m.group(1)) != REPO / "unime_ray", logs[:3000]
-    assert "[unime-ray job] pipeline: ok" in logs and f"run directory: {run_dir}" in logs
+    assert f"[unime-ray job] unime-ray pipeline --config jobs/configs/smoke.yaml -o run_dir={run_dir}" in logs
+    assert f"run directory: {run_dir}" in logs and "warning: outputs go to" not in logs
 
     import json
 

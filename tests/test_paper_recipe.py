@@ -1,13 +1,12 @@
 """The paper job's effective training recipe against the method reference's tables
 (shared/reference/unime_v2_method.md: 3.4 embedder optimisation, 4 reranker hyper-parameters, 3.1 / 4 / 5.1 images).
 
-jobs/configs/paper.yaml is loaded the way ``python jobs/pipeline.py --config paper`` loads it (the job's argv
-through the CLI's config loader), then turned into the trainer's settings as the pipeline does.
+jobs/configs/paper.yaml is loaded the way the job ``python -m unime_ray pipeline --config paper`` loads it (the
+CLI's config lookup and loader), then turned into the trainer's settings as the pipeline does.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -30,14 +29,10 @@ RERANKER_GLOBAL_BATCH = 64       # [P] Tab. 8; the code's is 32 (1 x grad-accum 
 
 
 def _job_config():
-    spec = importlib.util.spec_from_file_location("unime_jobs_common_recipe", REPO / "jobs" / "_common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
     from unime_ray import cli
 
-    argv, _ = common.build_argv("pipeline", ["--config", "paper"])
-    assert argv[:2] == ["pipeline", "--config"] and argv[2] == str(REPO / "jobs" / "configs" / "paper.yaml")
-    return cli._config_from_args(cli.build_parser().parse_args(argv))
+    assert cli.find_config("paper") == REPO / "jobs" / "configs" / "paper.yaml"
+    return cli._config_from_args(cli.build_parser().parse_args(["pipeline", "--config", "paper"]))
 
 
 @pytest.fixture(scope="module")

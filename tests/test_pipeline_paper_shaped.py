@@ -1,5 +1,5 @@
 """The paper job, end to end, at the shape of the real run: jobs/configs/paper.yaml (``extends:
-paper-qwen2vl-2b``) loaded the way ``python jobs/pipeline.py --config paper`` loads it, tiny stand-ins for each
+paper-qwen2vl-2b``) loaded the way ``python -m unime_ray pipeline --config paper`` loads it, tiny stand-ins for each
 backbone (Qwen2-VL embedder, Qwen2.5-VL judge and reranker, a separate Qwen2-VL retriever for
 ``models.retriever``), an MMEB-shaped training set in the official score-JSON format with its images laid out as
 MMEB-train (``images/<Subset>/...``, real-size 1000x800 JPEG/PNG) and an MMEB-eval folder
@@ -15,7 +15,6 @@ overridden values are the paper's in the job as it is.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -82,18 +81,14 @@ def _folders(tmp: Path, tiny_models, retriever: Path) -> dict[str, str]:
 
 
 def job_config(overrides: list[str] = ()):
-    """The RunConfig ``python jobs/pipeline.py --config paper -o ...`` runs (the job's argv through the CLI)."""
-    spec = importlib.util.spec_from_file_location("unime_jobs_common_e2e", REPO / "jobs" / "_common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    """The RunConfig ``python -m unime_ray pipeline --config paper -o ...`` runs (the job's argv through the CLI)."""
     from unime_ray import cli
 
-    argv = ["--config", "paper"]
+    argv = ["pipeline", "--config", "paper"]
     for o in overrides:
         argv += ["-o", o]
-    cli_argv, _ = common.build_argv("pipeline", argv)
-    assert cli_argv[:3] == ["pipeline", "--config", str(REPO / "jobs" / "configs" / "paper.yaml")]
-    return cli._config_from_args(cli.build_parser().parse_args(cli_argv))
+    assert cli.find_config("paper") == REPO / "jobs" / "configs" / "paper.yaml"
+    return cli._config_from_args(cli.build_parser().parse_args(argv))
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -23,14 +23,35 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = No
     p.set_defaults(default_preset=default_preset)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]   # a checkout (or a Ray job's copy of one): jobs/configs/ is here
+JOB_CONFIGS = REPO_ROOT / "jobs" / "configs"
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A ``--config`` file, wherever the command runs from: as given, then relative to the repo root, then in
+    ``jobs/configs/`` (``--config smoke`` is ``jobs/configs/smoke.yaml``)."""
+    p = Path(os.path.expanduser(name))
+    tried = [p] if p.is_absolute() else [p, REPO_ROOT / p, JOB_CONFIGS / p, JOB_CONFIGS / f"{p}.yaml"]
+    for cand in tried:
+        if cand.is_file():
+            return cand.resolve()
+    raise FileNotFoundError(f"config {str(name)!r} not found; tried: {', '.join(str(t) for t in tried)}")
+
+
 def _config_from_args(args):
     from .config import load_run_config
+    from .utils.ray_utils import job_working_dir_warning
 
     overrides = list(args.override)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     preset = args.preset or (None if args.config else args.default_preset)
-    return load_run_config(preset=preset, config_path=args.config, overrides=overrides)
+    config = find_config(args.config) if args.config else None
+    cfg = load_run_config(preset=preset, config_path=config, overrides=overrides)
+    warning = job_working_dir_warning(cfg.run_dir)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return cfg
 
 
 def _add_console_args(p: argparse.ArgumentParser) -> None:
@@ -335,12 +356,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def commands() -> dict[str, argparse.ArgumentParser]:
+    """``{command: its parser}``: the subcommands of ``unime-ray`` (``python -m unime_ray COMMAND``)."""
+    parser = build_parser()
+    # argparse keeps the subcommands on the action add_subparsers returned; this is the one place that finds it
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _job_started(argv: list[str], job: dict[str, bool]) -> None:
+    """What a submitted job's log starts with: the command, the code and python it runs, the cluster it joins."""
+    import unime_ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    lines = [f"unime-ray {' '.join(argv)}",
+             f"python {sys.executable}; unime_ray from {Path(unime_ray.__file__).parent}; cwd {Path.cwd()}",
+             "Ray: " + (f"joining the cluster at RAY_ADDRESS={address}" if address else
+                        "no RAY_ADDRESS (the config's ray.address, else a local Ray)")]
+    if job["dropped_omp_threads"]:
+        lines.append("dropped the job driver's OMP_NUM_THREADS=1 (set by Ray, not by the job): workers get their "
+                     "num_cpus threads")
+    print("\n".join(f"[unime-ray job] {line}" for line in lines), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 ok, 2 for a config or data error (or a usage error), 1 for a crash."""
+    from .utils.ray_utils import job_working_dir_warning, prepare_job_environment
+
+    job = prepare_job_environment()   # first: before anything loads torch or an OpenMP runtime
     from .utils.logs import console, setup_logging
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if job is not None:
+        _job_started(argv, job)
+        warning = job_working_dir_warning(args.out) if isinstance(getattr(args, "out", None), str) else None
+        if warning:  # eval / index / prepare: their own --out (run-config commands: _config_from_args)
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         return args.func(args)
     except _user_errors() as exc:

@@ -1,10 +1,11 @@
-"""Start or join Ray the same way everywhere (CLI, jobs, tests)."""
+"""Start or join Ray the same way everywhere (CLI, jobs, tests), and set up a submitted job's driver."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -13,15 +14,72 @@ WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "TORCH_EXTENS
               "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR", "TQDM_DISABLE")
 
 
-def job_env_vars() -> dict[str, str] | None:
-    """The env_vars of the Ray job this driver runs in (``ray job submit``), None outside a job."""
+def _job_runtime_env() -> dict | None:
+    """The runtime_env of the Ray job this driver runs in (``ray job submit``), None outside a job."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if raw is None:
         return None
     try:
-        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
-    except (ValueError, AttributeError):
+        return dict(json.loads(raw).get("runtime_env") or {})
+    except (ValueError, AttributeError, TypeError):
         return {}
+
+
+def job_env_vars() -> dict[str, str] | None:
+    """The env_vars of the Ray job this driver runs in (``ray job submit``), None outside a job."""
+    runtime_env = _job_runtime_env()
+    if runtime_env is None:
+        return None
+    try:
+        return dict(runtime_env.get("env_vars") or {})
+    except (ValueError, TypeError):
+        return {}
+
+
+def in_ray_job() -> bool:
+    """True inside the driver of a submitted Ray job (``ray job submit`` / a KubeRay RayJob)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def prepare_job_environment() -> dict[str, bool] | None:
+    """Set up the environment of a submitted job's driver; None outside a job (nothing is changed there).
+
+    Called first by ``unime_ray.cli.main``, before anything loads torch or an OpenMP runtime:
+
+    * ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` (unless set): the job's ``runtime_env`` (env vars such as
+      ``HF_HUB_OFFLINE``, the working dir) reaches the driver, and :func:`init_ray` passes env vars to
+      ``ray.init`` as well, which Ray refuses as a conflict unless told to merge them;
+    * Ray gives the job's driver ``OMP_NUM_THREADS=1`` (its supervisor actor holds no CPU). It is dropped unless the
+      job's own ``runtime_env`` ``env_vars`` set it, so the driver (FAISS search) and the workers
+      :func:`init_ray` starts get their ``num_cpus`` threads rather than one.
+
+    Returns what was done: ``{"override_runtime_env": ..., "dropped_omp_threads": ...}``.
+    """
+    job_env = job_env_vars()
+    if job_env is None:
+        return None
+    override = "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in os.environ
+    if override:
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    dropped = os.environ.get("OMP_NUM_THREADS") == "1" and "OMP_NUM_THREADS" not in job_env
+    if dropped:
+        del os.environ["OMP_NUM_THREADS"]
+    return {"override_runtime_env": override, "dropped_omp_threads": dropped}
+
+
+def job_working_dir_warning(path: str | os.PathLike) -> str | None:
+    """A warning when a submitted job's output ``path`` lies in the job's copy of its working dir, else None.
+
+    A job with a ``working_dir`` runs in a temporary copy of it (its current directory), which Ray deletes with
+    the session.
+    """
+    if not (_job_runtime_env() or {}).get("working_dir"):
+        return None
+    out, here = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    if out != here and here not in out.parents:
+        return None
+    return (f"outputs go to {out}, inside the job's copy of its working dir ({here}), which Ray deletes with the "
+            "session; give an absolute path on shared storage (-o run_dir=... / --out ...)")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
