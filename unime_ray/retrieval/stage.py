@@ -208,13 +208,13 @@ def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.Path
     from ..utils.logs import Progress
     from ..utils.shards import pending_shards, shard_rows
 
-    use_ray = pool is not None and pool.ray
+    on_ray = pool is not None and pool.ray
     todo = pending_shards(query_embeddings, out_dir)
     total = sum(shard_rows(s) for s, _ in todo)
-    progress = Progress(logger, f"searched ({Path(query_embeddings).name}{', Ray' if use_ray else ''})", total)
+    progress = Progress(logger, f"searched ({Path(query_embeddings).name}{', Ray' if on_ray else ''})", total)
     kwargs = {"index_dir": str(index_dir), "settings": settings.model_dump(),
-              "threads": threads or (max(1, int(pool.num_cpus_per_actor)) if use_ray else None)}
-    if todo and use_ray:
+              "threads": threads or (max(1, int(pool.num_cpus_per_actor)) if on_ray else None)}
+    if todo and on_ray:
         import ray
         from ray.util import ActorPool
 
