@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unime_ray.data.io import write_rows, write_table_atomic  # noqa: E402
 from unime_ray.data.schema import CANDIDATE_SCHEMA  # noqa: E402
 from unime_ray.retrieval.embed import embeddings_table  # noqa: E402
-from unime_ray.retrieval.index import IndexSpec, ShardedIndex  # noqa: E402
-from unime_ray.retrieval.stage import RetrieveSettings, build_indexes, search_queries  # noqa: E402
+from unime_ray.retrieval.config import RetrieveConfig  # noqa: E402
+from unime_ray.retrieval.index import ShardedIndex  # noqa: E402
+from unime_ray.retrieval.stage import build_indexes, search_queries  # noqa: E402
+from unime_ray.utils.pool import Pool  # noqa: E402
 
 
 def clustered(n: int, d: int, clusters: int, rng) -> np.ndarray:
@@ -84,7 +86,7 @@ def main() -> None:
     flat.add(c)
     t_faiss, (_, faiss_ids) = timed(flat.search, q, k)
     rows.append(("raw faiss IndexFlatIP", t_faiss, recall(faiss_ids, np_ids)))
-    sharded = ShardedIndex.build(c, IndexSpec(num_shards=args.shards))
+    sharded = ShardedIndex.build(c, RetrieveConfig(num_shards=args.shards))
     t_sh, (_, sh_ids) = timed(sharded.search, q, k)
     rows.append((f"ShardedIndex flat x{args.shards}", t_sh, recall(sh_ids, faiss_ids)))
 
@@ -102,7 +104,7 @@ def main() -> None:
         per = max(1, len(q) // 4)
         for j, lo in enumerate(range(0, len(q), per)):
             write_table_atomic(qt.slice(lo, per), work / "q_emb" / f"part-{j:05d}.parquet")
-        settings = RetrieveSettings(top_k=k, delta=None, pool="global", index=IndexSpec(num_shards=args.shards))
+        settings = RetrieveConfig(top_k=k, delta=None, pool="global", num_shards=args.shards)
         build_indexes(work / "cand_emb", work / "cands", work / "index", settings)
         t_stage, st = timed(search_queries, work / "q_emb", work / "index", work / "out_local", settings)
         rows.append(("stage search, one process", t_stage, None))
@@ -118,7 +120,7 @@ def main() -> None:
             for actors, threads in ((1, cpus), (cpus, 1)):
                 out = work / f"out_ray_{actors}"
                 t_ray, st = timed(search_queries, work / "q_emb", work / "index", out, settings,
-                                  use_ray=True, actors=actors, num_cpus=1, threads=threads)
+                                  pool=Pool(min_actors=actors, max_actors=actors), threads=threads)
                 rows.append((f"stage search on Ray ({actors} actor(s) x {threads} faiss thread(s))", t_ray, None))
                 rows.append(("  same, after actor start and index load", t_ray - st["setup_seconds"], None))
             ray.shutdown()
@@ -127,7 +129,7 @@ def main() -> None:
 
     ivf_rows = []
     for nlist in ([] if args.skip_ivf else args.nlist):
-        t_build, ivf = timed(ShardedIndex.build, c, IndexSpec(kind="ivf", nlist=nlist, train_size=100_000))
+        t_build, ivf = timed(ShardedIndex.build, c, RetrieveConfig(index_kind="ivf", nlist=nlist))
         for nprobe in args.nprobe:
             for shard in ivf.shards:
                 shard.nprobe = nprobe

@@ -22,9 +22,9 @@ def test_presets_exist():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_run_config(preset="demo", overrides=["embed.batch_size=4", "models.image_resize=[672, 672]",
+    cfg = load_run_config(preset="demo", overrides=["embed.pool.batch_size=4", "models.image_resize=[672, 672]",
                                                     "ray.address=null", "data.source=synthetic"])
-    assert cfg.embed.batch_size == 4 and cfg.models.image_resize == (672, 672)
+    assert cfg.embed.pool.batch_size == 4 and cfg.models.image_resize == (672, 672)
     assert cfg.ray.address is None and cfg.data.source == "synthetic"
     d: dict = {}
     apply_override(d, "a.b.c=1.5")
@@ -34,8 +34,8 @@ def test_overrides_are_typed_and_nested():
 @pytest.mark.parametrize("override,message", [
     ("embed.batch_sise=4", "embed.batch_sise: unknown key"),
     ("nonsense=1", "nonsense: unknown key"),
-    ("embed.batch_size=zero", "embed.batch_size"),
-    ("embed.min_actors=5", "min_actors (5) > max_actors"),
+    ("embed.pool.batch_size=zero", "embed.pool.batch_size"),
+    ("embed.pool.min_actors=5", "min_actors (5) > max_actors"),
     ("models.input_format=llava", "models.input_format"),
     ("data.source=official", "needs data.train_path"),
 ])
@@ -49,7 +49,7 @@ def test_unknown_preset_and_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*demo"):
         load_run_config(preset="nope")
     with pytest.raises(ConfigError, match="key.path=value"):
-        load_run_config(preset="demo", overrides=["embed.batch_size"])
+        load_run_config(preset="demo", overrides=["embed.pool.batch_size"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -79,7 +79,7 @@ def test_help_lists_subcommands():
 
 
 def test_cli_config_show_and_errors(capsys):
-    assert main(["config", "show", "--preset", "synthetic", "-o", "embed.batch_size=3"]) == 0
+    assert main(["config", "show", "--preset", "synthetic", "-o", "embed.pool.batch_size=3"]) == 0
     assert "batch_size: 3" in capsys.readouterr().out
     assert main(["config", "show", "--preset", "demo", "-o", "embed.bogus=1"]) == 2
     assert "embed.bogus: unknown key" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import pytest
 from unime_ray.config import load_run_config
 from unime_ray.data.io import ShardWriter, count_rows, read_table
 from unime_ray.data.schema import CANDIDATE_SCHEMA
-from unime_ray.retrieval.embed import EmbedderSpec, embed_table_local, embed_table_ray, read_embeddings
+from unime_ray.retrieval.embed import EmbedderSpec, embed_table, read_embeddings
+from unime_ray.utils.pool import Pool
 
 from .conftest import make_png
 
@@ -33,9 +34,9 @@ def _as_dict(path):
 
 def test_ray_embedding_equals_local_and_resumes(tiny_models, ray_local, candidate_table, tmp_path):
     spec = EmbedderSpec(model=str(tiny_models["qwen2_vl"]), dtype="float32")
-    local = embed_table_local(spec.build(), candidate_table, tmp_path / "local", batch_size=4)
+    local = embed_table(spec.build(), candidate_table, tmp_path / "local", pool=Pool.in_process(4))
     assert local["rows_embedded"] == 20 and local["shards_written"] == 3
-    stats = embed_table_ray(spec, candidate_table, tmp_path / "ray", batch_size=4, min_actors=1, max_actors=2)
+    stats = embed_table(spec, candidate_table, tmp_path / "ray", pool=Pool(batch_size=4, min_actors=1, max_actors=2))
     assert stats["rows_embedded"] == 20 and stats["shards_written"] == 3
     a, b = _as_dict(tmp_path / "local"), _as_dict(tmp_path / "ray")
     assert sorted(a) == sorted(b) == [f"c{i:03d}" for i in range(20)]
@@ -46,14 +47,14 @@ def test_ray_embedding_equals_local_and_resumes(tiny_models, ray_local, candidat
     # A killed run: one shard's output missing and a stray temporary file. Rerun redoes just that shard.
     (tmp_path / "ray" / "part-00001.parquet").unlink()
     (tmp_path / "ray" / ".part-00001.parquet.tmp-999").write_bytes(b"partial")
-    again = embed_table_ray(spec, candidate_table, tmp_path / "ray", batch_size=4)
+    again = embed_table(spec, candidate_table, tmp_path / "ray", pool=Pool(batch_size=4))
     assert again["shards_written"] == 1 and again["rows_embedded"] == 7
     c = _as_dict(tmp_path / "ray")
     assert sorted(c) == sorted(a)  # nothing lost, nothing duplicated
     for k in a:
         np.testing.assert_allclose(a[k], c[k], atol=1e-5)
     # Complete: a rerun does nothing.
-    assert embed_table_ray(spec, candidate_table, tmp_path / "ray")["rows_embedded"] == 0
+    assert embed_table(spec, candidate_table, tmp_path / "ray", pool=Pool())["rows_embedded"] == 0
 
 
 def _run(tmp_path, *overrides):
@@ -90,7 +91,7 @@ def test_pipeline_runs_resumes_and_accounts(tiny_models, ray_local, tmp_path):
         assert manifest2.data["stages"][name]["started"] == started[name]
 
     # Changing the embed section reruns only embedding.
-    _, manifest3 = _run(tmp_path, "embed.batch_size=5")
+    _, manifest3 = _run(tmp_path, "embed.pool.batch_size=5")
     s3 = manifest3.data["stages"]
     assert s3["embed"]["started"] != started["embed"]
     assert s3["data"]["started"] == started["data"] and s3["prepare"]["started"] == started["prepare"]

@@ -118,14 +118,14 @@ def test_bad_pairs_are_reported_not_scored(judge, tiny_models):
 @pytest.fixture(scope="module")
 def retrieved(tiny_models, tmp_path_factory):
     from unime_ray.data.demo import make_demo_data
-    from unime_ray.retrieval import EmbedderSpec, RetrieveSettings, run_retrieval
+    from unime_ray.retrieval import EmbedderSpec, RetrieveConfig, run_retrieval
 
     root = tmp_path_factory.mktemp("judge_data")
     make_demo_data(root / "data", source="synthetic", max_items=12, rows_per_shard=10, progress=False)
     pairs = root / "data" / "train" / "pairs"
     spec = EmbedderSpec(model=str(tiny_models["qwen2_vl"]), dtype="float32", image_root=str(root / "data"))
     run_retrieval(pairs, root / "data" / "train" / "candidates", root / "ret", spec,
-                  RetrieveSettings(top_k=3, delta=None), use_ray=False)
+                  RetrieveConfig(top_k=3, delta=None))
     # The judge reads a pool where one retrieved image candidate has become unreadable: it must quarantine it.
     retrieved_ids = {c for r in read_table(root / "ret" / "candidates").to_pylist() for c in r["cand_ids"]}
     pool = read_table(root / "data" / "train" / "candidates").to_pylist()

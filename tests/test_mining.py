@@ -84,7 +84,8 @@ def test_mining_stage_accounts_resumes_and_exports(tmp_path):
     from unime_ray.data.io import read_table
     from unime_ray.data.schema import CANDIDATE_SCHEMA, PAIR_SCHEMA, empty_row
     from unime_ray.judge.stage import SCORES_SCHEMA
-    from unime_ray.mining.stage import MineSettings, run_mining
+    from unime_ray.mining.config import MineConfig
+    from unime_ray.mining.stage import run_mining
     from unime_ray.retrieval.stage import CANDIDATES_TABLE_SCHEMA
 
     pool = [dict(empty_row(CANDIDATE_SCHEMA), id=f"c{i}", task="t", text=f"candidate {i}") for i in range(6)]
@@ -118,7 +119,7 @@ def test_mining_stage_accounts_resumes_and_exports(tmp_path):
         _write(tmp_path / "cands" / name, c, CANDIDATES_TABLE_SCHEMA)
         _write(tmp_path / "scores" / name, s, SCORES_SCHEMA)
 
-    settings = MineSettings(num_negatives=4, beta=0.01, interval=2)
+    settings = MineConfig(num_negatives=4, beta=0.01, interval=2)
     args = (tmp_path / "cands", tmp_path / "scores", tmp_path / "pairs", tmp_path / "pool", tmp_path / "mine",
             settings)
     out = run_mining(*args)

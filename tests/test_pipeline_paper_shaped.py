@@ -48,15 +48,15 @@ OVERRIDES: list[tuple[str, str, str]] = [
     # GPU-only settings
     ("judge.backend", "transformers", "GPU only: vLLM needs a GPU"),
     ("judge.num_gpus_per_actor", "0", "GPU only"),
-    ("embed.num_gpus_per_actor", "0", "GPU only"),
+    ("embed.pool.num_gpus_per_actor", "0", "GPU only"),
     ("eval.num_gpus_per_actor", "0", "GPU only"),
     ("train.use_gpu", "false", "GPU only"),
     ("train.bf16", "false", "GPU only: bf16 training on GPU, fp32 on CPU"),
     ("reranker.use_gpu", "false", "GPU only"),
     ("reranker.bf16", "false", "GPU only: bf16 training on GPU, fp32 on CPU"),
     # actor counts and CPUs: 2 CPUs on this machine
-    ("embed.max_actors", "1", "2 CPUs: one embedding actor"),
-    ("embed.num_cpus_per_actor", "1", "2 CPUs"),
+    ("embed.pool.max_actors", "1", "2 CPUs: one embedding actor"),
+    ("embed.pool.num_cpus_per_actor", "1", "2 CPUs"),
     ("judge.max_actors", "1", "2 CPUs: one judge actor"),
     ("judge.num_cpus_per_actor", "1", "2 CPUs"),
     ("eval.max_actors", "1", "2 CPUs: one evaluation actor"),
@@ -243,7 +243,7 @@ def test_without_the_overrides_the_job_runs_the_paper_recipe(tmp_path):
     for s in (emb, rer):
         assert (s.use_gpu, s.bf16, s.zero_stage, s.gradient_checkpointing) == (True, True, 2, True)
     assert job.judge.backend == "vllm" and job.judge.num_gpus_per_actor == 1 and job.judge.max_actors == 8
-    assert (job.embed.num_gpus_per_actor, job.eval.num_gpus_per_actor) == (1, 1)
+    assert (job.embed.pool.num_gpus_per_actor, job.eval.num_gpus_per_actor) == (1, 1)
     assert job.ray.address == "auto" and job.mine.from_imported == "use"
     assert (job.models.embedder, job.models.judge, job.models.retriever.model) == (
         "Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "TIGER-Lab/VLM2Vec-Qwen2VL-7B")

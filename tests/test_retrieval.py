@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from unime_ray.data.io import read_table
-from unime_ray.retrieval import (EmbedderSpec, IndexSpec, RetrieveSettings, ShardedIndex, brute_force_topk,
+from unime_ray.retrieval import (EmbedderSpec, RetrieveConfig, ShardedIndex, brute_force_topk,
                                  read_embeddings, run_retrieval, search_topk, select_candidates)
+from unime_ray.utils.pool import Pool
 
 
 def _unit(x):
@@ -85,7 +86,7 @@ def test_ties_break_by_lower_id():
 def test_ivf_recall_on_clustered_data_and_save_load(tmp_path):
     q, c = clustered_data(n=4000, nq=50)
     flat_ids = search_topk(q, c, 20)[1]
-    index = ShardedIndex.build(c, IndexSpec(kind="ivf", num_shards=2, nlist=32, nprobe=8))
+    index = ShardedIndex.build(c, RetrieveConfig(index_kind="ivf", num_shards=2, nlist=32, nprobe=8))
     ivf_ids = index.search(q, 20)[1]
     recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(flat_ids, ivf_ids)])
     assert recall >= 0.9
@@ -101,7 +102,7 @@ def test_search_errors():
     with pytest.raises(ValueError, match="dim"):
         ShardedIndex.build(c).search(q[:, :5], 3)
     with pytest.raises(ValueError, match="kind"):
-        IndexSpec(kind="hnsw")
+        RetrieveConfig(index_kind="hnsw")
 
 
 # ------------------------------------------------------------------------------------------ the delta rule
@@ -110,7 +111,7 @@ SCORES = np.array([0.9, 0.8, 0.8, 0.7, 0.5, 0.1], dtype=np.float32)
 
 
 def test_delta_positive_drops_at_or_above_and_never_keeps_the_positive():
-    s = RetrieveSettings(top_k=3, delta="positive")
+    s = RetrieveConfig(top_k=3, delta="positive")
     ids, scores, dropped = select_candidates(IDS, SCORES, "pos", 0.8, s)
     # top-3 without the positive: a (0.9), b (0.8), c (0.7); a and b are >= 0.8 -> dropped
     assert ids == ["c"] and dropped == 2
@@ -118,17 +119,17 @@ def test_delta_positive_drops_at_or_above_and_never_keeps_the_positive():
 
 
 def test_delta_fill_keeps_top_k_below_threshold():
-    s = RetrieveSettings(top_k=3, delta="positive", fill=True)
+    s = RetrieveConfig(top_k=3, delta="positive", fill=True)
     ids, _, dropped = select_candidates(IDS, SCORES, "pos", 0.8, s)
     assert ids == ["c", "d", "e"] and dropped == 2
 
 
 def test_delta_fixed_and_none():
-    assert select_candidates(IDS, SCORES, "pos", 0.8, RetrieveSettings(top_k=4, delta=0.6))[0] == ["d"]
-    ids, _, dropped = select_candidates(IDS, SCORES, "pos", 0.8, RetrieveSettings(top_k=4, delta=None))
+    assert select_candidates(IDS, SCORES, "pos", 0.8, RetrieveConfig(top_k=4, delta=0.6))[0] == ["d"]
+    ids, _, dropped = select_candidates(IDS, SCORES, "pos", 0.8, RetrieveConfig(top_k=4, delta=None))
     assert ids == ["a", "b", "c", "d"] and dropped == 0
     with pytest.raises(ValueError):
-        RetrieveSettings(delta="median")
+        RetrieveConfig(delta="median")
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -168,11 +169,10 @@ def _check_candidates(out_dir, pairs_dir, settings):
 
 def test_retrieval_stage_matches_brute_force_and_resumes(tiny_models, synthetic_split, tmp_path):
     spec = EmbedderSpec(model=str(tiny_models["qwen2_vl"]), dtype="float32", image_root=str(synthetic_split))
-    settings = RetrieveSettings(top_k=5, delta="positive", fill=True, index=IndexSpec(num_shards=3),
-                                search_batch_size=7)
+    settings = RetrieveConfig(top_k=5, delta="positive", fill=True, num_shards=3, search_batch_size=7)
     pairs, cands = synthetic_split / "train" / "pairs", synthetic_split / "train" / "candidates"
     out = tmp_path / "ret"
-    stats = run_retrieval(pairs, cands, out, spec, settings, use_ray=False, batch_size=8)
+    stats = run_retrieval(pairs, cands, out, spec, settings, pool=Pool.in_process(8))
     assert stats["queries"] == 3 * 32 and stats["pools"] == 3
     first = _check_candidates(out, pairs, settings)
 
@@ -180,7 +180,7 @@ def test_retrieval_stage_matches_brute_force_and_resumes(tiny_models, synthetic_
     (out / "query_embeddings" / "part-00001.parquet").unlink()
     (out / "candidates" / "part-00001.parquet").unlink()
     (out / "candidates" / "part-00002.parquet").unlink()
-    again = run_retrieval(pairs, cands, out, spec, settings, use_ray=False, batch_size=8)
+    again = run_retrieval(pairs, cands, out, spec, settings, pool=Pool.in_process(8))
     assert again["query_embedding"]["rows_embedded"] == 25
     assert again["candidate_embedding"]["rows_embedded"] == 0
     assert again["search"]["shards_written"] == 2
@@ -190,10 +190,10 @@ def test_retrieval_stage_matches_brute_force_and_resumes(tiny_models, synthetic_
 
 def test_retrieval_stage_on_ray_equals_local(tiny_models, ray_local, synthetic_split, tmp_path):
     spec = EmbedderSpec(model=str(tiny_models["qwen2_vl"]), dtype="float32", image_root=str(synthetic_split))
-    settings = RetrieveSettings(top_k=4, delta="positive", fill=False, pool="global")
+    settings = RetrieveConfig(top_k=4, delta="positive", fill=False, pool="global", search_actors=1)
     pairs = synthetic_split / "train" / "pairs"
-    local = run_retrieval(pairs, None, tmp_path / "local", spec, settings, use_ray=False)
-    ray_run = run_retrieval(pairs, None, tmp_path / "ray", spec, settings, use_ray=True, search_actors=1)
+    local = run_retrieval(pairs, None, tmp_path / "local", spec, settings)
+    ray_run = run_retrieval(pairs, None, tmp_path / "ray", spec, settings, pool=Pool())
     assert local["pools"] == ray_run["pools"] == 1
     a = {r["query_id"]: r for r in read_table(tmp_path / "local" / "candidates").to_pylist()}
     b = {r["query_id"]: r for r in read_table(tmp_path / "ray" / "candidates").to_pylist()}

@@ -74,6 +74,7 @@ def b64(data: bytes) -> str:
 def built_index(tiny_models, tmp_path_factory):
     from unime_ray.retrieval.embed import EmbedderSpec
     from unime_ray.serve.index import build_serving_index
+    from unime_ray.utils.pool import Pool
 
     root = tmp_path_factory.mktemp("serve")
     image_root = root / "images"
@@ -82,7 +83,7 @@ def built_index(tiny_models, tmp_path_factory):
     write_table_atomic(rows_to_table(rows[:12], CANDIDATE_SCHEMA), cands / "part-00000.parquet")
     write_table_atomic(rows_to_table(rows[12:], CANDIDATE_SCHEMA), cands / "part-00001.parquet")
     spec = EmbedderSpec(model=str(tiny_models["qwen2_vl"]), dtype="float32", image_root=str(image_root))
-    manifest = build_serving_index(cands, root / "index", spec, num_shards=2, batch_size=8)
+    manifest = build_serving_index(cands, root / "index", spec, num_shards=2, pool=Pool.in_process(8))
     return {"root": root, "rows": rows, "image_root": image_root, "candidates": cands, "index": root / "index",
             "manifest": manifest}
 
@@ -278,14 +279,15 @@ def test_request_validation_helpers():
 
 
 def test_partitions_merge_exactly(tmp_path):
-    from unime_ray.retrieval.index import IndexSpec, ShardedIndex, brute_force_topk
+    from unime_ray.retrieval.config import RetrieveConfig
+    from unime_ray.retrieval.index import ShardedIndex, brute_force_topk
     from unime_ray.serve.index import FAISS_DIR, load_partition, partition_shards
 
     assert partition_shards(5, 2) == [[0, 1], [2, 3, 4]] and partition_shards(3, 3) == [[0], [1], [2]]
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(103, 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    ShardedIndex.build(vecs, IndexSpec(num_shards=5)).save(tmp_path / FAISS_DIR)
+    ShardedIndex.build(vecs, RetrieveConfig(num_shards=5)).save(tmp_path / FAISS_DIR)
     queries = vecs[:4] + 0.1
     ref_s, ref_i = brute_force_topk(queries, vecs, 7)
     parts = [load_partition(tmp_path, p, 3) for p in range(3)]

@@ -18,7 +18,7 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = No
                    + (f"; default {default_preset}" if default_preset else ""))
     g.add_argument("--config", default=None, help="a YAML config file")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. -o embed.batch_size=8 (repeatable)")
+                   help="override a config field, e.g. -o embed.pool.batch_size=8 (repeatable)")
     p.add_argument("--run-dir", default=None, help="shortcut for -o run_dir=PATH")
     p.set_defaults(default_preset=default_preset)
 
@@ -154,7 +154,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .retrieval.embed import EmbedderSpec, embed_table_local, embed_table_ray
+    from .retrieval.embed import EmbedderSpec, embed_table
+    from .utils.pool import Pool
 
     from .models.budget import budget_from_arguments
 
@@ -163,15 +164,13 @@ def cmd_embed(args) -> int:
                         image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
                         max_pixels=budget.max_pixels)
     prefix = args.prefix if args.prefix is not None else ("query_" if _is_pair_table(args.table) else "")
-    if args.no_ray:
-        stats = embed_table_local(spec.build(), args.table, args.out, prefix=prefix, batch_size=args.batch_size)
-    else:
+    pool = Pool(ray=not args.no_ray, batch_size=args.batch_size, min_actors=args.min_actors,
+                max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor)
+    if pool.ray:
         from .utils.ray_utils import init_ray
 
         init_ray(num_cpus=args.num_cpus)
-        stats = embed_table_ray(spec, args.table, args.out, prefix=prefix, batch_size=args.batch_size,
-                                min_actors=args.min_actors, max_actors=args.max_actors,
-                                num_gpus=args.num_gpus_per_actor)
+    stats = embed_table(spec, args.table, args.out, prefix=prefix, pool=pool)
     print(json.dumps(stats, indent=1))
     return 0
 

@@ -17,7 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .eval.config import EvalConfig
+from .mining.config import MineConfig
 from .models.budget import ROLES, ImageBudget
+from .retrieval.config import EmbedConfig, RetrieveConfig
 from .serve.config import ServeConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -136,41 +138,6 @@ class DataConfig(_Section):
         return self
 
 
-class EmbedConfig(_Section):
-    """Encoding tables with the embedder over a Ray Data actor pool."""
-
-    batch_size: int = Field(default=16, ge=1)
-    min_actors: int = Field(default=1, ge=1)
-    max_actors: int = Field(default=2, ge=1)
-    num_cpus_per_actor: float = Field(default=1.0, gt=0)
-    num_gpus_per_actor: float = Field(default=0.0, ge=0)
-    tables: list[Literal["eval_pairs", "eval_candidates", "train_pairs", "train_candidates"]] = Field(
-        default_factory=lambda: ["eval_pairs", "eval_candidates"])
-
-    @model_validator(mode="after")
-    def _pool(self):
-        if self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
-        return self
-
-
-class RetrieveConfig(_Section):
-    """Global retrieval (stage S1): top-K candidates per query below the threshold delta."""
-
-    split: Literal["train", "eval"] = "train"
-    top_k: int = Field(default=50, ge=1)
-    # "positive": the query's similarity to its own positive (the paper's Fig. 2); a number; or null (none)
-    delta: Literal["positive"] | float | None = "positive"
-    fill: bool = False            # search deeper so top_k remain after the delta drop (paper's Rank_50 over x<delta)
-    pool: Literal["task", "global"] = "task"
-    index_kind: Literal["flat", "ivf"] = "flat"
-    num_shards: int = Field(default=1, ge=1)
-    nlist: int | None = Field(default=None, ge=1)
-    nprobe: int = Field(default=16, ge=1)
-    search_batch_size: int = Field(default=4096, ge=1)
-    search_actors: int = Field(default=0, ge=0)   # 0: search in the driver; >0: a Ray actor pool of that size
-
-
 class VLLMConfig(_Section):
     """vLLM engine settings for the judge on GPUs (see unime_ray/judge/vllm_backend.py)."""
 
@@ -211,20 +178,6 @@ class JudgeConfig(_Section):
         if self.backend == "vllm" and self.num_gpus_per_actor < 1:
             raise ValueError("the vllm backend needs num_gpus_per_actor >= 1")
         return self
-
-
-class MineConfig(_Section):
-    """Hard-negative mining (stage S3): false-negative filter and cyclical sampling."""
-
-    num_negatives: int = Field(default=10, ge=1)
-    beta: float = Field(default=0.01, ge=0)
-    interval: int = Field(default=5, ge=1)
-    fallback_score: float = Field(default=1.0, ge=0, le=1)
-    export_official: bool = True        # also write the official UniME-V2 JSON
-    # training pairs that already carry judge-scored negatives (the official score JSON, or a table with neg_* and
-    # neg_score): "use" trains on them as they are (retrieve, judge and mine are recorded as imported);
-    # "remine" runs retrieve -> judge -> mine on their queries and positives as for any other data
-    from_imported: Literal["use", "remine"] = "use"
 
 
 class TrainConfig(_Section):

@@ -3,7 +3,7 @@
 Every evaluator first collects the distinct items it needs (queries and candidates, de-duplicated by
 id or content) in an :class:`ItemRegistry`, then asks an :class:`ItemEncoder` for one embedding per
 registry entry. The Ray path writes the items to a temporary canonical candidate table and reuses the
-pipeline's :func:`~unime_ray.retrieval.embed.embed_table_ray` (the same ``EmbedActor``), so single-process
+pipeline's :func:`~unime_ray.retrieval.embed.embed_table` (the same ``EmbedActor``), so single-process
 and distributed evaluation encode exactly the same inputs.
 """
 
@@ -174,7 +174,8 @@ class ItemEncoder:
             self.visual_tokens.update(drain_visual_tokens(emb))
 
     def _encode_ray(self, items: Sequence[Item], image_root) -> np.ndarray:
-        from ..retrieval.embed import embed_table_ray, read_embeddings
+        from ..retrieval.embed import embed_table, read_embeddings
+        from ..utils.pool import Pool
         from ..utils.ray_utils import init_ray
 
         init_ray()
@@ -191,9 +192,9 @@ class ItemEncoder:
                              "image": it.image, "image_path": it.image_path})
             spec = self.spec if image_root is None else dataclasses.replace(
                 self.spec, image_root=_absolute_if_local(str(image_root)))
-            stats = embed_table_ray(spec, tmp / "items", tmp / "emb", batch_size=self.batch_size,
-                                    min_actors=self.min_actors, max_actors=self.max_actors,
-                                    num_cpus=self.num_cpus_per_actor, num_gpus=self.num_gpus_per_actor)
+            pool = Pool(batch_size=self.batch_size, min_actors=self.min_actors, max_actors=self.max_actors,
+                        num_cpus_per_actor=self.num_cpus_per_actor, num_gpus_per_actor=self.num_gpus_per_actor)
+            stats = embed_table(spec, tmp / "items", tmp / "emb", pool=pool)
             hist = (stats.get("visual_tokens") or {}).get("histogram") or {}
             self.visual_tokens.update({int(k): int(v) for k, v in hist.items()})
             ids, vectors = read_embeddings(tmp / "emb")

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pyarrow as pa
 from ..data.convert import export_official_json
 from ..data.io import iter_rows, read_table, rows_to_table, shard_paths, write_table_atomic
 from ..data.schema import PAIR_SCHEMA, empty_row, item_from_row, item_to_columns, negatives_to_columns
+from .config import MineConfig
 from .sampling import mine_query
 
 logger = logging.getLogger(__name__)
@@ -34,21 +34,14 @@ _ITEM = ("instruction", "text", "image", "image_path")
 QUARANTINE_SCHEMA = pa.schema([pa.field("query_id", pa.string()), pa.field("reason", pa.string())])
 
 
-@dataclass(frozen=True)
-class MineSettings:
-    num_negatives: int = 10
-    beta: float = 0.01
-    interval: int = 5
-    seed: int = 0
-    fallback_score: float = 1.0
-
-    def query_seed(self, query_id: str) -> int:
-        """A per-query seed: reproducible, and different queries draw different fallbacks."""
-        return int(hashlib.sha1(f"{self.seed}:{query_id}".encode()).hexdigest()[:12], 16)
+def query_seed(seed: int, query_id: str) -> int:
+    """A per-query seed from the run's: reproducible, and different queries draw different fallbacks."""
+    return int(hashlib.sha1(f"{seed}:{query_id}".encode()).hexdigest()[:12], 16)
 
 
 def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, pool: dict[str, dict[str, Any]],
-               settings: MineSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+               settings: MineConfig, seed: int = 0
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """(training rows, quarantined queries, statistics) of one shard."""
     scores = {(r["query_id"], r["cand_id"]): (r["score"], r["error"]) for r in iter_rows(scores_shard)}
     queries = {r["id"]: r for r in iter_rows(pairs_shard)}
@@ -78,7 +71,7 @@ def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, po
             stats["quarantined"] += 1
             continue
         outcome = mine_query(ids, vals, pos_score, settings.num_negatives, settings.beta, settings.interval,
-                             settings.query_seed(qid), settings.fallback_score)
+                             query_seed(seed, qid), settings.fallback_score)
         stats["false_negatives"] += outcome.false_negatives
         stats["fallbacks"] += int(outcome.fallback and bool(ids))
         stats["repeated_fill"] += int(0 < outcome.survivors < settings.num_negatives)
@@ -95,8 +88,10 @@ def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, po
 
 
 def run_mining(candidates_table: str | os.PathLike, scores_table: str | os.PathLike, pairs_table: str | os.PathLike,
-               pool_table: str | os.PathLike, out_dir: str | os.PathLike, settings: MineSettings, *,
-               image_root: str | os.PathLike | None = None, export_official: bool = True) -> dict[str, Any]:
+               pool_table: str | os.PathLike, out_dir: str | os.PathLike, settings: MineConfig, *, seed: int = 0,
+               image_root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Mine every pending candidates shard; ``seed``: the run's (fallback draws); the official JSON is written
+    when ``settings.export_official``."""
     out_dir = Path(out_dir)
     score_shards = {p.name: p for p in shard_paths(scores_table)}
     pair_shards = {p.name: p for p in shard_paths(pairs_table)}
@@ -110,7 +105,7 @@ def run_mining(candidates_table: str | os.PathLike, scores_table: str | os.PathL
         for needed, have in ((score_shards, "scores"), (pair_shards, "pairs")):
             if shard.name not in needed:
                 raise FileNotFoundError(f"no {have} shard {shard.name} for candidates shard {shard}")
-        rows, bad, stats = mine_shard(shard, score_shards[shard.name], pair_shards[shard.name], pool, settings)
+        rows, bad, stats = mine_shard(shard, score_shards[shard.name], pair_shards[shard.name], pool, settings, seed)
         write_table_atomic(rows_to_table(bad, QUARANTINE_SCHEMA), out_dir / "quarantine" / shard.name)
         write_table_atomic(rows_to_table(rows, PAIR_SCHEMA), target)
         (out_dir / "stats").mkdir(parents=True, exist_ok=True)
@@ -121,9 +116,10 @@ def run_mining(candidates_table: str | os.PathLike, scores_table: str | os.PathL
             totals[k] = totals.get(k, 0) + v
     if totals.get("queries", 0) != totals.get("mined", 0) + totals.get("quarantined", 0):
         raise AssertionError(f"mining accounting broken: {totals}")
-    out: dict[str, Any] = {**totals, "settings": asdict(settings), "training_table": str(out_dir / "train")}
+    out: dict[str, Any] = {**totals, "settings": {**settings.model_dump(), "seed": seed},
+                           "training_table": str(out_dir / "train")}
     out.update(score_summary(out_dir / "train", out_dir / "score_histograms.png"))
-    if export_official and totals.get("mined", 0):
+    if settings.export_official and totals.get("mined", 0):
         path = out_dir / "train_official.json"
         export_official_json(out_dir / "train", path, image_dir=image_root or out_dir / "official_images")
         out["official_json"] = str(path)

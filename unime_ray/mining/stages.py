@@ -16,21 +16,24 @@ class MineResult(StageResult):
     training_table: str                   # what the embedder and the reranker train on
     imported: bool = False
     official_json: str | None = None
+    min_negatives: int | None = None      # imported: the fewest negatives of a row (training checks it against k)
+    settings: dict[str, Any] | None = None  # the mine section and seed it ran with (the report prints them)
+    histogram: str | None = None          # the judge-score histogram plot
 
 
 def run_mine(ctx: Context) -> dict[str, Any]:
-    from .stage import MineSettings, run_mining
+    from ..data.stages import PrepareResult
+    from ..judge.stages import JudgeResult
+    from ..retrieval.stages import RetrieveResult
+    from .stage import run_mining
 
     cfg = ctx.cfg
-    retrieved, judged, prepared = ctx.outputs("retrieve"), ctx.outputs("judge"), ctx.outputs("prepare")
-    if retrieved.get("imported"):
+    retrieved = ctx.result("retrieve", RetrieveResult)
+    if retrieved.imported:
         return _mine_imported(ctx, imported_training(ctx))
-    m = cfg.mine
-    settings = MineSettings(num_negatives=m.num_negatives, beta=m.beta, interval=m.interval, seed=cfg.seed,
-                            fallback_score=m.fallback_score)
-    return run_mining(retrieved["candidates_table"], judged["scores_table"],
-                      prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"], retrieved["candidate_pool"],
-                      ctx.dir, settings, image_root=prepared.get("image_root"), export_official=m.export_official)
+    judged, prepared = ctx.result("judge", JudgeResult), ctx.result("prepare", PrepareResult)
+    return run_mining(retrieved.candidates_table, judged.scores_table, prepared.path(f"{cfg.retrieve.split}_pairs"),
+                      retrieved.candidate_pool, ctx.dir, cfg.mine, seed=cfg.seed, image_root=prepared.image_root)
 
 
 def _mine_imported(ctx: Context, info: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +55,7 @@ def report_mine(s: Section) -> list[str]:
     parts: list[str] = []
     if mine.get("queries") is not None:
         parts.append("\n## Hard-negative mining\n")
-        st = mine.get("settings", {})
+        st = mine.settings or {}
         parts.append(f"num_negatives {st.get('num_negatives')}, beta {st.get('beta')}, interval {st.get('interval')}; "
                      f"training table `{mine.get('training_table')}`"
                      + (f", official JSON `{mine.get('official_json')}`" if mine.get("official_json") else "") + "\n")
@@ -70,8 +73,8 @@ def report_mine(s: Section) -> list[str]:
         parts.append(markdown_table(["rows", "negatives per row", "mean positive score", "mean negative score"],
                                     [[mine.get("rows"), f"{mine.get('min_negatives')}-{mine.get('max_negatives')}",
                                       mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
-    if mine.get("histogram"):
-        parts.append(f"\n![judge scores]({s.link(mine.get('histogram'))})\n")
+    if mine.histogram:
+        parts.append(f"\n![judge scores]({s.link(mine.histogram)})\n")
     return parts
 
 

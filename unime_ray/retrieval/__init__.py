@@ -1,8 +1,13 @@
-"""Stage S1, global retrieval: embedding tables, sharded FAISS indexes, top-K candidates below delta."""
+"""Stage S1, global retrieval: embedding tables, sharded FAISS indexes, top-K candidates below delta.
 
-from .embed import EmbedderSpec, embed_table_local, embed_table_ray, read_embeddings
-from .index import IndexSpec, ShardedIndex, brute_force_topk, search_topk
-from .stage import RetrieveSettings, run_retrieval, select_candidates
+Names are imported lazily, so ``unime_ray.retrieval.config`` (pydantic only) stays cheap to import from the
+run config.
+"""
 
-__all__ = ["EmbedderSpec", "IndexSpec", "RetrieveSettings", "ShardedIndex", "brute_force_topk", "embed_table_local",
-           "embed_table_ray", "read_embeddings", "run_retrieval", "search_topk", "select_candidates"]
+from ..utils.lazy import lazy_exports
+
+_EXPORTS = {"EmbedConfig": "config", "RetrieveConfig": "config", "EmbedderSpec": "embed", "embed_table": "embed",
+            "read_embeddings": "embed", "ShardedIndex": "index", "brute_force_topk": "index", "search_topk": "index",
+            "run_retrieval": "stage", "select_candidates": "stage"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,12 +2,9 @@
 
 Output: ``out_dir/part-NNNNN.parquet`` with columns ``id`` and ``embedding`` (fixed-size float32 list), one
 output shard per input shard. A shard whose output exists is never recomputed, so a killed run rerun
-loses and duplicates nothing. Two drivers share that logic:
-
-* :func:`embed_table_local`: one process, no Ray (tests, small data, debugging);
-* :func:`embed_table_ray`: Ray Data streams the pending shards through an autoscaling actor pool
-  (``ActorPoolStrategy(min_size, max_size)``, ``num_gpus`` per actor on GPU clusters); the driver writes
-  each output shard as soon as all of its rows are back, so memory is bounded by the shards in flight.
+loses and duplicates nothing. :func:`embed_table` runs where its :class:`~unime_ray.utils.pool.Pool` says: in
+this process (``None``, tests and small data), or streamed by Ray Data through an autoscaling actor pool whose
+driver writes each output shard as soon as all of its rows are back (memory bounded by the shards in flight).
 """
 
 from __future__ import annotations
@@ -23,7 +20,8 @@ import pyarrow.parquet as pq
 
 from ..data.io import shard_paths
 from ..data.schema import Item
-from ..utils.shards import VISUAL_TOKENS_COLUMN, map_shards_local, map_shards_ray, visual_tokens_column
+from ..utils.pool import Pool
+from ..utils.shards import VISUAL_TOKENS_COLUMN, visual_tokens_column
 
 logger = logging.getLogger(__name__)
 
@@ -132,25 +130,22 @@ def _stats(s: dict[str, Any]) -> dict[str, Any]:
             "items_per_s": s["rows_per_s"], "visual_tokens": s.get("visual_tokens")}
 
 
-def embed_table_local(embedder_or_spec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
-                      batch_size: int = 16, passthrough: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Single-process driver (an :class:`EmbedderSpec` or a built embedder); returns counts and throughput.
+def embed_table(embedder_or_spec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
+                pool: Pool | None = None, passthrough: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Embed every pending shard of ``table``; returns counts and throughput.
 
-    ``passthrough`` columns of the input (strings, e.g. ``task``, ``pos_id``) are copied to the output.
+    ``embedder_or_spec``: an :class:`EmbedderSpec`, or (in process only) an already built embedder.
+    ``pool``: where it runs (None: in this process). ``passthrough`` columns of the input (strings, e.g.
+    ``task``, ``pos_id``) are copied to the output.
     """
-    if isinstance(embedder_or_spec, EmbedderSpec):
-        actor = EmbedActor(asdict(embedder_or_spec), prefix, batch_size, passthrough=passthrough)
-    else:
-        actor = EmbedActor(None, prefix, batch_size, embedder=embedder_or_spec, passthrough=passthrough)
-    return _stats(map_shards_local(actor, table, out_dir, _builder(actor.embedder.dim, tuple(passthrough)),
-                                   item_columns(prefix) + list(passthrough), batch_size, what="embedded"))
-
-
-def embed_table_ray(spec: EmbedderSpec, table: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "",
-                    batch_size: int = 16, min_actors: int = 1, max_actors: int = 2, num_cpus: float = 1.0,
-                    num_gpus: float = 0.0, passthrough: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Ray Data driver over an autoscaling actor pool (Ray must be initialised)."""
-    kwargs = {"spec": asdict(spec), "prefix": prefix, "batch_size": batch_size, "passthrough": tuple(passthrough)}
-    return _stats(map_shards_ray(EmbedActor, kwargs, table, out_dir, _builder(None, tuple(passthrough)),
-                                 item_columns(prefix) + list(passthrough), batch_size, min_actors, max_actors,
-                                 num_cpus, num_gpus, what="embedded"))
+    pool = pool or Pool.in_process()
+    passthrough = tuple(passthrough)
+    spec = embedder_or_spec if isinstance(embedder_or_spec, EmbedderSpec) else None
+    if spec is None and pool.ray:
+        raise ValueError("a Ray pool rebuilds the embedder in its actors: pass an EmbedderSpec, not a built model")
+    kwargs = {"spec": asdict(spec) if spec else None, "prefix": prefix, "batch_size": pool.batch_size,
+              "passthrough": passthrough}
+    actor = None if pool.ray else EmbedActor(**kwargs, embedder=None if spec else embedder_or_spec)
+    build = _builder(actor.embedder.dim if actor else None, passthrough)
+    return _stats(pool.map_shards(EmbedActor, kwargs, table, out_dir, build, item_columns(prefix) + list(passthrough),
+                                  what="embedded", actor=actor))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-INDEX_KINDS = ("flat", "ivf")
+from .config import RetrieveConfig
 
 
 def _faiss():
@@ -30,21 +29,13 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-@dataclass(frozen=True)
-class IndexSpec:
-    kind: str = "flat"          # flat (exact) or ivf
-    num_shards: int = 1
-    nlist: int | None = None    # IVF lists per shard; None: about 4 * sqrt(shard size)
-    nprobe: int = 16            # IVF lists visited per query
-    train_size: int = 100_000   # IVF training sample per shard
-    use_gpu: bool | None = None  # None: when available
-    seed: int = 0
+IVF_TRAIN_SIZE = 100_000   # IVF training sample per shard
 
-    def __post_init__(self):
-        if self.kind not in INDEX_KINDS:
-            raise ValueError(f"unknown index kind {self.kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-        if self.num_shards < 1:
-            raise ValueError("num_shards must be >= 1")
+
+def saved_settings(saved: dict, nprobe: int | None = None) -> RetrieveConfig:
+    """The index fields of a saved ``index.json`` ``spec`` (``nprobe``: search with another)."""
+    return RetrieveConfig(index_kind=saved["kind"], num_shards=saved["num_shards"], nlist=saved["nlist"],
+                          nprobe=nprobe or saved["nprobe"])
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
@@ -55,10 +46,13 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
 
 
 class ShardedIndex:
-    """An index over ``n`` vectors (positions ``0..n-1``), split into contiguous shards."""
+    """An index over ``n`` vectors (positions ``0..n-1``), split into contiguous shards, as ``settings``'
+    ``index_kind``, ``num_shards``, ``nlist`` and ``nprobe`` say; ``use_gpu`` None: when available."""
 
-    def __init__(self, spec: IndexSpec, dim: int):
-        self.spec = spec
+    def __init__(self, settings: RetrieveConfig, dim: int, seed: int = 0, use_gpu: bool | None = None):
+        self.settings = settings
+        self.seed = seed
+        self.use_gpu = use_gpu
         self.dim = dim
         self.shards: list = []
         self.offsets: list[int] = []
@@ -67,11 +61,12 @@ class ShardedIndex:
 
     # ------------------------------------------------------------------------------------------ build
     @classmethod
-    def build(cls, vectors: np.ndarray, spec: IndexSpec = IndexSpec()) -> "ShardedIndex":
+    def build(cls, vectors: np.ndarray, settings: RetrieveConfig | None = None, seed: int = 0,
+              use_gpu: bool | None = None) -> "ShardedIndex":
         vectors = _as_f32(vectors)
-        index = cls(spec, vectors.shape[1])
+        index = cls(settings or RetrieveConfig(), vectors.shape[1], seed, use_gpu)
         n = len(vectors)
-        bounds = np.linspace(0, n, min(spec.num_shards, max(n, 1)) + 1).astype(int)
+        bounds = np.linspace(0, n, min(index.settings.num_shards, max(n, 1)) + 1).astype(int)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             index.shards.append(index._make_shard(vectors[lo:hi]))
             index.offsets.append(int(lo))
@@ -80,15 +75,15 @@ class ShardedIndex:
 
     def _make_shard(self, part: np.ndarray):
         faiss = _faiss()
-        spec = self.spec
-        if spec.kind == "flat" or len(part) < 64:
+        spec = self.settings
+        if spec.index_kind == "flat" or len(part) < 64:
             shard = faiss.IndexFlatIP(self.dim)
         else:
             nlist = spec.nlist or max(1, min(len(part) // 39, int(4 * np.sqrt(len(part)))))
             quantizer = faiss.IndexFlatIP(self.dim)
             shard = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(spec.seed)
-            sample = part if len(part) <= spec.train_size else part[rng.choice(len(part), spec.train_size,
+            rng = np.random.default_rng(self.seed)
+            sample = part if len(part) <= IVF_TRAIN_SIZE else part[rng.choice(len(part), IVF_TRAIN_SIZE,
                                                                                  replace=False)]
             shard.train(sample)
             shard.nprobe = min(spec.nprobe, nlist)
@@ -96,7 +91,7 @@ class ShardedIndex:
         return self._to_device(shard)
 
     def _to_device(self, shard):
-        use_gpu = self.spec.use_gpu if self.spec.use_gpu is not None else gpu_available()
+        use_gpu = self.use_gpu if self.use_gpu is not None else gpu_available()
         if use_gpu:
             faiss = _faiss()
             if not gpu_available():
@@ -137,7 +132,10 @@ class ShardedIndex:
             tmp = folder / f".shard-{j:03d}.faiss.tmp"
             faiss.write_index(cpu, str(tmp))
             os.replace(tmp, folder / f"shard-{j:03d}.faiss")
-        meta = {"spec": asdict(self.spec), "dim": self.dim, "offsets": self.offsets, "ntotal": self.ntotal}
+        st = self.settings
+        spec = {"kind": st.index_kind, "num_shards": st.num_shards, "nlist": st.nlist, "nprobe": st.nprobe,
+                "seed": self.seed}
+        meta = {"spec": spec, "dim": self.dim, "offsets": self.offsets, "ntotal": self.ntotal}
         (folder / "index.json").write_text(json.dumps(meta, indent=1))
         return folder
 
@@ -149,13 +147,12 @@ class ShardedIndex:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{folder} is not a saved index (no index.json)")
         meta = json.loads(meta_path.read_text())
-        spec = IndexSpec(**{**meta["spec"], "use_gpu": use_gpu})
-        index = cls(spec, meta["dim"])
+        index = cls(saved_settings(meta["spec"]), meta["dim"], meta["spec"].get("seed", 0), use_gpu)
         index.offsets, index.ntotal = meta["offsets"], meta["ntotal"]
         for j in range(len(index.offsets)):
             shard = faiss.read_index(str(folder / f"shard-{j:03d}.faiss"))
             if hasattr(shard, "nprobe"):
-                shard.nprobe = spec.nprobe
+                shard.nprobe = index.settings.nprobe
             index.shards.append(index._to_device(shard))
         return index
 
@@ -179,7 +176,7 @@ def search_topk(query_vectors: np.ndarray, candidate_vectors: np.ndarray, k: int
 
     With the flat index (default) this equals brute force, for any number of shards.
     """
-    index = ShardedIndex.build(candidate_vectors, IndexSpec(kind=kind, num_shards=num_shards, **spec_kwargs))
+    index = ShardedIndex.build(candidate_vectors, RetrieveConfig(index_kind=kind, num_shards=num_shards, **spec_kwargs))
     return index.search(query_vectors, k)
 
 

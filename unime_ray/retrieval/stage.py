@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,10 @@ import pyarrow as pa
 
 from ..data.io import iter_rows, read_table, write_rows, write_table_atomic
 from ..data.schema import CANDIDATE_SCHEMA, empty_row
-from .embed import EmbedderSpec, embed_table_local, embed_table_ray, embeddings_table, read_embeddings
-from .index import IndexSpec, ShardedIndex
+from ..utils.pool import Pool
+from .config import RetrieveConfig
+from .embed import EmbedderSpec, embed_table, embeddings_table, read_embeddings
+from .index import ShardedIndex
 
 logger = logging.getLogger(__name__)
 
@@ -39,31 +40,8 @@ CANDIDATES_TABLE_SCHEMA = pa.schema([
 GLOBAL_POOL = "__global__"
 
 
-@dataclass(frozen=True)
-class RetrieveSettings:
-    top_k: int = 50
-    delta: str | float | None = "positive"   # "positive": sim(query, positive); a float; None: no threshold
-    fill: bool = False
-    pool: str = "task"                        # "task" (per task) or "global"
-    index: IndexSpec = field(default_factory=IndexSpec)
-    search_batch_size: int = 4096
-
-    def __post_init__(self):
-        if self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.pool not in ("task", "global"):
-            raise ValueError(f"pool must be 'task' or 'global', got {self.pool!r}")
-        if isinstance(self.delta, str) and self.delta != "positive":
-            raise ValueError(f"delta must be 'positive', a number or null, got {self.delta!r}")
-
-    def threshold(self, pos_similarity: float) -> float:
-        if self.delta is None:
-            return np.inf
-        return float(pos_similarity) if self.delta == "positive" else float(self.delta)
-
-
 def select_candidates(cand_ids: list[str], cand_scores: np.ndarray, pos_id: str, pos_similarity: float,
-                      settings: RetrieveSettings) -> tuple[list[str], list[float], int]:
+                      settings: RetrieveConfig) -> tuple[list[str], list[float], int]:
     """Apply the rule to one query's ranked search results: (kept ids, kept scores, number dropped by delta).
 
     ``cand_ids``/``cand_scores`` are in descending similarity (padding ids of '' are ignored).
@@ -92,7 +70,7 @@ class SearchActor:
             import faiss
 
             faiss.omp_set_num_threads(threads)
-        self.settings = _settings_from_dict(settings)
+        self.settings = RetrieveConfig.model_validate(settings)
         self.groups: dict[str, tuple[ShardedIndex, list[str], np.ndarray]] = {}
         meta = json.loads((Path(index_dir) / "groups.json").read_text())
         for group, folder in meta.items():
@@ -148,10 +126,6 @@ class SearchActor:
         return results
 
 
-def _settings_from_dict(d: dict[str, Any]) -> RetrieveSettings:
-    return RetrieveSettings(**{**d, "index": IndexSpec(**d["index"])})
-
-
 def _candidates_table(cols: dict[str, list]) -> pa.Table:
     if not cols:
         return CANDIDATES_TABLE_SCHEMA.empty_table()
@@ -178,7 +152,7 @@ def candidate_pool_from_positives(pairs: str | os.PathLike, out_dir: str | os.Pa
 
 
 def build_indexes(candidate_embeddings: str | os.PathLike, candidates: str | os.PathLike,
-                  out_dir: str | os.PathLike, settings: RetrieveSettings) -> dict[str, str]:
+                  out_dir: str | os.PathLike, settings: RetrieveConfig, seed: int = 0) -> dict[str, str]:
     """One saved index per pool (task, or global); resumable per pool. Returns {pool: folder}."""
     out_dir = Path(out_dir)
     groups_file = out_dir / "groups.json"
@@ -196,11 +170,11 @@ def build_indexes(candidate_embeddings: str | os.PathLike, candidates: str | os.
             shutil.rmtree(tmp, ignore_errors=True)
             write_table_atomic(embeddings_table([ids[j] for j in sel], vecs[sel]),
                                tmp / "vectors" / "part-00000.parquet")
-            ShardedIndex.build(vecs[sel], settings.index).save(tmp)
+            ShardedIndex.build(vecs[sel], settings, seed).save(tmp)
             os.replace(tmp, folder)
         folders[group] = str(folder)
-        logger.info("index %s: %d candidates, %s x%d shard(s)", group, len(sel), settings.index.kind,
-                    settings.index.num_shards)
+        logger.info("index %s: %d candidates, %s x%d shard(s)", group, len(sel), settings.index_kind,
+                    settings.num_shards)
     groups_file.write_text(json.dumps(folders, indent=1))
     return folders
 
@@ -223,33 +197,33 @@ def search_shard(actor: "SearchActor", shard: str | os.PathLike, out: str | os.P
 
 
 def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                   settings: RetrieveSettings, use_ray: bool = False, actors: int = 1,
-                   num_cpus: float = 1.0, threads: int | None = None) -> dict[str, Any]:
+                   settings: RetrieveConfig, pool: Pool | None = None, threads: int | None = None) -> dict[str, Any]:
     """Search every pending query-embedding shard (columns id, embedding, task, pos_id); resumable per shard.
 
-    With Ray, ``actors`` searcher actors (``num_cpus`` each, faiss using ``threads`` or ``num_cpus`` threads)
-    load the saved indexes once and take whole shards from a queue, writing each candidates shard next to
-    the inputs (the run directory is on shared storage on a cluster). Search is CPU-bound faiss work, so
-    whole shards per call keep Ray's overhead to one round trip per shard.
+    With a Ray ``pool``, ``pool.max_actors`` searcher actors (``pool.num_cpus_per_actor`` CPUs each, faiss using
+    ``threads`` or that many threads) load the saved indexes once and take whole shards from a queue, writing
+    each candidates shard next to the inputs (the run directory is on shared storage on a cluster). Search is
+    CPU-bound faiss work, so whole shards per call keep Ray's overhead to one round trip per shard.
     """
     from ..utils.logs import Progress
     from ..utils.shards import pending_shards, shard_rows
 
+    on_ray = pool is not None and pool.ray
     todo = pending_shards(query_embeddings, out_dir)
     total = sum(shard_rows(s) for s, _ in todo)
-    progress = Progress(logger, f"searched ({Path(query_embeddings).name}{', Ray' if use_ray else ''})", total)
-    kwargs = {"index_dir": str(index_dir), "settings": asdict(settings),
-              "threads": threads or (max(1, int(num_cpus)) if use_ray else None)}
-    if todo and use_ray:
+    progress = Progress(logger, f"searched ({Path(query_embeddings).name}{', Ray' if on_ray else ''})", total)
+    kwargs = {"index_dir": str(index_dir), "settings": settings.model_dump(),
+              "threads": threads or (max(1, int(pool.num_cpus_per_actor)) if on_ray else None)}
+    if todo and on_ray:
         import ray
         from ray.util import ActorPool
 
-        remote_cls = ray.remote(num_cpus=num_cpus)(_RemoteSearcher)
-        searchers = [remote_cls.remote(kwargs) for _ in range(min(actors, len(todo)))]
+        remote_cls = ray.remote(num_cpus=pool.num_cpus_per_actor)(_RemoteSearcher)
+        searchers = [remote_cls.remote(kwargs) for _ in range(min(pool.max_actors, len(todo)))]
         ray.get([a.ready.remote() for a in searchers])  # process start + index load, timed apart from search
         setup = progress.elapsed
-        pool = ActorPool(searchers)
-        for n in pool.map_unordered(lambda a, job: a.run.remote(*job), [(str(s), str(o)) for s, o in todo]):
+        actors = ActorPool(searchers)
+        for n in actors.map_unordered(lambda a, job: a.run.remote(*job), [(str(s), str(o)) for s, o in todo]):
             progress.update(n)
     elif todo:
         actor = SearchActor(**kwargs)
@@ -275,38 +249,36 @@ class _RemoteSearcher:
 
 
 def run_retrieval(pairs: str | os.PathLike, candidates: str | os.PathLike | None, out_dir: str | os.PathLike,
-                  spec: EmbedderSpec, settings: RetrieveSettings, *, use_ray: bool = True, batch_size: int = 16,
-                  min_actors: int = 1, max_actors: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                  search_actors: int = 0) -> dict[str, Any]:
-    """The whole stage: pool -> embeddings -> indexes -> search. Every step resumes where it stopped."""
+                  spec: EmbedderSpec, settings: RetrieveConfig, *, pool: Pool | None = None,
+                  seed: int = 0) -> dict[str, Any]:
+    """The whole stage: pool -> embeddings -> indexes -> search. Every step resumes where it stopped.
+
+    ``pool`` embeds (None: in this process); with a Ray pool and ``settings.search_actors`` > 0 the search runs
+    on that many actors of the pool's CPUs each. ``seed``: the IVF training sample's."""
     out_dir = Path(out_dir)
     if candidates is None:
-        pool = out_dir / "pool"
+        cand_pool = out_dir / "pool"
         if not (out_dir / "pool.done").exists():
-            shutil.rmtree(pool, ignore_errors=True)
-            candidate_pool_from_positives(pairs, pool)
+            shutil.rmtree(cand_pool, ignore_errors=True)
+            candidate_pool_from_positives(pairs, cand_pool)
             (out_dir / "pool.done").touch()
-        candidates = pool
-    embed = embed_table_ray if use_ray else _embed_local
-    kw = dict(batch_size=batch_size)
-    if use_ray:
-        kw.update(min_actors=min_actors, max_actors=max_actors, num_cpus=num_cpus, num_gpus=num_gpus)
-    q_stats = embed(spec, pairs, out_dir / "query_embeddings", prefix="query_", passthrough=("task", "pos_id"), **kw)
-    c_stats = embed(spec, candidates, out_dir / "candidate_embeddings", prefix="", **kw)
-    groups = build_indexes(out_dir / "candidate_embeddings", candidates, out_dir / "index", settings)
+        candidates = cand_pool
+    q_stats = embed_table(spec, pairs, out_dir / "query_embeddings", prefix="query_", pool=pool,
+                          passthrough=("task", "pos_id"))
+    c_stats = embed_table(spec, candidates, out_dir / "candidate_embeddings", pool=pool)
+    groups = build_indexes(out_dir / "candidate_embeddings", candidates, out_dir / "index", settings, seed)
+    n = settings.search_actors
+    searchers = Pool(min_actors=n, max_actors=n, num_cpus_per_actor=pool.num_cpus_per_actor) if (
+        n and pool is not None and pool.ray) else None
     s_stats = search_queries(out_dir / "query_embeddings", out_dir / "index", out_dir / "candidates", settings,
-                             use_ray=use_ray and search_actors > 0, actors=max(search_actors, 1), num_cpus=num_cpus)
+                             pool=searchers)
     summary = retrieval_summary(out_dir / "candidates")
     from ..models.budget import merge_tallies
 
     return {"query_embedding": q_stats, "candidate_embedding": c_stats, "search": s_stats, "pools": len(groups),
             "candidates_table": str(out_dir / "candidates"), "candidate_pool": str(candidates), **summary,
-            "settings": asdict(settings),
+            "settings": {**settings.model_dump(), "seed": seed},
             "visual_tokens": merge_tallies(q_stats.get("visual_tokens"), c_stats.get("visual_tokens"))}
-
-
-def _embed_local(spec, table, out, prefix="", passthrough=(), batch_size=16):
-    return embed_table_local(spec, table, out, prefix=prefix, batch_size=batch_size, passthrough=passthrough)
 
 
 def retrieval_summary(candidates_table: str | os.PathLike) -> dict[str, Any]:

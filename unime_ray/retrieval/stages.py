@@ -16,6 +16,9 @@ class RetrieveResult(StageResult):
     imported: bool = False
     candidates_table: str | None = None   # per query: retrieved candidate ids and similarities
     candidate_pool: str | None = None     # the items candidates are drawn from
+    embedder: str | None = None           # the model S1 embedded with
+    queries: int | None = None            # queries searched (None: imported)
+    search: dict[str, Any] | None = None  # search throughput (the report prints rows/s)
 
 
 def embedder_spec(ctx: Context, image_root: str | None, model: str | None = None, role: str = "retriever"):
@@ -50,27 +53,24 @@ def retriever_spec(ctx: Context, image_root: str | None):
 
 
 def run_embed(ctx: Context) -> dict[str, Any]:
-    from ..data.stages import imported_training
-    from .embed import embed_table_ray
+    from ..data.stages import PrepareResult, imported_training
+    from .embed import embed_table
 
     cfg = ctx.cfg
-    prepared = ctx.outputs("prepare")
+    prepared = ctx.result("prepare", PrepareResult)
     if cfg.embed.tables and imported_training(ctx):
         # S1 does not run, so its retriever is not part of the run (the models stage does not require it either)
         return {"imported": True, "tables": {}, "note": "not run: the training pairs came with judge-scored "
                 "negatives (mine.from_imported: use), so S1's retriever embeds nothing in this run"}
-    spec = retriever_spec(ctx, prepared.get("image_root"))
+    spec = retriever_spec(ctx, prepared.image_root)
     ctx.init_ray()
     results = {}
     for table in cfg.embed.tables:
-        if table not in prepared["tables"]:
+        if table not in prepared.tables:
             logger.warning("embed: table %s was not prepared; skipping it", table)
             continue
         prefix = "query_" if table.endswith("pairs") else ""
-        e = cfg.embed
-        stats = embed_table_ray(spec, prepared["tables"][table]["path"], ctx.dir / table,
-                                prefix=prefix, batch_size=e.batch_size, min_actors=e.min_actors,
-                                max_actors=e.max_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor)
+        stats = embed_table(spec, prepared.path(table), ctx.dir / table, prefix=prefix, pool=cfg.embed.pool)
         results[table] = {**stats, "path": str(ctx.dir / table)}
         logger.info("embed %s: %d rows at %.1f items/s", table, stats["rows_embedded"], stats["items_per_s"])
     return {"tables": results, "embedder": spec.model,
@@ -90,32 +90,22 @@ def report_embed(s: Section) -> list[str]:
 
 
 def run_retrieve(ctx: Context) -> dict[str, Any]:
-    from ..data.stages import imported_stage, imported_training
-    from .index import IndexSpec
-    from .stage import RetrieveSettings, run_retrieval
+    from ..data.stages import PrepareResult, imported_stage, imported_training
+    from .stage import run_retrieval
 
     cfg = ctx.cfg
     imported = imported_training(ctx)
     if imported:
         return imported_stage(imported, "global retrieval")
-    prepared = ctx.outputs("prepare")
-    r, e = cfg.retrieve, cfg.embed
-    tables = prepared["tables"]
-    pairs = tables.get(f"{r.split}_pairs")
+    prepared = ctx.result("prepare", PrepareResult)
+    r = cfg.retrieve
+    pairs = prepared.path(f"{r.split}_pairs")
     if pairs is None:
         raise ValueError(f"retrieve.split={r.split!r} but no {r.split} pairs were prepared")
-    candidates = tables.get(f"{r.split}_candidates")
-    settings = RetrieveSettings(top_k=r.top_k, delta=r.delta, fill=r.fill, pool=r.pool,
-                                index=IndexSpec(kind=r.index_kind, num_shards=r.num_shards, nlist=r.nlist,
-                                                nprobe=r.nprobe, seed=cfg.seed),
-                                search_batch_size=r.search_batch_size)
     ctx.init_ray()
-    spec = retriever_spec(ctx, prepared.get("image_root"))
-    out = run_retrieval(pairs["path"], candidates["path"] if candidates else None, ctx.dir,
-                        spec, settings, use_ray=True,
-                        batch_size=e.batch_size, min_actors=e.min_actors, max_actors=e.max_actors,
-                        num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
-                        search_actors=r.search_actors)
+    spec = retriever_spec(ctx, prepared.image_root)
+    out = run_retrieval(pairs, prepared.path(f"{r.split}_candidates"), ctx.dir, spec, r, pool=cfg.embed.pool,
+                        seed=cfg.seed)
     logger.info("retrieve: %d queries, %.1f candidates each on average, %d without any", out["queries"],
                 out["mean_candidates"], out["queries_without_candidates"])
     return {**out, "embedder": spec.model, "visual_tokens": ctx.visual_tokens(retriever=out.get("visual_tokens"))}
@@ -125,13 +115,13 @@ def report_retrieve(s: Section) -> list[str]:
     from ..report import markdown_table
 
     ret = s.result
-    if ret.get("queries") is None:
+    if ret.queries is None:
         return []
     return ["\n## Global retrieval\n", markdown_table(
         ["queries", "mean candidates", "queries without candidates", "mean dropped by delta", "pools",
          "search rows/s"],
         [[ret.get("queries"), ret.get("mean_candidates"), ret.get("queries_without_candidates"),
-          ret.get("mean_dropped_by_delta"), ret.get("pools"), ret.get("search", {}).get("rows_per_s")]])]
+          ret.get("mean_dropped_by_delta"), ret.get("pools"), (ret.search or {}).get("rows_per_s")]])]
 
 
 EMBED = Stage("embed", "encode the configured tables with S1's embedder (Ray Data actor pool)", run_embed,

@@ -43,6 +43,7 @@ def _one_line(exc: BaseException) -> str:
 def cmd_index(args) -> int:
     from ..models.backbone import ModelNotFoundError, load_config
     from ..retrieval.embed import EmbedderSpec
+    from ..utils.pool import Pool
     from .index import IndexFormatError, build_serving_index, recorded_image_root
 
     image_root = args.image_root
@@ -62,6 +63,9 @@ def cmd_index(args) -> int:
                         image_root=image_root, positions=args.positions,
                         image_resize=tuple(args.image_resize) if args.image_resize else None,
                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    pool = Pool(ray=not args.no_ray, batch_size=args.batch_size, min_actors=args.min_actors,
+                max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor)
+
     def start_ray():
         from ..utils.ray_utils import init_ray
 
@@ -69,9 +73,7 @@ def cmd_index(args) -> int:
 
     try:
         manifest = build_serving_index(args.candidates, args.out, spec, kind=args.kind, num_shards=args.num_shards,
-                                       nlist=args.nlist, nprobe=args.nprobe, batch_size=args.batch_size,
-                                       use_ray=not args.no_ray, min_actors=args.min_actors,
-                                       max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,
+                                       nlist=args.nlist, nprobe=args.nprobe, pool=pool,
                                        store_images=not args.no_store_images, overwrite=args.overwrite,
                                        check_images=not args.no_check_images, start_ray=start_ray)
     except (IndexFormatError, ModelNotFoundError, FileNotFoundError) as exc:

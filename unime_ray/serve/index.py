@@ -14,8 +14,8 @@ fails (missing or corrupt image, duplicate id, ...) is quarantined with its reas
 ``index.json`` records ``accounting`` (rows_in = rows_out + rows_quarantined, reasons). When *no* image
 given by path can be found, the image root is wrong or missing, and the build stops with that message.
 
-The embeddings are computed with the same code as the retrieval stage (``embed_table_local`` or, on a
-cluster, ``embed_table_ray``) and are resumable: a killed build rerun keeps the shards already embedded.
+The embeddings are computed with the same code as the retrieval stage (``embed_table``, in this process or
+on the cluster's actor pool) and are resumable: a killed build rerun keeps the shards already embedded.
 Row ``i`` of ``metadata.parquet`` is vector ``i`` of the index (checked at build time).
 
 A large index is served as several *partitions*: each loads a contiguous slice of the saved FAISS shards
@@ -39,8 +39,10 @@ import pyarrow.parquet as pq
 
 from ..data.io import iter_batches, rows_to_table, write_table_atomic
 from ..data.schema import QUARANTINE_SCHEMA
-from ..retrieval.embed import EmbedderSpec, embed_table_local, embed_table_ray, read_embeddings
-from ..retrieval.index import IndexSpec, ShardedIndex
+from ..retrieval.config import RetrieveConfig
+from ..retrieval.embed import EmbedderSpec, embed_table, read_embeddings
+from ..retrieval.index import ShardedIndex, saved_settings
+from ..utils.pool import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -177,25 +179,24 @@ def screen_candidates(candidates: str | os.PathLike, accepted_dir: Path, image_r
 
 def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, embedder: EmbedderSpec | str, *,
                         kind: str = "flat", num_shards: int = 1, nlist: int | None = None, nprobe: int = 16,
-                        batch_size: int = 16, use_ray: bool = False, min_actors: int = 1, max_actors: int = 2,
-                        num_gpus_per_actor: float = 0.0, store_images: bool = True, overwrite: bool = False,
+                        pool: Pool | None = None, store_images: bool = True, overwrite: bool = False,
                         built_embedder=None, check_images: bool = True, start_ray=None) -> dict[str, Any]:
     """Embed a candidate table (``CANDIDATE_SCHEMA``) and write a serving index to ``out``; returns the manifest.
 
     ``embedder``: an :class:`EmbedderSpec` (or a model name/folder); ``built_embedder``: an already loaded
     :class:`~unime_ray.models.Embedder` for that spec (saves a reload in one-process use).
-    ``use_ray``: embed on the Ray cluster (must be initialised) instead of this process.
+    ``pool``: where the candidates are embedded (None: in this process; a Ray pool: Ray must be initialised).
     ``store_images``: keep inline candidate image bytes in the metadata (needed to rerank image candidates
     stored inline, and to return images); images given by path are read from ``spec.image_root``.
     ``check_images``: decode every candidate image before embedding (unreadable ones are quarantined); off,
     only texts and ids are checked, and an unreadable image fails the embedding.
-    ``start_ray``: called before embedding with ``use_ray`` (after screening: a bad table fails before Ray).
+    ``start_ray``: called before embedding on a Ray pool (after screening: a bad table fails before Ray).
     """
     t0 = time.perf_counter()
     spec = embedder if isinstance(embedder, EmbedderSpec) else EmbedderSpec(model=str(embedder))
     if spec.image_root:
         spec = EmbedderSpec(**{**asdict(spec), "image_root": str(Path(spec.image_root).resolve())})
-    index_spec = IndexSpec(kind=kind, num_shards=num_shards, nlist=nlist, nprobe=nprobe, use_gpu=False)
+    index_settings = RetrieveConfig(index_kind=kind, num_shards=num_shards, nlist=nlist, nprobe=nprobe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     emb_dir = out / EMBEDDINGS_DIR
@@ -220,14 +221,10 @@ def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, e
                                f"see {out / QUARANTINE})")
     _write_json_atomic(spec_path, record)
 
-    if use_ray:
-        if start_ray is not None:
-            start_ray()
-        stats = embed_table_ray(spec, accepted, emb_dir, prefix="", batch_size=batch_size, min_actors=min_actors,
-                                max_actors=max_actors, num_gpus=num_gpus_per_actor)
-    else:
-        stats = embed_table_local(built_embedder if built_embedder is not None else spec, accepted, emb_dir,
-                                  prefix="", batch_size=batch_size)
+    if pool is not None and pool.ray and start_ray is not None:
+        start_ray()
+    in_process = built_embedder is not None and not (pool and pool.ray)
+    stats = embed_table(built_embedder if in_process else spec, accepted, emb_dir, pool=pool)
     ids, vectors = read_embeddings(emb_dir)
     if len(ids) == 0:
         raise IndexFormatError(f"candidate table {candidates} has no rows")
@@ -240,7 +237,7 @@ def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, e
     if dups:
         raise IndexFormatError(f"candidate ids must be unique; {len(dups)} repeated, e.g. {dups[:5]}")
 
-    index = ShardedIndex.build(vectors, index_spec)
+    index = ShardedIndex.build(vectors, index_settings, use_gpu=False)
     index.save(out / FAISS_DIR)
     manifest = {
         "format": FORMAT,
@@ -303,20 +300,16 @@ def load_partition(folder: str | os.PathLike, part: int = 0, parts: int = 1, use
 
     fdir = Path(folder) / FAISS_DIR
     meta = json.loads((fdir / "index.json").read_text())
-    spec_d = {**meta["spec"], "use_gpu": use_gpu}
-    if nprobe is not None:
-        spec_d["nprobe"] = nprobe
-    spec = IndexSpec(**spec_d)
     offsets = meta["offsets"]
     groups = partition_shards(len(offsets), parts)
     if not 0 <= part < len(groups):
         raise ValueError(f"partition {part} out of range for {parts} partitions")
-    index = ShardedIndex(spec, meta["dim"])
+    index = ShardedIndex(saved_settings(meta["spec"], nprobe), meta["dim"], meta["spec"].get("seed", 0), use_gpu)
     bounds = list(offsets) + [meta["ntotal"]]
     for j in groups[part]:
         shard = faiss.read_index(str(fdir / f"shard-{j:03d}.faiss"))
         if hasattr(shard, "nprobe"):
-            shard.nprobe = spec.nprobe
+            shard.nprobe = index.settings.nprobe
         index.shards.append(index._to_device(shard))
         index.offsets.append(int(offsets[j]))
     index.ntotal = sum(bounds[j + 1] - bounds[j] for j in groups[part])

@@ -1,0 +1,23 @@
+"""Typed settings of hard-negative mining (the run config's ``mine:`` section); pydantic and stdlib only."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MineConfig(BaseModel):
+    """Hard-negative mining (stage S3): false-negative filter and cyclical sampling."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_negatives: int = Field(default=10, ge=1)
+    beta: float = Field(default=0.01, ge=0)
+    interval: int = Field(default=5, ge=1)
+    fallback_score: float = Field(default=1.0, ge=0, le=1)
+    export_official: bool = True        # also write the official UniME-V2 JSON
+    # training pairs that already carry judge-scored negatives (the official score JSON, or a table with neg_* and
+    # neg_score): "use" trains on them as they are (retrieve, judge and mine are recorded as imported);
+    # "remine" runs retrieve -> judge -> mine on their queries and positives as for any other data
+    from_imported: Literal["use", "remine"] = "use"

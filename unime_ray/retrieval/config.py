@@ -1,0 +1,50 @@
+"""Typed settings of embedding and global retrieval (the run config's ``embed:`` and ``retrieve:`` sections).
+
+Imports only pydantic, the standard library and the Pool setting, so the run config can include them without
+torch, Ray or faiss. The library functions take these objects as they are; nothing mirrors their fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..utils.pool import Pool
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EmbedConfig(_Section):
+    """Encoding tables with the embedder over an actor pool."""
+
+    pool: Pool = Field(default_factory=Pool)
+    tables: list[Literal["eval_pairs", "eval_candidates", "train_pairs", "train_candidates"]] = Field(
+        default_factory=lambda: ["eval_pairs", "eval_candidates"])
+
+
+class RetrieveConfig(_Section):
+    """Global retrieval (stage S1): top-K candidates per query below the threshold delta, and the index searched
+    (``index_kind`` .. ``nprobe`` also describe a saved :class:`~unime_ray.retrieval.index.ShardedIndex`)."""
+
+    split: Literal["train", "eval"] = "train"
+    top_k: int = Field(default=50, ge=1)
+    # "positive": the query's similarity to its own positive (the paper's Fig. 2); a number; or null (none)
+    delta: Literal["positive"] | float | None = "positive"
+    fill: bool = False            # search deeper so top_k remain after the delta drop (paper's Rank_50 over x<delta)
+    pool: Literal["task", "global"] = "task"
+    index_kind: Literal["flat", "ivf"] = "flat"
+    num_shards: int = Field(default=1, ge=1)
+    nlist: int | None = Field(default=None, ge=1)   # IVF lists per shard; None: about 4 * sqrt(shard size)
+    nprobe: int = Field(default=16, ge=1)          # IVF lists visited per query
+    search_batch_size: int = Field(default=4096, ge=1)
+    # 0: search in the driver; >0: that many Ray searcher actors (embed.pool.num_cpus_per_actor CPUs each)
+    search_actors: int = Field(default=0, ge=0)
+
+    def threshold(self, pos_similarity: float) -> float:
+        """The similarity at or above which a candidate is dropped."""
+        if self.delta is None:
+            return float("inf")
+        return float(pos_similarity) if self.delta == "positive" else float(self.delta)
