@@ -1,5 +1,5 @@
-"""Ray job: stage S2, MLLM-as-a-Judge scores (`unime-ray judge`): the judge actor pool takes judge.num_gpus_per_actor
-GPUs per actor and scales between judge.min_actors and judge.max_actors.
+"""Ray job: stage S2, MLLM-as-a-Judge scores (`unime-ray judge`): the judge actor pool takes
+judge.pool.num_gpus_per_actor GPUs per actor and scales between judge.pool.min_actors and judge.pool.max_actors.
 
     ray job submit --working-dir . -- python jobs/judge.py --config jobs/configs/demo.yaml [-o key=value ...]
 
