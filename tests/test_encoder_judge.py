@@ -202,7 +202,7 @@ def test_modalities_and_combined_items(synth, fitted):
 
 # ----------------------------------------------------------------------------------------------- spec + stage
 def test_judge_spec_builds_the_encoder_backend(synth, fitted, tmp_path):
-    from unime_ray.judge.stage import JudgeActor, JudgeSpec, score_with_errors
+    from unime_ray.judge.stage import JudgeActor, JudgeSpec
 
     folder = fitted.save(tmp_path / "judge")
     # persist the synthetic features: the stage's actors read them from the feature cache folder
@@ -215,7 +215,7 @@ def test_judge_spec_builds_the_encoder_backend(synth, fitted, tmp_path):
     judge = spec.build()
     assert isinstance(judge, EncoderJudge)
     pairs, _ = synth.test_pairs(range(40, 45))
-    scores, errors = score_with_errors(judge, pairs)
+    scores, errors = judge.score_or_errors(pairs)
     assert np.allclose(scores, fitted.score(pairs), rtol=0, atol=1e-5)   # float32 vectors of other batches
     assert spec.score_version() == "unime-encoder-judge-v1" and "unime-encoder-judge-v1" in spec.identity()
     actor = JudgeActor(spec.model_dump())

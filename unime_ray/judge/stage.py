@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -98,20 +98,12 @@ class JudgeSpec(BaseModel):
         return f"{name}-{self.score_version()}-{h}"
 
 
-def score_with_errors(backend, pairs: list[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
-    """Scores and per-pair errors from any backend; a backend without per-pair errors is retried pair by pair."""
-    if hasattr(backend, "score_or_errors"):
-        return backend.score_or_errors(pairs)
-    try:
-        return np.asarray(backend.score(pairs), dtype=np.float64), [None] * len(pairs)
-    except Exception:  # find the bad pairs one at a time
-        scores, errors = np.full(len(pairs), np.nan), [None] * len(pairs)
-        for i, pair in enumerate(pairs):
-            try:
-                scores[i] = float(backend.score([pair])[0])
-            except Exception as exc:  # noqa: BLE001 - each failure is recorded with its reason
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        return scores, errors
+class YesNoScorer(Protocol):
+    """What scores (query, candidate) pairs with P(Yes): the judge backends, and the reranker when serving."""
+
+    def score_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
+        """Scores in pair order (NaN where a pair cannot be scored) and each pair's error or None."""
+        ...
 
 
 class JudgeActor:
@@ -119,7 +111,7 @@ class JudgeActor:
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = JudgeSpec.model_validate(spec)
-        self.backend = self.spec.build()
+        self.backend: YesNoScorer = self.spec.build()
         self.judge_name = self.spec.model
         self.prompt_version = self.spec.score_version()
 
@@ -129,7 +121,7 @@ class JudgeActor:
         n = len(batch["query_id"])
         pairs = list(zip(items_from_columns({**batch, "id": batch["query_id"]}, "query_"),
                          items_from_columns({**batch, "id": batch["query_id"]}, "cand_")))
-        scores, errors = score_with_errors(self.backend, pairs)
+        scores, errors = self.backend.score_or_errors(pairs)
         return {"query_id": list(batch["query_id"]), "cand_id": list(batch["cand_id"]),
                 "is_positive": [bool(x) for x in batch["is_positive"]], "score": [float(s) for s in scores],
                 "error": errors, "judge": [self.judge_name] * n, "prompt_version": [self.prompt_version] * n,
