@@ -1,8 +1,5 @@
 """Stage S2, MLLM-as-a-Judge: the pairwise Yes/No prompt, transformers and vLLM backends, the Ray stage.
-
-Names are imported lazily, so ``unime_ray.judge.config`` (pydantic only) stays cheap to import from the
-run config.
-"""
+Names load lazily, so ``unime_ray.judge.config`` (pydantic only) stays cheap to import from the run config."""
 
 from __future__ import annotations
 
