@@ -85,6 +85,7 @@ def main() -> None:
 
     from unime_ray.data.io import write_table_atomic
     from unime_ray.judge.stage import JUDGE_PAIRS_SCHEMA, JudgeSpec, score_pairs
+    from unime_ray.utils.pool import Pool
 
     cols = {name: [] for name in JUDGE_PAIRS_SCHEMA.names}
     for i, (q, c) in enumerate(pairs):
@@ -100,8 +101,8 @@ def main() -> None:
     for j, lo in enumerate(range(0, len(pairs), per_shard)):
         write_table_atomic(pa.table({k: v[lo:lo + per_shard] for k, v in cols.items()}, schema=JUDGE_PAIRS_SCHEMA),
                            Path(tmp) / "pairs" / f"part-{j:05d}.parquet")
-    spec = JudgeSpec(model=model, dtype="float32", batch_size=args.batch_size)
-    stats = score_pairs(Path(tmp) / "pairs", Path(tmp) / "scores", spec, use_ray=False, batch_size=per_shard)
+    spec = JudgeSpec(model=model, judge={"dtype": "float32", "batch_size": args.batch_size})
+    stats = score_pairs(Path(tmp) / "pairs", Path(tmp) / "scores", spec, Pool.in_process(per_shard))
     rows.append(("judge stage, one process (read + score + write)", stats["seconds"], float("nan")))
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

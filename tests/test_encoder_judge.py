@@ -202,7 +202,7 @@ def test_modalities_and_combined_items(synth, fitted):
 
 # ----------------------------------------------------------------------------------------------- spec + stage
 def test_judge_spec_builds_the_encoder_backend(synth, fitted, tmp_path):
-    from unime_ray.judge.stage import JudgeActor, JudgeSpec, score_with_errors
+    from unime_ray.judge.stage import JudgeActor, JudgeSpec
 
     folder = fitted.save(tmp_path / "judge")
     # persist the synthetic features: the stage's actors read them from the feature cache folder
@@ -211,14 +211,14 @@ def test_judge_spec_builds_the_encoder_backend(synth, fitted, tmp_path):
         keys = [k for t, k in synth.store.mem if t == tower]
         store.put(tower, keys, np.stack([synth.store.mem[(tower, k)] for k in keys]))
     store.flush()
-    spec = JudgeSpec(model=str(folder), backend="encoder", feature_cache=str(tmp_path / "features"))
+    spec = JudgeSpec(model=str(folder), judge={"backend": "encoder"}, feature_cache=str(tmp_path / "features"))
     judge = spec.build()
     assert isinstance(judge, EncoderJudge)
     pairs, _ = synth.test_pairs(range(40, 45))
-    scores, errors = score_with_errors(judge, pairs)
+    scores, errors = judge.score_or_errors(pairs)
     assert np.allclose(scores, fitted.score(pairs), rtol=0, atol=1e-5)   # float32 vectors of other batches
     assert spec.score_version() == "unime-encoder-judge-v1" and "unime-encoder-judge-v1" in spec.identity()
-    actor = JudgeActor(spec.__dict__)
+    actor = JudgeActor(spec.model_dump())
     q, c = pairs[0]
     row = {"query_id": ["q"], "cand_id": ["c"], "is_positive": [True]}
     for side, it in (("query_", q), ("cand_", c)):
@@ -322,6 +322,7 @@ def test_tiny_towers_fit_save_and_score_through_the_stage(tiny_towers, image_kin
     from unime_ray.data.io import read_table, write_rows
     from unime_ray.data.schema import CANDIDATE_SCHEMA, PAIR_SCHEMA, item_to_columns
     from unime_ray.judge.stage import JudgeSpec, run_judge
+    from unime_ray.utils.pool import Pool
     from unime_ray.retrieval.stage import CANDIDATES_TABLE_SCHEMA
 
     import pyarrow as pa
@@ -352,10 +353,10 @@ def test_tiny_towers_fit_save_and_score_through_the_stage(tiny_towers, image_kin
                            tmp_path / "cands" / f"part-{part:05d}.parquet")
         write_table_atomic(rows_to_table(pairs[part * 3:(part + 1) * 3], PAIR_SCHEMA),    # shards match by name
                            tmp_path / "pairs" / f"part-{part:05d}.parquet")
-    spec = JudgeSpec(model=str(folder), backend="encoder", image_root=str(tmp_path),
+    spec = JudgeSpec(model=str(folder), judge={"backend": "encoder"}, image_root=str(tmp_path),
                      feature_cache=str(tmp_path / "features"))
     args = (tmp_path / "cands", tmp_path / "pairs", tmp_path / "pool", tmp_path / "judge", spec)
-    out = run_judge(*args, use_ray=False, batch_size=4)
+    out = run_judge(*args, Pool.in_process(4))
     assert out["pairs"] == 18 and out["quarantined"] == 6 and out["scored"] == 12
     scores = read_table(out["scores_table"]).to_pylist()
     assert all(np.isnan(r["score"]) and "not found" in r["error"] for r in scores if r["cand_id"] == "bad")
@@ -366,7 +367,7 @@ def test_tiny_towers_fit_save_and_score_through_the_stage(tiny_towers, image_kin
 
     shards = sorted(Path(out["scores_table"]).glob("part-*.parquet"))
     shards[1].unlink()
-    again = run_judge(*args, use_ray=False, batch_size=4)
+    again = run_judge(*args, Pool.in_process(4))
     second = read_table(again["scores_table"]).to_pylist()
     key = lambda r: (r["query_id"], r["cand_id"])  # noqa: E731
     assert sorted(map(key, second)) == sorted(map(key, scores))
@@ -418,7 +419,7 @@ def test_pipeline_fits_and_scores_with_the_dual_encoder_judge(tiny_towers, tmp_p
     cmd = [sys.executable, "-m", "unime_ray.cli", "pipeline", "--preset", "synthetic", "--run-dir", str(run),
            "--stages", "data,models,prepare,retrieve,judge_fit,judge", "-o", "data.max_items=16",
            "-o", "data.rows_per_shard=16", "-o", "models.tiny.vocab_size=512", "-o", "retrieve.top_k=4",
-           "-o", "judge.rows_per_call=16", "-o", f"judge_fit={enc}"]
+           "-o", "judge.pool.batch_size=16", "-o", f"judge_fit={enc}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

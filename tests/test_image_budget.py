@@ -199,7 +199,7 @@ def test_every_stage_records_the_tokens_of_its_budget(tiny_models, ray_local, tm
         f"run_dir={run}", "models.tiny.make=false", f"models.embedder={tiny_models['qwen2_vl']}",
         f"models.judge={tiny_models['qwen2_5_vl']}", f"models.images={json.dumps(BUDGETS)}",
         "embed={batch_size: 8, max_actors: 1}", "retrieve={top_k: 3, delta: null}",
-        "judge={rows_per_call: 32, max_actors: 1}", "mine={num_negatives: 2, export_official: false}",
+        "judge={pool: {batch_size: 32, max_actors: 1}}", "mine={num_negatives: 2, export_official: false}",
         f"train={{num_negatives: 2, {small}}}", f"reranker={{enabled: true, list_negatives: 2, {small}}}",
         "eval={use_ray: false, batch_size: 8, rerank: {enabled: true, top_k: 2}}"])
     manifest = Manifest(run.resolve())
@@ -238,11 +238,11 @@ def test_vllm_judge_applies_the_budget_and_counts_tokens(tiny_models):
     from unime_ray.judge.vllm_backend import VisionLimits, VLLMJudge, sampling_params_kwargs
 
     budget = {"resize": [224, 224], "min_pixels": 3136, "max_pixels": 28 * 28 * 64}
-    spec = JudgeSpec(model="m", backend="vllm", image_resize=(224, 224), min_pixels=3136, max_pixels=28 * 28 * 64)
-    assert spec.image_budget() == ImageBudget(**budget)
+    spec = JudgeSpec.model_validate({"model": "m", "budget": budget})
+    assert spec.budget == ImageBudget(**budget)
     tok = AutoTokenizer.from_pretrained(str(tiny_models["qwen2_5_vl"]))
     judge = VLLMJudge.__new__(VLLMJudge)   # no engine: a fake stands in for vllm.LLM
-    judge.cfg = type("Cfg", (), {"image_resize": spec.image_resize})()
+    judge.budget = spec.budget
     judge.prompt, judge.image_root, judge.tokenizer = JudgePrompt(), None, tok
     judge.yes_id, judge.no_id = answer_token_ids(tok)
     judge.sampling_params = sampling_params_kwargs(judge.yes_id, judge.no_id)

@@ -8,10 +8,12 @@ import torch
 
 from unime_ray.data.io import read_table, write_rows
 from unime_ray.data.schema import CANDIDATE_SCHEMA, Item
+from unime_ray.judge.config import JudgeConfig
 from unime_ray.judge.hf_backend import TransformersJudge
 from unime_ray.judge.prompt import (PAIRWISE_INSTRUCTION, JudgePrompt, answer_token_ids, judge_segments,
                                     judge_text, yes_probability)
 from unime_ray.judge.stage import JudgeSpec, expand_pairs, run_judge
+from unime_ray.utils.pool import Pool
 
 from .conftest import make_png
 
@@ -141,10 +143,10 @@ def _scores(path):
 
 def test_judge_stage_resumes_and_accounts(tiny_models, retrieved, tmp_path):
     root = retrieved
-    spec = JudgeSpec(model=str(tiny_models["qwen2_5_vl"]), dtype="float32", batch_size=4,
+    spec = JudgeSpec(model=str(tiny_models["qwen2_5_vl"]), judge=JudgeConfig(dtype="float32", batch_size=4),
                      image_root=str(root / "data"))
     args = (root / "ret" / "candidates", root / "data" / "train" / "pairs", root / "pool", tmp_path / "judge", spec)
-    out = run_judge(*args, use_ray=False, batch_size=16)
+    out = run_judge(*args, Pool.in_process(16))
     cands = read_table(root / "ret" / "candidates").to_pylist()
     assert out["pairs"] == sum(1 + len(r["cand_ids"]) for r in cands)
     assert out["scored"] + out["quarantined"] == out["pairs"] and out["quarantined"] >= 1
@@ -165,7 +167,7 @@ def test_judge_stage_resumes_and_accounts(tiny_models, retrieved, tmp_path):
     shards = sorted(Path(scores_dir).glob("part-*.parquet"))
     assert len(shards) >= 2
     shards[1].unlink()
-    again = run_judge(*args, use_ray=False, batch_size=16)
+    again = run_judge(*args, Pool.in_process(16))
     second = _scores(scores_dir)
     assert second.keys() == first.keys()
     for k, v in first.items():
@@ -174,16 +176,18 @@ def test_judge_stage_resumes_and_accounts(tiny_models, retrieved, tmp_path):
     assert again["scored"] == out["scored"]
 
     # another prompt version writes its own scores; nothing mixes
-    other = JudgeSpec(**{**spec.__dict__, "prompt": {"version": JudgePrompt().version + "-other"}})
+    other_prompt = spec.judge.model_copy(update={"prompt_version": JudgePrompt().version + "-other"})
+    other = spec.model_copy(update={"judge": other_prompt})
     assert other.identity() != spec.identity()
 
 
 def test_judge_stage_on_ray_equals_local(tiny_models, retrieved, ray_local, tmp_path):
     root = retrieved
-    spec = JudgeSpec(model=str(tiny_models["qwen2_5_vl"]), dtype="float32", image_root=str(root / "data"))
+    spec = JudgeSpec(model=str(tiny_models["qwen2_5_vl"]), judge=JudgeConfig(dtype="float32"),
+                     image_root=str(root / "data"))
     args = (root / "ret" / "candidates", root / "data" / "train" / "pairs", root / "pool")
-    local = run_judge(*args, tmp_path / "local", spec, use_ray=False)
-    on_ray = run_judge(*args, tmp_path / "ray", spec, use_ray=True, min_actors=1, max_actors=1)
+    local = run_judge(*args, tmp_path / "local", spec)
+    on_ray = run_judge(*args, tmp_path / "ray", spec, Pool(min_actors=1, max_actors=1, batch_size=64))
     a, b = _scores(local["scores_table"]), _scores(on_ray["scores_table"])
     assert a.keys() == b.keys()
     for k in a:

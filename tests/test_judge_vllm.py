@@ -13,9 +13,11 @@ import pytest
 
 from tests.conftest import make_png
 from unime_ray.data.schema import Item
+from unime_ray.models.budget import ImageBudget
+from unime_ray.judge.config import VLLMConfig
 from unime_ray.judge.prompt import JudgePrompt, answer_token_ids, judge_segments, judge_text
-from unime_ray.judge.vllm_backend import (VLLM_MISSING, JudgeOutputError, VisionLimits, VLLMJudge, VLLMJudgeConfig,
-                                          build_request, engine_kwargs, image_token_count, parse_yes_no, prompt_length,
+from unime_ray.judge.vllm_backend import (VLLM_MISSING, JudgeOutputError, VisionLimits, VLLMJudge, build_request,
+                                          engine_kwargs, image_token_count, parse_yes_no, prompt_length,
                                           qwen_resized_size, sampling_params_kwargs, vision_limits)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -82,7 +84,7 @@ def _softmax_yes(logit_yes, logit_no):
 # --- engine / sampling arguments ----------------------------------------------------------------------
 
 def test_engine_kwargs_defaults():
-    kw = engine_kwargs(VLLMJudgeConfig(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    kw = engine_kwargs("Qwen/Qwen2.5-VL-7B-Instruct")
     assert kw["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert kw["enable_prefix_caching"] is True
     assert kw["logprobs_mode"] == "processed_logprobs"
@@ -93,10 +95,9 @@ def test_engine_kwargs_defaults():
 
 
 def test_engine_kwargs_passthrough():
-    cfg = VLLMJudgeConfig(model="/ckpt/judge", load_format="dummy", tensor_parallel_size=2, max_images_per_prompt=1,
-                          min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
-                          extra_engine_kwargs={"enforce_eager": True, "max_num_seqs": 64})
-    kw = engine_kwargs(cfg)
+    cfg = VLLMConfig(load_format="dummy", tensor_parallel_size=2, max_images_per_prompt=1,
+                     extra_engine_kwargs={"enforce_eager": True, "max_num_seqs": 64})
+    kw = engine_kwargs("/ckpt/judge", cfg, ImageBudget(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28))
     assert kw["load_format"] == "dummy"
     assert kw["tensor_parallel_size"] == 2
     assert kw["limit_mm_per_prompt"]["image"] == 1
@@ -107,9 +108,9 @@ def test_engine_kwargs_passthrough():
 
 def test_engine_kwargs_refuses_raw_logprobs():
     with pytest.raises(ValueError, match="processed_logprobs"):
-        engine_kwargs(VLLMJudgeConfig(model="m", extra_engine_kwargs={"logprobs_mode": "raw_logprobs"}))
+        engine_kwargs("m", VLLMConfig(extra_engine_kwargs={"logprobs_mode": "raw_logprobs"}))
     with pytest.raises(ValueError, match="max_logprobs"):
-        engine_kwargs(VLLMJudgeConfig(model="m", extra_engine_kwargs={"max_logprobs": 1}))
+        engine_kwargs("m", VLLMConfig(extra_engine_kwargs={"max_logprobs": 1}))
 
 
 def test_sampling_params_kwargs():
@@ -230,7 +231,7 @@ def test_parse_extreme_logprobs():
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
 def test_judge_without_vllm_raises_clear_error():
     with pytest.raises(RuntimeError) as info:
-        VLLMJudge(VLLMJudgeConfig(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+        VLLMJudge("Qwen/Qwen2.5-VL-7B-Instruct")
     assert str(info.value) == VLLM_MISSING
     assert "unime-ray[gpu]" in str(info.value) and "transformers backend" in str(info.value)
 
@@ -394,12 +395,12 @@ def test_vision_limits_from_the_checkpoint_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(
         '{"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056, '
         '"patch_size": 14, "merge_size": 2}')
-    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path))) == VisionLimits(3136, 12845056, 14, 2)
-    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path), max_pixels=28 * 28 * 300)).max_pixels == 235200
+    assert vision_limits(str(tmp_path)) == VisionLimits(3136, 12845056, 14, 2)
+    assert vision_limits(str(tmp_path), ImageBudget(max_pixels=28 * 28 * 300)).max_pixels == 235200
     (tmp_path / "preprocessor_config.json").write_text(
         '{"image_processor_type": "Qwen2VLImageProcessor", "size": {"shortest_edge": 100, "longest_edge": 200000}}')
-    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path))) == VisionLimits(100, 200000, 14, 2)
-    assert vision_limits(VLLMJudgeConfig(model=str(tmp_path / "nowhere"))) is None
+    assert vision_limits(str(tmp_path)) == VisionLimits(100, 200000, 14, 2)
+    assert vision_limits(str(tmp_path / "nowhere")) is None
 
 
 # --- GPU: vLLM against an independent transformers forward ------------------------------------------
@@ -419,8 +420,8 @@ def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
     spec = TinySpec(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                     vision_embed_dim=128, vision_heads=2)
     folder = make_tiny_models(tmp_path, spec=spec, archs=("qwen2_5_vl",))["qwen2_5_vl"]
-    judge = VLLMJudge(VLLMJudgeConfig(model=str(folder), dtype="float32", max_model_len=2048,
-                                      gpu_memory_utilization=0.3, extra_engine_kwargs={"enforce_eager": True}))
+    judge = VLLMJudge(str(folder), VLLMConfig(dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
+                                              extra_engine_kwargs={"enforce_eager": True}))
     text_pairs = [(Item(text="a red car"), Item(text="a photo of a red car.")),
                   (Item(text="a red car"), Item(text="a small blue circle.")),
                   (Item(text="Find an emoji image that matches the name:", instruction="smile"),

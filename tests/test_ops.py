@@ -312,14 +312,17 @@ def _actor_capacity(nodes: list[NodeType], cpus: float, gpus: float) -> int:
 
 def _resource_demands(cfg) -> list[tuple[str, float, float, int, int]]:
     """(what, CPUs per unit, GPUs per unit, units needed at least, units wanted at most) for every section that
-    asks Ray for resources: actor pools (``num_gpus_per_actor``) and training runs (``use_gpu``)."""
+    asks Ray for resources: actor pools (``num_gpus_per_actor``, or a ``pool``) and training runs (``use_gpu``)."""
+    from unime_ray.utils.pool import Pool
+
     demands = []
     for name in type(cfg).model_fields:
         sec = getattr(cfg, name)
         fields = type(sec).model_fields if hasattr(type(sec), "model_fields") else {}
-        if "num_gpus_per_actor" in fields and "max_actors" in fields:
-            demands.append((f"{name} actors", sec.num_cpus_per_actor, sec.num_gpus_per_actor, sec.min_actors,
-                            sec.max_actors))
+        pool = sec.pool if isinstance(getattr(sec, "pool", None), Pool) else sec
+        if isinstance(pool, Pool) or ("num_gpus_per_actor" in fields and "max_actors" in fields):
+            demands.append((f"{name} actors", pool.num_cpus_per_actor, pool.num_gpus_per_actor, pool.min_actors,
+                            pool.max_actors))
         if "use_gpu" in fields and "num_workers" in fields:
             if getattr(sec, "enabled", True) is False:
                 continue
@@ -368,7 +371,7 @@ def test_stage_resources_fit_the_cluster(job_config, cluster):
         assert cap >= least, f"{what}: {least} x {{CPU: {cpus}, GPU: {gpus}}} never fit {cluster.name} ({nodes})"
         assert cap >= most, f"{what}: at most {most}, but {cluster.name} holds {cap} at full size"
     if cfg.judge.backend == "vllm":
-        assert cfg.judge.vllm.tensor_parallel_size <= cfg.judge.num_gpus_per_actor
+        assert cfg.judge.vllm.tensor_parallel_size <= cfg.judge.pool.num_gpus_per_actor
     if cfg.train.use_gpu:  # one node holds the whole training group (NCCL within a node)
         assert any(n.gpus >= cfg.train.num_workers for n in nodes), f"train.num_workers vs {cluster.name}"
 

@@ -47,7 +47,7 @@ OVERRIDES: list[tuple[str, str, str]] = [
     ("ray.address", "null", "Ray: the test's local Ray instead of the job's cluster (auto)"),
     # GPU-only settings
     ("judge.backend", "transformers", "GPU only: vLLM needs a GPU"),
-    ("judge.num_gpus_per_actor", "0", "GPU only"),
+    ("judge.pool.num_gpus_per_actor", "0", "GPU only"),
     ("embed.pool.num_gpus_per_actor", "0", "GPU only"),
     ("eval.num_gpus_per_actor", "0", "GPU only"),
     ("train.use_gpu", "false", "GPU only"),
@@ -57,8 +57,8 @@ OVERRIDES: list[tuple[str, str, str]] = [
     # actor counts and CPUs: 2 CPUs on this machine
     ("embed.pool.max_actors", "1", "2 CPUs: one embedding actor"),
     ("embed.pool.num_cpus_per_actor", "1", "2 CPUs"),
-    ("judge.max_actors", "1", "2 CPUs: one judge actor"),
-    ("judge.num_cpus_per_actor", "1", "2 CPUs"),
+    ("judge.pool.max_actors", "1", "2 CPUs: one judge actor"),
+    ("judge.pool.num_cpus_per_actor", "1", "2 CPUs"),
     ("eval.max_actors", "1", "2 CPUs: one evaluation actor"),
     ("eval.num_cpus_per_actor", "1", "2 CPUs"),
     ("train.num_workers", "1", "2 CPUs: one Ray Train worker (8 GPUs in the job)"),
@@ -242,7 +242,7 @@ def test_without_the_overrides_the_job_runs_the_paper_recipe(tmp_path):
     assert (rer.max_steps, rer.warmup) == (OFFICIAL_ROWS // 64, math.ceil(0.03 * (OFFICIAL_ROWS // 64)))
     for s in (emb, rer):
         assert (s.use_gpu, s.bf16, s.zero_stage, s.gradient_checkpointing) == (True, True, 2, True)
-    assert job.judge.backend == "vllm" and job.judge.num_gpus_per_actor == 1 and job.judge.max_actors == 8
+    assert job.judge.backend == "vllm" and job.judge.pool.num_gpus_per_actor == 1 and job.judge.pool.max_actors == 8
     assert (job.embed.pool.num_gpus_per_actor, job.eval.num_gpus_per_actor) == (1, 1)
     assert job.ray.address == "auto" and job.mine.from_imported == "use"
     assert (job.models.embedder, job.models.judge, job.models.retriever.model) == (

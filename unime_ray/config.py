@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .eval.config import EvalConfig
+from .judge.config import JudgeConfig
 from .mining.config import MineConfig
 from .models.budget import ROLES, ImageBudget
 from .retrieval.config import EmbedConfig, RetrieveConfig
@@ -135,48 +136,6 @@ class DataConfig(_Section):
     def _paths_for_files(self):
         if self.source not in ("emoji", "synthetic") and not (self.train_path or self.eval_path):
             raise ValueError(f"data.source={self.source!r} needs data.train_path and/or data.eval_path")
-        return self
-
-
-class VLLMConfig(_Section):
-    """vLLM engine settings for the judge on GPUs (see unime_ray/judge/vllm_backend.py)."""
-
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    max_model_len: int = Field(default=8192, ge=256)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    enable_prefix_caching: bool = True
-    load_format: str = "auto"          # "dummy": random weights for throughput runs
-    dtype: str = "bfloat16"
-
-
-class JudgeConfig(_Section):
-    """MLLM-as-a-Judge (stage S2): Yes/No scores for each query's positive and candidates."""
-
-    model: str | None = None            # default: models.judge
-    # encoder: a fitted dual-encoder judge folder (unime_ray.judge.encoder_backend); judge_fit.kind:
-    # dual_encoder fits and uses one per fold without setting this
-    backend: Literal["transformers", "vllm", "encoder"] = "transformers"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(default=32, ge=1)          # pairs per forward
-    prefix_reuse: bool = True
-    rows_per_call: int = Field(default=64, ge=1)       # pairs handed to an actor at a time
-    min_actors: int = Field(default=1, ge=1)
-    max_actors: int = Field(default=1, ge=1)
-    num_cpus_per_actor: float = Field(default=1.0, gt=0)
-    num_gpus_per_actor: float = Field(default=0.0, ge=0)
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
-    max_length: int | None = Field(default=None, ge=16)
-    prompt_version: str = "pairwise-v2"   # judge.prompt.JudgePrompt.version: the prompt the scores were made with
-    instruction: str | None = None      # None: the paper's pairwise wording
-    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
-
-    @model_validator(mode="after")
-    def _pool(self):
-        if self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
-        if self.backend == "vllm" and self.num_gpus_per_actor < 1:
-            raise ValueError("the vllm backend needs num_gpus_per_actor >= 1")
         return self
 
 

@@ -1,7 +1,14 @@
-"""Stage S2, MLLM-as-a-Judge: the pairwise Yes/No prompt, transformers and vLLM backends, the Ray stage."""
+"""Stage S2, MLLM-as-a-Judge: the pairwise Yes/No prompt, transformers and vLLM backends, the Ray stage.
+Names load lazily, so ``unime_ray.judge.config`` (pydantic only) stays cheap to import from the run config."""
 
-from .prompt import JudgePrompt, answer_token_ids, judge_segments, judge_text, yes_probability
-from .stage import JudgeSpec, run_judge
+from __future__ import annotations
 
-__all__ = ["JudgePrompt", "JudgeSpec", "answer_token_ids", "judge_segments", "judge_text", "run_judge",
-           "yes_probability"]
+from ..utils.lazy import lazy_exports
+
+_EXPORTS = {"JudgeConfig": "config", "VLLMConfig": "config",
+            "JudgePrompt": "prompt", "answer_token_ids": "prompt", "judge_segments": "prompt", "judge_text": "prompt",
+            "yes_probability": "prompt", "JudgeSpec": "stage", "run_judge": "stage"}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ pairs of the fitting data (one per query->candidate modality pairing with enough
 global one), so the score is an estimate of the probability that the candidate is the query's match. The
 calibration is increasing in the cosine (``a > 0`` is enforced), so it never reorders a query's candidates.
 
-**Folder format** (``judge.model`` may be such a folder; ``JudgeSpec(backend="encoder")`` builds it):
+**Folder format** (``judge.model`` may be such a folder; ``judge.backend: encoder`` builds it):
 ``encoder_judge.json`` (format, towers, text input, dims, calibration, fit summary) and ``heads.safetensors``
 (standardisation statistics and projection weights). Fitting: :mod:`unime_ray.judge.encoder_fit`.
 

@@ -17,17 +17,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.io import iter_rows, read_table, shard_paths, write_table_atomic
 from ..data.schema import Item
-from ..utils.shards import VISUAL_TOKENS_COLUMN, map_shards_local, map_shards_ray, visual_tokens_column
+from ..models.budget import ImageBudget
+from ..utils.pool import Pool
+from ..utils.shards import VISUAL_TOKENS_COLUMN, visual_tokens_column
+from .config import JudgeConfig
 from .prompt import JudgePrompt
 
 logger = logging.getLogger(__name__)
@@ -44,57 +48,42 @@ SCORES_SCHEMA = pa.schema([
 ])
 
 
-@dataclass
-class JudgeSpec:
-    """What a judge actor builds: the backend and its settings (a plain dict crosses to Ray workers)."""
+class JudgeSpec(BaseModel):
+    """What a judge actor builds: the run's ``judge`` section plus what the run resolves (its checkpoint, image
+    root and budget); the dump of it is what crosses to Ray workers."""
 
-    model: str
-    backend: str = "transformers"          # transformers | vllm | encoder (a fitted dual-encoder judge folder)
-    dtype: str = "auto"
-    batch_size: int = 32
-    prefix_reuse: bool = True
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str                           # the resolved checkpoint (encoder backend: a fitted judge folder)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     image_root: str | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    max_length: int | None = None
-    prompt: dict[str, Any] = field(default_factory=dict)   # JudgePrompt fields to override
-    vllm: dict[str, Any] = field(default_factory=dict)     # VLLMJudgeConfig fields
-    image_resize: tuple[int, int] | None = None            # with min/max_pixels: the judge's ImageBudget
-    feature_cache: str | None = None       # encoder: a folder of cached tower features (read, and appended to)
+    budget: ImageBudget = Field(default_factory=ImageBudget)   # the judge role's image budget
+    feature_cache: str | None = None     # encoder: a folder of cached tower features (read, and appended to)
 
     def judge_prompt(self) -> JudgePrompt:
-        return JudgePrompt(**self.prompt)
-
-    def image_budget(self):
-        from ..models.budget import ImageBudget
-
-        return ImageBudget.from_legacy(self.image_resize, self.min_pixels, self.max_pixels)
+        j = self.judge
+        return JudgePrompt(version=j.prompt_version, **({"instruction": j.instruction} if j.instruction else {}))
 
     def build(self):
-        if self.backend == "transformers":
+        j = self.judge
+        if j.backend == "transformers":
             from .hf_backend import TransformersJudge
 
-            return TransformersJudge(self.model, self.judge_prompt(), dtype=self.dtype, image_root=self.image_root,
-                                     image_options=self.image_budget(),
-                                     batch_size=self.batch_size, prefix_reuse=self.prefix_reuse,
-                                     max_length=self.max_length)
-        if self.backend == "vllm":
-            from .vllm_backend import VLLMJudge, VLLMJudgeConfig
+            return TransformersJudge(self.model, self.judge_prompt(), dtype=j.dtype, image_root=self.image_root,
+                                     image_options=self.budget, batch_size=j.batch_size,
+                                     prefix_reuse=j.prefix_reuse, max_length=j.max_length)
+        if j.backend == "vllm":
+            from .vllm_backend import VLLMJudge
 
-            cfg = VLLMJudgeConfig(model=self.model, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                                  image_resize=tuple(self.image_resize) if self.image_resize else None,
-                                  **self.vllm)
-            return VLLMJudge(cfg, self.judge_prompt(), image_root=self.image_root)
-        if self.backend == "encoder":
-            from .encoder_backend import EncoderJudge
+            return VLLMJudge(self.model, j.vllm, self.judge_prompt(), image_root=self.image_root, budget=self.budget)
+        from .encoder_backend import EncoderJudge
 
-            return EncoderJudge.load(self.model, image_root=self.image_root, feature_cache=self.feature_cache,
-                                     batch_size=max(self.batch_size, 256))
-        raise ValueError(f"unknown judge backend {self.backend!r}; choose transformers, vllm or encoder")
+        return EncoderJudge.load(self.model, image_root=self.image_root, feature_cache=self.feature_cache,
+                                 batch_size=max(j.batch_size, 256))
 
     def score_version(self) -> str:
         """What the scores were made with, stored per score: the prompt version (an encoder judge has none)."""
-        if self.backend == "encoder":
+        if self.judge.backend == "encoder":
             from .encoder_backend import FORMAT, FORMAT_VERSION
 
             return f"{FORMAT}-v{FORMAT_VERSION}"
@@ -103,34 +92,26 @@ class JudgeSpec:
     def identity(self) -> str:
         """Folder name for this judge + prompt: scores of another judge or prompt never mix in."""
         prompt = self.judge_prompt()
-        key = f"{self.model}|{asdict(prompt)}" if self.backend != "encoder" else f"{self.model}|encoder"
+        key = f"{self.model}|{asdict(prompt)}" if self.judge.backend != "encoder" else f"{self.model}|encoder"
         h = hashlib.sha1(key.encode()).hexdigest()[:8]
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(self.model).name)
         return f"{name}-{self.score_version()}-{h}"
 
 
-def score_with_errors(backend, pairs: list[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
-    """Scores and per-pair errors from any backend; a backend without per-pair errors is retried pair by pair."""
-    if hasattr(backend, "score_or_errors"):
-        return backend.score_or_errors(pairs)
-    try:
-        return np.asarray(backend.score(pairs), dtype=np.float64), [None] * len(pairs)
-    except Exception:  # find the bad pairs one at a time
-        scores, errors = np.full(len(pairs), np.nan), [None] * len(pairs)
-        for i, pair in enumerate(pairs):
-            try:
-                scores[i] = float(backend.score([pair])[0])
-            except Exception as exc:  # noqa: BLE001 - each failure is recorded with its reason
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        return scores, errors
+class YesNoScorer(Protocol):
+    """What scores (query, candidate) pairs with P(Yes): the judge backends, and the reranker when serving."""
+
+    def score_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
+        """Scores in pair order (NaN where a pair cannot be scored) and each pair's error or None."""
+        ...
 
 
 class JudgeActor:
     """Builds the judge once; maps rows of the pairs-to-judge table to score rows."""
 
     def __init__(self, spec: dict[str, Any]):
-        self.spec = JudgeSpec(**spec)
-        self.backend = self.spec.build()
+        self.spec = JudgeSpec.model_validate(spec)
+        self.backend: YesNoScorer = self.spec.build()
         self.judge_name = self.spec.model
         self.prompt_version = self.spec.score_version()
 
@@ -140,7 +121,7 @@ class JudgeActor:
         n = len(batch["query_id"])
         pairs = list(zip(items_from_columns({**batch, "id": batch["query_id"]}, "query_"),
                          items_from_columns({**batch, "id": batch["query_id"]}, "cand_")))
-        scores, errors = score_with_errors(self.backend, pairs)
+        scores, errors = self.backend.score_or_errors(pairs)
         return {"query_id": list(batch["query_id"]), "cand_id": list(batch["cand_id"]),
                 "is_positive": [bool(x) for x in batch["is_positive"]], "score": [float(s) for s in scores],
                 "error": errors, "judge": [self.judge_name] * n, "prompt_version": [self.prompt_version] * n,
@@ -198,16 +179,13 @@ def _rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def score_pairs(pairs_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: JudgeSpec, *, use_ray: bool,
-                batch_size: int = 64, min_actors: int = 1, max_actors: int = 1, num_cpus: float = 1.0,
-                num_gpus: float = 0.0) -> dict[str, Any]:
-    """Score every pending shard of the pairs-to-judge table."""
-    kwargs = {"spec": asdict(spec)}
-    if use_ray:
-        return map_shards_ray(JudgeActor, kwargs, pairs_dir, out_dir, _scores_table, None, batch_size,
-                              min_actors, max_actors, num_cpus, num_gpus, what="judged pairs")
-    return map_shards_local(JudgeActor(**kwargs), pairs_dir, out_dir, _scores_table, None, batch_size,
-                            what="judged pairs")
+def score_pairs(pairs_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: JudgeSpec,
+                pool: Pool | None = None) -> dict[str, Any]:
+    """Score every pending shard of the pairs-to-judge table (``pool`` None: in this process, handing
+    ``judge.pool.batch_size`` pairs at a time)."""
+    pool = pool or Pool.in_process(spec.judge.pool.batch_size)
+    return pool.map_shards(JudgeActor, {"spec": spec.model_dump()}, pairs_dir, out_dir, _scores_table,
+                           what="judged pairs")
 
 
 def write_quarantine(scores_dir: str | os.PathLike, path: str | os.PathLike) -> int:
@@ -218,15 +196,12 @@ def write_quarantine(scores_dir: str | os.PathLike, path: str | os.PathLike) -> 
 
 
 def run_judge(candidates_table: str | os.PathLike, pairs_table: str | os.PathLike, pool_table: str | os.PathLike,
-              out_dir: str | os.PathLike, spec: JudgeSpec, *, use_ray: bool = True, batch_size: int = 64,
-              min_actors: int = 1, max_actors: int = 1, num_cpus: float = 1.0,
-              num_gpus: float = 0.0) -> dict[str, Any]:
+              out_dir: str | os.PathLike, spec: JudgeSpec, pool: Pool | None = None) -> dict[str, Any]:
     """The whole stage: expand -> score -> quarantine file and summary."""
     out_dir = Path(out_dir)
     expanded = expand_pairs(candidates_table, pairs_table, pool_table, out_dir / "pairs")
     scores_dir = out_dir / "scores" / spec.identity()
-    stats = score_pairs(out_dir / "pairs", scores_dir, spec, use_ray=use_ray, batch_size=batch_size,
-                        min_actors=min_actors, max_actors=max_actors, num_cpus=num_cpus, num_gpus=num_gpus)
+    stats = score_pairs(out_dir / "pairs", scores_dir, spec, pool)
     n_bad = write_quarantine(scores_dir, out_dir / "quarantine.parquet")
     t = read_table(scores_dir, ["score", "is_positive", "error"])
     ok = t.filter(pc.is_null(t.column("error")))
@@ -234,7 +209,7 @@ def run_judge(candidates_table: str | os.PathLike, pairs_table: str | os.PathLik
     positive = np.asarray(ok.column("is_positive").to_pylist(), dtype=bool)
     return {"pairs": expanded["pairs"], "scored": int(len(scores)), "quarantined": n_bad,
             "scores_table": str(scores_dir), "quarantine": str(out_dir / "quarantine.parquet"),
-            "judge": spec.model, "backend": spec.backend, "prompt_version": spec.score_version(),
+            "judge": spec.model, "backend": spec.judge.backend, "prompt_version": spec.score_version(),
             "pairs_per_s": stats["rows_per_s"], "seconds": stats["seconds"],
             "visual_tokens": stats.get("visual_tokens"),
             "mean_score_positive": float(scores[positive].mean()) if positive.any() else None,

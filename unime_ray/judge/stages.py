@@ -6,41 +6,56 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..stage import Context, Section, Stage, StageResult
 
 logger = logging.getLogger(__name__)
 
 
+class JudgeFitResult(StageResult):
+    enabled: bool = False
+    kind: Literal["mllm", "dual_encoder"] = "mllm"
+    backend: str | None = None            # the backend that scores with the fitted judges (None: judge.backend)
+    num_folds: int | None = None
+    folds: dict[str, dict[str, Any]] = {}   # fold -> its judge ("model": checkpoint or folder) and fit record
+    feature_cache: str | None = None      # dual encoder: the tower features the judge stage reads too
+
+
 class JudgeResult(StageResult):
     imported: bool = False
     scores_table: str | None = None       # per (query, candidate) pair: the judge's score
+    judge: str | None = None
+    backend: str | None = None
+    prompt_version: str | None = None
+    pairs: int | None = None
+    scored: int | None = None
+    quarantined: int | None = None
+    pairs_per_s: float | None = None
+    mean_score_positive: float | None = None
+    mean_score_candidates: float | None = None
+    positive_auc: float | None = None     # P(positive outscores a candidate)
 
 
-def judge_spec(ctx: Context, image_root: str | None, model: str | None = None, backend: str | None = None,
-                feature_cache: str | None = None):
+def judge_spec(ctx: Context, image_root: str | None, fitted: JudgeFitResult | None = None, fold: int | None = None):
+    """The judge actors' spec: the ``judge`` section; with ``fitted``, the stand-in judge of ``fold``."""
     from .stage import JudgeSpec
 
-    cfg = ctx.cfg
-    j = cfg.judge
-    if (backend or j.backend) == "encoder":
-        return JudgeSpec(model=model or cfg.model_ref(j.model or cfg.models.judge), backend="encoder",
-                         batch_size=j.batch_size, image_root=image_root, feature_cache=feature_cache)
-    budget = cfg.image_budget("judge")
-    prompt: dict[str, Any] = {"version": j.prompt_version}
-    if j.instruction:
-        prompt["instruction"] = j.instruction
-    return JudgeSpec(model=model or cfg.model_ref(j.model or cfg.models.judge), backend=j.backend, dtype=j.dtype,
-                     batch_size=j.batch_size, prefix_reuse=j.prefix_reuse, image_root=image_root,
-                     min_pixels=budget.min_pixels, max_pixels=budget.max_pixels, image_resize=budget.resize,
-                     max_length=j.max_length, prompt=prompt, vllm=j.vllm.model_dump() if j.backend == "vllm" else {})
+    cfg, j = ctx.cfg, ctx.cfg.judge
+    model = cfg.model_ref(j.model or cfg.models.judge)
+    if fitted is not None:
+        model = fitted.folds[str(fold)]["model"]
+        j = j.model_copy(update={"backend": fitted.backend or j.backend})
+    return JudgeSpec(model=model, judge=j, image_root=image_root, budget=cfg.image_budget("judge"),
+                     feature_cache=fitted.feature_cache if fitted is not None else None)
 
 
 def run_judge_fit(ctx: Context) -> dict[str, Any]:
     """Stand-in judge (no pretrained MLLM judge offline): fine-tune the judge checkpoint on pairwise Yes/No,
     one model per fold of the training queries (see :mod:`unime_ray.judge.crossfit`)."""
     from .crossfit import build_fit_tables
+    from ..data.stages import PrepareResult
+    from ..retrieval.stages import RetrieveResult
     from ..train.reranker import train_reranker
     from ..train.stages import train_once, train_settings
 
@@ -48,13 +63,13 @@ def run_judge_fit(ctx: Context) -> dict[str, Any]:
     jf = cfg.judge_fit
     if jf is None or not jf.enabled:
         return {"enabled": False}
-    if ctx.outputs("retrieve").get("imported"):
+    retrieved, prepared = ctx.result("retrieve", RetrieveResult), ctx.result("prepare", PrepareResult)
+    if retrieved.imported:
         return {"enabled": False, "imported": True,
                 "note": "no judge to fit: the scores came with the training table"}
-    retrieved, prepared = ctx.outputs("retrieve"), ctx.outputs("prepare")
     out_dir = ctx.dir
-    tables = build_fit_tables(retrieved["candidates_table"], prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"],
-                              retrieved["candidate_pool"], out_dir / "tables", jf.folds, jf.negatives_per_query,
+    tables = build_fit_tables(retrieved.candidates_table, prepared.path(f"{cfg.retrieve.split}_pairs"),
+                              retrieved.candidate_pool, out_dir / "tables", jf.folds, jf.negatives_per_query,
                               seed=cfg.seed)
     if jf.kind == "dual_encoder":
         return _fit_encoder_judges(ctx, tables, prepared, retrieved, out_dir)
@@ -62,7 +77,7 @@ def run_judge_fit(ctx: Context) -> dict[str, Any]:
     folds = {}
     for f, info in tables.items():
         settings = train_settings(cfg, jf, cfg.model_ref(cfg.models.judge), out_dir / f"fold{f}", "reranker",
-                                   prepared.get("image_root"), role="judge")
+                                   prepared.image_root, role="judge")
         out = train_once(train_reranker, info["table"], settings, f"judge-fold{f}")
         folds[str(f)] = {"model": out["model"], "queries": info["queries"], "steps": out["steps"],
                          "final": out["final"], "visual_tokens": out.get("visual_tokens")}
@@ -73,8 +88,8 @@ def run_judge_fit(ctx: Context) -> dict[str, Any]:
             "visual_tokens": ctx.visual_tokens(judge=[f.get("visual_tokens") for f in folds.values()])}
 
 
-def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepared: dict[str, Any],
-                        retrieved: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepared, retrieved,
+                        out_dir: Path) -> dict[str, Any]:
     """judge_fit.kind: dual_encoder. The towers encode every distinct image and text of the pool and the pairs
     once, into a feature cache the judge stage reads too; then one judge per fold (a finished fold is skipped)."""
     from ..data.io import iter_rows
@@ -84,11 +99,10 @@ def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepare
     cfg = ctx.cfg
     jf = cfg.judge_fit
     settings = EncoderFitSettings(**jf.encoder.model_dump(), seed=cfg.seed)
-    image_root = prepared.get("image_root")
+    image_root = prepared.image_root
     cache = out_dir / "features"
-    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
-    items = [item_from_row(r) for r in iter_rows(retrieved["candidate_pool"])]
-    items += [item_from_row(r, "query_") for r in iter_rows(pairs)]
+    items = [item_from_row(r) for r in iter_rows(retrieved.candidate_pool)]
+    items += [item_from_row(r, "query_") for r in iter_rows(prepared.path(f"{cfg.retrieve.split}_pairs"))]
     t0 = time.perf_counter()
     warmed = warm_features(items, settings, image_root=image_root, feature_cache=cache)
     feature_s = time.perf_counter() - t0
@@ -109,38 +123,33 @@ def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepare
 
 def run_judge_stage(ctx: Context) -> dict[str, Any]:
     from .crossfit import merge_score_tables, query_folds, score_summary, scoring_judge, split_candidates
-    from ..data.stages import imported_stage, imported_training
+    from ..data.stages import PrepareResult, imported_stage, imported_training
+    from ..retrieval.stages import RetrieveResult
     from .stage import run_judge
 
     cfg = ctx.cfg
-    retrieved = ctx.outputs("retrieve")
-    if retrieved.get("imported"):
+    retrieved = ctx.result("retrieve", RetrieveResult)
+    if retrieved.imported:
         return imported_stage(imported_training(ctx), "the judge")
-    prepared = ctx.outputs("prepare")
-    j = cfg.judge
-    image_root = prepared.get("image_root")
-    pairs = prepared["tables"][f"{cfg.retrieve.split}_pairs"]["path"]
+    prepared = ctx.result("prepare", PrepareResult)
+    image_root, pairs, pool = prepared.image_root, prepared.path(f"{cfg.retrieve.split}_pairs"), cfg.judge.pool
     ctx.init_ray()
-    kw = dict(use_ray=True, batch_size=j.rows_per_call, min_actors=j.min_actors, max_actors=j.max_actors,
-              num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor)
-    fitted = ctx.optional("judge_fit")
-    if not fitted.get("enabled"):
-        out = run_judge(retrieved["candidates_table"], pairs, retrieved["candidate_pool"], ctx.dir,
-                        judge_spec(ctx, image_root), **kw)
+    fitted = JudgeFitResult.model_validate(ctx.optional("judge_fit"))
+    if not fitted.enabled:
+        out = run_judge(retrieved.candidates_table, pairs, retrieved.candidate_pool, ctx.dir,
+                        judge_spec(ctx, image_root), pool)
         logger.info("judge: %d pairs scored, %d quarantined, %.1f pairs/s", out["scored"], out["quarantined"],
                     out["pairs_per_s"])
         return {**out, "positive_auc": score_summary(out["scores_table"])["positive_auc"],
                 "visual_tokens": ctx.visual_tokens(judge=out.get("visual_tokens"))}
-    k = fitted["num_folds"]
+    k = fitted.num_folds
     root = ctx.dir
     assignment = query_folds(pairs, k, seed=cfg.seed)
-    split = split_candidates(retrieved["candidates_table"], assignment, k, root / "candidates")
+    split = split_candidates(retrieved.candidates_table, assignment, k, root / "candidates")
     per_fold, score_dirs = {}, []
     for f in range(k):
-        judge_model = fitted["folds"][str(scoring_judge(f, k))]["model"]
-        out = run_judge(split[f], pairs, retrieved["candidate_pool"], root / f"fold{f}",
-                        judge_spec(ctx, image_root, judge_model, backend=fitted.get("backend"),
-                                    feature_cache=fitted.get("feature_cache")), **kw)
+        out = run_judge(split[f], pairs, retrieved.candidate_pool, root / f"fold{f}",
+                        judge_spec(ctx, image_root, fitted, scoring_judge(f, k)), pool)
         per_fold[str(f)] = {**out, "judge_fold": scoring_judge(f, k)}
         score_dirs.append(out["scores_table"])
         logger.info("judge fold %d (judge of fold %d): %d pairs, %.1f pairs/s", f, scoring_judge(f, k), out["scored"],
@@ -149,62 +158,58 @@ def run_judge_stage(ctx: Context) -> dict[str, Any]:
     total = {key: sum(o[key] for o in per_fold.values()) for key in ("pairs", "scored", "quarantined", "seconds")}
     return {"crossfit": True, "folds": per_fold, "scores_table": scores, **total, "seconds": round(total["seconds"], 2),
             "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]),
-            "judge": "cross-fitted " + ("dual-encoder judges" if fitted.get("kind") == "dual_encoder"
-                                        else "stand-in judges"),
-            "backend": fitted.get("backend", "transformers"),
+            "judge": "cross-fitted " + ("dual-encoder judges" if fitted.kind == "dual_encoder" else "stand-in judges"),
+            "backend": fitted.backend or "transformers",
             "prompt_version": next((o.get("prompt_version") for o in per_fold.values()), None),
             **score_summary(scores),
             "visual_tokens": ctx.visual_tokens(judge=[o.get("visual_tokens") for o in per_fold.values()])}
 
 
-
 def report_judge_fit(s: Section) -> list[str]:
     from ..report import markdown_table
 
-    fit = s.result
-    if not fit.get("enabled"):
+    fit: JudgeFitResult = s.result  # type: ignore[assignment]
+    if not fit.enabled:
         return []
-    if fit.get("kind") == "dual_encoder":
+    if fit.kind == "dual_encoder":
         parts = ["\n## Stand-in judge: dual encoder (offline: no pretrained MLLM judge)\n",
                  f"Frozen pretrained towers (text `{fit.get('text_tower').get('kind')}` "
                  f"{fit.get('text_tower').get('path') or ''}, image `{fit.get('image_tower').get('kind')}`) with "
                  f"{fit.get('method')}-fitted projection heads and a Platt calibration on held-out pairs, "
-                 f"{fit.get('num_folds')}-fold cross-fitted: each fold's queries were scored by the judge fitted on "
+                 f"{fit.num_folds}-fold cross-fitted: each fold's queries were scored by the judge fitted on "
                  f"another fold. Tower features for the {fit.get('feature_items')} distinct query and pool "
                  f"items (each distinct image and text encoded once) took {fit.get('feature_seconds')} s.\n"]
         parts.append(markdown_table(["fold", "training queries", "held-out AUC (fitting fold)", "fit seconds",
                                      "judge"],
                                     [[k, v["queries"], v.get("heldout_auc"), v.get("seconds"), f"`{v['model']}`"]
-                                     for k, v in fit.get("folds").items()]))
+                                     for k, v in fit.folds.items()]))
         return parts
     parts = ["\n## Stand-in judge (offline: no pretrained MLLM judge)\n",
              f"The judge checkpoint was fine-tuned on pairwise Yes/No (positive vs retrieved candidates) with "
-             f"{fit.get('num_folds')}-fold cross-fitting: each fold's queries were scored by the judge fitted on "
+             f"{fit.num_folds}-fold cross-fitting: each fold's queries were scored by the judge fitted on "
              "another fold, so no judge scored pairs it was trained on. Its scores stand in for a "
              "Qwen2.5-VL-7B judge's; numbers below are not the paper's judge.\n"]
     parts.append(markdown_table(["fold", "training queries", "steps", "final loss", "answer prob. (Yes, positive)",
                                  "answer prob. (No, negative)"],
                                 [[k, v["queries"], v["steps"], v["final"].get("loss"),
                                   v["final"].get("answer_p_pair_pos"), v["final"].get("answer_p_pair_neg")]
-                                 for k, v in fit.get("folds").items()]))
+                                 for k, v in fit.folds.items()]))
     return parts
 
 
 def report_judge(s: Section) -> list[str]:
     from ..report import markdown_table
 
-    jud = s.result
-    if jud.get("pairs") is None:
+    jud: JudgeResult = s.result  # type: ignore[assignment]
+    if jud.pairs is None:
         return []
     parts = ["\n## MLLM-as-a-Judge\n",
-             f"Judge: `{jud.get('judge')}` ({jud.get('backend', 'transformers')}, prompt "
-             f"{jud.get('prompt_version', 'unrecorded')})\n",
+             f"Judge: `{jud.judge}` ({jud.backend or 'transformers'}, prompt {jud.prompt_version or 'unrecorded'})\n",
              markdown_table(["pairs", "scored", "quarantined", "pairs/s", "mean score (positives)",
                              "mean score (candidates)", "P(positive outscores a candidate)"],
-                            [[jud.get("pairs"), jud.get("scored"), jud.get("quarantined"), jud.get("pairs_per_s"),
-                              jud.get("mean_score_positive"), jud.get("mean_score_candidates"),
-                              jud.get("positive_auc")]])]
-    if jud.get("positive_auc") is not None and jud.get("positive_auc") < 0.6:
+                            [[jud.pairs, jud.scored, jud.quarantined, jud.pairs_per_s, jud.mean_score_positive,
+                              jud.mean_score_candidates, jud.positive_auc]])]
+    if jud.positive_auc is not None and jud.positive_auc < 0.6:
         parts.append("\nThe judge barely separates positives from retrieved candidates (0.5 = chance): its soft "
                      "scores carry little information, so UniME-V2's score alignment has little to learn from "
                      "in this run.\n")
@@ -212,6 +217,7 @@ def report_judge(s: Section) -> list[str]:
 
 
 JUDGE_FIT = Stage("judge_fit", "fit cross-fitted stand-in judges (runs without a pretrained judge)", run_judge_fit,
-                  sections=("models", "judge_fit"), report=report_judge_fit, command="fit-judge")
+                  sections=("models", "judge_fit"), result=JudgeFitResult, report=report_judge_fit,
+                  command="fit-judge")
 JUDGE = Stage("judge", "stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates", run_judge_stage,
               sections=("judge",), result=JudgeResult, report=report_judge)

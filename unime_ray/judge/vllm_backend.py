@@ -47,14 +47,16 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..data.images import load_image
 from ..data.schema import Item
+from ..models.budget import ImageBudget
 from ..models.processor import IMAGE_PAD
+from .config import VLLMConfig
 from .prompt import JudgePrompt, answer_token_ids, judge_images, judge_segments, split_token_ids, yes_probability
 
 VLLM_MISSING = ("vLLM is not installed; pip install 'unime-ray[gpu]' on a CUDA machine, "
@@ -63,22 +65,6 @@ VLLM_MISSING = ("vLLM is not installed; pip install 'unime-ray[gpu]' on a CUDA m
 
 class JudgeOutputError(ValueError):
     """A vLLM output that does not carry the Yes/No logprobs the score needs."""
-
-
-@dataclass
-class VLLMJudgeConfig:
-    model: str                      # hub id or folder
-    tensor_parallel_size: int = 1
-    max_model_len: int = 8192
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    load_format: str = "auto"       # "dummy": random weights, no download, for throughput runs
-    dtype: str = "bfloat16"
-    max_images_per_prompt: int = 2  # the pairwise prompt holds at most a query and a candidate image
-    min_pixels: int | None = None   # passed as mm_processor_kwargs if set
-    max_pixels: int | None = None
-    image_resize: tuple[int, int] | None = None   # (width, height) images are resized to before vLLM sees them
-    extra_engine_kwargs: dict = field(default_factory=dict)
 
 
 def check_vllm_backbone(model: str) -> None:
@@ -95,10 +81,11 @@ def check_vllm_backbone(model: str) -> None:
                          "run this judge with judge.backend: transformers")
 
 
-def engine_kwargs(cfg: VLLMJudgeConfig) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM``; ``extra_engine_kwargs`` win, except the logprobs mode."""
+def engine_kwargs(model: str, cfg: VLLMConfig = VLLMConfig(), budget: ImageBudget = ImageBudget()) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``; ``extra_engine_kwargs`` win, except the logprobs mode. The budget's
+    pixel range goes to vLLM's image processor (its resize is applied before vLLM sees an image)."""
     kw: dict[str, Any] = dict(
-        model=str(cfg.model),
+        model=str(model),
         tensor_parallel_size=cfg.tensor_parallel_size,
         max_model_len=cfg.max_model_len,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -111,7 +98,7 @@ def engine_kwargs(cfg: VLLMJudgeConfig) -> dict[str, Any]:
         # the judge never sends video: a zero limit keeps vLLM from budgeting encoder memory for it
         limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
     )
-    mm = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v is not None}
+    mm = {k: v for k, v in (("min_pixels", budget.min_pixels), ("max_pixels", budget.max_pixels)) if v is not None}
     if mm:
         kw["mm_processor_kwargs"] = mm
     extra = dict(cfg.extra_engine_kwargs)
@@ -231,19 +218,19 @@ def image_token_count(height: int, width: int, limits: VisionLimits) -> int:
     return (h // (limits.patch_size * limits.merge_size)) * (w // (limits.patch_size * limits.merge_size))
 
 
-def vision_limits(cfg: VLLMJudgeConfig) -> VisionLimits | None:
-    """The image sizing vLLM will apply: the checkpoint's image-processor config, with the config's
+def vision_limits(model: str, budget: ImageBudget = ImageBudget()) -> VisionLimits | None:
+    """The image sizing vLLM will apply: the checkpoint's image-processor config, with the budget's
     ``min_pixels`` / ``max_pixels`` (passed to vLLM as ``mm_processor_kwargs``) on top. None when the
     image-processor config cannot be read (then only text length is checked before sending)."""
     try:
         from transformers.image_processing_utils import ImageProcessingMixin
 
-        d, _ = ImageProcessingMixin.get_image_processor_dict(str(cfg.model))
+        d, _ = ImageProcessingMixin.get_image_processor_dict(str(model))
     except Exception:  # noqa: BLE001 - a missing config only weakens the up-front check
         return None
     size = d.get("size") or {}
-    lo = cfg.min_pixels or d.get("min_pixels") or size.get("shortest_edge")
-    hi = cfg.max_pixels or d.get("max_pixels") or size.get("longest_edge")
+    lo = budget.min_pixels or d.get("min_pixels") or size.get("shortest_edge")
+    hi = budget.max_pixels or d.get("max_pixels") or size.get("longest_edge")
     if not lo or not hi:
         return None
     return VisionLimits(int(lo), int(hi), int(d.get("patch_size", 14)), int(d.get("merge_size", 2)))
@@ -276,23 +263,24 @@ class VLLMJudge:
     name = "vllm"
     max_model_len: int | None = None          # None: no length check before sending
     vision: VisionLimits | None = None        # None: images count as one token in that check
+    budget: ImageBudget = ImageBudget()       # images are resized to its resize before vLLM sees them
 
-    def __init__(self, cfg: VLLMJudgeConfig, prompt: JudgePrompt = JudgePrompt(),
-                 image_root: str | os.PathLike | None = None):
+    def __init__(self, model: str, cfg: VLLMConfig = VLLMConfig(), prompt: JudgePrompt = JudgePrompt(),
+                 image_root: str | os.PathLike | None = None, budget: ImageBudget = ImageBudget()):
         try:
             import vllm
         except ImportError as exc:
             raise RuntimeError(VLLM_MISSING) from exc
-        check_vllm_backbone(cfg.model)
-        self.cfg = cfg
+        check_vllm_backbone(model)
+        self.budget = budget
         self.prompt = prompt
         self.image_root = image_root
-        self.llm = vllm.LLM(**engine_kwargs(cfg))
+        self.llm = vllm.LLM(**engine_kwargs(model, cfg, budget))
         self.tokenizer = self.llm.get_tokenizer()
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer, prompt)
         self.sampling_params = vllm.SamplingParams(**sampling_params_kwargs(self.yes_id, self.no_id))
         self.max_model_len = cfg.max_model_len
-        self.vision = vision_limits(cfg)
+        self.vision = vision_limits(model, budget)
         self.generate_calls = 0
         self.visual_tokens: Counter = Counter()   # {tokens per image: images sent}, see models.budget
 
@@ -310,12 +298,8 @@ class VLLMJudge:
         an image that does not decode or that the processor refuses, or a prompt (after image expansion)
         that leaves no room for the answer token within ``max_model_len``."""
         request = build_request(self.tokenizer, query, candidate, self.prompt, self.image_root)
-        resize = getattr(getattr(self, "cfg", None), "image_resize", None)
-        if resize and request.get("multi_modal_data"):
-            from ..models.budget import ImageBudget
-
-            budget = ImageBudget(resize=tuple(resize))
-            request["multi_modal_data"]["image"] = [budget.prepare(im) for im in request["multi_modal_data"]["image"]]
+        if mm := request.get("multi_modal_data"):
+            mm["image"] = [self.budget.prepare(im) for im in mm["image"]]
         for im in (request.get("multi_modal_data") or {}).get("image") or []:
             qwen_resized_size(im.height, im.width, self.vision or VisionLimits())   # refused shapes raise
         if self.max_model_len is not None:

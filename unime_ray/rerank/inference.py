@@ -68,10 +68,10 @@ class Reranker:
 
     # ---------------------------------------------------------------------------------------- pairwise
     def score_pairs(self, pairs: Sequence[tuple[Item, Item]]) -> np.ndarray:
-        """P(Yes) per (query, candidate); NaN where a pair cannot be scored (see :meth:`score_pairs_or_errors`)."""
-        return self.score_pairs_or_errors(pairs)[0]
+        """P(Yes) per (query, candidate); NaN where a pair cannot be scored (see :meth:`score_or_errors`)."""
+        return self.score_or_errors(pairs)[0]
 
-    def score_pairs_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
+    def score_or_errors(self, pairs: Sequence[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
         return self.judge.score_or_errors(list(pairs))
 
     # ---------------------------------------------------------------------------------------- listwise

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -35,6 +35,9 @@ from ray import serve
 from ray.serve import Application
 
 from ..data.schema import Item
+
+if TYPE_CHECKING:
+    from ..judge.stage import YesNoScorer
 from .config import (EMBEDDER_NAME, INDEX_NAME, INGRESS_NAME, RERANKER_NAME, ClusterCapacity, EmbedderSettings,
                      IndexSettings, RerankerSettings, ResourceLayout, ServeConfig, api_key_digest, fit_resources,
                      index_deployment_names, read_api_key)
@@ -149,7 +152,7 @@ class PairScorer:
     :class:`~unime_ray.judge.hf_backend.TransformersJudge` directly; both score the same tokens.
     """
 
-    def __init__(self, impl, implementation: str, model: str):
+    def __init__(self, impl: YesNoScorer, implementation: str, model: str):
         self.impl, self.implementation, self.model = impl, implementation, model
 
     @classmethod
@@ -170,12 +173,8 @@ class PairScorer:
     def score(self, pairs: list[tuple[Item, Item]]) -> tuple[np.ndarray, list[str | None]]:
         if not pairs:
             return np.zeros(0), []
-        for name in ("score_pairs_or_errors", "score_or_errors"):
-            if hasattr(self.impl, name):
-                scores, errors = getattr(self.impl, name)(pairs)
-                return np.asarray(scores, dtype=np.float64), list(errors)
-        scores = np.asarray(self.impl.score_pairs(pairs), dtype=np.float64)
-        return scores, [None if np.isfinite(s) else "the pair cannot be scored" for s in scores]
+        scores, errors = self.impl.score_or_errors(pairs)
+        return np.asarray(scores, dtype=np.float64), list(errors)
 
 
 RERANK_IMPL, JUDGE_IMPL = "unime_ray.rerank.Reranker", "unime_ray.judge.TransformersJudge"
