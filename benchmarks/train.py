@@ -42,8 +42,9 @@ def main() -> None:
 
     from tests.test_train_embedder import training_rows  # the same synthetic table the tests train on
     from unime_ray.models.tiny import TinySpec, make_tiny_models
-    from unime_ray.train.embedder import (TrainSettings, batch_loss, build_model, examples_from_rows,
-                                          train_embedder)
+    from unime_ray.train.config import TrainConfig
+    from unime_ray.train.embedder import batch_loss, examples_from_rows, train_embedder
+    from unime_ray.train.trainer import TrainJob, build_model
     from unime_ray.utils.ray_utils import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="unime-train-bench-"))
@@ -56,7 +57,7 @@ def main() -> None:
     write_rows(rows, work / "table", PAIR_SCHEMA, rows_per_shard=32)
 
     # 1a. plain loop: one process, global batch 8
-    s = TrainSettings(model=str(small), output_dir=str(work / "plain"), num_negatives=6, lr=1e-3, lora_dropout=0.0)
+    s = TrainJob(TrainConfig(num_negatives=6, lr=1e-3, lora_dropout=0.0), str(small), str(work / "plain"))
     from unime_ray.models.embedder import Embedder
     from unime_ray.models.processor import VLProcessor
 
@@ -76,9 +77,8 @@ def main() -> None:
 
     # 1b. Ray Train + DeepSpeed ZeRO-2, 2 workers x micro 4 = global 8
     init_ray(num_cpus=2, include_dashboard=False)
-    s = TrainSettings(model=str(small), output_dir=str(work / "ray"), num_negatives=6, lr=1e-3, max_steps=args.steps,
-                      micro_batch_size=4, num_workers=2, zero_stage=2, checkpoint_every=args.steps,
-                      lora_dropout=0.0)
+    s = TrainJob(TrainConfig(num_negatives=6, lr=1e-3, max_steps=args.steps, micro_batch_size=4, num_workers=2,
+                             zero_stage=2, checkpoint_every=args.steps, lora_dropout=0.0), str(small), str(work / "ray"))
     out = train_embedder(work / "table", s, name="bench")
     metrics = [json.loads(line) for line in open(out["metrics"])]
     ray_rate = steady_rate(metrics, 8)
@@ -86,14 +86,14 @@ def main() -> None:
     # 2. memory per rank under ZeRO-0/2/3 (full fine-tuning of the larger config)
     mem = {}
     for zero in (0, 2, 3):
-        s = TrainSettings(model=str(large), output_dir=str(work / f"mem{zero}"), num_negatives=6, lr=1e-4,
-                          max_steps=2, micro_batch_size=2, num_workers=2, zero_stage=zero, lora=False,
-                          checkpoint_every=2, report_memory=True)
+        s = TrainJob(TrainConfig(num_negatives=6, lr=1e-4, max_steps=2, micro_batch_size=2, num_workers=2,
+                                 zero_stage=zero, lora=False, checkpoint_every=2),
+                     str(large), str(work / f"mem{zero}"), report_memory=True)
         out = train_embedder(work / "table", s, name=f"mem{zero}")
         last = [json.loads(line) for line in open(out["metrics"])][-1]
         mem[zero] = (last["param_bytes_per_rank"], last["optimizer_bytes_per_rank"])
-    n_params = sum(p.numel() for p in build_model(TrainSettings(model=str(large), output_dir=str(work),
-                                                                lora=False)).parameters())
+    n_params = sum(p.numel() for p in build_model(TrainJob(TrainConfig(lora=False), str(large),
+                                                           str(work))).parameters())
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; {args.steps} steps, "
           f"global batch 8 queries x 7 candidates\n")

@@ -137,17 +137,16 @@ def test_floored_gradient_is_finite_with_underflowing_probabilities():
 
 
 def test_kl_form_is_one_train_knob_that_reaches_the_loss():
-    """train.kl_form (config) -> TrainSettings -> EmbedderTask -> batch_loss -> judge_alignment_loss."""
+    """train.kl_form (config) -> TrainJob -> EmbedderTask -> batch_loss -> judge_alignment_loss."""
     from unime_ray.config import TrainConfig
-    from unime_ray.train.embedder import EmbedderTask, TrainSettings, batch_loss
+    from unime_ray.train.embedder import EmbedderTask, batch_loss
+    from unime_ray.train.trainer import TrainJob
 
     assert TrainConfig().kl_form == "exact"
-    kw = TrainConfig(kl_form="floored").settings_kwargs()
-    assert kw["kl_form"] == "floored"
-    with pytest.raises(ValueError):
-        TrainConfig(kl_form="js")
+    job = TrainJob.from_dict(TrainJob(TrainConfig(kl_form="floored"), "m", "o").to_dict())   # as a worker gets it
+    assert EmbedderTask(job).s.kl_form == "floored"
     with pytest.raises(ValueError, match="kl_form"):
-        EmbedderTask(TrainSettings(model="m", output_dir="o", kl_form="js"))
+        TrainConfig(kl_form="js")
 
     class FixedEmbedder:   # query [1, 0]; candidates at given angles: no model needed
         def prepare(self, items):

@@ -510,24 +510,26 @@ def test_llava_lora_save_load_merge(tiny_llava, tmp_path):
 def test_llava_lora_targets_follow_the_official_list(tiny_llava):
     """On LLaVA-OV the official target list also matches SigLIP's q/k/v/out_proj (method reference 3.3);
     on Qwen-VL nothing in the vision tower; ``freeze_vision`` keeps the whole vision side frozen."""
-    from unime_ray.train.trainer import TrainSettings, build_model
+    from unime_ray.train.config import TrainConfig
+    from unime_ray.train.trainer import TrainJob, build_model
 
-    model = build_model(TrainSettings(model=str(tiny_llava), output_dir="unused"))
+    model = build_model(TrainJob(TrainConfig(), model=str(tiny_llava), output_dir="unused"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     vision = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "vision_tower" in n})
     assert vision == ["k_proj", "out_proj", "q_proj", "v_proj"]
     assert any("language_model" in n for n in trainable)
     assert not any("multi_modal_projector" in n or "image_newline" in n for n in trainable)
 
-    frozen = build_model(TrainSettings(model=str(tiny_llava), output_dir="unused", freeze_vision=True,
-                                       lora=False))
+    frozen = build_model(TrainJob(TrainConfig(freeze_vision=True, lora=False), model=str(tiny_llava),
+                                  output_dir="unused"))
     names = [n for n, p in frozen.named_parameters() if p.requires_grad]
     assert names and not any(k in n for n in names for k in ("vision_tower", "multi_modal_projector", "image_newline"))
 
 
 def test_qwen_lora_leaves_the_vision_tower_alone(tiny_models):
-    from unime_ray.train.trainer import TrainSettings, build_model
+    from unime_ray.train.config import TrainConfig
+    from unime_ray.train.trainer import TrainJob, build_model
 
-    model = build_model(TrainSettings(model=str(tiny_models["qwen2_vl"]), output_dir="unused"))
+    model = build_model(TrainJob(TrainConfig(), model=str(tiny_models["qwen2_vl"]), output_dir="unused"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and not any(".visual." in f".{n}." for n in trainable)

@@ -40,21 +40,26 @@ def job():
     return _job_config()
 
 
-def _settings(cfg, section, task, tmp_path):
+def _job(cfg, section, task, tmp_path):
     from unime_ray.train.stages import train_settings
 
     return train_settings(cfg, section, "model", tmp_path / task, task, None)
+
+
+def _settings(cfg, section, task, tmp_path):
+    return _job(cfg, section, task, tmp_path).settings
 
 
 def test_paper_embedder_recipe(job, tmp_path):
     from unime_ray.models.lora import DEFAULT_TARGETS
     from unime_ray.train.trainer import default_lora_targets
 
-    s = _settings(job, job.train, "embedder", tmp_path)
+    run = _job(job, job.train, "embedder", tmp_path)
+    s = run.settings
     assert {k: getattr(s, k) for k in EMBEDDER} == EMBEDDER
     assert s.global_batch == s.micro_batch_size * s.num_workers * s.grad_accum == EMBEDDER_GLOBAL_BATCH
     assert s.steps_for(OFFICIAL_ROWS) == 2000 and s.warmup == 200
-    assert job.train.init == "embedder" and s.model == "model" and job.models.embedder == "Qwen/Qwen2-VL-2B-Instruct"
+    assert job.train.init == "embedder" and run.model == "model" and job.models.embedder == "Qwen/Qwen2-VL-2B-Instruct"
     # LoRA on the LLM's q/k/v/o/down projections only (gate/up do not match the official gate_up_proj)
     assert s.lora_targets is None and set(default_lora_targets("embedder")) == set(DEFAULT_TARGETS) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "down_proj"}

@@ -72,7 +72,7 @@ OVERRIDES: list[tuple[str, str, str]] = [
     ("mine.from_imported", "remine", "runs retrieve, judge and mine (the job with `use` records them as imported)"),
 ]
 # the reranker keeps the job's micro-batch 1 x grad-accum 8 and its epoch-based step count (max_steps null): one
-# epoch of the tiny mined table at global batch 8 (one worker) is one step (TrainSettings.steps_for: at least 1)
+# epoch of the tiny mined table at global batch 8 (one worker) is one step (TrainConfig.steps_for: at least 1)
 
 
 def _folders(tmp: Path, tiny_models, retriever: Path) -> dict[str, str]:

@@ -210,14 +210,16 @@ def test_reranker_trains_on_ray_with_zero2(tiny_models, ray_local, tmp_path):
     from unime_ray.data.schema import PAIR_SCHEMA
     from unime_ray.rerank import Reranker
     from unime_ray.train.reranker import train_reranker
-    from unime_ray.train.trainer import TrainSettings
+    from unime_ray.train.config import RerankerTrainConfig
+    from unime_ray.train.trainer import TrainJob
 
     table = tmp_path / "table"
     write_rows(training_rows(16, 4), table, PAIR_SCHEMA)
-    s = TrainSettings(model=str(tiny_models["qwen2_5_vl"]), output_dir=str(tmp_path / "out"), task="reranker",
-                      list_negatives=3, lr=1e-2, max_steps=12, micro_batch_size=4, num_workers=2, zero_stage=2,
-                      lora_r=16, lora_alpha=32, lora_dropout=0.0, use_dora=False, freeze_vision=True,
-                      checkpoint_every=12)
+    s = TrainJob(RerankerTrainConfig(list_negatives=3, lr=1e-2, max_steps=12, micro_batch_size=4, num_workers=2,
+                                     zero_stage=2, lora_r=16, lora_alpha=32, lora_dropout=0.0, use_dora=False,
+                                     freeze_vision=True, checkpoint_every=12, warmup_ratio=0.0,
+                                     lr_schedule="linear"),
+                 model=str(tiny_models["qwen2_5_vl"]), output_dir=str(tmp_path / "out"))
     out = train_reranker(table, s)
     metrics = [json.loads(l) for l in open(out["metrics"])]
     assert [m["step"] for m in metrics] == list(range(1, 13))

@@ -10,7 +10,9 @@ import torch
 
 from unime_ray.data.io import write_rows
 from unime_ray.data.schema import PAIR_SCHEMA, empty_row
-from unime_ray.train.embedder import TrainSettings, batch_loss, examples_from_rows
+from unime_ray.train.config import TrainConfig
+from unime_ray.train.embedder import batch_loss, examples_from_rows
+from unime_ray.train.trainer import TrainJob
 
 from .conftest import make_png
 
@@ -39,9 +41,11 @@ def test_examples_and_validation():
     with pytest.raises(ValueError, match="needs k=6"):
         examples_from_rows(training_rows(1, 4), k=6)
     with pytest.raises(ValueError, match="objective"):
-        TrainSettings(model="m", output_dir="o", objective="triplet")
+        TrainConfig(objective="triplet")
     with pytest.raises(ValueError, match="DoRA"):
-        TrainSettings(model="m", output_dir="o", zero_stage=3, use_dora=True)
+        TrainConfig(zero_stage=3, use_dora=True)
+    with pytest.raises(ValueError, match="min_pixels"):   # the image budget is validated with the job
+        TrainJob(TrainConfig(), "m", "o", images={"min_pixels": 9, "max_pixels": 4})
 
 
 def test_lr_schedules_and_epoch_steps():
@@ -53,15 +57,14 @@ def test_lr_schedules_and_epoch_steps():
     assert [cosine(i) for i in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
     assert cosine(4) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.25)))   # above linear's 0.75 early on
     # max_steps unset: epochs over full global batches (micro 4 x accum 2 x workers 2 = 16); warm-up ratio rounds up
-    s = TrainSettings(model="m", output_dir="o", max_steps=None, epochs=2, micro_batch_size=4, grad_accum=2,
-                      warmup_ratio=0.03)
+    s = TrainConfig(max_steps=None, epochs=2, micro_batch_size=4, grad_accum=2, warmup_ratio=0.03)
     assert s.steps_for(100) == 12 and s.steps_for(10) == 1
     with pytest.raises(ValueError, match="max_steps resolved"):
         s.warmup
     s.max_steps = s.steps_for(100)
-    assert s.warmup == 1 and TrainSettings(model="m", output_dir="o", max_steps=5, warmup_steps=3).steps_for(100) == 5
+    assert s.warmup == 1 and TrainConfig(max_steps=5, warmup_steps=3).steps_for(100) == 5
     with pytest.raises(ValueError, match="lr_schedule"):
-        TrainSettings(model="m", output_dir="o", lr_schedule="step")
+        TrainConfig(lr_schedule="step")
     # the reranker's defaults are the paper's recipe; the embedder keeps fixed steps, linear
     cfg = load_run_config(preset="synthetic")
     assert (cfg.reranker.max_steps, cfg.reranker.epochs, cfg.reranker.lr_schedule, cfg.reranker.warmup_ratio) == (
@@ -110,9 +113,9 @@ def test_zero_training_learns_and_exports(tiny_models, ray_local, table, tmp_pat
     from unime_ray.models import Embedder
     from unime_ray.train.embedder import train_embedder
 
-    s = TrainSettings(model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"), max_steps=12,
-                      micro_batch_size=4, num_negatives=4, zero_stage=zero_stage, lr=5e-3, lora_dropout=0.0,
-                      checkpoint_every=6, num_workers=2, use_dora=zero_stage < 3)
+    s = TrainJob(TrainConfig(max_steps=12, micro_batch_size=4, num_negatives=4, zero_stage=zero_stage, lr=5e-3,
+                             lora_dropout=0.0, checkpoint_every=6, num_workers=2, use_dora=zero_stage < 3),
+                 model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"))
     out = train_embedder(table, s, name=f"zero{zero_stage}")
     m = _metrics(out["metrics"])
     assert [x["step"] for x in m] == list(range(1, 13))
@@ -130,9 +133,9 @@ def test_zero_training_learns_and_exports(tiny_models, ray_local, table, tmp_pat
 def test_killed_worker_resumes_from_checkpoint(tiny_models, ray_local, table, tmp_path):
     from unime_ray.train.embedder import train_embedder
 
-    s = TrainSettings(model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"), max_steps=8,
-                      micro_batch_size=4, num_negatives=4, zero_stage=2, lr=5e-3, checkpoint_every=3,
-                      fail_at_step=5, max_failures=1)
+    s = TrainJob(TrainConfig(max_steps=8, micro_batch_size=4, num_negatives=4, zero_stage=2, lr=5e-3,
+                             checkpoint_every=3, max_failures=1),
+                 model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"), fail_at_step=5)
     out = train_embedder(table, s, name="resume")
     steps = [x["step"] for x in _metrics(out["metrics"])]
     # steps 1-4 ran, the worker died at 5, the group restarted from the step-3 checkpoint: 4, 5, ... 8 again

@@ -22,6 +22,7 @@ from .mining.config import MineConfig
 from .models.budget import ROLES, ImageBudget
 from .retrieval.config import EmbedConfig, RetrieveConfig
 from .serve.config import ServeConfig
+from .train.config import BaselineConfig, CompareConfig, RerankerTrainConfig, TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -139,97 +140,6 @@ class DataConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
-    """One training run on Ray Train + DeepSpeed ZeRO: the UniME-V2 embedder (``train``), the baseline
-    retriever (``baseline``), the ablations, the stand-in judge and the reranker all use these fields."""
-
-    objective: Literal["judge_alignment", "hard_label", "infonce"] = "judge_alignment"
-    num_negatives: int = Field(default=8, ge=0)      # k; at most mine.num_negatives; 0: in-batch negatives only
-    temperature: float = Field(default=0.02, gt=0)
-    # judge_alignment's KL: "exact" = the paper's formula; "floored" = the official code's log(p + 1e-8)
-    kl_form: Literal["exact", "floored"] = "exact"
-    # where the weights start: models.embedder as given, or the trained baseline (run dir's baseline stage)
-    init: Literal["embedder", "baseline"] = "embedder"
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    lr_schedule: Literal["linear", "cosine"] = "linear"   # decay to 0 after the warm-up
-    warmup_steps: int = Field(default=0, ge=0)
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)   # warm-up as a share of the steps (with warmup_steps 0)
-    max_steps: int | None = Field(default=30, ge=1)  # null: epochs x (table rows // global batch)
-    epochs: float = Field(default=1.0, gt=0)         # used when max_steps is null
-    micro_batch_size: int = Field(default=8, ge=1)   # queries per worker per forward
-    grad_accum: int = Field(default=1, ge=1)
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    bf16: bool | None = None                         # None: on GPU only
-    gradient_checkpointing: bool = False
-    lora: bool = True
-    lora_r: int = Field(default=16, ge=1)
-    lora_alpha: int = Field(default=64, ge=1)
-    lora_dropout: float = Field(default=0.1, ge=0, lt=1)
-    use_dora: bool = True
-    lora_targets: list[str] | None = None            # None: the task's default projections
-    freeze_vision: bool = False
-    checkpoint_every: int = Field(default=10, ge=1)
-    max_failures: int = Field(default=1, ge=0)
-
-    @model_validator(mode="after")
-    def _dora_zero3(self):
-        if self.zero_stage == 3 and self.lora and self.use_dora:
-            raise ValueError("DoRA does not work under ZeRO-3: set use_dora: false or zero_stage <= 2")
-        if self.num_negatives == 0 and self.objective != "infonce":
-            raise ValueError(f"objective {self.objective} needs mined negatives (num_negatives >= 1)")
-        if self.warmup_steps and self.warmup_ratio:
-            raise ValueError("give warmup_steps or warmup_ratio, not both (set the other to 0)")
-        return self
-
-    def settings_kwargs(self) -> dict[str, Any]:
-        """The fields :class:`~unime_ray.train.trainer.TrainSettings` takes."""
-        return self.model_dump(exclude={"init"})
-
-
-class BaselineConfig(TrainConfig):
-    """The retriever of global retrieval, trained first with in-batch negatives (VLM2Vec's role in the paper).
-    ``enabled: false`` retrieves with models.embedder as it is."""
-
-    enabled: bool = False
-    objective: Literal["judge_alignment", "hard_label", "infonce"] = "infonce"
-    num_negatives: int = Field(default=0, ge=0)
-
-    def settings_kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"init", "enabled"})
-
-
-class RerankerTrainConfig(TrainConfig):
-    """Reranker training on the mined table: L = pair_weight * L_pair + list_weight * L_list (paper recipe, the
-    defaults: LoRA r 128 / alpha 256 on every LLM linear layer, vision frozen, ZeRO-2, lr 2e-5, cosine schedule
-    with 3% warm-up, one epoch)."""
-
-    enabled: bool = False
-    # where the weights start: models.judge, or the first fold's stand-in judge (demo; the paper's reranker
-    # starts from the same MLLM that judges)
-    init: Literal["judge", "fitted_judge"] = "judge"   # type: ignore[assignment]
-    list_negatives: int = Field(default=4, ge=1)      # x: the list is the positive and the top-x negatives
-    pair_weight: float = Field(default=1.0, ge=0)
-    list_weight: float = Field(default=1.0, ge=0)
-    lr: float = Field(default=2e-5, gt=0)
-    lr_schedule: Literal["linear", "cosine"] = "cosine"
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    max_steps: int | None = Field(default=None, ge=1)  # null: one pass (epochs) over the training table
-    lora_r: int = Field(default=128, ge=1)
-    lora_alpha: int = Field(default=256, ge=1)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    use_dora: bool = False
-    freeze_vision: bool = True
-    num_negatives: int = Field(default=0, ge=0)       # unused by the reranker
-    objective: Literal["judge_alignment", "hard_label", "infonce"] = "infonce"
-
-    def settings_kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"init", "enabled"})
-
-
 class EncoderJudgeFitConfig(_Section):
     """The dual-encoder judge's fit (``judge_fit.kind: dual_encoder``; see unime_ray.judge.encoder_fit): frozen
     pretrained text and image towers, linear heads into one space, Platt calibration on held-out pairs."""
@@ -270,26 +180,6 @@ class JudgeFitConfig(RerankerTrainConfig):
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     max_steps: int | None = Field(default=30, ge=1)
     init: Literal["judge"] = "judge"                   # type: ignore[assignment]
-
-    def settings_kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"init", "enabled", "folds", "negatives_per_query", "kind", "encoder"})
-
-
-class AblationConfig(_Section):
-    """One variant of the embedder training, compared with UniME-V2 in the report (paper Table 4)."""
-
-    name: str
-    objective: Literal["judge_alignment", "hard_label", "infonce"]
-    num_negatives: int | None = Field(default=None, ge=0)   # None: train.num_negatives
-    seeds: list[int] | None = None                        # None: compare.seeds (or the run's seed)
-
-
-class CompareConfig(_Section):
-    """Ablations trained beside UniME-V2 (same init, steps and data) and the seeds of the comparison."""
-
-    ablations: list[AblationConfig] = Field(default_factory=list)
-    # UniME-V2 itself runs for every seed here; null: the run's seed only (the main run, nothing trained twice)
-    seeds: list[int] | None = None
 
 
 class RunConfig(BaseModel):

@@ -15,12 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from ..data.schema import Item, item_from_row, negatives_from_row
-from .losses import KL_FORMS, hard_label_loss, infonce, judge_alignment_loss
-from .trainer import TrainSettings, build_model, export_model, fit
-
-# re-exported: the trainer used to live here
-__all__ = ["EmbedderTask", "TrainSettings", "batch_loss", "build_model", "examples_from_rows", "export_model",
-           "gather_with_grad", "train_embedder"]
+from .losses import hard_label_loss, infonce, judge_alignment_loss
+from .trainer import TrainJob, fit
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +81,17 @@ def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 class EmbedderTask:
     """Rows of a training table -> the embedder's loss (on a Ray Train worker)."""
 
-    def __init__(self, s: TrainSettings):
-        if s.kl_form not in KL_FORMS:
-            raise ValueError(f"unknown kl_form {s.kl_form!r}; choose one of {', '.join(KL_FORMS)}")
-        self.s = s
+    def __init__(self, job: TrainJob):
+        self.job, self.s = job, job.settings
+        s = self.s
         self.metric_names = (("inbatch_top1",) if s.objective == "infonce" else ()) + (
             ("agreement_top1",) if s.num_negatives else ()) + ("positive_top1",)
 
     def setup(self, module, processor, device) -> None:
         from ..models.embedder import Embedder
 
-        self.embedder = Embedder(module, processor, self.s.input_format, self.s.image_root, device=device,
-                                 positions=self.s.positions)
+        self.embedder = Embedder(module, processor, self.job.input_format, self.job.image_root, device=device,
+                                 positions=self.job.positions)
 
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         examples = examples_from_rows(rows, self.s.num_negatives)
@@ -104,8 +99,8 @@ class EmbedderTask:
                           gather_with_grad if self.s.objective == "infonce" else None, self.s.kl_form)
 
 
-def train_embedder(training_table: str | os.PathLike, s: TrainSettings, name: str = "embedder") -> dict[str, Any]:
+def train_embedder(training_table: str | os.PathLike, job: TrainJob, name: str = "embedder") -> dict[str, Any]:
     """Fit the embedder on Ray (must be initialised) and export it; see :func:`.trainer.fit`."""
-    if s.task != "embedder":
-        raise ValueError(f"train_embedder got task {s.task!r}")
-    return fit(training_table, s, name)
+    if job.task != "embedder":
+        raise ValueError(f"train_embedder got task {job.task!r}")
+    return fit(training_table, job, name)

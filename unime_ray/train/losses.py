@@ -78,5 +78,3 @@ def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.
         raise ValueError(f"positive_offset {positive_offset} + {len(q)} queries exceeds {len(positives)} positives")
     return F.cross_entropy(logits / temperature, target)
 
-
-LOSSES = ("judge_alignment", "hard_label", "infonce")

@@ -21,17 +21,18 @@ from ..rerank.encoding import encode_conversation
 from ..rerank.examples import conversations, examples_from_rows
 from ..rerank.model import answer_token_losses
 from ..rerank.prompt import RerankPrompt
-from .trainer import TrainSettings, fit
+from .trainer import TrainJob, fit
 
 
-def reranker_loss(model, processor, rows: list[dict[str, Any]], s: TrainSettings, epoch: int = 0,
+def reranker_loss(model, processor, rows: list[dict[str, Any]], job: TrainJob, epoch: int = 0,
                   prompt: RerankPrompt = RerankPrompt(), device=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The joint loss of a batch of training-table rows (differentiable through ``model``)."""
-    examples = examples_from_rows(rows, s.list_negatives, s.seed, epoch, s.pair_negative)
+    s = job.settings
+    examples = examples_from_rows(rows, s.list_negatives, job.seed, epoch, s.pair_negative)
     convs = [c for ex in examples for c in conversations(ex, prompt)]
     if s.list_weight == 0:   # pairwise only (a stand-in judge): skip the listwise forward altogether
         convs = [c for c in convs if c.kind != "list"]
-    encs = [encode_conversation(processor, c.prompt, c.images, c.answer, s.image_root) for c in convs]
+    encs = [encode_conversation(processor, c.prompt, c.images, c.answer, job.image_root) for c in convs]
     per_conv = answer_token_losses(model, processor, encs, device=device)
     kinds = [c.kind for c in convs]
     n = len(examples)
@@ -53,19 +54,19 @@ def reranker_loss(model, processor, rows: list[dict[str, Any]], s: TrainSettings
 class RerankerTask:
     metric_names = ("loss_pair", "loss_list", "answer_p_pair_pos", "answer_p_pair_neg", "answer_p_list")
 
-    def __init__(self, s: TrainSettings):
-        self.s = s
+    def __init__(self, job: TrainJob):
+        self.job = job
 
     def setup(self, module, processor, device) -> None:
         self.module, self.processor, self.device = module, processor, device
 
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         # a fresh listwise order at every step, the same one when a resumed run repeats the step
-        return reranker_loss(self.module, self.processor, rows, self.s, epoch=step, device=self.device)
+        return reranker_loss(self.module, self.processor, rows, self.job, epoch=step, device=self.device)
 
 
-def train_reranker(training_table: str | os.PathLike, s: TrainSettings, name: str = "reranker") -> dict[str, Any]:
+def train_reranker(training_table: str | os.PathLike, job: TrainJob, name: str = "reranker") -> dict[str, Any]:
     """Fit the reranker on Ray (must be initialised) and export it as a model folder."""
-    if s.task != "reranker":
-        raise ValueError(f"train_reranker got task {s.task!r}")
-    return fit(training_table, s, name)
+    if job.task != "reranker":
+        raise ValueError(f"train_reranker got task {job.task!r}")
+    return fit(training_table, job, name)

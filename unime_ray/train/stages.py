@@ -10,32 +10,56 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict
+
 from ..stage import Context, Section, Stage, StageResult
 
 if TYPE_CHECKING:
     from ..config import RunConfig
+    from .config import TrainConfig
+    from .trainer import TrainJob
 
 logger = logging.getLogger(__name__)
 
 
 class TrainResult(StageResult):
+    """A training stage's run (baseline, train, rerank): the exported model folder and its last metrics."""
+
     enabled: bool = True
     model: str | None = None
     steps: int | None = None
     final: dict[str, Any] = {}
+    init: str | None = None               # rerank: the weights it started from
 
 
-def train_settings(cfg: "RunConfig", section, model: str, out_dir: Path, task: str, image_root: str | None,
-                    seed: int | None = None, role: str | None = None, **changes: Any):
-    from .trainer import TrainSettings
+class VariantRun(BaseModel):
+    """One comparison run of the ablations stage."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    steps: int
+    final: dict[str, Any] = {}
+    objective: str
+
+
+class AblationsResult(StageResult):
+    variants: dict[str, dict[str, VariantRun]] = {}   # variant name -> seed (as a string) -> its run
+    init: str | None = None
+
+
+def train_settings(cfg: "RunConfig", section: "TrainConfig", model: str, out_dir: Path, task: str,
+                   image_root: str | None, seed: int | None = None, role: str | None = None,
+                   **changes: Any) -> "TrainJob":
+    """The trainer's job for one run of a config section (``changes``: an ablation's fields, validated with the
+    section); the image budget is the ``task``'s role, or ``role`` (judge_fit: the judge's)."""
+    from .trainer import TrainJob
 
     m = cfg.models
-    kwargs = {**section.settings_kwargs(), **changes}
-    # the image budget: embedder training, reranker training, or (judge_fit) the judge's
-    images = cfg.image_budget(role or ("reranker" if task == "reranker" else "embedder")).model_dump(mode="json")
-    return TrainSettings(model=model, output_dir=str(out_dir), task=task, input_format=m.input_format,
-                         positions=m.positions, image_root=image_root,
-                         seed=cfg.seed if seed is None else seed, images=images, **kwargs)
+    settings = type(section).model_validate({**section.model_dump(), **changes}) if changes else section
+    return TrainJob(settings=settings, model=model, output_dir=str(out_dir), input_format=m.input_format,
+                    positions=m.positions, image_root=image_root, seed=cfg.seed if seed is None else seed,
+                    images=cfg.image_budget(role or ("reranker" if task == "reranker" else "embedder")))
 
 
 def _done(out_dir: Path) -> dict[str, Any] | None:
@@ -44,41 +68,41 @@ def _done(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def train_once(train_fn, table: str, settings, name: str) -> dict[str, Any]:
-    out_dir = Path(settings.output_dir)
+def train_once(train_fn, table: str, job: "TrainJob", name: str) -> dict[str, Any]:
+    out_dir = Path(job.output_dir)
     done = _done(out_dir)
     if done:
         logger.info("%s: already trained (%s)", name, done["model"])
         return done
-    out = train_fn(table, settings, name=name)
+    out = train_fn(table, job, name=name)
     out = {k: v for k, v in out.items() if k != "checkpoint"} | {"checkpoint": str(out.get("checkpoint"))}
     (out_dir / "done.json").write_text(json.dumps(out, indent=1, default=str))
     return out
 
 
-def run_baseline(ctx: Context) -> dict[str, Any]:
+def run_baseline(ctx: Context) -> TrainResult:
     """The retriever of global retrieval trained with in-batch negatives (VLM2Vec's role in the paper)."""
     from .embedder import train_embedder
 
     cfg = ctx.cfg
     if not cfg.baseline.enabled:
-        return {"enabled": False}
+        return TrainResult(enabled=False)
     prepared = ctx.outputs("prepare")
     settings = train_settings(cfg, cfg.baseline, cfg.model_ref(cfg.models.embedder), ctx.dir,
                                "embedder", prepared.get("image_root"))
     ctx.init_ray()
     out = train_once(train_embedder, prepared["tables"]["train_pairs"]["path"], settings, "baseline")
     logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return {"enabled": True, **out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))}
+    return TrainResult(**{**out, "enabled": True, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
 
 
 def _embedder_init(ctx: Context) -> str:
     cfg = ctx.cfg
     if cfg.train.init == "baseline":
-        base = ctx.optional("baseline")
-        if not base.get("model"):
+        base = TrainResult.model_validate(ctx.optional("baseline"))
+        if not base.model:
             raise ValueError("train.init: baseline needs baseline.enabled: true (and its stage run)")
-        return base["model"]
+        return base.model
     return cfg.model_ref(cfg.models.embedder)
 
 
@@ -89,7 +113,7 @@ def _check_imported_negatives(mined: dict[str, Any], k: int) -> None:
                          f"train.num_negatives is {k} (lower it, or set mine.from_imported: remine)")
 
 
-def run_train(ctx: Context) -> dict[str, Any]:
+def run_train(ctx: Context) -> TrainResult:
     from .embedder import train_embedder
 
     cfg = ctx.cfg
@@ -101,7 +125,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
     out = train_once(train_embedder, mined["training_table"], settings, cfg.name)
     logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
                 out["model"])
-    return {**out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))}
+    return TrainResult(**{**out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
 
 
 def variant_runs(cfg: RunConfig) -> list[tuple[str, int, dict[str, Any]]]:
@@ -116,20 +140,20 @@ def variant_runs(cfg: RunConfig) -> list[tuple[str, int, dict[str, Any]]]:
     return runs
 
 
-def run_ablations(ctx: Context) -> dict[str, Any]:
+def run_ablations(ctx: Context) -> AblationsResult:
     """The comparison runs: UniME-V2 over the extra seeds and each ablation, from the same initial weights,
     on the same mined table and for the same number of steps as the main run. Each finished run is kept, so
     a rerun after an interruption trains only what is missing."""
     from .embedder import train_embedder
 
     cfg = ctx.cfg
-    mined, prepared, main = ctx.outputs("mine"), ctx.outputs("prepare"), ctx.outputs("train")
+    mined, prepared, main = ctx.outputs("mine"), ctx.outputs("prepare"), ctx.result("train", TrainResult)
     init = _embedder_init(ctx)
-    variants: dict[str, dict[str, Any]] = {}
+    variants: dict[str, dict[str, VariantRun]] = {}
     tallies = []
     for name, seed, changes in variant_runs(cfg):
         if name == "unime-v2" and seed == cfg.seed:
-            out = main
+            out = main.model_dump()
         else:
             _check_imported_negatives(mined, changes.get("num_negatives", cfg.train.num_negatives))
             settings = train_settings(cfg, cfg.train, init, ctx.dir / f"{name}-seed{seed}",
@@ -137,20 +161,20 @@ def run_ablations(ctx: Context) -> dict[str, Any]:
             ctx.init_ray()
             out = train_once(train_embedder, mined["training_table"], settings, f"{name}-seed{seed}")
             tallies.append(out.get("visual_tokens"))
-        variants.setdefault(name, {})[str(seed)] = {"model": out["model"], "steps": out["steps"],
-                                                    "final": out["final"], "objective":
-                                                    changes.get("objective", cfg.train.objective)}
-    return {"variants": variants, "init": init, "visual_tokens": ctx.visual_tokens(embedder=tallies)}
+        variants.setdefault(name, {})[str(seed)] = VariantRun(
+            model=out["model"], steps=out["steps"], final=out["final"],
+            objective=changes.get("objective", cfg.train.objective))
+    return AblationsResult(variants=variants, init=init, visual_tokens=ctx.visual_tokens(embedder=tallies))
 
 
-def run_rerank(ctx: Context) -> dict[str, Any]:
+def run_rerank(ctx: Context) -> TrainResult:
     """Reranker training on the mined table (pairwise Yes/No + listwise "(i)")."""
     from .reranker import train_reranker
 
     cfg = ctx.cfg
     r = cfg.reranker
     if not r.enabled:
-        return {"enabled": False}
+        return TrainResult(enabled=False)
     mined, prepared = ctx.outputs("mine"), ctx.outputs("prepare")
     init = cfg.model_ref(cfg.models.judge)
     if r.init == "fitted_judge":
@@ -165,33 +189,33 @@ def run_rerank(ctx: Context) -> dict[str, Any]:
     ctx.init_ray()
     out = train_once(train_reranker, mined["training_table"], settings, "reranker")
     logger.info("rerank: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return {"enabled": True, "init": init, **out, "visual_tokens": ctx.visual_tokens(reranker=out.get("visual_tokens"))}
-
+    return TrainResult(**{**out, "enabled": True, "init": init,
+                          "visual_tokens": ctx.visual_tokens(reranker=out.get("visual_tokens"))})
 
 
 def report_baseline(s: Section) -> list[str]:
     from ..report import markdown_table
 
     base = s.result
-    if not base.get("enabled"):
+    if not base.enabled:
         return []
-    f = base.get("final", {})
+    f = base.final
     return ["\n## Baseline retriever training (in-batch InfoNCE)\n",
             markdown_table(["steps", "final loss", "in-batch top-1", "samples/s", "model"],
-                           [[base.get("steps"), f.get("loss"), f.get("inbatch_top1"), f.get("samples_per_s"),
-                             f"`{base.get('model')}`"]])]
+                           [[base.steps, f.get("loss"), f.get("inbatch_top1"), f.get("samples_per_s"),
+                             f"`{base.model}`"]])]
 
 
 def report_train(s: Section) -> list[str]:
     from ..report import markdown_table
 
     tr = s.result
-    if not tr.get("model"):
+    if not tr.model:
         return []
-    f = tr.get("final", {})
-    parts = ["\n## Embedder training\n", f"Model: `{tr.get('model')}`; global batch {tr.get('global_batch')}\n",
+    f = tr.final
+    parts = ["\n## Embedder training\n", f"Model: `{tr.model}`; global batch {tr.get('global_batch')}\n",
              markdown_table(["steps", "final loss", "top-1 agrees with judge", "positive ranked first", "samples/s"],
-                            [[tr.get("steps"), f.get("loss"), f.get("agreement_top1"), f.get("positive_top1"),
+                            [[tr.steps, f.get("loss"), f.get("agreement_top1"), f.get("positive_top1"),
                               f.get("samples_per_s")]])]
     if tr.get("plot"):
         parts.append(f"\n![training curve]({s.link(tr.get('plot'))})\n")
@@ -202,13 +226,13 @@ def report_rerank(s: Section) -> list[str]:
     from ..report import markdown_table
 
     rr = s.result
-    if not rr.get("enabled"):
+    if not rr.enabled:
         return []
-    f = rr.get("final", {})
-    return ["\n## Reranker training (pairwise Yes/No + listwise (i))\n", f"Initial weights: `{rr.get('init')}`\n",
+    f = rr.final
+    return ["\n## Reranker training (pairwise Yes/No + listwise (i))\n", f"Initial weights: `{rr.init}`\n",
             markdown_table(["steps", "final loss", "L_pair", "L_list", "P(answer) list", "model"],
-                           [[rr.get("steps"), f.get("loss"), f.get("loss_pair"), f.get("loss_list"),
-                             f.get("answer_p_list"), f"`{rr.get('model')}`"]])]
+                           [[rr.steps, f.get("loss"), f.get("loss_pair"), f.get("loss_list"),
+                             f.get("answer_p_list"), f"`{rr.model}`"]])]
 
 
 BASELINE = Stage("baseline", "train the retriever with in-batch negatives (VLM2Vec's role)", run_baseline,
@@ -217,6 +241,6 @@ BASELINE = Stage("baseline", "train the retriever with in-batch negatives (VLM2V
 TRAIN = Stage("train", "stage S4: train the embedder on the mined table (Ray Train + DeepSpeed)", run_train,
               sections=("train",), result=TrainResult, report=report_train, command="train-embedder")
 ABLATIONS = Stage("ablations", "train the comparison variants (extra seeds, ablation objectives)", run_ablations,
-                  sections=("train", "compare"), command="train-ablations")
+                  sections=("train", "compare"), result=AblationsResult, command="train-ablations")
 RERANK = Stage("rerank", "train the reranker: pairwise Yes/No + listwise (i) on the mined table", run_rerank,
                sections=("models", "reranker"), result=TrainResult, report=report_rerank, command="train-reranker")

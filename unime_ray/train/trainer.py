@@ -19,110 +19,60 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .losses import LOSSES
+from ..models.budget import ImageBudget
+from .config import RerankerTrainConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-TASK_NAMES = ("embedder", "reranker")
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run: a config section's settings as they are (a :class:`RerankerTrainConfig` trains the
+    reranker, any other :class:`TrainConfig` the embedder) and what the run itself decides: the weights it
+    starts from, where it writes, the inputs' format and the image budget. Goes to the Ray Train workers as
+    :meth:`to_dict` (also what a run records as its settings) and is rebuilt there with :meth:`from_dict`."""
 
-
-@dataclass
-class TrainSettings:
-    """One training run; the defaults are the CPU demo's, the paper's recipes are presets."""
-
+    settings: TrainConfig
     model: str
     output_dir: str
-    task: str = "embedder"                   # embedder | reranker
-    objective: str = "judge_alignment"       # embedder: judge_alignment | hard_label | infonce
-    num_negatives: int = 8                   # embedder: k, the paper's best (0: in-batch negatives only)
-    temperature: float = 0.02
-    kl_form: str = "exact"                   # embedder judge_alignment: "exact" (paper) | "floored" (official code)
-    list_negatives: int = 4                  # reranker: x negatives (top-x by judge score) beside the positive
-    pair_weight: float = 1.0                 # reranker: L = pair_weight * L_pair + list_weight * L_list
-    list_weight: float = 1.0
-    pair_negative: str = "hardest"           # reranker: "hardest" (top judge score) or "sampled" from the top-x
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    lr_schedule: str = "linear"              # linear | cosine decay to 0 after the warm-up
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0                # warm-up as a share of max_steps when warmup_steps is 0
-    max_steps: int | None = 20               # None: epochs x (table rows // global batch), set by fit()
-    epochs: float = 1.0
-    micro_batch_size: int = 4                # queries per rank per forward
-    grad_accum: int = 1
-    num_workers: int = 2
-    use_gpu: bool = False
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    bf16: bool | None = None                 # None: on GPU only
-    gradient_checkpointing: bool = False
-    lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 64
-    lora_dropout: float = 0.1
-    use_dora: bool = True
-    lora_targets: list[str] | None = None    # None: the task's default projections
-    freeze_vision: bool = False              # the reranker freezes the vision tower and merger
     input_format: str = "official"
     positions: str = "auto"
     image_root: str | None = None
-    checkpoint_every: int = 10
-    max_failures: int = 1
     seed: int = 0
+    images: ImageBudget = field(default_factory=ImageBudget)   # the role's budget (models.budget)
     fail_at_step: int | None = None          # testing: kill rank 0 once at this step (see max_failures)
     report_memory: bool = False              # add per-rank parameter / optimizer-state bytes to the metrics
-    images: dict[str, Any] | None = None     # the role's ImageBudget fields (models.budget); None: checkpoint's
 
     def __post_init__(self):
-        if self.task not in TASK_NAMES:
-            raise ValueError(f"unknown training task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
-        if self.objective not in LOSSES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(LOSSES)}")
-        if self.task == "embedder" and self.num_negatives == 0 and self.objective != "infonce":
-            raise ValueError(f"objective {self.objective!r} needs mined negatives (num_negatives >= 1); "
-                             "in-batch negatives only is objective infonce")
-        if self.pair_negative not in ("hardest", "sampled"):
-            raise ValueError(f"pair_negative must be hardest or sampled, got {self.pair_negative!r}")
-        if self.task == "reranker" and self.list_negatives < 1:
-            raise ValueError("list_negatives must be at least 1")
-        if self.pair_weight < 0 or self.list_weight < 0 or self.pair_weight + self.list_weight == 0:
-            raise ValueError("pair_weight and list_weight must be >= 0 and not both 0")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError("zero_stage must be 0, 1, 2 or 3")
-        if self.lr_schedule not in ("linear", "cosine"):
-            raise ValueError(f"lr_schedule must be linear or cosine, got {self.lr_schedule!r}")
-        if not 0 <= self.warmup_ratio < 1 or self.epochs <= 0:
-            raise ValueError("warmup_ratio must be in [0, 1) and epochs > 0")
-        if self.zero_stage == 3 and self.lora and self.use_dora:
-            raise ValueError("DoRA does not work under ZeRO-3 (peft computes the DoRA weight norm from the whole "
-                             "base weight, which ZeRO-3 partitions): set use_dora: false or zero_stage <= 2")
+        # a section's own switches (baseline.enabled, judge_fit's kind, folds, encoder...) are not training
+        # settings: keep the task's fields only
+        # settings (a copy: the job does not share the run config's section)
+        cls = RerankerTrainConfig if isinstance(self.settings, RerankerTrainConfig) else TrainConfig
+        object.__setattr__(self, "settings", cls(**self.settings.model_dump(include=set(cls.model_fields))))
+        if not isinstance(self.images, ImageBudget):
+            object.__setattr__(self, "images", ImageBudget(**(self.images or {})))
 
     @property
-    def global_batch(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.num_workers
+    def task(self) -> str:
+        return "reranker" if isinstance(self.settings, RerankerTrainConfig) else "embedder"
 
-    def steps_for(self, rows: int) -> int:
-        """Optimizer steps of the run: max_steps, or epochs over a table of ``rows`` rows (full global batches;
-        at least 1)."""
-        if self.max_steps is not None:
-            return self.max_steps
-        return max(1, math.floor(self.epochs * rows / self.global_batch))
+    def to_dict(self) -> dict[str, Any]:
+        run = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("settings", "images")}
+        return {**self.settings.model_dump(mode="json"), **run, "task": self.task,
+                "images": self.images.model_dump(mode="json")}
 
-    @property
-    def warmup(self) -> int:
-        """Warm-up steps: warmup_steps, or warmup_ratio of max_steps rounded up (as Hugging Face's trainer)."""
-        if self.warmup_steps or not self.warmup_ratio:
-            return self.warmup_steps
-        if self.max_steps is None:
-            raise ValueError("warmup_ratio needs max_steps resolved (fit() sets it from the table size)")
-        return math.ceil(self.warmup_ratio * self.max_steps)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainJob":
+        conf = RerankerTrainConfig if d["task"] == "reranker" else TrainConfig
+        run = {f.name for f in fields(cls)} - {"settings"}
+        return cls(settings=conf(**{k: v for k, v in d.items() if k in conf.model_fields}),
+                   **{k: v for k, v in d.items() if k in run})
 
 
 class TrainTask(Protocol):
@@ -135,14 +85,14 @@ class TrainTask(Protocol):
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-def make_task(s: TrainSettings) -> TrainTask:
-    if s.task == "reranker":
+def make_task(job: TrainJob) -> TrainTask:
+    if job.task == "reranker":
         from .reranker import RerankerTask
 
-        return RerankerTask(s)
+        return RerankerTask(job)
     from .embedder import EmbedderTask
 
-    return EmbedderTask(s)
+    return EmbedderTask(job)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str = "linear"):
@@ -165,19 +115,22 @@ def default_lora_targets(task: str) -> list[str]:
     return list(DEFAULT_TARGETS)
 
 
-def build_model(s: TrainSettings):
+def build_model(job: TrainJob, training: bool = True):
+    """The backbone with the run's adapters and frozen parts (``training=False``: without gradient
+    checkpointing, to load an exported checkpoint into)."""
     from ..models.backbone import architecture_of, load_backbone
     from ..models.lora import LoraSettings, apply_lora
 
-    model = load_backbone(s.model, dtype="float32", device="cpu", role=s.task)
-    arch = architecture_of(model.config, s.model)
-    if s.gradient_checkpointing:
+    s = job.settings
+    model = load_backbone(job.model, dtype="float32", device="cpu", role=job.task)
+    arch = architecture_of(model.config, job.model)
+    if s.gradient_checkpointing and training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if s.lora:
         model = apply_lora(model, LoraSettings(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
                                                 use_dora=s.use_dora,
-                                                target_modules=s.lora_targets or default_lora_targets(s.task),
+                                                target_modules=s.lora_targets or default_lora_targets(job.task),
                                                 # the official list's vision-tower matches, unless frozen
                                                 vision_targets=[] if s.freeze_vision
                                                 else list(arch.vision_lora_targets),
@@ -189,7 +142,7 @@ def build_model(s: TrainSettings):
     return model
 
 
-def deepspeed_config(s: TrainSettings, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(s: TrainConfig, bf16: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.offload_optimizer and s.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -204,7 +157,8 @@ def deepspeed_config(s: TrainSettings, bf16: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- workers
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (torch.distributed already initialised by Ray)."""
-    s = TrainSettings(**config)
+    job = TrainJob.from_dict(config)
+    s = job.settings
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "unime-ray" / "torch_extensions"))
@@ -214,11 +168,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from ..models.processor import VLProcessor
 
-    torch.manual_seed(s.seed)
+    torch.manual_seed(job.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     bf16 = s.bf16 if s.bf16 is not None else torch.cuda.is_available()
-    model = build_model(s)
+    model = build_model(job)
     optimizer = scheduler = None
     if not s.offload_optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -227,8 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(s, bf16),
         model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad])
-    task = make_task(s)
-    processor = VLProcessor.from_pretrained(s.model, engine.module.config.model_type, image_options=image_budget(s))
+    task = make_task(job)
+    processor = VLProcessor.from_pretrained(job.model, engine.module.config.model_type, image_options=job.images)
     task.setup(engine.module, processor, engine.device)
 
     step = 0
@@ -239,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step = int(client["step"])
         logger.info("rank %d resumed from step %d", rank, step)
     shard = ray.train.get_dataset_shard("train")
-    metrics_path = Path(s.output_dir) / "metrics.jsonl"
+    metrics_path = Path(job.output_dir) / "metrics.jsonl"
     micro = 0
     t0, seen = time.perf_counter(), 0
     losses: list[float] = []
@@ -248,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches_this_epoch = 0
         for batch in shard.iter_batches(batch_size=s.micro_batch_size, batch_format="pyarrow", drop_last=True,
                                         local_shuffle_buffer_size=s.micro_batch_size * 16,
-                                        local_shuffle_seed=s.seed + rank):
+                                        local_shuffle_seed=job.seed + rank):
             batches_this_epoch += 1
             rows = batch.to_pylist()
             loss, info = task.loss(rows, step)
@@ -261,8 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if micro % s.grad_accum:
                 continue
             step += 1
-            if s.fail_at_step is not None and step == s.fail_at_step and rank == 0:
-                marker = Path(s.output_dir) / f".failed_at_{step}"
+            if job.fail_at_step is not None and step == job.fail_at_step and rank == 0:
+                marker = Path(job.output_dir) / f".failed_at_{step}"
                 if not marker.exists():
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.touch()
@@ -275,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"step": step, "loss": float(np.mean(losses)), "lr": float(engine.get_lr()[0]),
                        "samples_per_s": seen * world / max(elapsed, 1e-9),
                        **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names}}
-            if s.report_memory:
+            if job.report_memory:
                 metrics.update(rank_memory(engine))
             if step % s.checkpoint_every == 0 or step == s.max_steps:   # every rank: a collective
                 metrics["visual_tokens"] = gather_visual_tokens(processor)
@@ -296,12 +250,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise ValueError(f"rank {rank}: the training table gives this worker no full micro-batch of "
                              f"{s.micro_batch_size} rows; it needs at least micro_batch_size x num_workers "
                              f"= {s.micro_batch_size * world} rows")
-
-
-def image_budget(s: TrainSettings):
-    from ..models.budget import ImageBudget
-
-    return ImageBudget(**(s.images or {}))
 
 
 def gather_visual_tokens(processor) -> dict[str, Any] | None:
@@ -348,27 +296,28 @@ def rank_memory(engine) -> dict[str, int]:
     return {"param_bytes_per_rank": int(params), "optimizer_bytes_per_rank": int(state)}
 
 
-def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train") -> dict[str, Any]:
+def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -> dict[str, Any]:
     """Fit on Ray (must be initialised), export the final model; returns paths and the last metrics."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out = Path(s.output_dir).resolve()
+    out = Path(job.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    s.output_dir = str(out)
+    s = job.settings
     # Materialised up front: on a small cluster the training workers hold every CPU, and a streaming read
     # would wait for a CPU forever. The table holds references to images, so it stays small.
     # Shuffled once, globally: tables come grouped by task, and single-task batches both starve in-batch
     # negatives of variety and (for classification) fill them with the query's own label.
-    dataset = ray.data.read_parquet(str(Path(training_table).resolve())).random_shuffle(seed=s.seed).materialize()
+    dataset = ray.data.read_parquet(str(Path(training_table).resolve())).random_shuffle(seed=job.seed).materialize()
     if s.max_steps is None:  # an epoch-based run: the steps follow from the table size and the global batch
         rows = dataset.count()
-        s.max_steps = s.steps_for(rows)
+        s = s.model_copy(update={"max_steps": s.steps_for(rows)})
         logger.info("%s: %g epoch(s) of %d rows at global batch %d = %d steps", name, s.epochs, rows,
                     s.global_batch, s.max_steps)
+    job = replace(job, settings=s, output_dir=str(out))
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=asdict(s),
+        train_loop_per_worker, train_loop_config=job.to_dict(),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=None if s.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
@@ -384,7 +333,7 @@ def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train"
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as d:
-        model_dir = export_model(d, s, out / "model")
+        model_dir = export_model(d, job, out / "model")
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     plot = plot_training_curve(metrics, out / "training_curve.png")
     tokens = next((m["visual_tokens"] for m in reversed(metrics) if m.get("visual_tokens")), None)
@@ -395,33 +344,33 @@ def fit(training_table: str | os.PathLike, s: TrainSettings, name: str = "train"
             "final": metrics[-1] if metrics else {}, "steps": metrics[-1]["step"] if metrics else 0,
             "plot": str(plot) if plot else None, "global_batch": s.global_batch, "max_steps": s.max_steps,
             "warmup_steps": s.warmup, "lr_schedule": s.lr_schedule,
-            "settings": asdict(s)}   # every setting the run trained with (max_steps resolved)
+            "settings": job.to_dict()}   # every setting the run trained with (max_steps resolved)
 
 
-def export_model(checkpoint_dir: str | os.PathLike, s: TrainSettings, out_dir: str | os.PathLike) -> Path:
+def export_model(checkpoint_dir: str | os.PathLike, job: TrainJob, out_dir: str | os.PathLike) -> Path:
     """DeepSpeed checkpoint (any ZeRO stage) -> model folder with LoRA merged, tokenizer and image processor."""
     from ..models.embedder import Embedder
     from ..models.processor import VLProcessor
 
     ckpt = Path(checkpoint_dir)
-    if s.zero_stage == 0:
+    if job.settings.zero_stage == 0:
         state = torch.load(ckpt / "ckpt" / "mp_rank_00_model_states.pt", map_location="cpu",
                            weights_only=False)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ckpt")
-    model = build_model(TrainSettings(**{**asdict(s), "gradient_checkpointing": False}))
+    model = build_model(job, training=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     trainable_missing = [k for k in missing if k in trainable or "lora_" in k]
     if unexpected or trainable_missing:
         raise RuntimeError(f"checkpoint does not match the model: unexpected {unexpected[:5]}, "
                            f"missing {trainable_missing[:5]}")
-    processor = VLProcessor.from_pretrained(s.model)
+    processor = VLProcessor.from_pretrained(job.model)
     # Embedder.save writes the backbone (adapters merged) with its tokenizer and image processor: the same
     # folder layout for an embedder and a reranker.
-    return Embedder(model.eval(), processor, s.input_format).save(out_dir)
+    return Embedder(model.eval(), processor, job.input_format).save(out_dir)
 
 
 def plot_training_curve(metrics: list[dict[str, Any]], path: Path) -> Path | None:
