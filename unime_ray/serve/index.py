@@ -299,28 +299,11 @@ def partition_shards(num_shards: int, parts: int) -> list[list[int]]:
 def load_partition(folder: str | os.PathLike, part: int = 0, parts: int = 1, use_gpu: bool | None = False,
                    nprobe: int | None = None) -> ShardedIndex:
     """Partition ``part`` of ``parts`` of a saved index: its shards, searched with global positions."""
-    import faiss
-
     fdir = Path(folder) / FAISS_DIR
-    meta = json.loads((fdir / "index.json").read_text())
-    spec_d = {**meta["spec"], "use_gpu": use_gpu}
-    if nprobe is not None:
-        spec_d["nprobe"] = nprobe
-    spec = IndexSpec(**spec_d)
-    offsets = meta["offsets"]
-    groups = partition_shards(len(offsets), parts)
+    groups = partition_shards(ShardedIndex.num_saved_shards(fdir), parts)
     if not 0 <= part < len(groups):
         raise ValueError(f"partition {part} out of range for {parts} partitions")
-    index = ShardedIndex(spec, meta["dim"])
-    bounds = list(offsets) + [meta["ntotal"]]
-    for j in groups[part]:
-        shard = faiss.read_index(str(fdir / f"shard-{j:03d}.faiss"))
-        if hasattr(shard, "nprobe"):
-            shard.nprobe = spec.nprobe
-        index.shards.append(index._to_device(shard))
-        index.offsets.append(int(offsets[j]))
-    index.ntotal = sum(bounds[j + 1] - bounds[j] for j in groups[part])
-    return index
+    return ShardedIndex.load(fdir, use_gpu=use_gpu, nprobe=nprobe, shards=groups[part])
 
 
 class MetadataStore:
