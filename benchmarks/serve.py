@@ -274,15 +274,17 @@ def main() -> None:
     import ray
     import torch
 
-    from unime_ray.models.tiny import TinySpec, make_tiny_models
+    from unime_ray.models.config import TinyModelConfig
+    from unime_ray.models.tiny import make_tiny_models
     from unime_ray.retrieval.embed import EmbedderSpec
     from unime_ray.serve.index import build_serving_index
     from unime_ray.utils.ray_utils import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="unime-serve-bench-"))
     heads = max(4, args.hidden_size // 64)
-    spec = TinySpec(hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size, num_hidden_layers=args.layers,
-                    num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    spec = TinyModelConfig(hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size,
+                           num_hidden_layers=args.layers, num_attention_heads=heads,
+                           num_key_value_heads=max(1, heads // 2))
     models = make_tiny_models(tmp / "models", seed=0, spec=spec)
     make_candidates(tmp / "candidates", args.candidates)
     build_serving_index(tmp / "candidates", tmp / "index", EmbedderSpec(model=str(models["qwen2_vl"]),

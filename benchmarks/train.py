@@ -41,7 +41,8 @@ def main() -> None:
     import torch
 
     from tests.test_train_embedder import training_rows  # the same synthetic table the tests train on
-    from unime_ray.models.tiny import TinySpec, make_tiny_models
+    from unime_ray.models.config import TinyModelConfig
+    from unime_ray.models.tiny import make_tiny_models
     from unime_ray.train.config import TrainConfig
     from unime_ray.train.embedder import batch_loss, examples_from_rows, train_embedder
     from unime_ray.train.trainer import TrainJob, build_model
@@ -50,9 +51,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="unime-train-bench-"))
     small = make_tiny_models(work / "small", archs=["qwen2_vl"])["qwen2_vl"]
     large = make_tiny_models(work / "large", archs=["qwen2_vl"],
-                             spec=TinySpec(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                           num_hidden_layers=args.layers, num_attention_heads=4,
-                                           num_key_value_heads=4))["qwen2_vl"]
+                             spec=TinyModelConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                                                  num_hidden_layers=args.layers, num_attention_heads=4,
+                                                  num_key_value_heads=4))["qwen2_vl"]
     rows = training_rows(64, 6)
     write_rows(rows, work / "table", PAIR_SCHEMA, rows_per_shard=32)
 

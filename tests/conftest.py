@@ -63,7 +63,7 @@ WHOLE_METHOD_OVERRIDES = [
     "compare={seeds: [0], ablations: [{name: hard-labels, objective: hard_label}]}",
     "reranker={enabled: true, init: fitted_judge, list_negatives: 3, max_steps: 2, micro_batch_size: 2, "
     "lora: false, lr: 0.001, checkpoint_every: 2}",
-    "eval={rerank: {enabled: true, top_k: 3}, use_ray: false, batch_size: 16}",
+    "eval={rerank: {enabled: true, top_k: 3}, pool: {ray: false, batch_size: 16}}",
 ]
 
 

@@ -22,6 +22,7 @@ from unime_ray.eval import (EvalConfig, apply_listwise_choice, bidirectional_rec
 from unime_ray.eval.mmeb import CLASSIFICATION, GROUNDING, IND, MMEB_DATASETS, OOD, RETRIEVAL, VQA, prepare_mmeb_dir
 from unime_ray.eval.retrieval import IMAGE_PROMPT
 from unime_ray.retrieval.embed import EmbedderSpec
+from unime_ray.utils.pool import Pool
 
 from .conftest import make_png
 
@@ -278,8 +279,8 @@ def test_pairs_eval_bad_input(tmp_path):
         evaluate_pairs_table(FakeEmbedder(vecs), clash, None, datasets=["Z"])
     with pytest.raises(FileNotFoundError):
         evaluate_pairs_table(FakeEmbedder(vecs), tmp_path / "nothing", None)
-    with pytest.raises(ValueError, match="use_ray=True needs an EmbedderSpec"):
-        evaluate_pairs_table(FakeEmbedder(vecs), no_gt, None, use_ray=True)
+    with pytest.raises(ValueError, match="a Ray pool needs an EmbedderSpec"):
+        evaluate_pairs_table(FakeEmbedder(vecs), no_gt, None, pool=Pool())
 
 
 # ============================================================================ MMEB-eval folder layout
@@ -460,7 +461,7 @@ def test_eval_config():
     # no model: in a pipeline run, the reranker that run trained (the pipeline errors if it trained none)
     assert EvalConfig(rerank={"enabled": True}).rerank.model is None
     with pytest.raises(ValueError, match="min_actors"):
-        EvalConfig(min_actors=3, max_actors=2)
+        EvalConfig(pool={"min_actors": 3, "max_actors": 2})
     with pytest.raises(ValueError, match="mmeb_dir"):
         EvalConfig(sets=["mmeb"])
     assert EvalConfig(sets=["mmeb"], mmeb_dir="/x", rerank={"enabled": True, "model": "m"}).rerank.model == "m"
@@ -484,10 +485,10 @@ def small_table(tmp_path_factory):
 
 def test_tiny_model_local_equals_ray(tiny_models, ray_local, small_table, tmp_path):
     spec = EmbedderSpec(model=str(tiny_models["qwen2_vl"]), dtype="float32")
-    local = evaluate_pairs_table(spec, small_table, tmp_path / "local", batch_size=4, top_k_dump=4)
+    local = evaluate_pairs_table(spec, small_table, tmp_path / "local", pool=Pool.in_process(4), top_k_dump=4)
     # One actor keeps the test cheap on 2 cores; the 20 items still travel as 4 shards and are reassembled.
-    ray = evaluate_pairs_table(spec, small_table, tmp_path / "ray", batch_size=4, top_k_dump=4, use_ray=True,
-                               min_actors=1, max_actors=1)
+    ray = evaluate_pairs_table(spec, small_table, tmp_path / "ray", top_k_dump=4,
+                               pool=Pool(min_actors=1, max_actors=1, batch_size=4))
     assert local["sizes"]["distinct_items_encoded"] == 4 + 6 + 4 + 6 and ray["timing"]["use_ray"] is True
     assert ray["per_dataset"] == local["per_dataset"] and ray["chance"] == local["chance"]
     a = pq.read_table(tmp_path / "local" / "topk.parquet").to_pylist()
@@ -540,7 +541,8 @@ def test_real_reranker_wiring(tiny_models, small_table, tmp_path):
     reranker = rerank.Reranker.from_pretrained(tiny_models["qwen2_5_vl"], dtype="float32",
                                                image_root=tmp_path / "img", batch_size=4)
     spec = EmbedderSpec(model=str(tiny_models["qwen2_vl"]), dtype="float32")
-    r = evaluate_pairs_table(spec, small_table, tmp_path / "rr", reranker=reranker, rerank_top_k=3, batch_size=4)
+    r = evaluate_pairs_table(spec, small_table, tmp_path / "rr", reranker=reranker, rerank_top_k=3,
+                             pool=Pool.in_process(4))
     rr = r["rerank"]
     assert rr["top_k"] == 3 and 0 <= rr["fallbacks"] <= 8
     dump = pq.read_table(tmp_path / "rr" / "topk.parquet").to_pylist()
@@ -552,7 +554,8 @@ def test_real_reranker_wiring(tiny_models, small_table, tmp_path):
     comp.write_text(json.dumps({"image_path": "0.png", "caption": "a red square", "negative_caption": "a blue square",
                                 "subset": "replace_att"}) + "\n")
     data = load_compositional(comp, image_root=tmp_path / "img")
-    c = evaluate_compositional(spec, data, None, image_root=tmp_path / "img", reranker=reranker, batch_size=4)
+    c = evaluate_compositional(spec, data, None, image_root=tmp_path / "img", reranker=reranker,
+                               pool=Pool.in_process(4))
     assert c["rerank"]["per_subset"]["replace_att"] in (0.0, 100.0)
 
 
@@ -564,6 +567,6 @@ def test_demo_eval_table_if_present(tmp_path):
         pytest.skip("no demo run at runs/demo")
     spec = EmbedderSpec(model=str(demo / "models" / "tiny-qwen2-vl"), dtype="float32")
     r = evaluate_pairs_table(spec, demo / "prepare" / "eval_pairs", tmp_path, image_root=demo / "data",
-                             max_rows_per_dataset=3, batch_size=32)
+                             max_rows_per_dataset=3, pool=Pool.in_process(32))
     assert set(r["per_dataset"]) == {"emoji_i2t", "emoji_t2i", "emoji_cls"}
     assert r["sizes"]["rows"] == 9 and r["datasets"]["emoji_i2t"]["mean_candidates"] > 100

@@ -413,12 +413,12 @@ def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from unime_ray.models import TinySpec, load_backbone, make_tiny_models
+    from unime_ray.models import TinyModelConfig, load_backbone, make_tiny_models
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: simpler under pytest
     # head_dim 64 for text and vision: vLLM's attention kernels do not take the default tiny head_dim 16 / 8
-    spec = TinySpec(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                    vision_embed_dim=128, vision_heads=2)
+    spec = TinyModelConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                           vision_embed_dim=128, vision_heads=2)
     folder = make_tiny_models(tmp_path, spec=spec, archs=("qwen2_5_vl",))["qwen2_5_vl"]
     judge = VLLMJudge(str(folder), VLLMConfig(dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
                                               extra_engine_kwargs={"enforce_eager": True}))

@@ -57,9 +57,10 @@ def test_tokenizer_has_single_token_answers_and_digits(tiny_models):
 
 
 def test_tiny_models_are_deterministic(tmp_path):
-    from unime_ray.models.tiny import TinySpec, make_tiny_models
+    from unime_ray.models.config import TinyModelConfig
+    from unime_ray.models.tiny import make_tiny_models
 
-    spec = TinySpec(vocab_size=400)
+    spec = TinyModelConfig(vocab_size=400)
     a = make_tiny_models(tmp_path / "a", seed=3, spec=spec, archs=["qwen2_vl"])["qwen2_vl"]
     b = make_tiny_models(tmp_path / "b", seed=3, spec=spec, archs=["qwen2_vl"])["qwen2_vl"]
     c = make_tiny_models(tmp_path / "c", seed=4, spec=spec, archs=["qwen2_vl"])["qwen2_vl"]

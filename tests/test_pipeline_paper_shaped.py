@@ -49,7 +49,7 @@ OVERRIDES: list[tuple[str, str, str]] = [
     ("judge.backend", "transformers", "GPU only: vLLM needs a GPU"),
     ("judge.pool.num_gpus_per_actor", "0", "GPU only"),
     ("embed.pool.num_gpus_per_actor", "0", "GPU only"),
-    ("eval.num_gpus_per_actor", "0", "GPU only"),
+    ("eval.pool.num_gpus_per_actor", "0", "GPU only"),
     ("train.use_gpu", "false", "GPU only"),
     ("train.bf16", "false", "GPU only: bf16 training on GPU, fp32 on CPU"),
     ("reranker.use_gpu", "false", "GPU only"),
@@ -59,8 +59,8 @@ OVERRIDES: list[tuple[str, str, str]] = [
     ("embed.pool.num_cpus_per_actor", "1", "2 CPUs"),
     ("judge.pool.max_actors", "1", "2 CPUs: one judge actor"),
     ("judge.pool.num_cpus_per_actor", "1", "2 CPUs"),
-    ("eval.max_actors", "1", "2 CPUs: one evaluation actor"),
-    ("eval.num_cpus_per_actor", "1", "2 CPUs"),
+    ("eval.pool.max_actors", "1", "2 CPUs: one evaluation actor"),
+    ("eval.pool.num_cpus_per_actor", "1", "2 CPUs"),
     ("train.num_workers", "1", "2 CPUs: one Ray Train worker (8 GPUs in the job)"),
     ("reranker.num_workers", "1", "2 CPUs: one Ray Train worker (8 GPUs in the job)"),
     # step counts and batch sizes: 2000 steps at global batch 512 do not fit a test
@@ -243,7 +243,7 @@ def test_without_the_overrides_the_job_runs_the_paper_recipe(tmp_path):
     for s in (emb, rer):
         assert (s.use_gpu, s.bf16, s.zero_stage, s.gradient_checkpointing) == (True, True, 2, True)
     assert job.judge.backend == "vllm" and job.judge.pool.num_gpus_per_actor == 1 and job.judge.pool.max_actors == 8
-    assert (job.embed.pool.num_gpus_per_actor, job.eval.num_gpus_per_actor) == (1, 1)
+    assert (job.embed.pool.num_gpus_per_actor, job.eval.pool.num_gpus_per_actor) == (1, 1)
     assert job.ray.address == "auto" and job.mine.from_imported == "use"
     assert (job.models.embedder, job.models.judge, job.models.retriever.model) == (
         "Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "TIGER-Lab/VLM2Vec-Qwen2VL-7B")

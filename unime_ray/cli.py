@@ -184,7 +184,8 @@ def _is_pair_table(path: str) -> bool:
 
 
 def cmd_make_tiny_models(args) -> int:
-    from .models.tiny import TinySpec, make_tiny_models
+    from .models.config import TinyModelConfig
+    from .models.tiny import make_tiny_models
 
     corpus: list[str] = []
     if args.corpus:
@@ -193,7 +194,7 @@ def cmd_make_tiny_models(args) -> int:
         for row in iter_rows(args.corpus):
             corpus.extend(v for k, v in row.items() if isinstance(v, str) and v and
                           k.endswith(("text", "instruction")))
-    spec = TinySpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, vocab_size=args.vocab_size)
+    spec = TinyModelConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers, vocab_size=args.vocab_size)
     archs = args.arch or ["qwen2_vl", "qwen2_5_vl"]
     written = make_tiny_models(args.out, seed=args.seed, spec=spec, corpus=corpus, archs=archs)
     for arch, path in written.items():

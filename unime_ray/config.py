@@ -16,10 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.config import DataConfig
 from .eval.config import EvalConfig
 from .judge.config import JudgeConfig
 from .mining.config import MineConfig
 from .models.budget import ROLES, ImageBudget
+from .models.config import ModelsConfig
 from .retrieval.config import EmbedConfig, RetrieveConfig
 from .serve.config import ServeConfig
 from .train.config import BaselineConfig, CompareConfig, RerankerTrainConfig, TrainConfig
@@ -43,101 +45,6 @@ class RayConfig(_Section):
     num_gpus: int | None = Field(default=None, ge=0)
     include_dashboard: bool = True
     env_vars: dict[str, str] = Field(default_factory=dict)
-
-
-class TinyModelConfig(_Section):
-    """Tiny random-weight checkpoints built offline (tests and the demo)."""
-
-    make: bool = True
-    seed: int = 0
-    hidden_size: int = Field(default=64, ge=8)
-    intermediate_size: int = Field(default=128, ge=8)
-    num_hidden_layers: int = Field(default=2, ge=1)
-    num_attention_heads: int = Field(default=4, ge=1)
-    num_key_value_heads: int = Field(default=2, ge=1)
-    vision_depth: int = Field(default=2, ge=1)
-    vocab_size: int = Field(default=1024, ge=300)
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 8:
-            raise ValueError("hidden_size / num_attention_heads must be a multiple of 8")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        return self
-
-
-class RetrieverModelConfig(_Section):
-    """The embedder of S1 global retrieval when it is not the embedder's init (the paper: VLM2Vec, Qwen2-VL-7B),
-    with its own input format and image-token positions. ``models.retriever: <ref>`` is short for ``{model: <ref>}``."""
-
-    model: str
-    adapter: str | None = None          # a peft adapter folder applied on top of ``model`` (merged on load)
-    input_format: Literal["official", "chat"] = "official"
-    positions: Literal["auto", "mrope", "sequential"] = "auto"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_ref(cls, v: Any) -> Any:
-        return {"model": v} if isinstance(v, str) else v
-
-
-class ImageBudgets(_Section):
-    """One image budget per model role (``models.images.<role>``; null: see :meth:`RunConfig.image_budget`).
-
-    ``retriever``: S1 embedding (the embed and retrieve stages); ``judge``: S2 scoring and the stand-in
-    judge's training (judge_fit); ``embedder``: embedder training (baseline, train, ablations);
-    ``reranker``: reranker training and inference (eval reranking, serving); ``eval``: the embedders at
-    evaluation. Paper values: presets/paper-qwen2vl-2b.yaml.
-    """
-
-    retriever: ImageBudget | None = None
-    judge: ImageBudget | None = None
-    embedder: ImageBudget | None = None
-    reranker: ImageBudget | None = None
-    eval: ImageBudget | None = None
-
-
-class ModelsConfig(_Section):
-    """Which checkpoints each role uses: hub ids (e.g. Qwen/Qwen2-VL-2B-Instruct) or folders (``./`` = run dir)."""
-
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    embedder: str = "./models/tiny-qwen2-vl"
-    judge: str = "./models/tiny-qwen2.5-vl"
-    # S1's retriever; null: the embedder's init (models.embedder), or the trained baseline with baseline.enabled
-    retriever: RetrieverModelConfig | None = None
-    input_format: Literal["official", "chat"] = "official"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    processor_backend: Literal["auto", "hf", "manual"] = "auto"
-    # image-token positions: sequential (as the released UniME-V2 models), mrope, or auto (by input_format)
-    positions: Literal["auto", "mrope", "sequential"] = "auto"
-    # legacy budget of S1 embedding and evaluation, used where models.images.retriever / .eval are null
-    image_resize: tuple[int, int] | None = None
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
-    images: ImageBudgets = Field(default_factory=ImageBudgets)
-
-
-class DataConfig(_Section):
-    """The input data: a built-in demo dataset, or a file in one of the supported formats."""
-
-    source: Literal["emoji", "synthetic", "official", "mmeb-train", "mmeb-eval", "canonical"] = "emoji"
-    train_path: str | None = None
-    eval_path: str | None = None
-    image_root: str | None = None
-    task: str | None = None
-    seed: int = 0
-    max_items: int | None = Field(default=None, ge=2)
-    eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    image_size: int = Field(default=64, ge=16)
-    check_images: bool = True
-    rows_per_shard: int = Field(default=2000, ge=1)
-
-    @model_validator(mode="after")
-    def _paths_for_files(self):
-        if self.source not in ("emoji", "synthetic") and not (self.train_path or self.eval_path):
-            raise ValueError(f"data.source={self.source!r} needs data.train_path and/or data.eval_path")
-        return self
 
 
 class EncoderJudgeFitConfig(_Section):

@@ -9,8 +9,7 @@ from __future__ import annotations
 from ..utils.lazy import lazy_exports
 
 _EXPORTS = {
-    "EvalConfig": "config", "RerankSettings": "config", "RetrievalSetConfig": "config",
-    "CompositionalSetConfig": "config",
+    "EvalConfig": "config", "RerankSettings": "config",
     "ItemEncoder": "encode", "ItemRegistry": "encode",
     "TIE_RULE": "metrics", "gt_rank": "metrics", "pair_accuracy": "metrics", "precision_at_1": "metrics",
     "rank_order": "metrics",

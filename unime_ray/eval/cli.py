@@ -12,6 +12,7 @@ from ..models.budget import add_budget_arguments
 def cmd_eval(args) -> int:
     from ..models.budget import ImageBudget, budget_from_arguments
     from ..retrieval.embed import EmbedderSpec
+    from ..utils.pool import Pool
     from .encode import ItemEncoder
     from .rerank import load_reranker
 
@@ -21,8 +22,9 @@ def cmd_eval(args) -> int:
     if args.rerank_top_k <= 0 or args.top_k_dump <= 0 or args.batch_size <= 0:
         print("error: --rerank-top-k, --top-k-dump and --batch-size must be positive", file=sys.stderr)
         return 2
-    use_ray = not args.no_ray
-    if use_ray:
+    pool = Pool(ray=not args.no_ray, min_actors=args.min_actors, max_actors=args.max_actors,
+                num_gpus_per_actor=args.num_gpus_per_actor, batch_size=args.batch_size)
+    if pool.ray:
         from ..utils.ray_utils import init_ray
 
         init_ray(num_cpus=args.num_cpus)
@@ -31,9 +33,7 @@ def cmd_eval(args) -> int:
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
                         image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
                         max_pixels=budget.max_pixels)
-    encoder = ItemEncoder(spec, image_root=args.image_root, batch_size=args.batch_size, use_ray=use_ray,
-                          min_actors=args.min_actors, max_actors=args.max_actors,
-                          num_gpus_per_actor=args.num_gpus_per_actor, work_dir=out)
+    encoder = ItemEncoder(spec, image_root=args.image_root, pool=pool, work_dir=out)
     rerank_budget = ImageBudget(min_pixels=args.rerank_min_pixels, max_pixels=args.rerank_max_pixels)
     reranker = load_reranker(args.reranker, image_root=args.image_root, batch_size=args.rerank_batch_size,
                              image_options=rerank_budget)

@@ -28,6 +28,7 @@ from ..data.convert import read_records
 from ..data.images import resolve_image_path
 from ..data.schema import Item
 from ..data.validate import DataError
+from ..utils.pool import Pool
 from .encode import ItemEncoder, ItemRegistry
 from .metrics import mean_count, pair_accuracy
 from .rerank import load_reranker, score_pairs_chunked
@@ -130,18 +131,14 @@ def load_compositional(path: str | os.PathLike, *, image_root: str | os.PathLike
 
 def evaluate_compositional(embedder_or_spec: Any, data: Mapping[str, Sequence[CompositionalExample]],
                            out_dir: str | os.PathLike | None, *, image_root: str | os.PathLike | None = None,
-                           reranker: Any = None, use_ray: bool = False, batch_size: int = 32, min_actors: int = 1,
-                           max_actors: int = 2, num_cpus_per_actor: float = 1.0, num_gpus_per_actor: float = 0.0,
-                           label: str | None = None) -> dict[str, Any]:
+                           reranker: Any = None, pool: Pool | None = None, label: str | None = None) -> dict[str, Any]:
     """Accuracy per subset (embedder, and reranker when given), group means; writes results to ``out_dir``.
 
     Every distinct image and caption is encoded once. The reranker reads the image (with the image-side
     prompt) as the query and each caption as the candidate.
     """
     t0 = time.perf_counter()
-    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=image_root, batch_size=batch_size, use_ray=use_ray,
-                               min_actors=min_actors, max_actors=max_actors, num_cpus_per_actor=num_cpus_per_actor,
-                               num_gpus_per_actor=num_gpus_per_actor, work_dir=out_dir)
+    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=image_root, pool=pool, work_dir=out_dir)
     registry = ItemRegistry(check_images=False)
     index = {s: np.array([[registry.add(e.image), registry.add(e.positive), registry.add(e.negative)] for e in rows],
                          dtype=np.int64).reshape(-1, 3) for s, rows in data.items()}

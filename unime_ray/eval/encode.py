@@ -2,9 +2,9 @@
 
 Every evaluator first collects the distinct items it needs (queries and candidates, de-duplicated by
 id or content) in an :class:`ItemRegistry`, then asks an :class:`ItemEncoder` for one embedding per
-registry entry. The Ray path writes the items to a temporary canonical candidate table and reuses the
-pipeline's :func:`~unime_ray.retrieval.embed.embed_table` (the same ``EmbedActor``), so single-process
-and distributed evaluation encode exactly the same inputs.
+registry entry. The encoder writes the items to a temporary canonical candidate table and embeds it with the
+pipeline's :func:`~unime_ray.retrieval.embed.embed_table` on its pool (the same ``EmbedActor``, in this process
+or over Ray), so single-process and distributed evaluation encode exactly the same inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..data.images import resolve_image_path
 from ..data.io import ShardWriter
 from ..data.schema import CANDIDATE_SCHEMA, Item
 from ..data.validate import DataError
-from ..models.budget import drain_visual_tokens
+from ..utils.pool import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +98,11 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 class ItemEncoder:
-    """One embedder for a whole evaluation: built at most once here, or run as a Ray actor pool.
+    """One embedder for a whole evaluation, run by a :class:`~unime_ray.utils.pool.Pool` (None: this process).
 
-    ``embedder_or_spec``: an ``Embedder`` (or any object with ``encode(items, batch_size)`` and ``dim``),
-    an :class:`~unime_ray.retrieval.embed.EmbedderSpec`, or a model folder / hub id. ``use_ray`` needs a
-    spec (workers rebuild the model from it); Ray is started locally if it is not running.
+    ``embedder_or_spec``: an ``Embedder`` (or any object with ``encode(items, batch_size)``), an
+    :class:`~unime_ray.retrieval.embed.EmbedderSpec`, or a model folder / hub id. A Ray pool needs a spec
+    (actors rebuild the model from it); in this process the model is built once and reused.
     """
 
     @classmethod
@@ -110,13 +110,11 @@ class ItemEncoder:
         """``embedder_or_spec`` itself when it is already an encoder, else a new one built with ``kwargs``."""
         return embedder_or_spec if isinstance(embedder_or_spec, cls) else cls(embedder_or_spec, **kwargs)
 
-    def __init__(self, embedder_or_spec: Any, *, image_root: str | os.PathLike | None = None, batch_size: int = 16,
-                 use_ray: bool = False, min_actors: int = 1, max_actors: int = 2, num_cpus_per_actor: float = 1.0,
-                 num_gpus_per_actor: float = 0.0, work_dir: str | os.PathLike | None = None):
+    def __init__(self, embedder_or_spec: Any, *, image_root: str | os.PathLike | None = None,
+                 pool: Pool | None = None, work_dir: str | os.PathLike | None = None):
         from ..retrieval.embed import EmbedderSpec
 
-        if batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+        self.pool = pool or Pool.in_process()
         if isinstance(embedder_or_spec, (str, os.PathLike)):
             embedder_or_spec = EmbedderSpec(model=str(embedder_or_spec))
         self.spec: EmbedderSpec | None = None
@@ -128,16 +126,12 @@ class ItemEncoder:
                                             adapter=_absolute_if_local(spec.adapter),
                                             image_root=_absolute_if_local(root))
         else:
-            if use_ray:
-                raise ValueError("use_ray=True needs an EmbedderSpec (or a model path) that Ray workers can rebuild; "
+            if self.pool.ray:
+                raise ValueError("a Ray pool needs an EmbedderSpec (or a model path) that Ray actors can rebuild; "
                                  "got a built embedder")
             self._embedder = embedder_or_spec
         self.image_root = image_root if image_root is not None else (
             self.spec.image_root if self.spec else getattr(self._embedder, "image_root", None))
-        self.batch_size = batch_size
-        self.use_ray = use_ray
-        self.min_actors, self.max_actors = min_actors, max_actors
-        self.num_cpus_per_actor, self.num_gpus_per_actor = num_cpus_per_actor, num_gpus_per_actor
         self.work_dir = work_dir
         self.visual_tokens: Counter = Counter()   # {tokens per image: images encoded}, drained per evaluation
 
@@ -154,54 +148,49 @@ class ItemEncoder:
         return self._embedder
 
     def encode(self, items: Sequence[Item], image_root: str | os.PathLike | None = None) -> np.ndarray:
-        """[len(items), dim] float32 unit rows, in input order (``image_root`` overrides the default)."""
+        """[len(items), dim] float32 unit rows, in input order (``image_root`` overrides the default).
+
+        The items go through a temporary candidate table, so in-process and Ray encoding run the pipeline's
+        own ``EmbedActor`` over the same inputs."""
+        from ..retrieval.embed import embed_table, read_embeddings
+
         if not items:
             return np.zeros((0, 0), dtype=np.float32)
         root = image_root if image_root is not None else self.image_root
-        vectors = self._encode_ray(items, root) if self.use_ray else self._encode_local(items, root)
-        return normalize_rows(vectors)
-
-    def _encode_local(self, items: Sequence[Item], image_root) -> np.ndarray:
-        emb = self.embedder()
-        previous = getattr(emb, "image_root", None)
-        if image_root is not None and hasattr(emb, "image_root"):
-            emb.image_root = image_root
-        try:
-            return np.asarray(emb.encode(list(items), batch_size=self.batch_size), dtype=np.float32)
-        finally:
-            if hasattr(emb, "image_root"):
-                emb.image_root = previous
-            self.visual_tokens.update(drain_visual_tokens(emb))
-
-    def _encode_ray(self, items: Sequence[Item], image_root) -> np.ndarray:
-        from ..retrieval.embed import embed_table, read_embeddings
-        from ..utils.pool import Pool
-        from ..utils.ray_utils import init_ray
-
-        init_ray()
         parent = Path(self.work_dir) if self.work_dir else None
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".eval-encode-", dir=parent))
+        bs = self.pool.batch_size
+        emb = None if self.pool.ray else self.embedder()
+        previous = getattr(emb, "image_root", None)
         try:
             # Enough shards that every actor of the pool gets work, none so small that batches fragment.
-            per_shard = max(self.batch_size, math.ceil(len(items) / (4 * self.max_actors)))
+            per_shard = max(bs, math.ceil(len(items) / (4 * self.pool.max_actors)))
             with ShardWriter(tmp / "items", CANDIDATE_SCHEMA, rows_per_shard=min(per_shard, 4096)) as w:
                 for i, it in enumerate(items):
                     w.write({"id": f"{i:010d}", "task": "eval", "instruction": it.instruction, "text": it.text,
                              "image": it.image, "image_path": it.image_path})
-            spec = self.spec if image_root is None else dataclasses.replace(
-                self.spec, image_root=_absolute_if_local(str(image_root)))
-            pool = Pool(batch_size=self.batch_size, min_actors=self.min_actors, max_actors=self.max_actors,
-                        num_cpus_per_actor=self.num_cpus_per_actor, num_gpus_per_actor=self.num_gpus_per_actor)
-            stats = embed_table(spec, tmp / "items", tmp / "emb", pool=pool)
+            if self.pool.ray:
+                from ..utils.ray_utils import init_ray
+
+                init_ray()
+                target = self.spec if root is None else dataclasses.replace(self.spec, image_root=_absolute_if_local(
+                    str(root)))
+            else:
+                target = emb
+                if root is not None and hasattr(emb, "image_root"):
+                    emb.image_root = root
+            stats = embed_table(target, tmp / "items", tmp / "emb", pool=self.pool)
             hist = (stats.get("visual_tokens") or {}).get("histogram") or {}
             self.visual_tokens.update({int(k): int(v) for k, v in hist.items()})
             ids, vectors = read_embeddings(tmp / "emb")
             index = np.asarray([int(i) for i in ids], dtype=np.int64)
             order = np.argsort(index)
             if not np.array_equal(index[order], np.arange(len(items))):
-                raise RuntimeError(f"Ray encoding returned {len(ids)} embeddings for {len(items)} items")
-            return vectors[order]
+                raise RuntimeError(f"encoding returned {len(ids)} embeddings for {len(items)} items")
+            return normalize_rows(vectors[order])
         finally:
+            if hasattr(emb, "image_root"):
+                emb.image_root = previous
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,6 +32,7 @@ from ..data.schema import Item, item_from_row, negatives_from_row
 from ..data.validate import DataError
 from ..models.budget import drain_visual_tokens, token_tally
 from ..utils.logs import Progress
+from ..utils.pool import Pool
 from .encode import ItemEncoder, ItemRegistry
 from .metrics import TIE_RULE, gt_rank, mean_count, rank_order
 from .rerank import load_reranker, rerank_listwise
@@ -245,10 +246,8 @@ def _pct(x: float) -> float:
 
 def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Sequence[str | os.PathLike],
                          out_dir: str | os.PathLike | None, *, image_root: str | os.PathLike | None = None,
-                         reranker: Any = None, rerank_top_k: int = 5, top_k_dump: int = 10, use_ray: bool = False,
-                         batch_size: int = 32, min_actors: int = 1, max_actors: int = 2,
-                         num_cpus_per_actor: float = 1.0, num_gpus_per_actor: float = 0.0,
-                         datasets: Iterable[str] | None = None, max_rows_per_dataset: int | None = None,
+                         reranker: Any = None, rerank_top_k: int = 5, top_k_dump: int = 10,
+                         pool: Pool | None = None, datasets: Iterable[str] | None = None, max_rows_per_dataset: int | None = None,
                          check_images: bool = True, label: str | None = None, kind: str = "pairs") -> dict[str, Any]:
     """Evaluate an embedder (``Embedder``, ``EmbedderSpec`` or model path; or a ready :class:`ItemEncoder`)
     on canonical MMEB-form pair table(s); write the outputs to ``out_dir`` (None: write nothing).
@@ -256,7 +255,7 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
     Returns ``{"per_dataset": {name: P@1 %}, "summary": summarize(...), "chance": {...}, "datasets": {...},
     "rerank": {...} | None, "sizes": {...}, ...}`` (the content of ``results.json``). ``reranker``: an object
     with ``choose_many`` or a reranker folder; its top-1 among the embedder's top-``rerank_top_k`` replaces
-    rank 1. ``use_ray`` encodes over a Ray Data actor pool (needs a spec or a path).
+    rank 1. ``pool`` encodes (None: in this process; a Ray pool needs a spec or a path).
     """
     t0 = time.perf_counter()
     tables = [table] if isinstance(table, (str, os.PathLike)) else list(table)
@@ -264,9 +263,7 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
         if not shard_paths(t):
             raise FileNotFoundError(f"eval table {t} has no Parquet shards")
     out = Path(out_dir) if out_dir is not None else None
-    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=image_root, batch_size=batch_size, use_ray=use_ray,
-                               min_actors=min_actors, max_actors=max_actors, num_cpus_per_actor=num_cpus_per_actor,
-                               num_gpus_per_actor=num_gpus_per_actor, work_dir=out)
+    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=image_root, pool=pool, work_dir=out)
     root = image_root if image_root is not None else encoder.image_root
     registry = ItemRegistry(root, check_images=check_images)
     plans = plan_pairs(tables, registry, datasets=datasets, max_rows_per_dataset=max_rows_per_dataset)
@@ -343,7 +340,7 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
                          "score_s": round(t_end - t_enc - rerank_s, 3), "rerank_s": round(rerank_s, 3),
                          "total_s": round(t_end - t0, 3),
                          "items_per_s": round(len(registry) / max(t_enc - t_plan, 1e-9), 2),
-                         "use_ray": encoder.use_ray}
+                         "use_ray": encoder.pool.ray}
     results["metrics"] = pair_metrics(results)
     # visual tokens per image actually used (models.budget tallies): the embedder's encodes, the reranker's prompts
     results["visual_tokens"] = {"embedder": token_tally(drain_visual_tokens(encoder)),

@@ -27,6 +27,7 @@ from ..data.convert import read_records
 from ..data.images import resolve_image_path
 from ..data.schema import IMAGE_MARKER, Item
 from ..data.validate import DataError
+from ..utils.pool import Pool
 from .encode import ItemEncoder
 from .metrics import TIE_RULE, mean_count, rank_order
 from .rerank import load_reranker, rerank_listwise
@@ -258,14 +259,10 @@ def evaluate_retrieval(encoder: ItemEncoder, rset: RetrievalSet, *, ks: Iterable
 
 def evaluate_retrieval_sets(embedder_or_spec: Any, sets: Sequence[RetrievalSet], out_dir: str | os.PathLike | None,
                             *, ks: Iterable[int] = DEFAULT_KS, reranker: Any = None, rerank_top_k: int = 5,
-                            use_ray: bool = False, batch_size: int = 32, min_actors: int = 1, max_actors: int = 2,
-                            num_cpus_per_actor: float = 1.0, num_gpus_per_actor: float = 0.0,
-                            label: str | None = None) -> dict[str, Any]:
+                            pool: Pool | None = None, label: str | None = None) -> dict[str, Any]:
     """Evaluate several retrieval sets with one embedder; writes results.json/md/png to ``out_dir``."""
     ks = list(ks)
-    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=sets[0].image_root if sets else None,
-                               batch_size=batch_size, use_ray=use_ray, min_actors=min_actors, max_actors=max_actors,
-                               num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=num_gpus_per_actor,
+    encoder = ItemEncoder.wrap(embedder_or_spec, image_root=sets[0].image_root if sets else None, pool=pool,
                                work_dir=out_dir)
     reranker = load_reranker(reranker, image_root=encoder.image_root)
     per_set = {s.name: evaluate_retrieval(encoder, s, ks=ks, reranker=reranker, rerank_top_k=rerank_top_k)

@@ -8,14 +8,38 @@ import json
 import logging
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from ..stage import Context, Section, Stage, StageResult
 
 logger = logging.getLogger(__name__)
 
 
+class ModelEval(BaseModel):
+    """One evaluated model: what the comparison and its statistics over seeds read."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    label: str
+    variant: str                                  # the comparison's row (models of one variant: its seeds)
+    seed: int | None = None
+    model: str
+    per_dataset: dict[str, float | None] | None = None   # P@1 (%) per eval set
+    summary: dict[str, Any] | None = None         # mmeb.summarize: the headline means
+    chance: dict[str, float | None] | None = None        # chance P@1 per eval set
+    sizes: dict[str, Any] | None = None           # rows per eval set, items encoded
+    rerank: dict[str, Any] | None = None          # the reranked P@1 (per_dataset, summary, gt_in_top_k, fallbacks)
+    results: str                                  # the model's results.json
+    visual_tokens: dict[str, Any] = {}
+
+
 class EvalResult(StageResult):
     enabled: bool = True
-    models: dict[str, dict[str, Any]] = {}   # label -> variant, seed, model, P@1 per eval set, reranked P@1
+    reason: str | None = None                     # why it did not run (enabled false)
+    table: str | None = None                      # the eval pair table
+    models: dict[str, ModelEval] = {}             # label -> its evaluation
+    reranker: str | None = None                   # the reranker of the reranked P@1
+    visual_tokens: dict[str, Any] = {}            # per role: the tally over every model (Context.visual_tokens)
 
 
 def eval_models(ctx: Context) -> list[dict[str, Any]]:
@@ -41,7 +65,7 @@ def eval_models(ctx: Context) -> list[dict[str, Any]]:
     return models
 
 
-def run_eval(ctx: Context) -> dict[str, Any]:
+def run_eval(ctx: Context) -> EvalResult:
     """MMEB-protocol P@1 of each model on the eval pairs (and MMEB-eval when configured), with and without
     listwise reranking of the top-K. Each model's results are kept, so a rerun evaluates only what is missing."""
     from .mmeb import evaluate_mmeb_dir, evaluate_pairs_table
@@ -55,7 +79,7 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     image_root = ev.image_root or prepared.get("image_root")
     table = cfg.path(ev.table) if ev.table else (prepared["tables"].get("eval_pairs") or {}).get("path")
     if "pairs" in ev.sets and not table:
-        return {"enabled": False, "reason": "no eval pairs (data has no eval split and eval.table is unset)"}
+        return EvalResult(enabled=False, reason="no eval pairs (data has no eval split and eval.table is unset)")
     reranker_ref = ev.rerank.model and cfg.model_ref(ev.rerank.model)
     if ev.rerank.enabled and not reranker_ref:
         trained = ctx.optional("rerank")
@@ -67,10 +91,10 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     if ev.rerank.enabled and reranker_ref:
         reranker = load_reranker(reranker_ref, image_root=image_root, dtype=ev.rerank.dtype,
                                  batch_size=ev.rerank.batch_size, image_options=cfg.image_budget("reranker"))
-    if ev.use_ray:
+    if ev.pool.ray:
         ctx.init_ray()
     out_dir = ctx.dir
-    results: dict[str, Any] = {}
+    results: dict[str, ModelEval] = {}
     for m in eval_models(ctx):
         target = out_dir / m["label"]
         done = target / "results.json"
@@ -78,9 +102,8 @@ def run_eval(ctx: Context) -> dict[str, Any]:
             res = json.loads(done.read_text())
         else:
             spec = embedder_spec(ctx, image_root, m["model"], role="eval")
-            kw = dict(image_root=image_root, top_k_dump=ev.top_k_dump, use_ray=ev.use_ray, batch_size=ev.batch_size,
-                      min_actors=ev.min_actors, max_actors=ev.max_actors, num_cpus_per_actor=ev.num_cpus_per_actor,
-                      num_gpus_per_actor=ev.num_gpus_per_actor, check_images=ev.check_images, label=m["label"])
+            kw = dict(image_root=image_root, top_k_dump=ev.top_k_dump, pool=ev.pool, check_images=ev.check_images,
+                      label=m["label"])
             res = {}
             if "pairs" in ev.sets:
                 res = evaluate_pairs_table(spec, table, target, reranker=reranker if m["rerank"] else None,
@@ -97,17 +120,17 @@ def run_eval(ctx: Context) -> dict[str, Any]:
                 write_json_atomic(res, done)
         vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
         tokens = ctx.visual_tokens(eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])
-        results[m["label"]] = {**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),
-                               "chance": res.get("chance"), "sizes": res.get("sizes"),
-                               "rerank": res.get("rerank"), "results": str(done), "visual_tokens": tokens}
+        results[m["label"]] = ModelEval(**{**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),
+                                           "chance": res.get("chance"), "sizes": res.get("sizes"),
+                                           "rerank": res.get("rerank"), "results": str(done),
+                                           "visual_tokens": tokens})
         logger.info("eval %s: %s", m["label"], {k: round(v, 2) for k, v in (res.get("per_dataset") or {}).items()
                                                 if v is not None})
-    per_model = [r["visual_tokens"] for r in results.values()]
-    return {"enabled": True, "table": str(table) if table else None, "models": results,
-            "reranker": str(reranker_ref) if reranker is not None else None,
-            "visual_tokens": ctx.visual_tokens(eval=[t.get("eval") for t in per_model],
-                                            reranker=[t.get("reranker") for t in per_model])}
-
+    per_model = [r.visual_tokens for r in results.values()]
+    return EvalResult(table=str(table) if table else None, models=results,
+                      reranker=str(reranker_ref) if reranker is not None else None,
+                      visual_tokens=ctx.visual_tokens(eval=[t.get("eval") for t in per_model],
+                                                      reranker=[t.get("reranker") for t in per_model]))
 
 
 def report_eval(s: Section) -> list[str]:

@@ -16,7 +16,7 @@ _EXPORTS = {
     "LoraSettings": "lora", "apply_lora": "lora", "load_adapter": "lora", "merged": "lora", "save_adapter": "lora",
     "ImageOptions": "processor", "VLProcessor": "processor",
     "ImageBudget": "budget",
-    "TinySpec": "tiny", "make_tiny_models": "tiny",
+    "TinyModelConfig": "config", "make_tiny_models": "tiny",
 }
 
 __all__ = sorted(_EXPORTS)

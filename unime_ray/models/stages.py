@@ -29,18 +29,13 @@ def _training_texts(ctx: Context) -> list[str]:
 
 def run_models(ctx: Context) -> dict[str, Any]:
     from .backbone import architecture_of, load_config
-    from .tiny import TinySpec, make_tiny_models
+    from .tiny import make_tiny_models
 
     cfg = ctx.cfg
     out: dict[str, Any] = {}
-    t = cfg.models.tiny
-    if t.make:
-        spec = TinySpec(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                        num_key_value_heads=t.num_key_value_heads, vision_depth=t.vision_depth,
-                        vocab_size=t.vocab_size)
+    if cfg.models.tiny.make:
         corpus = _training_texts(ctx)
-        written = make_tiny_models(ctx.dir, seed=t.seed, spec=spec, corpus=corpus)
+        written = make_tiny_models(ctx.dir, spec=cfg.models.tiny, corpus=corpus)
         out["tiny_models"] = {k: str(v) for k, v in written.items()}
         out["tokenizer_corpus_texts"] = len(corpus)
     roles = {"embedder": cfg.models.embedder, "judge": cfg.models.judge}

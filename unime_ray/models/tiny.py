@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from .config import TinyModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +56,6 @@ BASE_CORPUS = [
 ]
 
 
-@dataclass
-class TinySpec:
-    """Sizes of a tiny model; the defaults build in well under a second."""
-
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    vision_depth: int = 2
-    vision_embed_dim: int = 32
-    vision_heads: int = 4
-    vocab_size: int = 1024
-    min_pixels: int = 28 * 28 * 4          # at least 2x2 merged tokens
-    max_pixels: int = 28 * 28 * 16         # at most 4x4 merged tokens: keeps CPU tests fast
-    max_position_embeddings: int = 4096
-    extra: dict = field(default_factory=dict)
-
-
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
     """Train a byte-level BPE tokenizer with Qwen's special tokens; returns a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -100,7 +82,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
     return hf
 
 
-def _text_config(spec: TinySpec, tok) -> dict:
+def _text_config(spec: TinyModelConfig, tok) -> dict:
     head_dim = spec.hidden_size // spec.num_attention_heads
     half = head_dim // 2
     # mrope_section splits head_dim/2 over (temporal, height, width), like Qwen's [16, 24, 24] for 128.
@@ -116,7 +98,7 @@ def _text_config(spec: TinySpec, tok) -> dict:
                 bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
 
 
-def build_tiny_model(arch: str, tok, spec: TinySpec, seed: int = 0):
+def build_tiny_model(arch: str, tok, spec: TinyModelConfig, seed: int = 0):
     """A randomly initialised tiny model of ``arch`` ("qwen2_vl" or "qwen2_5_vl")."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
@@ -147,7 +129,7 @@ def build_tiny_model(arch: str, tok, spec: TinySpec, seed: int = 0):
     return model_cls(cfg).eval()
 
 
-def build_image_processor(spec: TinySpec):
+def build_image_processor(spec: TinyModelConfig):
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
@@ -157,11 +139,12 @@ def build_image_processor(spec: TinySpec):
 TINY_NAMES = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "llava_onevision": "tiny-llava-onevision"}
 
 
-def make_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None,
+def make_tiny_models(out_dir: str | Path, seed: int | None = None, spec: TinyModelConfig | None = None,
                      corpus: Iterable[str] = (), archs: Iterable[str] = ("qwen2_vl", "qwen2_5_vl")) -> dict[str, Path]:
-    """Write tiny checkpoints to ``out_dir/<name>``; returns {arch: folder}. Deterministic given ``seed``.
-    ``archs`` may add ``"llava_onevision"`` (see :data:`TINY_NAMES`)."""
-    spec = spec or TinySpec()
+    """Write tiny checkpoints to ``out_dir/<name>``; returns {arch: folder}. Deterministic given ``seed``
+    (None: ``spec.seed``). ``archs`` may add ``"llava_onevision"`` (see :data:`TINY_NAMES`)."""
+    spec = spec or TinyModelConfig()
+    seed = spec.seed if seed is None else seed
     out_dir = Path(out_dir)
     corpus = list(corpus)
     tok = train_tokenizer(corpus, spec.vocab_size)
@@ -180,7 +163,7 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
         arch_tok.save_pretrained(folder)
         arch_images.save_pretrained(folder)
         (folder / "unime_tiny.json").write_text(json.dumps(
-            {"arch": arch, "seed": seed + i, "spec": asdict(spec), "corpus_texts": len(corpus)}, indent=1))
+            {"arch": arch, "seed": seed + i, "spec": spec.model_dump(exclude={"make", "seed"}), "corpus_texts": len(corpus)}, indent=1))
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("wrote %s (%s, %d parameters)", folder, arch, n_params)
         written[arch] = folder

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -139,21 +140,34 @@ class ShardedIndex:
         (folder / "index.json").write_text(json.dumps(meta, indent=1))
         return folder
 
-    @classmethod
-    def load(cls, folder: str | os.PathLike, use_gpu: bool | None = None) -> "ShardedIndex":
-        faiss = _faiss()
-        folder = Path(folder)
+    @staticmethod
+    def _meta(folder: Path) -> dict:
         meta_path = folder / "index.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{folder} is not a saved index (no index.json)")
-        meta = json.loads(meta_path.read_text())
-        index = cls(saved_settings(meta["spec"]), meta["dim"], meta["spec"].get("seed", 0), use_gpu)
-        index.offsets, index.ntotal = meta["offsets"], meta["ntotal"]
-        for j in range(len(index.offsets)):
+        return json.loads(meta_path.read_text())
+
+    @classmethod
+    def num_saved_shards(cls, folder: str | os.PathLike) -> int:
+        return len(cls._meta(Path(folder))["offsets"])
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, use_gpu: bool | None = None, nprobe: int | None = None,
+             shards: Sequence[int] | None = None) -> "ShardedIndex":
+        """A saved index; ``shards``: only these shard numbers (a serving partition: positions stay global,
+        ``ntotal`` counts the rows loaded); ``nprobe``: instead of the saved one."""
+        faiss = _faiss()
+        folder = Path(folder)
+        meta = cls._meta(folder)
+        index = cls(saved_settings(meta["spec"], nprobe), meta["dim"], meta["spec"].get("seed", 0), use_gpu)
+        bounds = list(meta["offsets"]) + [meta["ntotal"]]
+        for j in range(len(meta["offsets"])) if shards is None else shards:
             shard = faiss.read_index(str(folder / f"shard-{j:03d}.faiss"))
             if hasattr(shard, "nprobe"):
                 shard.nprobe = index.settings.nprobe
             index.shards.append(index._to_device(shard))
+            index.offsets.append(int(bounds[j]))
+            index.ntotal += bounds[j + 1] - bounds[j]
         return index
 
 

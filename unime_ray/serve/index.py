@@ -41,7 +41,7 @@ from ..data.io import iter_batches, rows_to_table, write_table_atomic
 from ..data.schema import QUARANTINE_SCHEMA
 from ..retrieval.config import RetrieveConfig
 from ..retrieval.embed import EmbedderSpec, embed_table, read_embeddings
-from ..retrieval.index import ShardedIndex, saved_settings
+from ..retrieval.index import ShardedIndex
 from ..utils.pool import Pool
 
 logger = logging.getLogger(__name__)
@@ -296,24 +296,11 @@ def partition_shards(num_shards: int, parts: int) -> list[list[int]]:
 def load_partition(folder: str | os.PathLike, part: int = 0, parts: int = 1, use_gpu: bool | None = False,
                    nprobe: int | None = None) -> ShardedIndex:
     """Partition ``part`` of ``parts`` of a saved index: its shards, searched with global positions."""
-    import faiss
-
     fdir = Path(folder) / FAISS_DIR
-    meta = json.loads((fdir / "index.json").read_text())
-    offsets = meta["offsets"]
-    groups = partition_shards(len(offsets), parts)
+    groups = partition_shards(ShardedIndex.num_saved_shards(fdir), parts)
     if not 0 <= part < len(groups):
         raise ValueError(f"partition {part} out of range for {parts} partitions")
-    index = ShardedIndex(saved_settings(meta["spec"], nprobe), meta["dim"], meta["spec"].get("seed", 0), use_gpu)
-    bounds = list(offsets) + [meta["ntotal"]]
-    for j in groups[part]:
-        shard = faiss.read_index(str(fdir / f"shard-{j:03d}.faiss"))
-        if hasattr(shard, "nprobe"):
-            shard.nprobe = index.settings.nprobe
-        index.shards.append(index._to_device(shard))
-        index.offsets.append(int(offsets[j]))
-    index.ntotal = sum(bounds[j + 1] - bounds[j] for j in groups[part])
-    return index
+    return ShardedIndex.load(fdir, use_gpu=use_gpu, nprobe=nprobe, shards=groups[part])
 
 
 class MetadataStore:

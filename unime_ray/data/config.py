@@ -1,0 +1,31 @@
+"""Typed settings of the input data (the run config's ``data:`` section); pydantic and the standard library only."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DataConfig(BaseModel):
+    """The input data: a built-in demo dataset, or a file in one of the supported formats."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    source: Literal["emoji", "synthetic", "official", "mmeb-train", "mmeb-eval", "canonical"] = "emoji"
+    train_path: str | None = None
+    eval_path: str | None = None
+    image_root: str | None = None
+    task: str | None = None
+    seed: int = 0
+    max_items: int | None = Field(default=None, ge=2)
+    eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    image_size: int = Field(default=64, ge=16)
+    check_images: bool = True
+    rows_per_shard: int = Field(default=2000, ge=1)
+
+    @model_validator(mode="after")
+    def _paths_for_files(self):
+        if self.source not in ("emoji", "synthetic") and not (self.train_path or self.eval_path):
+            raise ValueError(f"data.source={self.source!r} needs data.train_path and/or data.eval_path")
+        return self
