@@ -123,11 +123,12 @@ def test_every_named_command_exists():
 
 def test_jobs_readme_table_names_every_job_command():
     """jobs/README.md's table: the pipeline, every stage command, `eval` and `index`, each a subcommand."""
-    from unime_ray.cli import STAGE_COMMANDS, commands
+    from unime_ray.cli import commands
+    from unime_ray.pipeline import STAGES
 
     rows = re.findall(r"^\| `python -m unime_ray ([\w-]+)` \|", (JOBS / "README.md").read_text(), flags=re.M)
     assert len(rows) == len(set(rows))
-    assert set(rows) == {"pipeline", "eval", "index", *(c for c, _, _ in STAGE_COMMANDS)}
+    assert set(rows) == {"pipeline", "eval", "index", *(s.command_name for s in STAGES if s.command_name)}
     assert set(rows) <= set(commands())
 
 
