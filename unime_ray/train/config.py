@@ -1,9 +1,6 @@
 """Typed settings of the training steps (the run config's ``train``, ``baseline``, ``reranker`` and ``compare``
-sections). The trainer takes a section as it is (:class:`unime_ray.train.trainer.TrainJob`), so each training
-setting is declared here once.
-
-Imports only pydantic and the standard library, so the run config can include it without pulling in
-torch, Ray or the models. Unknown keys are errors (``extra="forbid"``), like every other section.
+sections), declared once: the trainer takes a section as it is (:class:`unime_ray.train.trainer.TrainJob`).
+Only pydantic and the standard library, so the run config imports it without torch or Ray; unknown keys are errors.
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def run_baseline(ctx: Context) -> TrainResult:
     ctx.init_ray()
     out = train_once(train_embedder, prepared["tables"]["train_pairs"]["path"], settings, "baseline")
     logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return TrainResult(**{**out, "enabled": True, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
+    return TrainResult(**{**out, "enabled": True,
+                          "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
 
 
 def _embedder_init(ctx: Context) -> str:

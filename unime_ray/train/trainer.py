@@ -31,6 +31,7 @@ from .config import RerankerTrainConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TrainJob:
     """One training run: a config section's settings as they are (a :class:`RerankerTrainConfig` trains the
@@ -50,9 +51,8 @@ class TrainJob:
     report_memory: bool = False              # add per-rank parameter / optimizer-state bytes to the metrics
 
     def __post_init__(self):
-        # a section's own switches (baseline.enabled, judge_fit's kind, folds, encoder...) are not training
-        # settings: keep the task's fields only
-        # settings (a copy: the job does not share the run config's section)
+        # a copy of the task's fields only: a section's own switches (baseline.enabled, judge_fit's kind, folds,
+        # encoder...) are not training settings, and the job does not share the run config's section
         cls = RerankerTrainConfig if isinstance(self.settings, RerankerTrainConfig) else TrainConfig
         object.__setattr__(self, "settings", cls(**self.settings.model_dump(include=set(cls.model_fields))))
         if not isinstance(self.images, ImageBudget):
