@@ -146,6 +146,6 @@ def embed_table(embedder_or_spec, table: str | os.PathLike, out_dir: str | os.Pa
     kwargs = {"spec": asdict(spec) if spec else None, "prefix": prefix, "batch_size": pool.batch_size,
               "passthrough": passthrough}
     actor = None if pool.ray else EmbedActor(**kwargs, embedder=None if spec else embedder_or_spec)
-    build = _builder(actor.embedder.dim if actor else None, passthrough)
+    build = _builder(getattr(actor.embedder, "dim", None) if actor else None, passthrough)
     return _stats(pool.map_shards(EmbedActor, kwargs, table, out_dir, build, item_columns(prefix) + list(passthrough),
                                   what="embedded", actor=actor))
