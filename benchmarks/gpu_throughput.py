@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     print(info, flush=True)
     tiny = {}
     if args.tiny:
-        from unime_ray.models.tiny import make_tiny_models
+        from unime_ray.demo.tiny import make_tiny_models
 
         tiny = make_tiny_models(tempfile.mkdtemp(prefix="gpu-bench-"), seed=0,
                                 archs=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])

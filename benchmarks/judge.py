@@ -62,7 +62,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="unime-judge-bench-")
     model = args.model
     if model is None:
-        from unime_ray.models.tiny import make_tiny_models
+        from unime_ray.demo.tiny import make_tiny_models
 
         model = str(make_tiny_models(tmp, archs=["qwen2_5_vl"])["qwen2_5_vl"])
     pairs = workload(args.queries, args.candidates)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unime_ray.data.io import write_rows, write_table_atomic  # noqa: E402
 from unime_ray.data.schema import CANDIDATE_SCHEMA  # noqa: E402
-from unime_ray.retrieval.embed import embeddings_table  # noqa: E402
+from unime_ray.models.encode import embeddings_table  # noqa: E402
 from unime_ray.retrieval.config import RetrieveConfig  # noqa: E402
 from unime_ray.retrieval.index import ShardedIndex  # noqa: E402
 from unime_ray.retrieval.stage import build_indexes, search_queries  # noqa: E402

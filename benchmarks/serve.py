@@ -275,8 +275,8 @@ def main() -> None:
     import torch
 
     from unime_ray.models.config import TinyModelConfig
-    from unime_ray.models.tiny import make_tiny_models
-    from unime_ray.retrieval.embed import EmbedderSpec
+    from unime_ray.demo.tiny import make_tiny_models
+    from unime_ray.models.encode import EmbedderSpec
     from unime_ray.serve.index import build_serving_index
     from unime_ray.utils.ray_utils import init_ray
 

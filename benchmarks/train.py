@@ -42,7 +42,7 @@ def main() -> None:
 
     from tests.test_train_embedder import training_rows  # the same synthetic table the tests train on
     from unime_ray.models.config import TinyModelConfig
-    from unime_ray.models.tiny import make_tiny_models
+    from unime_ray.demo.tiny import make_tiny_models
     from unime_ray.train.config import TrainConfig
     from unime_ray.train.embedder import batch_loss, examples_from_rows, train_embedder
     from unime_ray.train.trainer import TrainJob, build_model

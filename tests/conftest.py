@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{"qwen2_vl": folder, "qwen2_5_vl": folder}: tiny random checkpoints, loaded like real ones."""
-    from unime_ray.models.tiny import make_tiny_models
+    from unime_ray.demo.tiny import make_tiny_models
 
     out = tmp_path_factory.mktemp("tiny_models")
     return make_tiny_models(out, seed=0)

@@ -10,7 +10,7 @@ import pytest
 from unime_ray.config import load_run_config
 from unime_ray.data.io import ShardWriter, count_rows, read_table
 from unime_ray.data.schema import CANDIDATE_SCHEMA
-from unime_ray.retrieval.embed import EmbedderSpec, embed_table, read_embeddings
+from unime_ray.models.encode import EmbedderSpec, embed_table, read_embeddings
 from unime_ray.utils.pool import Pool
 
 from .conftest import make_png

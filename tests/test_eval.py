@@ -21,7 +21,7 @@ from unime_ray.eval import (EvalConfig, apply_listwise_choice, bidirectional_rec
                             rank_order, recall_at_k, register, summarize, summarize_compositional)
 from unime_ray.eval.mmeb import CLASSIFICATION, GROUNDING, IND, MMEB_DATASETS, OOD, RETRIEVAL, VQA, prepare_mmeb_dir
 from unime_ray.eval.retrieval import IMAGE_PROMPT
-from unime_ray.retrieval.embed import EmbedderSpec
+from unime_ray.models.encode import EmbedderSpec
 from unime_ray.utils.pool import Pool
 
 from .conftest import make_png

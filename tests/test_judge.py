@@ -119,8 +119,9 @@ def test_bad_pairs_are_reported_not_scored(judge, tiny_models):
 # ----------------------------------------------------------------------------------------------- stage
 @pytest.fixture(scope="module")
 def retrieved(tiny_models, tmp_path_factory):
-    from unime_ray.data.demo import make_demo_data
-    from unime_ray.retrieval import EmbedderSpec, RetrieveConfig, run_retrieval
+    from unime_ray.demo.data import make_demo_data
+    from unime_ray.models.encode import EmbedderSpec
+    from unime_ray.retrieval import RetrieveConfig, run_retrieval
 
     root = tmp_path_factory.mktemp("judge_data")
     make_demo_data(root / "data", source="synthetic", max_items=12, rows_per_shard=10, progress=False)

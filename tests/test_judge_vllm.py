@@ -25,7 +25,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 @pytest.fixture(scope="module")
 def tok():
-    from unime_ray.models.tiny import train_tokenizer
+    from unime_ray.demo.tiny import train_tokenizer
 
     return train_tokenizer([], 512)
 
@@ -413,7 +413,8 @@ def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from unime_ray.models import TinyModelConfig, load_backbone, make_tiny_models
+    from unime_ray.demo.tiny import make_tiny_models
+    from unime_ray.models import TinyModelConfig, load_backbone
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: simpler under pytest
     # head_dim 64 for text and vision: vLLM's attention kernels do not take the default tiny head_dim 16 / 8
@@ -444,7 +445,7 @@ def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
 def test_vllm_backend_refuses_non_qwen_backbones(tmp_path):
     """LLaVA-OV judges run on the transformers backend; the vLLM backend's Qwen-VL token prompts would mis-bind."""
     from unime_ray.judge.vllm_backend import check_vllm_backbone
-    from unime_ray.models.tiny import make_tiny_models
+    from unime_ray.demo.tiny import make_tiny_models
 
     models = make_tiny_models(tmp_path, seed=0, archs=["qwen2_5_vl", "llava_onevision"])
     check_vllm_backbone(str(models["qwen2_5_vl"]))

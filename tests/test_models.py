@@ -58,7 +58,7 @@ def test_tokenizer_has_single_token_answers_and_digits(tiny_models):
 
 def test_tiny_models_are_deterministic(tmp_path):
     from unime_ray.models.config import TinyModelConfig
-    from unime_ray.models.tiny import make_tiny_models
+    from unime_ray.demo.tiny import make_tiny_models
 
     spec = TinyModelConfig(vocab_size=400)
     a = make_tiny_models(tmp_path / "a", seed=3, spec=spec, archs=["qwen2_vl"])["qwen2_vl"]
@@ -274,7 +274,7 @@ LLAVA_HF_CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    from unime_ray.models.tiny import make_tiny_models
+    from unime_ray.demo.tiny import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny_llava"), seed=0, archs=["llava_onevision"])["llava_onevision"]
 
@@ -440,7 +440,7 @@ def test_llava_feature_count_matches_hf_at_real_size():
     from transformers import LlavaOnevisionImageProcessorPil
 
     from unime_ray.models.llava_onevision import _hf_processor, image_feature_count, tiny_tokenizer
-    from unime_ray.models.tiny import train_tokenizer
+    from unime_ray.demo.tiny import train_tokenizer
 
     tok = tiny_tokenizer(train_tokenizer([], 400))
     images = LlavaOnevisionImageProcessorPil()

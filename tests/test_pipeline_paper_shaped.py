@@ -161,7 +161,7 @@ def paper_run(tiny_models, ray_local, tmp_path_factory):
     """(config, manifest data, folders, the overrides as given): the paper job run once, every stage."""
     import time
 
-    from unime_ray.models.tiny import make_tiny_models
+    from unime_ray.demo.tiny import make_tiny_models
     from unime_ray.pipeline import STAGE_NAMES, Manifest, run_pipeline
 
     tmp = tmp_path_factory.mktemp("paper_shaped")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from unime_ray.data.io import read_table
-from unime_ray.retrieval import (EmbedderSpec, RetrieveConfig, ShardedIndex, brute_force_topk,
-                                 read_embeddings, run_retrieval, search_topk, select_candidates)
+from unime_ray.models.encode import EmbedderSpec, read_embeddings
+from unime_ray.retrieval import (RetrieveConfig, ShardedIndex, brute_force_topk, run_retrieval, search_topk,
+                                 select_candidates)
 from unime_ray.utils.pool import Pool
 
 
@@ -135,7 +136,7 @@ def test_delta_fixed_and_none():
 # ------------------------------------------------------------------------------------------ the stage
 @pytest.fixture(scope="module")
 def synthetic_split(tmp_path_factory):
-    from unime_ray.data.demo import make_demo_data
+    from unime_ray.demo.data import make_demo_data
 
     out = tmp_path_factory.mktemp("syn")
     make_demo_data(out, source="synthetic", max_items=40, rows_per_shard=25, progress=False)

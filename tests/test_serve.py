@@ -72,7 +72,7 @@ def b64(data: bytes) -> str:
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def built_index(tiny_models, tmp_path_factory):
-    from unime_ray.retrieval.embed import EmbedderSpec
+    from unime_ray.models.encode import EmbedderSpec
     from unime_ray.serve.index import build_serving_index
     from unime_ray.utils.pool import Pool
 
@@ -302,7 +302,7 @@ def test_partitions_merge_exactly(tmp_path):
 
 # ------------------------------------------------------------------------------------------ index build
 def test_index_layout_and_vectors(built_index, reference, tiny_models):
-    from unime_ray.retrieval.embed import read_embeddings
+    from unime_ray.models.encode import read_embeddings
     from unime_ray.serve.index import MetadataStore, load_manifest
 
     m = load_manifest(built_index["index"])

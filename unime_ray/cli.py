@@ -154,7 +154,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .retrieval.embed import EmbedderSpec, embed_table
+    from .models.encode import EmbedderSpec, embed_table
     from .utils.pool import Pool
 
     from .models.budget import budget_from_arguments

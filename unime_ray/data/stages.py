@@ -36,7 +36,7 @@ class PrepareResult(StageResult):
 def run_data(ctx: Context) -> DataResult:
     d = ctx.cfg.data
     if d.source in ("emoji", "synthetic"):
-        from .demo import make_demo_data
+        from ..demo.data import make_demo_data
 
         out = ctx.dir
         summary = make_demo_data(out, source=d.source, seed=d.seed, eval_fraction=d.eval_fraction,

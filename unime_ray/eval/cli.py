@@ -11,7 +11,7 @@ from ..models.budget import add_budget_arguments
 
 def cmd_eval(args) -> int:
     from ..models.budget import ImageBudget, budget_from_arguments
-    from ..retrieval.embed import EmbedderSpec
+    from ..models.encode import EmbedderSpec
     from ..utils.pool import Pool
     from .encode import ItemEncoder
     from .rerank import load_reranker

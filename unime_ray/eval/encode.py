@@ -3,7 +3,7 @@
 Every evaluator first collects the distinct items it needs (queries and candidates, de-duplicated by
 id or content) in an :class:`ItemRegistry`, then asks an :class:`ItemEncoder` for one embedding per
 registry entry. The encoder writes the items to a temporary canonical candidate table and embeds it with the
-pipeline's :func:`~unime_ray.retrieval.embed.embed_table` on its pool (the same ``EmbedActor``, in this process
+pipeline's :func:`~unime_ray.models.encode.embed_table` on its pool (the same ``EmbedActor``, in this process
 or over Ray), so single-process and distributed evaluation encode exactly the same inputs.
 """
 
@@ -101,7 +101,7 @@ class ItemEncoder:
     """One embedder for a whole evaluation, run by a :class:`~unime_ray.utils.pool.Pool` (None: this process).
 
     ``embedder_or_spec``: an ``Embedder`` (or any object with ``encode(items, batch_size)``), an
-    :class:`~unime_ray.retrieval.embed.EmbedderSpec`, or a model folder / hub id. A Ray pool needs a spec
+    :class:`~unime_ray.models.encode.EmbedderSpec`, or a model folder / hub id. A Ray pool needs a spec
     (actors rebuild the model from it); in this process the model is built once and reused.
     """
 
@@ -112,7 +112,7 @@ class ItemEncoder:
 
     def __init__(self, embedder_or_spec: Any, *, image_root: str | os.PathLike | None = None,
                  pool: Pool | None = None, work_dir: str | os.PathLike | None = None):
-        from ..retrieval.embed import EmbedderSpec
+        from ..models.encode import EmbedderSpec
 
         self.pool = pool or Pool.in_process()
         if isinstance(embedder_or_spec, (str, os.PathLike)):
@@ -152,7 +152,7 @@ class ItemEncoder:
 
         The items go through a temporary candidate table, so in-process and Ray encoding run the pipeline's
         own ``EmbedActor`` over the same inputs."""
-        from ..retrieval.embed import embed_table, read_embeddings
+        from ..models.encode import embed_table, read_embeddings
 
         if not items:
             return np.zeros((0, 0), dtype=np.float32)

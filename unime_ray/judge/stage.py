@@ -116,7 +116,7 @@ class JudgeActor:
         self.prompt_version = self.spec.score_version()
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
-        from ..retrieval.embed import items_from_columns
+        from ..models.encode import items_from_columns
 
         n = len(batch["query_id"])
         pairs = list(zip(items_from_columns({**batch, "id": batch["query_id"]}, "query_"),

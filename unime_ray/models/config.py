@@ -19,7 +19,7 @@ class _Section(BaseModel):
 
 class TinyModelConfig(_Section):
     """Tiny random-weight checkpoints built offline (tests and the demo); the defaults build in well under a
-    second. :func:`~unime_ray.models.tiny.make_tiny_models` takes it as its size spec."""
+    second. :func:`~unime_ray.demo.tiny.make_tiny_models` takes it as its size spec."""
 
     make: bool = True
     seed: int = 0

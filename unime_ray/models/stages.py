@@ -29,7 +29,7 @@ def _training_texts(ctx: Context) -> list[str]:
 
 def run_models(ctx: Context) -> dict[str, Any]:
     from .backbone import architecture_of, load_config
-    from .tiny import make_tiny_models
+    from ..demo.tiny import make_tiny_models
 
     cfg = ctx.cfg
     out: dict[str, Any] = {}

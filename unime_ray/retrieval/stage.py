@@ -27,7 +27,7 @@ from ..data.io import iter_rows, read_table, write_rows, write_table_atomic
 from ..data.schema import CANDIDATE_SCHEMA, empty_row
 from ..utils.pool import Pool
 from .config import RetrieveConfig
-from .embed import EmbedderSpec, embed_table, embeddings_table, read_embeddings
+from ..models.encode import EmbedderSpec, embed_table, embeddings_table, read_embeddings
 from .index import ShardedIndex
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ class RetrieveResult(StageResult):
 def embedder_spec(ctx: Context, image_root: str | None, model: str | None = None, role: str = "retriever"):
     """How workers rebuild an embedder of the run: its checkpoint, input format and the image budget of ``role``
     (``retriever``: S1 embedding; ``eval``: evaluation)."""
-    from .embed import EmbedderSpec
+    from ..models.encode import EmbedderSpec
 
     cfg = ctx.cfg
     m = cfg.models
@@ -54,7 +54,7 @@ def retriever_spec(ctx: Context, image_root: str | None):
 
 def run_embed(ctx: Context) -> dict[str, Any]:
     from ..data.stages import PrepareResult, imported_training
-    from .embed import embed_table
+    from ..models.encode import embed_table
 
     cfg = ctx.cfg
     prepared = ctx.result("prepare", PrepareResult)

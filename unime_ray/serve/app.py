@@ -66,7 +66,7 @@ class QueryEmbedder:
     """Embeds items; concurrent requests are batched into one ``Embedder.encode`` call."""
 
     def __init__(self, spec: dict[str, Any], settings: dict[str, Any], expected_dim: int | None = None):
-        from ..retrieval.embed import EmbedderSpec
+        from ..models.encode import EmbedderSpec
 
         s = EmbedderSettings(**settings)
         _set_torch_threads(s.torch_threads)

@@ -42,7 +42,7 @@ def _one_line(exc: BaseException) -> str:
 
 def cmd_index(args) -> int:
     from ..models.backbone import ModelNotFoundError, load_config
-    from ..retrieval.embed import EmbedderSpec
+    from ..models.encode import EmbedderSpec
     from ..utils.pool import Pool
     from .index import IndexFormatError, build_serving_index, recorded_image_root
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from ..data.io import iter_batches, rows_to_table, write_table_atomic
 from ..data.schema import QUARANTINE_SCHEMA
 from ..retrieval.config import RetrieveConfig
-from ..retrieval.embed import EmbedderSpec, embed_table, read_embeddings
+from ..models.encode import EmbedderSpec, embed_table, read_embeddings
 from ..retrieval.index import ShardedIndex
 from ..utils.pool import Pool
 

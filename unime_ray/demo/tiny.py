@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from .config import TinyModelConfig
+from ..models.config import TinyModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def build_tiny_model(arch: str, tok, spec: TinyModelConfig, seed: int = 0):
                       window_size=112, fullatt_block_indexes=[spec.vision_depth - 1])
         cfg_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     elif arch == "llava_onevision":  # ``tok`` must be the LLaVA-OV tokenizer (llava_onevision.tiny_tokenizer)
-        from .llava_onevision import build_tiny_llava_onevision
+        from ..models.llava_onevision import build_tiny_llava_onevision
 
         return build_tiny_llava_onevision(tok, spec, seed)
     else:
@@ -154,7 +154,7 @@ def make_tiny_models(out_dir: str | Path, seed: int | None = None, spec: TinyMod
         folder = out_dir / TINY_NAMES[arch]
         arch_tok, arch_images = tok, image_processor
         if arch == "llava_onevision":  # the same tokenizer plus <image>/<video>; LLaVA-OV's anyres image processor
-            from .llava_onevision import tiny_image_processor, tiny_tokenizer
+            from ..models.llava_onevision import tiny_image_processor, tiny_tokenizer
 
             arch_tok, arch_images = tiny_tokenizer(tok), tiny_image_processor()
         model = build_tiny_model(arch, arch_tok, spec, seed=seed + i)

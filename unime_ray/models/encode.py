@@ -43,8 +43,8 @@ class EmbedderSpec:
     positions: str = "auto"
 
     def build(self):
-        from ..models import Embedder
-        from ..models.budget import ImageBudget
+        from . import Embedder
+        from .budget import ImageBudget
 
         options = ImageBudget.from_legacy(self.image_resize, self.min_pixels, self.max_pixels)
         return Embedder.from_pretrained(self.model, input_format=self.input_format, adapter=self.adapter,

@@ -35,8 +35,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from .io import rows_to_table, write_rows, write_table_atomic
-from .schema import CANDIDATE_SCHEMA, PAIR_SCHEMA, Item, item_to_columns, negatives_to_columns
+from ..data.io import rows_to_table, write_rows, write_table_atomic
+from ..data.schema import CANDIDATE_SCHEMA, PAIR_SCHEMA, Item, item_to_columns, negatives_to_columns
 
 logger = logging.getLogger(__name__)
 
@@ -483,7 +483,7 @@ def make_demo_data(out_dir, source: str = "emoji", seed: int = 0, eval_fraction:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m unime_ray.data.demo OUT_DIR [--synthetic]``."""
+    """``python -m unime_ray.demo.data OUT_DIR [--synthetic]``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--synthetic", action="store_true", help="shapes dataset; needs no system packages")
