@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from unime_ray.data import demo
+from unime_ray.demo import data as demo
 from unime_ray.data.io import read_table, shard_paths
 from unime_ray.data.schema import IMAGE_MARKER
 from unime_ray.data.validate import validate_row

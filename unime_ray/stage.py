@@ -97,9 +97,9 @@ class Context:
         """A completed earlier stage's result, typed."""
         return cls.model_validate(self.manifest.outputs(name))
 
-    def optional(self, name: str) -> dict[str, Any]:
-        """An earlier stage's result if it ran (``{}`` otherwise): for stages that are switched off by config."""
-        return self.manifest.stage(name).get("outputs") or {}
+    def result_if_run(self, name: str, cls: type[R] = StageResult) -> R | None:  # type: ignore[assignment]
+        """An earlier stage's result, typed, if it completed (None otherwise): for stages switched off by config."""
+        return cls.model_validate(self.manifest.outputs(name)) if self.completed(name) else None
 
     def completed(self, name: str) -> bool:
         return self.manifest.stage(name).get("status") == "complete"
@@ -136,10 +136,6 @@ class Section:
         """A link target relative to the report when the file is inside the run directory."""
         p = Path(path)
         return str(p.relative_to(self.run_dir)) if p.is_relative_to(self.run_dir) else str(p)
-
-    def outputs(self, name: str) -> dict[str, Any]:
-        """Another stage's recorded result (``{}`` when it did not run)."""
-        return (self.stages.get(name) or {}).get("outputs") or {}
 
 
 @dataclass(frozen=True)

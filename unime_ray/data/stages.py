@@ -67,19 +67,19 @@ def imported_training(ctx: Context) -> dict[str, Any] | None:
     if cfg.mine.from_imported != "use":
         return None
     split = cfg.retrieve.split
-    table = ctx.outputs("prepare")["tables"].get(f"{split}_pairs")
-    if table is None:
+    path = ctx.result("prepare", PrepareResult).path(f"{split}_pairs")
+    if path is None:
         return None
-    stats = scored_negatives(table["path"])
+    stats = scored_negatives(path)
     if not stats["scored_rows"]:
         return None
     if stats["scored_rows"] < stats["rows"]:
         raise ValueError(f"{split} pairs: {stats['scored_rows']} of {stats['rows']} rows carry judge-scored "
                          "negatives; a table is used as imported only when every row does (a judge score for the "
                          "positive and each negative). Fix the table, or set mine.from_imported: remine")
-    data = ctx.outputs("data")
-    return {"imported": True, "imported_from": data["inputs"].get(f"{split}_pairs"), "format": data["format"],
-            "table": table["path"], **stats}
+    data = ctx.result("data", DataResult)
+    return {"imported": True, "imported_from": data.inputs.get(f"{split}_pairs"), "format": data.format,
+            "table": path, **stats}
 
 
 def imported_stage(info: dict[str, Any], what: str) -> dict[str, Any]:

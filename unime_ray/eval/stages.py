@@ -10,7 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..data.stages import PrepareResult
 from ..stage import Context, Section, Stage, StageResult
+from ..train.stages import AblationsResult, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +48,20 @@ def eval_models(ctx: Context) -> list[dict[str, Any]]:
     """What the eval step measures: the retriever, UniME-V2 and every comparison run, labelled."""
     cfg = ctx.cfg
     models: list[dict[str, Any]] = []
-    base = ctx.optional("baseline")
-    if base.get("enabled"):
+    base = ctx.result_if_run("baseline", TrainResult)
+    if base is not None and base.enabled:
         models.append({"label": "baseline", "variant": "baseline", "seed": cfg.seed,
-                       "model": base["model"], "rerank": True})
+                       "model": base.model, "rerank": True})
     else:
         models.append({"label": "initial-embedder", "variant": "initial-embedder", "seed": None,
                        "model": cfg.model_ref(cfg.models.embedder), "rerank": False})
-    variants = (ctx.optional("ablations")).get("variants")
+    ablations = ctx.result_if_run("ablations", AblationsResult)
+    variants: dict[str, dict[str, Any]] = ablations.variants if ablations is not None else {}
     if not variants and ctx.completed("train"):
-        variants = {"unime-v2": {str(cfg.seed): ctx.outputs("train")}}
-    for name, seeds in (variants or {}).items():
+        variants = {"unime-v2": {str(cfg.seed): ctx.result("train", TrainResult)}}
+    for name, seeds in variants.items():
         for seed, out in seeds.items():
-            models.append({"label": f"{name}-seed{seed}", "variant": name, "seed": int(seed), "model": out["model"],
+            models.append({"label": f"{name}-seed{seed}", "variant": name, "seed": int(seed), "model": out.model,
                            "rerank": name == "unime-v2"})   # every seed: the reranker's effect is paired over seeds
     for label, ref in cfg.eval.models.items():
         models.append({"label": label, "variant": label, "seed": None, "model": cfg.model_ref(ref), "rerank": False})
@@ -75,15 +78,15 @@ def run_eval(ctx: Context) -> EvalResult:
 
     cfg = ctx.cfg
     ev = cfg.eval
-    prepared = ctx.outputs("prepare")
-    image_root = ev.image_root or prepared.get("image_root")
-    table = cfg.path(ev.table) if ev.table else (prepared["tables"].get("eval_pairs") or {}).get("path")
+    prepared = ctx.result("prepare", PrepareResult)
+    image_root = ev.image_root or prepared.image_root
+    table = cfg.path(ev.table) if ev.table else prepared.path("eval_pairs")
     if "pairs" in ev.sets and not table:
         return EvalResult(enabled=False, reason="no eval pairs (data has no eval split and eval.table is unset)")
     reranker_ref = ev.rerank.model and cfg.model_ref(ev.rerank.model)
     if ev.rerank.enabled and not reranker_ref:
-        trained = ctx.optional("rerank")
-        reranker_ref = trained.get("model")
+        trained = ctx.result_if_run("rerank", TrainResult)
+        reranker_ref = trained.model if trained is not None else None
         if not reranker_ref:
             raise ValueError("eval.rerank.enabled, but eval.rerank.model is not set and this run trained no "
                              "reranker (reranker.enabled: false)")

@@ -134,7 +134,7 @@ def run_judge_stage(ctx: Context) -> dict[str, Any]:
     prepared = ctx.result("prepare", PrepareResult)
     image_root, pairs, pool = prepared.image_root, prepared.path(f"{cfg.retrieve.split}_pairs"), cfg.judge.pool
     ctx.init_ray()
-    fitted = JudgeFitResult.model_validate(ctx.optional("judge_fit"))
+    fitted = ctx.result_if_run("judge_fit", JudgeFitResult) or JudgeFitResult()
     if not fitted.enabled:
         out = run_judge(retrieved.candidates_table, pairs, retrieved.candidate_pool, ctx.dir,
                         judge_spec(ctx, image_root), pool)

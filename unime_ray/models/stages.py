@@ -17,9 +17,11 @@ def _training_texts(ctx: Context) -> list[str]:
     """Texts of the training split only (the tiny tokenizer must not see eval texts)."""
     from ..data.io import iter_rows
 
-    data = ctx.outputs("data")
-    path = data["inputs"].get("train_pairs")
-    if not path or data["format"] != "canonical":
+    from ..data.stages import DataResult
+
+    data = ctx.result("data", DataResult)
+    path = data.inputs.get("train_pairs")
+    if not path or data.format != "canonical":
         return []
     texts = []
     for row in iter_rows(path, columns=["query_instruction", "query_text", "pos_instruction", "pos_text"]):

@@ -40,11 +40,13 @@ def retriever_spec(ctx: Context, image_root: str | None):
     from dataclasses import replace
 
     cfg = ctx.cfg
-    base = ctx.optional("baseline")
     if cfg.baseline.enabled:
-        if not base.get("model"):
+        from ..train.stages import TrainResult
+
+        base = ctx.result_if_run("baseline", TrainResult)
+        if base is None or not base.model:
             raise RuntimeError("baseline.enabled but the baseline stage has no model; run it first")
-        return embedder_spec(ctx, image_root, base["model"])
+        return embedder_spec(ctx, image_root, base.model)
     r = cfg.models.retriever
     if r is None:
         return embedder_spec(ctx, image_root)

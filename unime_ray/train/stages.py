@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..data.stages import PrepareResult
+from ..mining.stages import MineResult
 from ..stage import Context, Section, Stage, StageResult
 
 if TYPE_CHECKING:
@@ -87,11 +89,11 @@ def run_baseline(ctx: Context) -> TrainResult:
     cfg = ctx.cfg
     if not cfg.baseline.enabled:
         return TrainResult(enabled=False)
-    prepared = ctx.outputs("prepare")
+    prepared = ctx.result("prepare", PrepareResult)
     settings = train_settings(cfg, cfg.baseline, cfg.model_ref(cfg.models.embedder), ctx.dir,
-                               "embedder", prepared.get("image_root"))
+                              "embedder", prepared.image_root)
     ctx.init_ray()
-    out = train_once(train_embedder, prepared["tables"]["train_pairs"]["path"], settings, "baseline")
+    out = train_once(train_embedder, prepared.path("train_pairs"), settings, "baseline")
     logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
     return TrainResult(**{**out, "enabled": True,
                           "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
@@ -100,17 +102,17 @@ def run_baseline(ctx: Context) -> TrainResult:
 def _embedder_init(ctx: Context) -> str:
     cfg = ctx.cfg
     if cfg.train.init == "baseline":
-        base = TrainResult.model_validate(ctx.optional("baseline"))
-        if not base.model:
+        base = ctx.result_if_run("baseline", TrainResult)
+        if base is None or not base.model:
             raise ValueError("train.init: baseline needs baseline.enabled: true (and its stage run)")
         return base.model
     return cfg.model_ref(cfg.models.embedder)
 
 
-def _check_imported_negatives(mined: dict[str, Any], k: int) -> None:
+def _check_imported_negatives(mined: MineResult, k: int) -> None:
     """An imported table is trained as it is: every row needs the k negatives that training takes."""
-    if mined.get("imported") and mined.get("min_negatives", k) < k:
-        raise ValueError(f"the imported training table has rows with {mined['min_negatives']} negatives; "
+    if mined.imported and mined.min_negatives is not None and mined.min_negatives < k:
+        raise ValueError(f"the imported training table has rows with {mined.min_negatives} negatives; "
                          f"train.num_negatives is {k} (lower it, or set mine.from_imported: remine)")
 
 
@@ -118,12 +120,11 @@ def run_train(ctx: Context) -> TrainResult:
     from .embedder import train_embedder
 
     cfg = ctx.cfg
-    mined, prepared = ctx.outputs("mine"), ctx.outputs("prepare")
+    mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
     _check_imported_negatives(mined, cfg.train.num_negatives)
-    settings = train_settings(cfg, cfg.train, _embedder_init(ctx), ctx.dir, "embedder",
-                               prepared.get("image_root"))
+    settings = train_settings(cfg, cfg.train, _embedder_init(ctx), ctx.dir, "embedder", prepared.image_root)
     ctx.init_ray()
-    out = train_once(train_embedder, mined["training_table"], settings, cfg.name)
+    out = train_once(train_embedder, mined.training_table, settings, cfg.name)
     logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
                 out["model"])
     return TrainResult(**{**out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
@@ -148,7 +149,8 @@ def run_ablations(ctx: Context) -> AblationsResult:
     from .embedder import train_embedder
 
     cfg = ctx.cfg
-    mined, prepared, main = ctx.outputs("mine"), ctx.outputs("prepare"), ctx.result("train", TrainResult)
+    mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
+    main = ctx.result("train", TrainResult)
     init = _embedder_init(ctx)
     variants: dict[str, dict[str, VariantRun]] = {}
     tallies = []
@@ -158,9 +160,9 @@ def run_ablations(ctx: Context) -> AblationsResult:
         else:
             _check_imported_negatives(mined, changes.get("num_negatives", cfg.train.num_negatives))
             settings = train_settings(cfg, cfg.train, init, ctx.dir / f"{name}-seed{seed}",
-                                       "embedder", prepared.get("image_root"), seed=seed, **changes)
+                                      "embedder", prepared.image_root, seed=seed, **changes)
             ctx.init_ray()
-            out = train_once(train_embedder, mined["training_table"], settings, f"{name}-seed{seed}")
+            out = train_once(train_embedder, mined.training_table, settings, f"{name}-seed{seed}")
             tallies.append(out.get("visual_tokens"))
         variants.setdefault(name, {})[str(seed)] = VariantRun(
             model=out["model"], steps=out["steps"], final=out["final"],
@@ -176,19 +178,21 @@ def run_rerank(ctx: Context) -> TrainResult:
     r = cfg.reranker
     if not r.enabled:
         return TrainResult(enabled=False)
-    mined, prepared = ctx.outputs("mine"), ctx.outputs("prepare")
+    from ..judge.stages import JudgeFitResult
+
+    mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
     init = cfg.model_ref(cfg.models.judge)
     if r.init == "fitted_judge":
-        fitted = ctx.optional("judge_fit")
-        if not fitted.get("enabled"):
+        fitted = ctx.result_if_run("judge_fit", JudgeFitResult)
+        if fitted is None or not fitted.enabled:
             raise ValueError("reranker.init: fitted_judge needs judge_fit (and its stage run)")
-        if fitted.get("kind") == "dual_encoder":
+        if fitted.kind == "dual_encoder":
             raise ValueError("reranker.init: fitted_judge needs an MLLM stand-in judge (judge_fit.kind: mllm); a "
                              "dual-encoder judge has no MLLM weights to start from: set reranker.init: judge")
-        init = fitted["folds"]["0"]["model"]
-    settings = train_settings(cfg, r, init, ctx.dir, "reranker", prepared.get("image_root"))
+        init = fitted.folds["0"]["model"]
+    settings = train_settings(cfg, r, init, ctx.dir, "reranker", prepared.image_root)
     ctx.init_ray()
-    out = train_once(train_reranker, mined["training_table"], settings, "reranker")
+    out = train_once(train_reranker, mined.training_table, settings, "reranker")
     logger.info("rerank: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
     return TrainResult(**{**out, "enabled": True, "init": init,
                           "visual_tokens": ctx.visual_tokens(reranker=out.get("visual_tokens"))})
