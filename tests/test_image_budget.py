@@ -198,7 +198,7 @@ def test_every_stage_records_the_tokens_of_its_budget(tiny_models, ray_local, tm
     cfg = load_run_config(overrides=[
         f"run_dir={run}", "models.tiny.make=false", f"models.embedder={tiny_models['qwen2_vl']}",
         f"models.judge={tiny_models['qwen2_5_vl']}", f"models.images={json.dumps(BUDGETS)}",
-        "embed={batch_size: 8, max_actors: 1}", "retrieve={top_k: 3, delta: null}",
+        "embed={pool: {batch_size: 8, max_actors: 1}}", "retrieve={top_k: 3, delta: null}",
         "judge={pool: {batch_size: 32, max_actors: 1}}", "mine={num_negatives: 2, export_official: false}",
         f"train={{num_negatives: 2, {small}}}", f"reranker={{enabled: true, list_negatives: 2, {small}}}",
         "eval={pool: {ray: false, batch_size: 8}, rerank: {enabled: true, top_k: 2}}"])

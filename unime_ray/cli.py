@@ -185,7 +185,7 @@ def _is_pair_table(path: str) -> bool:
 
 def cmd_make_tiny_models(args) -> int:
     from .models.config import TinyModelConfig
-    from .models.tiny import make_tiny_models
+    from .demo.tiny import make_tiny_models
 
     corpus: list[str] = []
     if args.corpus:
@@ -203,7 +203,7 @@ def cmd_make_tiny_models(args) -> int:
 
 
 def cmd_make_demo_data(args) -> int:
-    from .data.demo import MissingSystemPackages, make_demo_data
+    from .demo.data import MissingSystemPackages, make_demo_data
 
     try:
         summary = make_demo_data(args.out, source="synthetic" if args.synthetic else "emoji", seed=args.seed,
