@@ -299,7 +299,7 @@ def test_retrieval_top_50_below_the_positive(paper_run):
     out = _outputs(paper_run, "retrieve")
     s = out["settings"]
     assert (s["top_k"], s["delta"], s["fill"], s["pool"]) == (50, "positive", True, "task")
-    assert (s["index"]["kind"], s["index"]["num_shards"]) == ("flat", 4)
+    assert (s["index_kind"], s["num_shards"]) == ("flat", 4)
     rows = read_table(out["candidates_table"]).to_pylist()
     assert len(rows) == 2 * N and out["pools"] == 2
     for r in rows:
@@ -319,7 +319,8 @@ def test_judge_and_mining_settings(paper_run):
     scores = read_table(judge["scores_table"]).to_pylist()
     assert {r["prompt_version"] for r in scores} == {"pairwise-v2"}
     assert all(0.0 < r["score"] < 1.0 for r in scores)
-    assert mine["settings"] == {"num_negatives": 10, "beta": 0.01, "interval": 5, "seed": 42, "fallback_score": 1.0}
+    assert mine["settings"] == {"num_negatives": 10, "beta": 0.01, "interval": 5, "seed": 42, "fallback_score": 1.0,
+                                "export_official": True, "from_imported": "remine"}
     rows = read_table(mine["training_table"]).to_pylist()
     assert len(rows) == mine["mined"] >= 2 and mine["mined"] + mine["quarantined"] == 2 * N
     # a query whose whole pool sits at or above delta has no candidates: quarantined, not given made-up negatives
