@@ -189,19 +189,19 @@ def _job_json(**runtime_env) -> str:
 
 
 def test_job_environment(monkeypatch, tmp_path):
-    from unime_ray.utils.ray_utils import in_ray_job, job_working_dir_warning, prepare_job_environment
+    from unime_ray.utils.ray_utils import job_env_vars, job_working_dir_warning, prepare_job_environment
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     # not in a job: nothing changes
-    assert not in_ray_job() and prepare_job_environment() is None
+    assert job_env_vars() is None and prepare_job_environment() is None
     assert os.environ["OMP_NUM_THREADS"] == "1" and "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in os.environ
     assert job_working_dir_warning(tmp_path / "run") is None
     # the job's runtime_env asked for one thread: kept
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", _job_json(working_dir="gcs://x.zip",
                                                                 env_vars={"OMP_NUM_THREADS": "1"}))
-    assert in_ray_job()
+    assert job_env_vars() == {"OMP_NUM_THREADS": "1"}
     assert prepare_job_environment() == {"override_runtime_env": True, "dropped_omp_threads": False}
     assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
     # Ray's own OMP_NUM_THREADS=1 for the driver: dropped; an explicit RAY_OVERRIDE_JOB_RUNTIME_ENV is kept

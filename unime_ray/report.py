@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .stage import Context, Section, Stage, StageResult
+from .stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], stages: list | Non
         out = (recorded.get(stage.name) or {}).get("outputs")
         if stage.report is None or not out:
             return []
-        result = stage.result.model_validate(out) if stage.result is not StageResult else StageResult(**out)
-        return stage.report(Section(result=result, stages=recorded, run_dir=run_dir))
+        return stage.report(Section(result=stage.result.model_validate(out), stages=recorded, run_dir=run_dir))
 
     parts = [f"# unime-ray run report\n\nRun directory: `{run_dir}`\n"]
     for stage in stages:

@@ -1,8 +1,8 @@
 """The one interface every pipeline stage implements, and what a stage sees while it runs.
 
 A stage is declared once, next to the library code it drives (``<package>/stages.py``), as a :class:`Stage`:
-its name (the same for the run-directory folder, the manifest key, the ``unime-ray`` command and the report
-section), the config sections whose change reruns it, a ``run(ctx)`` that returns its result, and a
+its name (the run-directory folder and the manifest key; the ``unime-ray`` command unless the declaration
+renames it), the config sections whose change reruns it, a ``run(ctx)`` that returns its result, and a
 ``report(section)`` that renders that result as Markdown. :mod:`unime_ray.pipeline` runs the list of
 stages; :mod:`unime_ray.cli` derives a command per stage; :mod:`unime_ray.report` concatenates the sections.
 
@@ -32,9 +32,7 @@ class StageResult(BaseModel):
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style access to declared and extra fields (a missing one gives ``default``)."""
-        value = getattr(self, key, None)
-        if value is None:
-            value = (self.model_extra or {}).get(key)
+        value = getattr(self, key, None)   # extra fields are attributes too (extra="allow")
         return default if value is None else value
 
     def as_dict(self) -> dict[str, Any]:
@@ -88,10 +86,6 @@ class Context:
     def dir(self) -> Path:
         """This stage's folder in the run directory."""
         return self.run_dir / self.stage
-
-    def outputs(self, name: str) -> dict[str, Any]:
-        """A completed earlier stage's result as JSON (an error names the stage when it has not run)."""
-        return self.manifest.outputs(name)
 
     def result(self, name: str, cls: type[R] = StageResult) -> R:  # type: ignore[assignment]
         """A completed earlier stage's result, typed."""

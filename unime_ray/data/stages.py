@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..report import markdown_table, plot_accounting
 from ..stage import Context, Section, Stage, StageResult
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,6 @@ def run_prepare(ctx: Context) -> PrepareResult:
 
 
 def report_prepare(s: Section) -> list[str]:
-    from ..report import markdown_table, plot_accounting
-
     rows = []
     for name, acc in s.result.get("tables", {}).items():
         reasons = ", ".join(f"{k}: {v}" for k, v in acc.get("reasons", {}).items()) or "-"

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from ..report import markdown_table
 from ..stage import Context, Section, Stage, StageResult
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,6 @@ def run_judge_stage(ctx: Context) -> dict[str, Any]:
 
 
 def report_judge_fit(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     fit: JudgeFitResult = s.result  # type: ignore[assignment]
     if not fit.enabled:
         return []
@@ -198,8 +197,6 @@ def report_judge_fit(s: Section) -> list[str]:
 
 
 def report_judge(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     jud: JudgeResult = s.result  # type: ignore[assignment]
     if jud.pairs is None:
         return []

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from ..data.stages import imported_stage, imported_training
+from ..report import markdown_table
 from ..stage import Context, Section, Stage, StageResult
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ def _mine_imported(ctx: Context, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def report_mine(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     mine = s.result
     parts: list[str] = []
     if mine.get("queries") is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..report import markdown_table
 from ..stage import Context, Section, Stage, StageResult
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ def run_embed(ctx: Context) -> dict[str, Any]:
 
 
 def report_embed(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     emb = s.result
     if not emb.get("tables"):
         return []
@@ -114,8 +113,6 @@ def run_retrieve(ctx: Context) -> dict[str, Any]:
 
 
 def report_retrieve(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     ret = s.result
     if ret.queries is None:
         return []

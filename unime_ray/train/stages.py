@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data.stages import PrepareResult
 from ..mining.stages import MineResult
+from ..report import markdown_table
 from ..stage import Context, Section, Stage, StageResult
 
 if TYPE_CHECKING:
@@ -199,8 +200,6 @@ def run_rerank(ctx: Context) -> TrainResult:
 
 
 def report_baseline(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     base = s.result
     if not base.enabled:
         return []
@@ -212,8 +211,6 @@ def report_baseline(s: Section) -> list[str]:
 
 
 def report_train(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     tr = s.result
     if not tr.model:
         return []
@@ -228,8 +225,6 @@ def report_train(s: Section) -> list[str]:
 
 
 def report_rerank(s: Section) -> list[str]:
-    from ..report import markdown_table
-
     rr = s.result
     if not rr.enabled:
         return []

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Pool(BaseModel):
     """Actors (min..max, autoscaling), resources per actor, and rows handed to an actor at a time."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     ray: bool = True                    # false: run in this process (no Ray), e.g. debugging or small data
     min_actors: int = Field(default=1, ge=1)

@@ -36,11 +36,6 @@ def job_env_vars() -> dict[str, str] | None:
         return {}
 
 
-def in_ray_job() -> bool:
-    """True inside the driver of a submitted Ray job (``ray job submit`` / a KubeRay RayJob)."""
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-
-
 def prepare_job_environment() -> dict[str, bool] | None:
     """Set up the environment of a submitted job's driver; None outside a job (nothing is changed there).
 
