@@ -44,7 +44,8 @@ def main() -> None:
     from unime_ray.models.config import TinyModelConfig
     from unime_ray.demo.tiny import make_tiny_models
     from unime_ray.train.config import TrainConfig
-    from unime_ray.train.embedder import batch_loss, examples_from_rows, train_embedder
+    from unime_ray.train.embedder import batch_loss, examples_from_rows
+    from unime_ray.train.trainer import fit
     from unime_ray.train.trainer import TrainJob, build_model
     from unime_ray.utils.ray_utils import init_ray
 
@@ -80,7 +81,7 @@ def main() -> None:
     init_ray(num_cpus=2, include_dashboard=False)
     s = TrainJob(TrainConfig(num_negatives=6, lr=1e-3, max_steps=args.steps, micro_batch_size=4, num_workers=2,
                              zero_stage=2, checkpoint_every=args.steps, lora_dropout=0.0), str(small), str(work / "ray"))
-    out = train_embedder(work / "table", s, name="bench")
+    out = fit(work / "table", s, name="bench")
     metrics = [json.loads(line) for line in open(out["metrics"])]
     ray_rate = steady_rate(metrics, 8)
 
@@ -90,7 +91,7 @@ def main() -> None:
         s = TrainJob(TrainConfig(num_negatives=6, lr=1e-4, max_steps=2, micro_batch_size=2, num_workers=2,
                                  zero_stage=zero, lora=False, checkpoint_every=2),
                      str(large), str(work / f"mem{zero}"), report_memory=True)
-        out = train_embedder(work / "table", s, name=f"mem{zero}")
+        out = fit(work / "table", s, name=f"mem{zero}")
         last = [json.loads(line) for line in open(out["metrics"])][-1]
         mem[zero] = (last["param_bytes_per_rank"], last["optimizer_bytes_per_rank"])
     n_params = sum(p.numel() for p in build_model(TrainJob(TrainConfig(lora=False), str(large),

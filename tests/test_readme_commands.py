@@ -198,10 +198,12 @@ def _stop_cluster_of_session(session_dir: str) -> None:
         current.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.own_ray
 @pytest.mark.timeout(900)
 def test_cluster_local_recipe_and_job_submission(repo_copy):
-    """cluster/README.md's local two-node cluster, then jobs/README.md's submission to it."""
+    """cluster/README.md's local two-node cluster, then jobs/README.md's submission to it (slow: about 100 s;
+    `make test-all` runs it; tests/test_ops.py checks the job configs, commands and job environment by default)."""
     work, home = repo_copy
     busy = [port for port in (6379, 8265, 52365, 52366) if _port_in_use(port)]
     assert not busy, (f"ports {busy} are taken by another process (another Ray?): the README's recipe needs "

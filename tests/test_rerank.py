@@ -209,7 +209,7 @@ def test_reranker_trains_on_ray_with_zero2(tiny_models, ray_local, tmp_path):
     from unime_ray.data.io import write_rows
     from unime_ray.data.schema import PAIR_SCHEMA
     from unime_ray.rerank import Reranker
-    from unime_ray.train.reranker import train_reranker
+    from unime_ray.train.trainer import fit
     from unime_ray.train.config import RerankerTrainConfig
     from unime_ray.train.trainer import TrainJob
 
@@ -220,7 +220,7 @@ def test_reranker_trains_on_ray_with_zero2(tiny_models, ray_local, tmp_path):
                                      freeze_vision=True, checkpoint_every=12, warmup_ratio=0.0,
                                      lr_schedule="linear"),
                  model=str(tiny_models["qwen2_5_vl"]), output_dir=str(tmp_path / "out"))
-    out = train_reranker(table, s)
+    out = fit(table, s)
     metrics = [json.loads(l) for l in open(out["metrics"])]
     assert [m["step"] for m in metrics] == list(range(1, 13))
     first, last = np.mean([m["loss"] for m in metrics[:2]]), np.mean([m["loss"] for m in metrics[-2:]])

@@ -111,12 +111,12 @@ def _metrics(path):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_zero_training_learns_and_exports(tiny_models, ray_local, table, tmp_path, zero_stage):
     from unime_ray.models import Embedder
-    from unime_ray.train.embedder import train_embedder
+    from unime_ray.train.trainer import fit
 
     s = TrainJob(TrainConfig(max_steps=12, micro_batch_size=4, num_negatives=4, zero_stage=zero_stage, lr=5e-3,
                              lora_dropout=0.0, checkpoint_every=6, num_workers=2, use_dora=zero_stage < 3),
                  model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"))
-    out = train_embedder(table, s, name=f"zero{zero_stage}")
+    out = fit(table, s, name=f"zero{zero_stage}")
     m = _metrics(out["metrics"])
     assert [x["step"] for x in m] == list(range(1, 13))
     assert np.mean([x["loss"] for x in m[-3:]]) < 0.7 * np.mean([x["loss"] for x in m[:3]])
@@ -131,12 +131,12 @@ def test_zero_training_learns_and_exports(tiny_models, ray_local, table, tmp_pat
 
 
 def test_killed_worker_resumes_from_checkpoint(tiny_models, ray_local, table, tmp_path):
-    from unime_ray.train.embedder import train_embedder
+    from unime_ray.train.trainer import fit
 
     s = TrainJob(TrainConfig(max_steps=8, micro_batch_size=4, num_negatives=4, zero_stage=2, lr=5e-3,
                              checkpoint_every=3, max_failures=1),
                  model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"), fail_at_step=5)
-    out = train_embedder(table, s, name="resume")
+    out = fit(table, s, name="resume")
     steps = [x["step"] for x in _metrics(out["metrics"])]
     # steps 1-4 ran, the worker died at 5, the group restarted from the step-3 checkpoint: 4, 5, ... 8 again
     assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data.stages import PrepareResult
 from ..stage import Context, Section, Stage, StageResult
-from ..train.stages import AblationsResult, TrainResult
+from ..train.api import TrainResult
+from ..train.stages import AblationsResult
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def eval_models(ctx: Context) -> list[dict[str, Any]]:
 def run_eval(ctx: Context) -> EvalResult:
     """MMEB-protocol P@1 of each model on the eval pairs (and MMEB-eval when configured), with and without
     listwise reranking of the top-K. Each model's results are kept, so a rerun evaluates only what is missing."""
+    from .api import evaluation_of, record_in_card
     from .mmeb import evaluate_mmeb_dir, evaluate_pairs_table
     from .outputs import write_json_atomic
     from .rerank import load_reranker
@@ -121,6 +123,8 @@ def run_eval(ctx: Context) -> EvalResult:
                 # Written as the model's results.json: what the report reads, and a rerun skips the model.
                 res = {**res, "mmeb": mmeb} if "pairs" in ev.sets else mmeb
                 write_json_atomic(res, done)
+            if res.get("per_dataset"):   # a model this run trained carries its results in its card
+                record_in_card(m["model"], evaluation_of(res), str(table) if "pairs" in ev.sets else ev.mmeb_dir)
         vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
         tokens = ctx.visual_tokens(eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])
         results[m["label"]] = ModelEval(**{**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),

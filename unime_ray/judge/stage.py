@@ -107,11 +107,12 @@ class YesNoScorer(Protocol):
 
 
 class JudgeActor:
-    """Builds the judge once; maps rows of the pairs-to-judge table to score rows."""
+    """Builds the judge once (or takes one built by the caller); maps rows of the pairs-to-judge table to
+    score rows."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], backend: YesNoScorer | None = None):
         self.spec = JudgeSpec.model_validate(spec)
-        self.backend: YesNoScorer = self.spec.build()
+        self.backend: YesNoScorer = backend if backend is not None else self.spec.build()
         self.judge_name = self.spec.model
         self.prompt_version = self.spec.score_version()
 
@@ -180,12 +181,15 @@ def _rows(path: Path) -> int:
 
 
 def score_pairs(pairs_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: JudgeSpec,
-                pool: Pool | None = None) -> dict[str, Any]:
+                pool: Pool | None = None, scorer: YesNoScorer | None = None) -> dict[str, Any]:
     """Score every pending shard of the pairs-to-judge table (``pool`` None: in this process, handing
-    ``judge.pool.batch_size`` pairs at a time)."""
+    ``judge.pool.batch_size`` pairs at a time; ``scorer``: a judge already loaded here, used in process)."""
     pool = pool or Pool.in_process(spec.judge.pool.batch_size)
-    return pool.map_shards(JudgeActor, {"spec": spec.model_dump()}, pairs_dir, out_dir, _scores_table,
-                           what="judged pairs")
+    if scorer is not None and pool.ray:
+        raise ValueError("a Ray pool builds the judge in its actors from the spec: pass no loaded scorer")
+    kwargs = {"spec": spec.model_dump()}
+    actor = JudgeActor(**kwargs, backend=scorer) if scorer is not None else None
+    return pool.map_shards(JudgeActor, kwargs, pairs_dir, out_dir, _scores_table, what="judged pairs", actor=actor)
 
 
 def write_quarantine(scores_dir: str | os.PathLike, path: str | os.PathLike) -> int:
@@ -196,12 +200,13 @@ def write_quarantine(scores_dir: str | os.PathLike, path: str | os.PathLike) -> 
 
 
 def run_judge(candidates_table: str | os.PathLike, pairs_table: str | os.PathLike, pool_table: str | os.PathLike,
-              out_dir: str | os.PathLike, spec: JudgeSpec, pool: Pool | None = None) -> dict[str, Any]:
-    """The whole stage: expand -> score -> quarantine file and summary."""
+              out_dir: str | os.PathLike, spec: JudgeSpec, pool: Pool | None = None,
+              scorer: YesNoScorer | None = None) -> dict[str, Any]:
+    """The whole stage: expand -> score -> quarantine file and summary (``scorer``: see :func:`score_pairs`)."""
     out_dir = Path(out_dir)
     expanded = expand_pairs(candidates_table, pairs_table, pool_table, out_dir / "pairs")
     scores_dir = out_dir / "scores" / spec.identity()
-    stats = score_pairs(out_dir / "pairs", scores_dir, spec, pool)
+    stats = score_pairs(out_dir / "pairs", scores_dir, spec, pool, scorer)
     n_bad = write_quarantine(scores_dir, out_dir / "quarantine.parquet")
     t = read_table(scores_dir, ["score", "is_positive", "error"])
     ok = t.filter(pc.is_null(t.column("error")))

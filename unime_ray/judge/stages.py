@@ -57,8 +57,8 @@ def run_judge_fit(ctx: Context) -> dict[str, Any]:
     from .crossfit import build_fit_tables
     from ..data.stages import PrepareResult
     from ..retrieval.stages import RetrieveResult
-    from ..train.reranker import train_reranker
-    from ..train.stages import train_once, train_settings
+    from ..train.api import run_job
+    from ..train.stages import train_settings
 
     cfg = ctx.cfg
     jf = cfg.judge_fit
@@ -79,7 +79,7 @@ def run_judge_fit(ctx: Context) -> dict[str, Any]:
     for f, info in tables.items():
         settings = train_settings(cfg, jf, cfg.model_ref(cfg.models.judge), out_dir / f"fold{f}", "reranker",
                                    prepared.image_root, role="judge")
-        out = train_once(train_reranker, info["table"], settings, f"judge-fold{f}")
+        out = run_job(info["table"], settings, f"judge-fold{f}").model_dump()
         folds[str(f)] = {"model": out["model"], "queries": info["queries"], "steps": out["steps"],
                          "final": out["final"], "visual_tokens": out.get("visual_tokens")}
         logger.info("judge_fit fold %d: %d queries, final loss %.4f", f, info["queries"],

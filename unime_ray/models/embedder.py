@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -120,10 +120,27 @@ class Embedder:
         return F.normalize(pooled.float(), dim=-1)
 
     @torch.inference_mode()
-    def encode(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> np.ndarray:
-        """[N, dim] float32 unit vectors, in input order."""
+    def encode(self, texts: Any = None, images: Any = None, instructions: Any = None, *, batch_size: int = 16,
+               progress: bool = False, convert_to: str = "numpy") -> np.ndarray | torch.Tensor:
+        """[N, dim] float32 unit vectors, in input order.
+
+        ``texts``: strings (or dicts / :class:`~unime_ray.data.schema.Item` objects); ``images``: paths (under
+        ``image_root``), encoded bytes, PIL images or None, one per input; ``instructions``: one string for all
+        inputs or one per input (the task prompt, e.g. ``"Find an image that matches the given caption."``).
+        Text-only, image-only and text+image inputs mix freely. ``convert_to``: ``numpy`` or ``torch``.
+
+        >>> vectors = embedder.encode(["a red circle", "a blue square"], instructions="Represent the text:")
+        >>> vectors.shape == (2, embedder.dim), bool(abs((vectors ** 2).sum(axis=1) - 1).max() < 1e-5)
+        (True, True)
+        """
+        from ..data.inputs import to_items
+
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', not {convert_to!r}")
+        items = texts if _all_items(texts) and images is None and instructions is None else to_items(
+            texts, images, instructions)
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         start = time.perf_counter()
         for i in range(0, len(items), batch_size):
@@ -133,14 +150,31 @@ class Embedder:
                 done = i + len(batch)
                 logger.info("encoded %d/%d items (%.1f items/s)", done, len(items),
                             done / max(time.perf_counter() - start, 1e-9))
-        return out
+        return torch.from_numpy(out) if convert_to == "torch" else out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save the model (adapter merged) with its tokenizer and image processor as a loadable folder."""
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix [len(a), len(b)] of two batches of unit vectors (a dot product)."""
+        return np.asarray(a, dtype=np.float32) @ np.asarray(b, dtype=np.float32).T
+
+    def save_pretrained(self, path: str | os.PathLike, card: Mapping[str, Any] | None = None) -> Path:
+        """Save the model (adapter merged) with its tokenizer and image processor as an ordinary Hugging Face
+        folder that :meth:`from_pretrained` (and ``transformers``) load; ``card``: what to write in its model
+        card (``README.md``: base model, recipe, data, eval results; see :mod:`unime_ray.models.card`)."""
         from .lora import merged
 
         path = Path(path)
         merged(self.model).save_pretrained(path)
         self.processor.tokenizer.save_pretrained(path)
         self.processor.image_processor.save_pretrained(path)
+        if card is not None:
+            from .card import write_model_card
+
+            write_model_card(path, **card)
         return path
+
+    save = save_pretrained
+
+
+def _all_items(values: Any) -> bool:
+    return isinstance(values, (list, tuple)) and all(isinstance(v, Item) for v in values)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -105,6 +105,37 @@ class Reranker:
 
     def choose(self, query: Item, candidates: Sequence[Item]) -> ListwiseChoice:
         return self.choose_many([query], [candidates])[0]
+
+    # ---------------------------------------------------------------------------------------- the API
+    def rerank(self, query: Any, candidates: Sequence[Any], top_k: int | None = None,
+               mode: str = "pairwise") -> list[dict[str, Any]]:
+        """Reorder ``candidates`` (given best first, e.g. an embedder's top-K) for ``query``; items are strings,
+        dicts (``text``/``image``/``instruction``), images or ``Item``s. Returns the first ``top_k`` as
+        ``{"index": position in candidates, "score": P(Yes) or None}``, best first.
+
+        ``pairwise`` sorts by P(Yes) (unscorable candidates keep their place after the scored ones); ``listwise``
+        asks the model to name the best candidate, moves it first and keeps the given order for the rest (an
+        unusable answer keeps the given order).
+
+        >>> hits = reranker.rerank("a red circle", ["blue square", "red circle", "green star"], top_k=2)
+        >>> len(hits), sorted(hits[0])
+        (2, ['index', 'score'])
+        """
+        from ..data.inputs import to_item
+
+        q = to_item(query)
+        cands = [to_item(c) for c in candidates]
+        order = list(range(len(cands)))
+        scores: list[float | None] = [None] * len(cands)
+        if mode == "pairwise":
+            values = self.score_pairs([(q, c) for c in cands])
+            scores = [None if v != v else float(v) for v in values]
+            order = apply_pairwise_scores(order, values)
+        elif mode == "listwise":
+            order = apply_listwise_choice(order, self.choose(q, cands) if cands else None)
+        else:
+            raise ValueError(f"unknown rerank mode {mode!r}; choose pairwise or listwise")
+        return [{"index": i, "score": scores[i]} for i in order[:top_k]]
 
 
 # ------------------------------------------------------------------------------------------- two-stage

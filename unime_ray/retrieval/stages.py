@@ -42,7 +42,7 @@ def retriever_spec(ctx: Context, image_root: str | None):
 
     cfg = ctx.cfg
     if cfg.baseline.enabled:
-        from ..train.stages import TrainResult
+        from ..train.api import TrainResult
 
         base = ctx.result_if_run("baseline", TrainResult)
         if base is None or not base.model:

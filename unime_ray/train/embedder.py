@@ -9,14 +9,13 @@ Objectives: ``judge_alignment`` (UniME-V2), ``hard_label`` (mined negatives, har
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Sequence
 
 import torch
 
 from ..data.schema import Item, item_from_row, negatives_from_row
 from .losses import hard_label_loss, infonce, judge_alignment_loss
-from .trainer import TrainJob, fit
+from .trainer import TrainJob
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +96,3 @@ class EmbedderTask:
         examples = examples_from_rows(rows, self.s.num_negatives)
         return batch_loss(self.embedder, examples, self.s.objective, self.s.temperature,
                           gather_with_grad if self.s.objective == "infonce" else None, self.s.kl_form)
-
-
-def train_embedder(training_table: str | os.PathLike, job: TrainJob, name: str = "embedder") -> dict[str, Any]:
-    """Fit the embedder on Ray (must be initialised) and export it; see :func:`.trainer.fit`."""
-    if job.task != "embedder":
-        raise ValueError(f"train_embedder got task {job.task!r}")
-    return fit(training_table, job, name)

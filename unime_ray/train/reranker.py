@@ -12,7 +12,6 @@ vision tower frozen, ZeRO-2.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from ..rerank.encoding import encode_conversation
 from ..rerank.examples import conversations, examples_from_rows
 from ..rerank.model import answer_token_losses
 from ..rerank.prompt import RerankPrompt
-from .trainer import TrainJob, fit
+from .trainer import TrainJob
 
 
 def reranker_loss(model, processor, rows: list[dict[str, Any]], job: TrainJob, epoch: int = 0,
@@ -63,10 +62,3 @@ class RerankerTask:
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         # a fresh listwise order at every step, the same one when a resumed run repeats the step
         return reranker_loss(self.module, self.processor, rows, self.job, epoch=step, device=self.device)
-
-
-def train_reranker(training_table: str | os.PathLike, job: TrainJob, name: str = "reranker") -> dict[str, Any]:
-    """Fit the reranker on Ray (must be initialised) and export it as a model folder."""
-    if job.task != "reranker":
-        raise ValueError(f"train_reranker got task {job.task!r}")
-    return fit(training_table, job, name)

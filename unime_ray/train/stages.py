@@ -5,7 +5,6 @@ a finished run writes ``done.json`` last, so a rerun after an interruption train
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from ..data.stages import PrepareResult
 from ..mining.stages import MineResult
 from ..report import markdown_table
 from ..stage import Context, Section, Stage, StageResult
+from .api import TrainResult, run_job
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -23,16 +23,6 @@ if TYPE_CHECKING:
     from .trainer import TrainJob
 
 logger = logging.getLogger(__name__)
-
-
-class TrainResult(StageResult):
-    """A training stage's run (baseline, train, rerank): the exported model folder and its last metrics."""
-
-    enabled: bool = True
-    model: str | None = None
-    steps: int | None = None
-    final: dict[str, Any] = {}
-    init: str | None = None               # rerank: the weights it started from
 
 
 class VariantRun(BaseModel):
@@ -65,28 +55,8 @@ def train_settings(cfg: "RunConfig", section: "TrainConfig", model: str, out_dir
                     images=cfg.image_budget(role or ("reranker" if task == "reranker" else "embedder")))
 
 
-def _done(out_dir: Path) -> dict[str, Any] | None:
-    """A finished training run's summary (written last), so a rerun of a multi-model stage skips it."""
-    f = out_dir / "done.json"
-    return json.loads(f.read_text()) if f.is_file() else None
-
-
-def train_once(train_fn, table: str, job: "TrainJob", name: str) -> dict[str, Any]:
-    out_dir = Path(job.output_dir)
-    done = _done(out_dir)
-    if done:
-        logger.info("%s: already trained (%s)", name, done["model"])
-        return done
-    out = train_fn(table, job, name=name)
-    out = {k: v for k, v in out.items() if k != "checkpoint"} | {"checkpoint": str(out.get("checkpoint"))}
-    (out_dir / "done.json").write_text(json.dumps(out, indent=1, default=str))
-    return out
-
-
 def run_baseline(ctx: Context) -> TrainResult:
     """The retriever of global retrieval trained with in-batch negatives (VLM2Vec's role in the paper)."""
-    from .embedder import train_embedder
-
     cfg = ctx.cfg
     if not cfg.baseline.enabled:
         return TrainResult(enabled=False)
@@ -94,7 +64,7 @@ def run_baseline(ctx: Context) -> TrainResult:
     settings = train_settings(cfg, cfg.baseline, cfg.model_ref(cfg.models.embedder), ctx.dir,
                               "embedder", prepared.image_root)
     ctx.init_ray()
-    out = train_once(train_embedder, prepared.path("train_pairs"), settings, "baseline")
+    out = run_job(prepared.path("train_pairs"), settings, "baseline").model_dump()
     logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
     return TrainResult(**{**out, "enabled": True,
                           "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
@@ -118,14 +88,12 @@ def _check_imported_negatives(mined: MineResult, k: int) -> None:
 
 
 def run_train(ctx: Context) -> TrainResult:
-    from .embedder import train_embedder
-
     cfg = ctx.cfg
     mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
     _check_imported_negatives(mined, cfg.train.num_negatives)
     settings = train_settings(cfg, cfg.train, _embedder_init(ctx), ctx.dir, "embedder", prepared.image_root)
     ctx.init_ray()
-    out = train_once(train_embedder, mined.training_table, settings, cfg.name)
+    out = run_job(mined.training_table, settings, cfg.name).model_dump()
     logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
                 out["model"])
     return TrainResult(**{**out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
@@ -147,8 +115,6 @@ def run_ablations(ctx: Context) -> AblationsResult:
     """The comparison runs: UniME-V2 over the extra seeds and each ablation, from the same initial weights,
     on the same mined table and for the same number of steps as the main run. Each finished run is kept, so
     a rerun after an interruption trains only what is missing."""
-    from .embedder import train_embedder
-
     cfg = ctx.cfg
     mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
     main = ctx.result("train", TrainResult)
@@ -163,7 +129,7 @@ def run_ablations(ctx: Context) -> AblationsResult:
             settings = train_settings(cfg, cfg.train, init, ctx.dir / f"{name}-seed{seed}",
                                       "embedder", prepared.image_root, seed=seed, **changes)
             ctx.init_ray()
-            out = train_once(train_embedder, mined.training_table, settings, f"{name}-seed{seed}")
+            out = run_job(mined.training_table, settings, f"{name}-seed{seed}").model_dump()
             tallies.append(out.get("visual_tokens"))
         variants.setdefault(name, {})[str(seed)] = VariantRun(
             model=out["model"], steps=out["steps"], final=out["final"],
@@ -173,8 +139,6 @@ def run_ablations(ctx: Context) -> AblationsResult:
 
 def run_rerank(ctx: Context) -> TrainResult:
     """Reranker training on the mined table (pairwise Yes/No + listwise "(i)")."""
-    from .reranker import train_reranker
-
     cfg = ctx.cfg
     r = cfg.reranker
     if not r.enabled:
@@ -193,7 +157,7 @@ def run_rerank(ctx: Context) -> TrainResult:
         init = fitted.folds["0"]["model"]
     settings = train_settings(cfg, r, init, ctx.dir, "reranker", prepared.image_root)
     ctx.init_ray()
-    out = train_once(train_reranker, mined.training_table, settings, "reranker")
+    out = run_job(mined.training_table, settings, "reranker").model_dump()
     logger.info("rerank: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
     return TrainResult(**{**out, "enabled": True, "init": init,
                           "visual_tokens": ctx.visual_tokens(reranker=out.get("visual_tokens"))})

@@ -335,6 +335,11 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
     with result.checkpoint.as_directory() as d:
         model_dir = export_model(d, job, out / "model")
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    from ..models.card import write_model_card
+
+    write_model_card(model_dir, name=name, base_model=job.model, recipe=job.to_dict(),
+                     data={"training_table": str(training_table), "rows": dataset.count()},
+                     metrics=metrics[-1] if metrics else None)
     plot = plot_training_curve(metrics, out / "training_curve.png")
     tokens = next((m["visual_tokens"] for m in reversed(metrics) if m.get("visual_tokens")), None)
     for m in metrics:   # the tally is reported apart from the final step's metrics

@@ -1,0 +1,98 @@
+"""The model card written next to saved weights: what a model is, how it was made, and how well it did.
+
+``README.md`` in the model folder, as on the Hugging Face hub: YAML front matter (library, base model, tags)
+and sections for the recipe (objective, steps, batch, learning rate, adapter), the training data and the
+evaluation results. The same facts are kept machine-readable in ``unime_card.json``, so that a later step
+(evaluation) adds its results and the card is written again without losing what training recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+CARD_JSON = "unime_card.json"
+_RECIPE_KEYS = ("task", "objective", "temperature", "num_negatives", "kl_form", "max_steps", "micro_batch_size",
+                "grad_accum", "num_workers", "lr", "lr_schedule", "warmup_steps", "warmup_ratio", "lora", "lora_r",
+                "lora_alpha", "use_dora", "zero_stage", "seed", "input_format", "positions")
+
+
+def read_card(folder: str | os.PathLike) -> dict[str, Any]:
+    """The card's facts as recorded (empty for a folder without one)."""
+    f = Path(folder) / CARD_JSON
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def write_model_card(folder: str | os.PathLike, *, base_model: str | None = None,
+                     recipe: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
+                     metrics: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None,
+                     name: str | None = None) -> Path:
+    """Write (or update: given sections replace recorded ones, the others stay) the folder's model card."""
+    folder = Path(folder)
+    facts = read_card(folder)
+    given = {"name": name, "base_model": base_model, "recipe": dict(recipe) if recipe else None,
+             "data": dict(data) if data else None, "metrics": dict(metrics) if metrics else None,
+             "evaluation": dict(evaluation) if evaluation else None}
+    facts.update({k: v for k, v in given.items() if v is not None})
+    (folder / CARD_JSON).write_text(json.dumps(facts, indent=1, default=str))
+    (folder / "README.md").write_text(render_card(facts))
+    return folder / "README.md"
+
+
+def _table(rows: Mapping[str, Any]) -> list[str]:
+    lines = ["| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows.items()]
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|")
+
+
+def render_card(facts: Mapping[str, Any]) -> str:
+    base = facts.get("base_model")
+    recipe = facts.get("recipe") or {}
+    task = recipe.get("task", "embedder")
+    front = ["---", "library_name: unime-ray", "tags:", "- unime-ray", "- multimodal-embedding" if task != "reranker"
+             else "- reranker", "- uniME-v2"]
+    if base and not Path(str(base)).is_absolute():
+        front.append(f"base_model: {base}")
+    front.append("---")
+    title = "UniME-V2 " + ("reranker" if task == "reranker" else "embedder") + (
+        f": {facts['name']}" if facts.get("name") else "")
+    out = front + ["", f"# {title}", ""]
+    what = ("a reranker (pairwise Yes/No and listwise choice) for retrieve-then-rerank" if task == "reranker" else
+            "a universal multimodal embedder: the last token's hidden state, L2-normalised, for text, images "
+            "and both together")
+    out += [f"This is {what}, trained with [unime-ray](https://arxiv.org/abs/2510.13515) (UniME-V2: "
+            "MLLM-as-a-Judge for universal multimodal embedding learning).", ""]
+    out += [f"* Base model: `{base}`" if base else "* Base model: not recorded"]
+    out += ["", "```python", "import unime_ray",
+            f"model = unime_ray.{'Reranker' if task == 'reranker' else 'Embedder'}.from_pretrained(\"<this folder>\")",
+            "```", ""]
+    if recipe:
+        out += ["## Recipe", ""] + _table({k: recipe[k] for k in _RECIPE_KEYS if k in recipe}) + [""]
+    if facts.get("data"):
+        out += ["## Training data", ""] + _table(facts["data"]) + [""]
+    if facts.get("metrics"):
+        m = {k: v for k, v in facts["metrics"].items() if isinstance(v, (int, float, str)) and k != "time"}
+        out += ["## Last training step", ""] + _table(m) + [""]
+    ev = facts.get("evaluation")
+    if ev:
+        out += ["## Evaluation", ""]
+        if ev.get("protocol"):
+            out += [str(ev["protocol"]), ""]
+        per = ev.get("per_dataset") or {}
+        chance = ev.get("chance") or {}
+        reranked = ev.get("reranked") or {}
+        head = ["eval set", "P@1 (%)", "chance (%)"] + (["reranked P@1 (%)"] if reranked else [])
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, v in per.items():
+            row = [name, _fmt(v), _fmt(chance.get(name, ""))] + ([_fmt(reranked.get(name, ""))] if reranked else [])
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
