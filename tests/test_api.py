@@ -206,7 +206,8 @@ class _LastLinesChecker(doctest.OutputChecker):
         return super().check_output(want, tail, optionflags)
 
 
-DOCUMENTED = ["Embedder.encode", "Judge", "Reranker.rerank", "mine_hard_negatives", "train_embedder", "evaluate"]
+DOCUMENTED = ["Embedder", "Embedder.encode", "Judge", "Reranker.rerank", "load_table", "to_items",
+              "mine_hard_negatives", "train_embedder", "train_reranker", "evaluate"]
 
 
 def test_docstring_examples_run(tiny_models, embedder, ray_local, tmp_path, monkeypatch):
@@ -218,12 +219,12 @@ def test_docstring_examples_run(tiny_models, embedder, ray_local, tmp_path, monk
     eval_pairs = [{**p, "neg_text": [f"{c} star", "white dot"]} for p, c in zip(pairs, ("red", "blue") * 4)]
     mined = unime_ray.mine_hard_negatives(pairs, retriever=embedder, judge=str(tiny_models["qwen2_5_vl"]),
                                           top_k=4, num_negatives=2, delta=None, out_dir=tmp_path / "m0")
-    globs = {"unime_ray": unime_ray, "Path": Path, "tmp": tmp_path, "embedder": embedder, "pairs": pairs,
+    globs = {"unime_ray": unime_ray, "Path": Path, "np": np, "tmp": tmp_path, "embedder": embedder, "pairs": pairs,
              "eval_pairs": eval_pairs, "mined": mined, "tiny_embedder": str(tiny_models["qwen2_vl"]),
              "tiny_judge": str(tiny_models["qwen2_5_vl"]),
              "reranker": unime_ray.Reranker.from_pretrained(tiny_models["qwen2_5_vl"])}
     globs.update({name: getattr(unime_ray, name) for name in unime_ray.__all__})
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(checker=_LastLinesChecker(),
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner(checker=_LastLinesChecker(),
                                                                  optionflags=doctest.ELLIPSIS)
     ran = []
     for dotted in DOCUMENTED:
@@ -256,3 +257,32 @@ def test_example_script_runs(tmp_path):
     assert "## Recipe" in card and "judge_alignment" in card and "## Evaluation" in card
     facts = json.loads((tmp_path / "embedder" / "model" / "unime_card.json").read_text())
     assert set(facts["evaluation"]["per_dataset"]) == {"shapes_i2t", "shapes_t2i", "shapes_cls"}
+
+
+def test_save_pretrained_round_trips_with_a_card(embedder, tmp_path):
+    from unime_ray.models.card import read_card
+
+    embedder.image_root = None
+    before = embedder.encode(["a red circle", "blue"])
+    folder = embedder.save_pretrained(tmp_path / "m", card={"base_model": "Qwen/Qwen2-VL-2B-Instruct",
+                                                             "recipe": {"task": "embedder", "objective": "infonce"}})
+    again = unime_ray.Embedder.from_pretrained(folder, device="cpu")
+    np.testing.assert_allclose(again.encode(["a red circle", "blue"]), before, atol=1e-5)
+    card = (folder / "README.md").read_text()
+    assert "base_model: Qwen/Qwen2-VL-2B-Instruct" in card and "| objective | infonce |" in card
+    assert read_card(folder)["recipe"]["objective"] == "infonce"
+
+
+def test_mining_on_a_ray_pool_equals_in_process(tiny_models, ray_local, tmp_path):
+    pairs = [{"query": f"a {c} {s}", "positive": f"{c} {s}", "task": "shapes"}
+             for c in ("red", "blue", "green") for s in ("circle", "square")]
+    kwargs = dict(retriever=str(tiny_models["qwen2_vl"]), judge=str(tiny_models["qwen2_5_vl"]), top_k=3,
+                  num_negatives=2, delta=None)
+    local = unime_ray.mine_hard_negatives(pairs, out_dir=tmp_path / "local", **kwargs)
+    on_ray = unime_ray.mine_hard_negatives(pairs, out_dir=tmp_path / "ray", pool=unime_ray.Pool(max_actors=1),
+                                           **kwargs)
+    assert len(local) == len(pairs)
+    a, b = local.table.to_pylist(), on_ray.table.to_pylist()
+    assert [r["neg_text"] for r in a] == [r["neg_text"] for r in b]
+    np.testing.assert_allclose([s for r in a for s in r["neg_score"]], [s for r in b for s in r["neg_score"]],
+                               atol=1e-5)

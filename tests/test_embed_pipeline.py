@@ -68,8 +68,12 @@ def _run(tmp_path, *overrides):
     return cfg, run_pipeline(cfg)
 
 
+# the data stages only: S1-S3's resume is tests/test_pipeline_resume.py's, the whole chain test_pipeline_full.py's
+DATA_STAGES = "stages=[data, models, prepare, embed, report]"
+
+
 def test_pipeline_runs_resumes_and_accounts(tiny_models, ray_local, tmp_path):
-    cfg, manifest = _run(tmp_path)
+    cfg, manifest = _run(tmp_path, DATA_STAGES)
     stages = manifest.data["stages"]
     assert [stages[s]["status"] for s in ("data", "models", "prepare", "embed", "report")] == ["complete"] * 5
     tables = stages["prepare"]["outputs"]["tables"]
@@ -86,12 +90,12 @@ def test_pipeline_runs_resumes_and_accounts(tiny_models, ray_local, tmp_path):
 
     # A rerun skips every completed stage (their start times do not change).
     started = {k: v["started"] for k, v in stages.items()}
-    _, manifest2 = _run(tmp_path)
+    _, manifest2 = _run(tmp_path, DATA_STAGES)
     for name in ("data", "models", "prepare", "embed"):
         assert manifest2.data["stages"][name]["started"] == started[name]
 
     # Changing the embed section reruns only embedding.
-    _, manifest3 = _run(tmp_path, "embed.pool.batch_size=5")
+    _, manifest3 = _run(tmp_path, DATA_STAGES, "embed.pool.batch_size=5")
     s3 = manifest3.data["stages"]
     assert s3["embed"]["started"] != started["embed"]
     assert s3["data"]["started"] == started["data"] and s3["prepare"]["started"] == started["prepare"]

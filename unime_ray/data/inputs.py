@@ -86,7 +86,11 @@ def _broadcast(values: Any, n: int, name: str) -> list:
 
 def to_items(texts: Any = None, images: Any = None, instructions: Any = None) -> list[Item]:
     """Items from parallel lists: ``texts`` (strings, dicts or Items), ``images`` (paths / bytes / PIL / None),
-    ``instructions`` (one string for all, or one per input). A single string or image is a list of one."""
+    ``instructions`` (one string for all, or one per input). A single string or image is a list of one.
+
+    >>> to_items(["a cat", "a dog"], instructions="Find an image:")[1]
+    Item(text='a dog', instruction='Find an image:', image=None, image_path=None)
+    """
     if isinstance(texts, (str, Item, Mapping)):
         texts = [texts]
     if images is not None and not isinstance(images, (list, tuple)):
@@ -181,6 +185,11 @@ def load_table(data: Any, out_dir: str | os.PathLike, *, kind: str = "pairs", fm
     ``fmt`` names the records' format (``canonical``, ``official``, ``mmeb-train``, ``mmeb-eval``); a path is
     read by :func:`unime_ray.data.convert.import_table` (any file it reads: Parquet, JSON, JSONL, MMEB folders).
     A finished table (its ``_account.json`` written last) is reused: calling again resumes nothing twice.
+
+    >>> rows = [{"query": "a red circle", "positive": "red circle"}, {"query": "", "positive": "no query"}]
+    >>> table, account = load_table(rows, tmp / "pairs")
+    >>> account.rows_in, account.rows_out, account.rows_quarantined
+    (2, 1, 1)
     """
     import json
     import shutil

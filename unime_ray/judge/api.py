@@ -37,6 +37,14 @@ class Judge:
         """Load a judge: ``backend`` ``transformers`` (MLLM, any device), ``vllm`` (MLLM, GPUs), ``encoder`` (a
         fitted dual-encoder judge folder) or ``auto`` (encoder for such a folder, else transformers).
         ``config``/``overrides``: fields of :class:`~unime_ray.judge.config.JudgeConfig` (prompt, dtype, ...)."""
+        spec = cls.spec_for(name_or_path, backend, config, image_root, **overrides)
+        return cls(spec.build(), spec)
+
+    @staticmethod
+    def spec_for(name_or_path: str | os.PathLike, backend: str = "auto",
+                 config: JudgeConfig | Mapping[str, Any] | None = None,
+                 image_root: str | os.PathLike | None = None, **overrides: Any) -> JudgeSpec:
+        """What :meth:`from_pretrained` loads, without loading it: how Ray actors build the same judge."""
         from .encoder_backend import is_encoder_judge
 
         conf = config.model_dump() if isinstance(config, JudgeConfig) else dict(config or {})
@@ -46,9 +54,8 @@ class Judge:
         conf["backend"] = backend
         if backend == "vllm":
             conf.setdefault("pool", {"num_gpus_per_actor": 1})
-        spec = JudgeSpec(model=str(name_or_path), judge=JudgeConfig.model_validate(conf),
+        return JudgeSpec(model=str(name_or_path), judge=JudgeConfig.model_validate(conf),
                          image_root=None if image_root is None else str(image_root))
-        return cls(spec.build(), spec)
 
     def score_or_errors(self, pairs: Sequence[tuple[Any, Any]]) -> tuple[np.ndarray, list[str | None]]:
         """Scores of (query, candidate) pairs (NaN where a pair cannot be scored) and each pair's error."""

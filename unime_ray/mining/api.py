@@ -51,14 +51,20 @@ def _retriever_spec(retriever: Any, image_root: str | os.PathLike | None):
                     f"{type(retriever).__name__}")
 
 
-def _judge(judge: Any, image_root: str | os.PathLike | None):
+def _judge(judge: Any, image_root: str | os.PathLike | None, on_ray: bool):
+    """(spec, scorer loaded here or None): a Ray pool builds the judge in its actors from the spec."""
     from ..judge.api import Judge
     from ..judge.stage import JudgeSpec
 
     if isinstance(judge, (str, os.PathLike)):
+        if on_ray:
+            return Judge.spec_for(judge, image_root=image_root), None
         judge = Judge.from_pretrained(judge, image_root=image_root)
+    if on_ray and (not isinstance(judge, Judge) or judge.spec is None):
+        raise ValueError("a Ray pool builds the judge in its actors: pass the judge's name or folder, or a Judge "
+                         "loaded with Judge.from_pretrained")
     if isinstance(judge, Judge):
-        return judge.spec or JudgeSpec(model=judge.name), judge.scorer
+        return (judge.spec, None) if on_ray else (judge.spec or JudgeSpec(model=judge.name), judge.scorer)
     if hasattr(judge, "score_or_errors"):       # any YesNoScorer: a backend or the served reranker
         return JudgeSpec(model=type(judge).__name__), judge
     raise TypeError(f"judge must be a Judge, a scorer with score_or_errors or a model name/folder, not "
@@ -67,7 +73,7 @@ def _judge(judge: Any, image_root: str | os.PathLike | None):
 
 def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: Any = None, top_k: int = 50,
                         num_negatives: int = 10, beta: float = 0.01, interval: int = 5,
-                        delta: str | float | None = "positive", fallback_score: float = 1.0,
+                        delta: str | float | None = "positive", fill: bool = False, fallback_score: float = 1.0,
                         candidate_pool: str = "task", columns: Mapping[str, str] | None = None,
                         candidate_columns: Mapping[str, str] | None = None,
                         image_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
@@ -78,7 +84,9 @@ def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: A
     :mod:`unime_ray.data.inputs`; ``columns`` maps other column names). ``candidates`` None: the positives of
     all pairs are the pool (per task, as MMEB-train). ``retriever``: an :class:`~unime_ray.Embedder` or a
     model name/folder; ``judge``: a :class:`~unime_ray.Judge` or a model name/folder. ``delta``: drop
-    candidates at or above the query's similarity to its positive (``"positive"``), a number, or None.
+    candidates at or above the query's similarity to its positive (``"positive"``), a number, or None; ``fill``:
+    search deeper so that ``top_k`` remain after that drop (the paper's Rank_50 over x < delta) instead of
+    filtering the first ``top_k``.
     ``out_dir``: where the steps write (a rerun resumes there; None: a temporary folder). ``pool``: run
     embedding and judging on Ray actors (then give names, not loaded models); None: in this process.
 
@@ -99,7 +107,7 @@ def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: A
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="unime-mine-"))
     settings = MineConfig(num_negatives=num_negatives, beta=beta, interval=interval, fallback_score=fallback_score,
                           export_official=False)
-    search = RetrieveConfig(top_k=top_k, delta=delta, pool=candidate_pool)
+    search = RetrieveConfig(top_k=top_k, delta=delta, fill=fill, pool=candidate_pool)
     pairs_table, account = load_table(pairs, out / "pairs", columns=columns, image_root=image_root)
     quarantine = [str(out / "pairs.quarantine.parquet")]
     cand_table = None
@@ -109,14 +117,14 @@ def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: A
         quarantine.append(str(out / "candidates.quarantine.parquet"))
     if not account.rows_out:
         raise ValueError(f"no valid pairs to mine ({account.summary()}); see {quarantine[0]}")
-    spec, scorer = _judge(judge, image_root)
+    on_ray = pool is not None and pool.ray
+    spec, scorer = _judge(judge, image_root, on_ray)
     if image_root is not None and spec.image_root is None:
         spec = spec.model_copy(update={"image_root": str(image_root)})
-    on_ray = pool is not None and pool.ray
     retrieved = run_retrieval(pairs_table, cand_table, out / "retrieve", _retriever_spec(retriever, image_root),
                               search, pool=pool, seed=seed)
     judged = run_judge(retrieved["candidates_table"], pairs_table, retrieved["candidate_pool"], out / "judge", spec,
-                       pool=pool if on_ray else None, scorer=None if on_ray else scorer)
+                       pool=pool if on_ray else None, scorer=scorer)
     mined = run_mining(retrieved["candidates_table"], judged["scores_table"], pairs_table,
                        retrieved["candidate_pool"], out / "mine", settings, seed=seed, image_root=image_root)
     quarantine += [str(out / "judge" / "quarantine.parquet"), str(out / "mine" / "quarantine")]

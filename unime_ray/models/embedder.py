@@ -59,6 +59,11 @@ class Embedder:
     default); ``sequential`` numbers all tokens 1-D as the released UniME-V2 models were trained;
     ``auto`` is ``sequential`` for the ``official`` format and ``mrope`` for ``chat``. Backbones with 1-D RoPE
     (LLaVA-OneVision) always get ``sequential`` positions (mask-based, so batches equal single items).
+
+    >>> model = Embedder.from_pretrained(tiny_embedder)   # a folder, or a hub name: "Qwen/Qwen2-VL-2B-Instruct"
+    >>> folder = model.save_pretrained(tmp / "copy")      # an ordinary Hugging Face folder
+    >>> bool(np.allclose(Embedder.from_pretrained(folder).encode("hello"), model.encode("hello"), atol=1e-6))
+    True
     """
 
     def __init__(self, model, processor: VLProcessor, input_format: str = "official",

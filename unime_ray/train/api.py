@@ -140,7 +140,13 @@ def train_reranker(data: Any, config: RerankerTrainConfig | Mapping[str, Any] | 
                    columns: Mapping[str, str] | None = None, name: str = "reranker", **overrides: Any) -> TrainResult:
     """Train a reranker (pairwise Yes/No + listwise "(i)", the paper's recipe by default) from ``model`` on
     judge-scored pair ``data`` and save it to ``output_dir/model`` with its model card; ``config``: a
-    :class:`~unime_ray.train.config.RerankerTrainConfig` or a dict of its fields (``overrides`` too)."""
+    :class:`~unime_ray.train.config.RerankerTrainConfig` or a dict of its fields (``overrides`` too).
+
+    >>> result = train_reranker(mined.table, model=tiny_judge, output_dir=tmp / "reranker", max_steps=1,
+    ...                         micro_batch_size=2, list_negatives=2, num_workers=1, lora=False)
+    >>> result.steps, Reranker.from_pretrained(result.model).rerank("a red circle", ["red circle", "blue"])[0]["index"] in (0, 1)
+    (1, True)
+    """
     settings = _settings(config, RerankerTrainConfig, overrides)
     return _train(data, settings, model=model, output_dir=output_dir, seed=seed,
                   image_root=image_root, input_format="official", positions="auto", images=images,
