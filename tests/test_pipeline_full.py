@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,16 @@ def test_whole_method_runs_and_reports(whole_method_run):
     assert ev["baseline"]["rerank"] is not None and ev["hard-labels-seed0"]["rerank"] is None
     for m in ev.values():
         assert set(m["per_dataset"]) and all(0 <= v <= 100 for v in m["per_dataset"].values())
+    # every trained model is an ordinary folder with its card: base model, recipe, data, and the run's eval
+    from unime_ray.models.card import read_card
+
+    card = read_card(manifest["train"]["outputs"]["model"])
+    assert card["base_model"] == manifest["baseline"]["outputs"]["model"]
+    assert card["recipe"]["objective"] == "judge_alignment" and card["data"]["rows"] > 0
+    assert card["evaluation"]["per_dataset"] == ev["unime-v2-seed0"]["per_dataset"]
+    readme = (Path(manifest["train"]["outputs"]["model"]) / "README.md").read_text()
+    assert "## Recipe" in readme and "## Evaluation" in readme
+    assert read_card(manifest["rerank"]["outputs"]["model"])["recipe"]["task"] == "reranker"
     report = (run / "report.md").read_text()
     for text in ("Comparison (the paper's Table 4", "chance P@1", "UniME-V2: mined negatives", "fallbacks",
                  "Stand-in judge", "Reranker training"):
