@@ -39,7 +39,9 @@ class Evaluation(BaseModel):
         head = ["eval set", "rows", "P@1 (%)", "chance (%)"] + (["reranked P@1 (%)"] if self.reranked else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, v in self.per_dataset.items():
-            row = [name, str(self.rows.get(name, "")), f"{v:.2f}", f"{self.chance.get(name) or 0:.2f}"]
+            chance = self.chance.get(name)
+            row = [name, str(self.rows.get(name, "")), "" if v is None else f"{v:.2f}",
+                   "" if chance is None else f"{chance:.2f}"]
             if self.reranked:
                 r = self.reranked.get(name)
                 row.append("" if r is None else f"{r:.2f}")
