@@ -540,12 +540,13 @@ FORMATS = ("official", "mmeb-train", "mmeb-eval", "canonical") + RETRIEVAL_FORMA
 
 
 def convert_records(records: Iterable[Any], fmt: str, *, source: str, task: str | None,
-                    quarantine: Quarantine, account: RowAccount,
-                    id_offset: int = 0) -> Iterator[tuple[int, dict[str, Any], Any]]:
+                    quarantine: Quarantine, account: RowAccount, id_offset: int = 0,
+                    canonical: Callable[[Any, int], Any] | None = None) -> Iterator[tuple[int, dict[str, Any], Any]]:
     """Convert external records to ``(input row number, canonical row, original record)``.
 
     Structurally bad records go to the quarantine (counted as rows in) and are not yielded.
-    ``id_offset``: MMEB-train row ids continue from it (a subset split over several files).
+    ``id_offset``: MMEB-train row ids continue from it (a subset split over several files). ``canonical``: how a
+    ``canonical`` record becomes a row (the Python API's column names and image values); None: as it is.
     """
     if fmt not in FORMATS or fmt in RETRIEVAL_FORMATS:
         raise ValueError(f"unknown input format {fmt!r}; choose one of "
@@ -553,7 +554,7 @@ def convert_records(records: Iterable[Any], fmt: str, *, source: str, task: str 
     for index, rec in enumerate(records):
         try:
             if fmt == "canonical":
-                row = rec
+                row = canonical(rec, index) if canonical is not None else rec
             elif fmt == "official":
                 row = official_record_to_row(rec, index, source, default_task=task or "unknown")
             elif fmt == "mmeb-train":

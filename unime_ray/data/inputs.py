@@ -200,6 +200,10 @@ def load_table(data: Any, out_dir: str | os.PathLike, *, kind: str = "pairs", fm
 
     if kind not in SCHEMAS:
         raise ValueError(f"unknown table kind {kind!r}; choose one of {', '.join(SCHEMAS)}")
+    if columns and is_table_path(data):
+        raise ValueError("columns= maps in-memory data; convert a file with its format (fmt=...) instead")
+    if columns and fmt != "canonical":
+        raise ValueError(f"columns= maps canonical records; {fmt!r} records have their own field names")
     out = Path(out_dir)
     done = out / "_account.json"
     if done.is_file():
@@ -210,36 +214,14 @@ def load_table(data: Any, out_dir: str | os.PathLike, *, kind: str = "pairs", fm
     quarantine_path = out.with_name(f"{out.name}.quarantine.parquet")
     shutil.rmtree(out, ignore_errors=True)   # an interrupted earlier call: written again, whole
     if is_table_path(data):
-        if columns:
-            raise ValueError("columns= maps in-memory data; convert a file with its format (fmt=...) instead")
         account = import_table(data, fmt, out, quarantine_path=quarantine_path, kind=kind, task=task,
                                image_root=image_root, check_images=check_images, rows_per_shard=rows_per_shard)
     else:
         quarantine = Quarantine(quarantine_path)
         account = RowAccount()
-
-        def renamed() -> Iterator[Any]:
-            for i, rec in enumerate(records_of(data)):
-                if fmt != "canonical":
-                    yield rec
-                    continue
-                try:
-                    yield canonical_row(rec, kind, i, columns)
-                except DataError as exc:   # an unknown column: quarantined with the reason, counted
-                    quarantine.add(exc, rec)
-                    yield _Rejected(exc)
-
-        def checked() -> Iterator[tuple[int, Any, Any]]:
-            for i, row, rec in convert_records(renamed(), fmt, source="<input>", task=task,
-                                               quarantine=quarantine, account=account):
-                if isinstance(row, _Rejected):
-                    account.rows_in += 1
-                    account.rows_quarantined += 1
-                    account.reasons[f"{row.error.field}: unknown column"] += 1
-                    continue
-                yield i, row, rec
-
-        rows = validate_rows(checked(), kind, source="<input>", quarantine=quarantine, account=account,
+        converted = convert_records(records_of(data), fmt, source="<input>", task=task, quarantine=quarantine,
+                                    account=account, canonical=lambda rec, i: canonical_row(rec, kind, i, columns))
+        rows = validate_rows(converted, kind, source="<input>", quarantine=quarantine, account=account,
                              image_root=image_root, check_images=check_images, indexed=True)
         write_rows(rows, out, SCHEMAS[kind], rows_per_shard)
         quarantine.write()
@@ -247,7 +229,3 @@ def load_table(data: Any, out_dir: str | os.PathLike, *, kind: str = "pairs", fm
     done.write_text(json.dumps({**account.as_dict(), "quarantine": str(quarantine_path)}))
     return out, account
 
-
-class _Rejected:
-    def __init__(self, error: DataError):
-        self.error = error

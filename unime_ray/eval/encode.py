@@ -26,6 +26,7 @@ from ..data.io import ShardWriter
 from ..data.schema import CANDIDATE_SCHEMA, Item
 from ..data.validate import DataError
 from ..utils.pool import Pool
+from ..utils.ray_utils import absolute_if_local
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +84,6 @@ class ItemRegistry:
                             f"image file not found: {path} (image root: {self.image_root})", row_id)
 
 
-def _absolute_if_local(path: str | None) -> str | None:
-    """Ray workers may start in another directory: local paths travel as absolute paths."""
-    if path and Path(path).exists():
-        return str(Path(path).resolve())
-    return path
-
-
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """Unit rows (cosine = dot product); zero rows stay zero instead of becoming NaN."""
     x = np.asarray(x, dtype=np.float32)
@@ -122,9 +116,9 @@ class ItemEncoder:
         if isinstance(embedder_or_spec, EmbedderSpec):
             spec = embedder_or_spec
             root = str(image_root) if image_root is not None else spec.image_root
-            self.spec = dataclasses.replace(spec, model=_absolute_if_local(spec.model),
-                                            adapter=_absolute_if_local(spec.adapter),
-                                            image_root=_absolute_if_local(root))
+            self.spec = dataclasses.replace(spec, model=absolute_if_local(spec.model),
+                                            adapter=absolute_if_local(spec.adapter),
+                                            image_root=absolute_if_local(root))
         else:
             if self.pool.ray:
                 raise ValueError("a Ray pool needs an EmbedderSpec (or a model path) that Ray actors can rebuild; "
@@ -175,7 +169,7 @@ class ItemEncoder:
                 from ..utils.ray_utils import init_ray
 
                 init_ray()
-                target = self.spec if root is None else dataclasses.replace(self.spec, image_root=_absolute_if_local(
+                target = self.spec if root is None else dataclasses.replace(self.spec, image_root=absolute_if_local(
                     str(root)))
             else:
                 target = emb

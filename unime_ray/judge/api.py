@@ -45,6 +45,7 @@ class Judge:
                  config: JudgeConfig | Mapping[str, Any] | None = None,
                  image_root: str | os.PathLike | None = None, **overrides: Any) -> JudgeSpec:
         """What :meth:`from_pretrained` loads, without loading it: how Ray actors build the same judge."""
+        from ..utils.ray_utils import absolute_if_local
         from .encoder_backend import is_encoder_judge
 
         conf = config.model_dump() if isinstance(config, JudgeConfig) else dict(config or {})
@@ -54,8 +55,8 @@ class Judge:
         conf["backend"] = backend
         if backend == "vllm":
             conf.setdefault("pool", {"num_gpus_per_actor": 1})
-        return JudgeSpec(model=str(name_or_path), judge=JudgeConfig.model_validate(conf),
-                         image_root=None if image_root is None else str(image_root))
+        return JudgeSpec(model=absolute_if_local(name_or_path), judge=JudgeConfig.model_validate(conf),
+                         image_root=absolute_if_local(image_root))
 
     def score_or_errors(self, pairs: Sequence[tuple[Any, Any]]) -> tuple[np.ndarray, list[str | None]]:
         """Scores of (query, candidate) pairs (NaN where a pair cannot be scored) and each pair's error."""
@@ -67,7 +68,7 @@ class Judge:
         """P(Yes) of each (query, candidate): two lists of equal length, or one query against many candidates.
         Items are strings, dicts (``text``/``image``/``instruction``), images or ``Item``s. A pair that cannot
         be scored (an unreadable image, a prompt past the context) is NaN, or an error with ``raise_errors``."""
-        if isinstance(queries, (str, Mapping)) or not isinstance(queries, (list, tuple)):
+        if not isinstance(queries, (list, tuple)):
             queries = [queries] * (len(candidates) if isinstance(candidates, (list, tuple)) else 1)
         if not isinstance(candidates, (list, tuple)):
             candidates = [candidates]

@@ -42,9 +42,10 @@ class MinedNegatives:
 
 def _retriever_spec(retriever: Any, image_root: str | os.PathLike | None):
     from ..models.encode import EmbedderSpec
+    from ..utils.ray_utils import absolute_if_local
 
-    if isinstance(retriever, (str, os.PathLike)):
-        return EmbedderSpec(model=str(retriever), image_root=None if image_root is None else str(image_root))
+    if isinstance(retriever, (str, os.PathLike)):   # rebuilt by Ray actors when there is a pool
+        return EmbedderSpec(model=absolute_if_local(retriever), image_root=absolute_if_local(image_root))
     if isinstance(retriever, EmbedderSpec) or hasattr(retriever, "encode"):
         return retriever
     raise TypeError(f"retriever must be an Embedder, an EmbedderSpec or a model name/folder, not "

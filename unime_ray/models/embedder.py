@@ -144,8 +144,7 @@ class Embedder:
             raise ValueError("batch_size must be positive")
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', not {convert_to!r}")
-        items = texts if _all_items(texts) and images is None and instructions is None else to_items(
-            texts, images, instructions)
+        items = to_items(texts, images, instructions)
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         start = time.perf_counter()
         for i in range(0, len(items), batch_size):
@@ -179,7 +178,3 @@ class Embedder:
         return path
 
     save = save_pretrained
-
-
-def _all_items(values: Any) -> bool:
-    return isinstance(values, (list, tuple)) and all(isinstance(v, Item) for v in values)

@@ -56,10 +56,7 @@ def training_table(data: Any, output_dir: Path, columns: Mapping[str, str] | Non
     from ..data.schema import PAIR_SCHEMA
 
     if is_table_path(data) and Path(data).exists() and not columns:
-        try:
-            shards = shard_paths(data)
-        except FileNotFoundError:
-            shards = []
+        shards = shard_paths(data)
         if shards:
             import pyarrow.parquet as pq
 
@@ -70,13 +67,6 @@ def training_table(data: Any, output_dir: Path, columns: Mapping[str, str] | Non
     if not account.rows_out:
         raise ValueError(f"no valid training rows ({account.summary()}); see {path}.quarantine.parquet")
     return str(path.resolve())
-
-
-def _absolute_if_local(path: str | os.PathLike | None) -> str | None:
-    """A path that exists here, made absolute; anything else (a hub name, None) as it is."""
-    if path is None:
-        return None
-    return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
 def run_job(data: Any, job: "TrainJob", name: str, columns: Mapping[str, str] | None = None) -> TrainResult:
@@ -102,11 +92,12 @@ def run_job(data: Any, job: "TrainJob", name: str, columns: Mapping[str, str] | 
 def _train(data: Any, settings: TrainConfig, *, model: str | os.PathLike, output_dir: str | os.PathLike,
            seed: int, image_root: str | os.PathLike | None, input_format: str, positions: str,
            images: ImageBudget | None, columns: Mapping[str, str] | None, name: str) -> TrainResult:
+    from ..utils.ray_utils import absolute_if_local
     from .trainer import TrainJob
 
     # Ray Train workers do not share this process's working directory: local paths go to them absolute
-    job = TrainJob(settings=settings, model=_absolute_if_local(model), output_dir=str(Path(output_dir).resolve()),
-                   input_format=input_format, positions=positions, image_root=_absolute_if_local(image_root),
+    job = TrainJob(settings=settings, model=absolute_if_local(model), output_dir=str(Path(output_dir).resolve()),
+                   input_format=input_format, positions=positions, image_root=absolute_if_local(image_root),
                    seed=seed, images=images or ImageBudget())
     return run_job(data, job, name, columns)
 

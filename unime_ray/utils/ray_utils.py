@@ -14,6 +14,14 @@ WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "TORCH_EXTENS
               "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR", "TQDM_DISABLE")
 
 
+def absolute_if_local(path: str | os.PathLike | None) -> str | None:
+    """Ray workers may start in another directory: a path that exists here travels absolute; anything else (a hub
+    name, None) as it is."""
+    if not path:   # None, or an empty path (not the working directory)
+        return None if path is None else str(path)
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 def _job_runtime_env() -> dict | None:
     """The runtime_env of the Ray job this driver runs in (``ray job submit``), None outside a job."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
