@@ -440,3 +440,32 @@ def test_pipeline_fits_and_scores_with_the_dual_encoder_judge(tiny_towers, tmp_p
     assert {r["judge"] for r in t} == {f["model"] for f in fit["folds"].values()}
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0
+
+
+def test_the_judge_evaluates_as_a_retriever_like_brute_force(synth, fitted, tmp_path):
+    """``encode`` (the embedder interface) lets the eval protocol rank with the judge: its P@1 on a pair table
+    equals an argmax over the judge's own cosine matrix; bad items raise instead of getting a vector."""
+    from unime_ray.data.io import ShardWriter
+    from unime_ray.data.schema import PAIR_SCHEMA, empty_row, item_to_columns, negatives_to_columns
+    from unime_ray.eval.mmeb import evaluate_pairs_table
+
+    concepts = list(range(40, 60))          # not fitted on
+    rows = []
+    for c in concepts:
+        row = empty_row(PAIR_SCHEMA)
+        row.update(id=f"q{c}", task="i2t", **item_to_columns(synth.images[c], "query_"),
+                   **item_to_columns(synth.texts[c], "pos_"))
+        # MMEB form: the ground truth, then every other concept's caption as a distractor
+        row.update(negatives_to_columns([(synth.texts[o], None, f"t{o}") for o in concepts if o != c]))
+        rows.append(row)
+    with ShardWriter(tmp_path / "pairs", PAIR_SCHEMA, rows_per_shard=100) as w:
+        w.write_many(rows)
+    res = evaluate_pairs_table(fitted, tmp_path / "pairs", tmp_path / "out")
+    q = fitted.encode([synth.images[c] for c in concepts])
+    t = fitted.encode([synth.texts[c] for c in concepts])
+    assert q.shape == (20, fitted.dim) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+    brute = 100.0 * float(np.mean((q @ t.T).argmax(1) == np.arange(20)))
+    assert res["per_dataset"]["i2t"] == pytest.approx(brute, abs=1e-3)
+    assert brute > 3 * 100.0 / 20                 # the fitted judge ranks unseen concepts well above chance
+    with pytest.raises(ValueError, match="item 1"):
+        fitted.encode([synth.texts[40], Item(image=b"not an image")])

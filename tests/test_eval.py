@@ -245,11 +245,13 @@ def test_listwise_rerank_wiring(hand_table, tmp_path):
                              datasets=["A"])
     assert r["per_dataset"]["A"] == pytest.approx(100 / 3, abs=1e-3)
     assert r["rerank"]["per_dataset"]["A"] == 100.0 and r["rerank"]["fallbacks"] == 0
+    assert r["rerank"]["choice_ranks"]["A"] == {"1": 1, "2": 1, "3": 1}   # the oracle picks each GT's rank
     # K=2: row A:1's GT (rank 2) is outside the list -> the oracle answers None -> counted fallback, still a miss.
     r = evaluate_pairs_table(FakeEmbedder(vecs), table, tmp_path / "k2", reranker=OracleReranker(gt_of),
                              rerank_top_k=2, datasets=["A"])
     assert r["rerank"]["per_dataset"]["A"] == pytest.approx(200 / 3, abs=1e-3)
     assert r["rerank"]["fallbacks"] == 1 and r["datasets"]["A"]["gt_in_top_k"] == pytest.approx(200 / 3, abs=1e-3)
+    assert r["rerank"]["choice_ranks"]["A"] == {"1": 1, "2": 1}           # the fallback is no pick
     dump = pq.read_table(tmp_path / "k2" / "topk.parquet").to_pylist()
     assert [d["rerank_fallback"] for d in dump] == [False, True, False]
     assert [d["rerank_top1"] for d in dump] == [0, 1, 0]   # A:1 keeps the embedder's top-1 (candidate 1)

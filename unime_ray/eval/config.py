@@ -48,6 +48,9 @@ class EvalConfig(_Section):
     rerank: RerankSettings = Field(default_factory=RerankSettings)
     pool: Pool = Field(default_factory=Pool)       # where the embedders encode (ray: false = this process)
     check_images: bool = True
+    # a dual-encoder stand-in judge (judge_fit.kind: dual_encoder) is also evaluated as a retriever: how much
+    # more than the embedders the teacher knows about the eval items (a reference row, not a variant)
+    judge_reference: bool = True
 
     @model_validator(mode="after")
     def _consistent(self):

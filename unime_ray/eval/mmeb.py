@@ -14,6 +14,8 @@ embedder's top-K per query, the input of a later reranking run).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import logging
 import os
@@ -283,7 +285,7 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
     rerank_info: dict[str, Any] | None = None
     if reranker is not None:
         rerank_info = {"mode": "listwise", "top_k": rerank_top_k, "per_dataset": {}, "fallbacks_per_dataset": {},
-                       "gt_in_top_k": {}}
+                       "gt_in_top_k": {}, "choice_ranks": {}}
     topk_tables = []
     rerank_s = 0.0
     progress = Progress(logger, "scored rows", n_rows)
@@ -316,6 +318,10 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
             rerank_info["per_dataset"][name] = info["reranked_p_at_1"]
             rerank_info["fallbacks_per_dataset"][name] = res.fallbacks
             rerank_info["gt_in_top_k"][name] = info["gt_in_top_k"]
+            # which of the embedder's ranks the reranker picked (usable answers): a reranker that always names
+            # one position has learned the slot, not the content
+            picked = Counter(o[0] + 1 for o, fb in zip(res.orders, res.fell_back) if not fb)
+            rerank_info["choice_ranks"][name] = {str(k): picked[k] for k in sorted(picked)}
             rerank_s += time.perf_counter() - tr
         results["datasets"][name] = info
         topk_tables.append(_topk_table(name, plan, registry.labels, scores,

@@ -66,7 +66,23 @@ def eval_models(ctx: Context) -> list[dict[str, Any]]:
                            "rerank": name == "unime-v2"})   # every seed: the reranker's effect is paired over seeds
     for label, ref in cfg.eval.models.items():
         models.append({"label": label, "variant": label, "seed": None, "model": cfg.model_ref(ref), "rerank": False})
+    judge = _judge_reference(ctx)
+    if judge:
+        models.append({"label": "judge-fold0", "variant": "judge", "seed": None, "model": judge, "rerank": False})
     return models
+
+
+def _judge_reference(ctx: Context) -> str | None:
+    """The first fold's dual-encoder judge, when the run fitted one and ``eval.judge_reference`` is on. The eval
+    items are outside the training split, so no fold has seen them."""
+    from ..judge.stages import JudgeFitResult
+
+    if not ctx.cfg.eval.judge_reference:
+        return None
+    fitted = ctx.result_if_run("judge_fit", JudgeFitResult)
+    if fitted is None or not fitted.enabled or fitted.kind != "dual_encoder" or "0" not in fitted.folds:
+        return None
+    return fitted.folds["0"]["model"]
 
 
 def run_eval(ctx: Context) -> EvalResult:
@@ -106,8 +122,13 @@ def run_eval(ctx: Context) -> EvalResult:
         if done.is_file():
             res = json.loads(done.read_text())
         else:
-            spec = embedder_spec(ctx, image_root, m["model"], role="eval")
-            kw = dict(image_root=image_root, top_k_dump=ev.top_k_dump, pool=ev.pool, check_images=ev.check_images,
+            if m["variant"] == "judge":    # encoded in this process: its tower features are cached per item
+                from ..judge.encoder_backend import EncoderJudge
+
+                spec, pool = EncoderJudge.load(m["model"], image_root=image_root), None
+            else:
+                spec, pool = embedder_spec(ctx, image_root, m["model"], role="eval"), ev.pool
+            kw = dict(image_root=image_root, top_k_dump=ev.top_k_dump, pool=pool, check_images=ev.check_images,
                       label=m["label"])
             res = {}
             if "pairs" in ev.sets:
@@ -123,7 +144,7 @@ def run_eval(ctx: Context) -> EvalResult:
                 # Written as the model's results.json: what the report reads, and a rerun skips the model.
                 res = {**res, "mmeb": mmeb} if "pairs" in ev.sets else mmeb
                 write_json_atomic(res, done)
-            if res.get("per_dataset"):   # a model this run trained carries its results in its card
+            if res.get("per_dataset") and m["variant"] != "judge":   # a trained model carries its results in its card
                 record_in_card(m["model"], evaluation_of(res), str(table) if "pairs" in ev.sets else ev.mmeb_dir)
         vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
         tokens = ctx.visual_tokens(eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])

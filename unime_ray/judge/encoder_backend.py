@@ -364,6 +364,24 @@ class EncoderJudge:
         f = self.featurizer.features(items)
         return self.embed_features(f), f.errors
 
+    @property
+    def dim(self) -> int:
+        return int(self.heads.dim)
+
+    def encode(self, items: Sequence[Item], batch_size: int | None = None) -> np.ndarray:
+        """[len(items), dim] unit vectors in the judge's shared space: the embedder interface, so the judge can
+        be evaluated as a retriever beside the embedders it teaches. An unreadable item raises."""
+        items = list(items)
+        vectors, errors = self._embed_cached(items)
+        bad = [(i, e) for i, e in enumerate(errors) if e]
+        if bad:
+            raise ValueError(f"item {bad[0][0]}: {bad[0][1]}")
+        self.featurizer.store.flush()
+        if not vectors:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        z = np.stack(vectors).astype(np.float32)
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
     def _embed_cached(self, items: Sequence[Item]) -> tuple[list[np.ndarray | None], list[str | None]]:
         """Shared-space vectors of items, each distinct item embedded once (a query recurs for each of its
         candidates, a candidate across queries); recent vectors are kept (bounded) across calls."""
