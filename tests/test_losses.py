@@ -163,3 +163,40 @@ def test_kl_form_is_one_train_knob_that_reaches_the_loss():
     for form, ref in (("exact", np_sym_kl(sim, scores, 0.02)), ("floored", np_floored_sym_kl(sim, scores, 0.02))):
         loss, _ = batch_loss(FixedEmbedder(), examples, "judge_alignment", 0.02, kl_form=form)
         assert float(loss) == pytest.approx(ref, rel=1e-4)
+
+
+def test_infonce_leaves_shared_positives_out_of_the_softmax():
+    """positive_keys: query i's softmax runs over its own positive, every positive with another key and its
+    mined negatives; rows whose positive equals its own (same key) are dropped. Checked against plain loops,
+    also on another rank's slice of gathered positives."""
+    rng = np.random.default_rng(3)
+    q, pos, neg = rng.normal(size=(4, 8)), rng.normal(size=(6, 8)), rng.normal(size=(4, 2, 8))
+    keys = np.array([7, 7, 3, 7, 3, 5])           # rows 0, 1, 3 share one label; 2 and 4 another
+    t, offset = 0.05, 1                          # queries 0..3 own positives 1..4
+
+    def reference(i):
+        own = offset + i
+        logits = [q[i] @ pos[own]] + [q[i] @ pos[j] for j in range(6) if j != own and keys[j] != keys[own]]
+        logits += [q[i] @ n for n in neg[i]]
+        z = np.array(logits) / t
+        return -(z[0] - np.log(np.exp(z - z.max()).sum()) - z.max())
+
+    want = np.mean([reference(i) for i in range(4)])
+    got = infonce(torch.tensor(q), torch.tensor(pos), torch.tensor(neg), t, positive_offset=offset,
+                  positive_keys=torch.tensor(keys))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    unmasked = infonce(torch.tensor(q), torch.tensor(pos), torch.tensor(neg), t, positive_offset=offset)
+    assert unmasked.item() != pytest.approx(want, rel=1e-3)      # the mask changes the loss here
+    distinct = infonce(torch.tensor(q), torch.tensor(pos), None, t, positive_keys=torch.arange(6))
+    assert distinct.item() == pytest.approx(infonce(torch.tensor(q), torch.tensor(pos), None, t).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="positive_keys"):
+        infonce(torch.tensor(q), torch.tensor(pos), None, t, positive_keys=torch.arange(5))
+
+
+def test_content_ids_are_equal_exactly_for_equal_items():
+    from unime_ray.data.schema import Item
+    from unime_ray.train.embedder import content_ids
+
+    ids = content_ids([Item(text="cat"), Item(text="cat"), Item(text="cat", instruction="Label:"),
+                       Item(text="dog"), Item(image=b"\x89PNG-a"), Item(image=b"\x89PNG-a")]).tolist()
+    assert ids[0] == ids[1] and ids[4] == ids[5] and len({ids[0], ids[2], ids[3], ids[4]}) == 4

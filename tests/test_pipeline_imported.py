@@ -187,3 +187,40 @@ def test_models_stage_checks_the_retriever(tiny_models, tmp_path):
     cfg = load_run_config(overrides=[*base, f"models.retriever={tmp_path / 'missing'}", "data.source=official",
                                      f"data.train_path={src}"])
     assert "retriever" not in stage_models(cfg, pipeline.Manifest(tmp_path / "run"))
+
+
+def test_mmeb_train_data_with_mmeb_eval_rows(tmp_path):
+    """data.eval_source: training pairs in MMEB-train form, eval rows in MMEB-eval form (candidate lists, ground
+    truth first) are each imported with their own converter; a wrong combination is a clear config error."""
+    import json
+
+    from unime_ray import pipeline
+    from unime_ray.data.io import read_table
+    from unime_ray.data.schema import negatives_from_row
+
+    labels = ["cat", "dog", "bird"]
+    train, evals = tmp_path / "pets.jsonl", tmp_path / "eval" / "pets.jsonl"
+    evals.parent.mkdir()
+    train.write_text("".join(json.dumps({"qry": f"Which pet is meant: a {lab} number {i}?", "qry_image_path": "",
+                                         "pos_text": lab, "pos_image_path": ""}) + "\n"
+                             for i, lab in enumerate(labels * 2)))
+    evals.write_text("".join(json.dumps({"qry_text": f"a {lab}", "qry_img_path": "",
+                                         "tgt_text": [lab] + [o for o in labels if o != lab],
+                                         "tgt_img_path": ["", "", ""]}) + "\n" for lab in labels)
+                     + "{\"qry_text\": \"no candidates\", \"qry_img_path\": \"\", \"tgt_text\": []}\n")
+    cfg = load_run_config(overrides=[
+        f"run_dir={tmp_path / 'run'}", "data.source=mmeb-train", f"data.train_path={train}",
+        f"data.eval_path={evals}", "data.eval_source=mmeb-eval", "stages=[data, prepare]",
+        "ray.include_dashboard=false"])
+    pipeline.run_pipeline(cfg)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    tables = manifest["stages"]["prepare"]["outputs"]["tables"]
+    assert (tables["train_pairs"]["rows_in"], tables["train_pairs"]["rows_out"]) == (6, 6)
+    ev = tables["eval_pairs"]
+    assert (ev["rows_in"], ev["rows_out"], ev["rows_quarantined"]) == (4, 3, 1)     # in = out + quarantined
+    rows = read_table(ev["path"]).to_pylist()
+    assert {r["task"] for r in rows} == {"pets"}
+    assert all(len(negatives_from_row(r)) == 2 for r in rows) and rows[0]["pos_text"] == "cat"
+    with pytest.raises(ValueError, match="eval_source is the format of data.eval_path"):
+        load_run_config(overrides=["data.source=mmeb-train", f"data.train_path={train}",
+                                   "data.eval_source=mmeb-eval"])

@@ -15,6 +15,9 @@ class DataConfig(BaseModel):
     source: Literal["emoji", "synthetic", "official", "mmeb-train", "mmeb-eval", "canonical"] = "emoji"
     train_path: str | None = None
     eval_path: str | None = None
+    # the format of eval_path when it differs from source's (e.g. train on MMEB-train, evaluate on MMEB-eval
+    # rows, whose candidate lists the train format cannot hold); null: source's
+    eval_source: Literal["official", "mmeb-train", "mmeb-eval", "canonical"] | None = None
     image_root: str | None = None
     task: str | None = None
     seed: int = 0
@@ -28,4 +31,7 @@ class DataConfig(BaseModel):
     def _paths_for_files(self):
         if self.source not in ("emoji", "synthetic") and not (self.train_path or self.eval_path):
             raise ValueError(f"data.source={self.source!r} needs data.train_path and/or data.eval_path")
+        if self.eval_source is not None and (self.source in ("emoji", "synthetic") or not self.eval_path):
+            raise ValueError("data.eval_source is the format of data.eval_path: it needs a file source "
+                             f"(data.source={self.source!r}) and data.eval_path")
         return self

@@ -21,6 +21,7 @@ TABLES = ("train_pairs", "train_candidates", "eval_pairs", "eval_candidates")
 
 class DataResult(StageResult):
     format: str
+    eval_format: str | None = None         # eval_pairs' format when it differs (data.eval_source)
     image_root: str | None = None
     inputs: dict[str, str]                 # table name -> input file or folder
     summary: dict[str, Any] | None = None  # the demo data's own summary
@@ -54,8 +55,8 @@ def run_data(ctx: Context) -> DataResult:
     for k, v in inputs.items():
         if not Path(v).exists():
             raise FileNotFoundError(f"data.{k.split('_')[0]}_path: {v} does not exist")
-    return DataResult(format=d.source, image_root=str(ctx.cfg.path(d.image_root)) if d.image_root else None,
-                      inputs=inputs)
+    return DataResult(format=d.source, eval_format=d.eval_source,
+                      image_root=str(ctx.cfg.path(d.image_root)) if d.image_root else None, inputs=inputs)
 
 
 def imported_training(ctx: Context) -> dict[str, Any] | None:
@@ -116,6 +117,8 @@ def run_prepare(ctx: Context) -> PrepareResult:
         shutil.rmtree(tmp, ignore_errors=True)
         kind = "candidates" if table.endswith("candidates") else "pairs"
         fmt = data.format if kind == "pairs" else "canonical"
+        if table == "eval_pairs" and data.eval_format:
+            fmt = data.eval_format
         if fmt == "mmeb-eval" and table == "train_pairs":
             raise ValueError("data.source mmeb-eval describes evaluation rows; give it as data.eval_path")
         start = time.perf_counter()

@@ -26,6 +26,9 @@ class TrainConfig(_Section):
     temperature: float = Field(default=0.02, gt=0)
     # judge_alignment's KL: "exact" = the paper's formula; "floored" = the official code's log(p + 1e-8)
     kl_form: Literal["exact", "floored"] = "exact"
+    # in-batch InfoNCE: a batch row whose positive equals the query's own (a shared class label) is not one of
+    # its negatives; false = VLM2Vec's loss, where it is
+    mask_shared_positives: bool = True
     # where the weights start: models.embedder as given, or the trained baseline (run dir's baseline stage)
     init: Literal["embedder", "baseline"] = "embedder"
     lr: float = Field(default=1e-4, gt=0)

@@ -34,10 +34,19 @@ def examples_from_rows(rows: Sequence[dict[str, Any]], k: int) -> list[tuple[Ite
     return out
 
 
+def content_ids(items: Sequence[Item]) -> torch.Tensor:
+    """One int64 per item from its content (equal items, equal ids): what in-batch masking compares."""
+    return torch.tensor([int.from_bytes(bytes.fromhex(it.content_key())[:8], "little", signed=True)
+                         for it in items], dtype=torch.int64)
+
+
 def batch_loss(embedder, examples, objective: str, temperature: float,
-               gather_positives=None, kl_form: str = "exact") -> tuple[torch.Tensor, dict[str, float]]:
+               gather_positives=None, kl_form: str = "exact",
+               mask_shared_positives: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a batch of examples and its agreement metric (differentiable through ``embedder``).
-    ``kl_form``: the judge_alignment KL, ``exact`` or the official code's ``floored`` (see the loss)."""
+    ``kl_form``: the judge_alignment KL, ``exact`` or the official code's ``floored`` (see the loss).
+    ``mask_shared_positives``: in-batch InfoNCE does not count a positive that equals the query's own as a
+    negative (see :func:`~.losses.infonce`)."""
     queries = [q for q, _, _ in examples]
     cands = [c for _, cs, _ in examples for c in cs]
     n, width = len(examples), len(examples[0][1])
@@ -54,7 +63,11 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
     else:
         positives = c[:, 0]
         all_pos, offset = gather_positives(positives) if gather_positives else (positives, 0)
-        loss = infonce(q, all_pos, c[:, 1:], temperature, positive_offset=offset)
+        keys = None
+        if mask_shared_positives:
+            keys = content_ids([cs[0] for _, cs, _ in examples]).to(q.device)
+            keys = gather_positives(keys)[0] if gather_positives else keys
+        loss = infonce(q, all_pos, c[:, 1:], temperature, positive_offset=offset, positive_keys=keys)
     with torch.no_grad():
         info = {"positive_top1": (sim.argmax(1) == 0).float().mean().item()}
         if width > 1:  # with in-batch negatives only there is nothing to agree on
@@ -95,4 +108,5 @@ class EmbedderTask:
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         examples = examples_from_rows(rows, self.s.num_negatives)
         return batch_loss(self.embedder, examples, self.s.objective, self.s.temperature,
-                          gather_with_grad if self.s.objective == "infonce" else None, self.s.kl_form)
+                          gather_with_grad if self.s.objective == "infonce" else None, self.s.kl_form,
+                          self.s.mask_shared_positives)

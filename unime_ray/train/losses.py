@@ -61,16 +61,29 @@ def hard_label_loss(similarity: torch.Tensor, temperature: float = 0.02) -> torc
 
 
 def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor | None = None,
-            temperature: float = 0.02, positive_offset: int = 0) -> torch.Tensor:
+            temperature: float = 0.02, positive_offset: int = 0,
+            positive_keys: torch.Tensor | None = None) -> torch.Tensor:
     """VLM2Vec-style InfoNCE: each query against every positive of the batch (in-batch negatives) plus,
     optionally, its own mined negatives ([N, k, d]). Under data parallelism pass the gathered positives.
 
     ``query`` [N, d] and ``positives`` [M, d] with M >= N; query i's positive is at row
     ``positive_offset + i`` (under data parallelism: this rank's index times N, where its slice of the
     gathered positives starts).
+
+    ``positive_keys`` [M] (content ids of the positives): another row's positive with the same key as query
+    i's own (a class label or caption that two queries share) is its positive too, not a negative, so it is
+    left out of query i's softmax. Without keys every other row counts as a negative (VLM2Vec's loss), which
+    on classification-style data pushes a query away from its own label.
     """
     q = query.float()
     logits = q @ positives.float().T
+    if positive_keys is not None:
+        if positive_keys.shape != (len(positives),):
+            raise ValueError(f"positive_keys has shape {tuple(positive_keys.shape)}; expected ({len(positives)},)")
+        own = torch.arange(len(q), device=q.device) + positive_offset
+        same = positive_keys.to(q.device).unsqueeze(0) == positive_keys.to(q.device)[own].unsqueeze(1)
+        same[torch.arange(len(q), device=q.device), own] = False
+        logits = logits.masked_fill(same, float("-inf"))
     if hard_negatives is not None and hard_negatives.numel():
         logits = torch.cat([logits, torch.einsum("nd,nkd->nk", q, hard_negatives.float())], dim=1)
     target = torch.arange(len(q), device=q.device) + positive_offset
