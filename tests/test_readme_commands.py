@@ -27,7 +27,7 @@ VENV = Path(sys.prefix)
 
 # line as written -> (what runs instead, why)
 SUBSTITUTES = {
-    "make demo": ("true", "the demo takes ~8 min: the suite's whole-method synthetic run (every stage, tiny sizes) "
+    "make demo": ("true", "the demo takes ~15 min: the suite's whole-method synthetic run (every stage, tiny sizes) "
                   "stands in for it and is linked at runs/demo, the folder the demo writes"),
     "make test": ("true", "this is the test suite itself"),
     "ray stop": ("true", "`ray stop` stops every Ray on the machine, the suite's own included: the test stops the "

@@ -124,6 +124,11 @@ def test_report_section_prints_these_numbers(tmp_path):
     assert "The paper's order (infonce-inbatch < hard-labels < unime-v2) holds" in text
     assert "Reranking helps" in text
     assert "picks by embedder rank: 1 88%, 2 12%" in text                    # 7 of 8 picks at rank 1
+    assert "position bias" not in text                                      # too few picks to call it
+    from unime_ray.eval.report import _choice_text
+
+    assert "position bias" in _choice_text({"a": {"4": 95}, "b": {"1": 5}})
+    assert "position bias" not in _choice_text({"a": {"4": 85}, "b": {"1": 15}})
     # multiples of chance: mean over seeds / chance
     i2t = np.mean([RESULTS["unime-v2"][s]["i2t"] for s in (0, 1, 2)]) / CHANCE["i2t"]
     assert f"{i2t:.1f}x" in text and f"{RESULTS['baseline'][0]['t2i'] / CHANCE['t2i']:.1f}x" in text

@@ -130,7 +130,10 @@ def _choice_text(choice_ranks: dict[str, dict[str, int]] | None) -> str:
     n = sum(total.values())
     if not n:
         return ""
-    return "; picks by embedder rank: " + ", ".join(f"{r} {100.0 * total[r] / n:.0f}%" for r in sorted(total))
+    text = "; picks by embedder rank: " + ", ".join(f"{r} {100.0 * total[r] / n:.0f}%" for r in sorted(total))
+    if n >= 20 and max(total.values()) >= 0.9 * n:
+        text += " (one slot for nearly every query: a position bias, not a judgement of the content)"
+    return text
 
 
 def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> list[str]:
