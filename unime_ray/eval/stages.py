@@ -122,7 +122,7 @@ def run_eval(ctx: Context) -> EvalResult:
         if done.is_file():
             res = json.loads(done.read_text())
         else:
-            if m["variant"] == "judge":    # encoded in this process: its tower features are cached per item
+            if m["variant"] == "judge":    # in this process: Ray actors rebuild embedders from an EmbedderSpec
                 from ..judge.encoder_backend import EncoderJudge
 
                 spec, pool = EncoderJudge.load(m["model"], image_root=image_root), None
