@@ -572,3 +572,30 @@ def test_demo_eval_table_if_present(tmp_path):
                              max_rows_per_dataset=3, pool=Pool.in_process(32))
     assert set(r["per_dataset"]) == {"emoji_i2t", "emoji_t2i", "emoji_cls"}
     assert r["sizes"]["rows"] == 9 and r["datasets"]["emoji_i2t"]["mean_candidates"] > 100
+
+
+def test_eval_step_adds_the_dual_encoder_judge_as_a_reference(tmp_path):
+    """eval_models: a run that fitted a dual-encoder stand-in judge also ranks the eval sets with its fold-0
+    judge (a seedless reference row); an MLLM stand-in or eval.judge_reference: false adds nothing."""
+    from types import SimpleNamespace
+
+    from unime_ray.config import load_run_config
+    from unime_ray.eval.stages import eval_models
+    from unime_ray.judge.stages import JudgeFitResult
+
+    def ctx(kind, reference=True):
+        cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path}", "baseline.enabled=false",
+                                                             f"eval.judge_reference={str(reference).lower()}"])
+        fit = JudgeFitResult(enabled=True, kind=kind, num_folds=2, folds={"0": {"model": "/j/fold0"},
+                                                                          "1": {"model": "/j/fold1"}})
+        results = {"judge_fit": fit}
+        return SimpleNamespace(cfg=cfg, result_if_run=lambda name, cls: results.get(name),
+                               completed=lambda name: False)
+
+    models = eval_models(ctx("dual_encoder"))
+    judge = [m for m in models if m["variant"] == "judge"]
+    assert judge == [{"label": "judge-fold0", "variant": "judge", "seed": None, "model": "/j/fold0",
+                      "rerank": False}]
+    assert models[0]["variant"] == "initial-embedder"
+    assert not [m for m in eval_models(ctx("mllm")) if m["variant"] == "judge"]
+    assert not [m for m in eval_models(ctx("dual_encoder", reference=False)) if m["variant"] == "judge"]
