@@ -75,19 +75,19 @@ def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.
     left out of query i's softmax. Without keys every other row counts as a negative (VLM2Vec's loss), which
     on classification-style data pushes a query away from its own label.
     """
+    if positive_offset < 0 or positive_offset + len(query) > len(positives):
+        raise ValueError(f"positive_offset {positive_offset} + {len(query)} queries exceeds {len(positives)} positives")
     q = query.float()
+    target = torch.arange(len(q), device=q.device) + positive_offset
     logits = q @ positives.float().T
     if positive_keys is not None:
         if positive_keys.shape != (len(positives),):
             raise ValueError(f"positive_keys has shape {tuple(positive_keys.shape)}; expected ({len(positives)},)")
-        own = torch.arange(len(q), device=q.device) + positive_offset
-        same = positive_keys.to(q.device).unsqueeze(0) == positive_keys.to(q.device)[own].unsqueeze(1)
-        same[torch.arange(len(q), device=q.device), own] = False
+        keys = positive_keys.to(q.device)
+        same = keys.unsqueeze(0) == keys[target].unsqueeze(1)
+        same[torch.arange(len(q), device=q.device), target] = False
         logits = logits.masked_fill(same, float("-inf"))
     if hard_negatives is not None and hard_negatives.numel():
         logits = torch.cat([logits, torch.einsum("nd,nkd->nk", q, hard_negatives.float())], dim=1)
-    target = torch.arange(len(q), device=q.device) + positive_offset
-    if positive_offset < 0 or positive_offset + len(q) > len(positives):
-        raise ValueError(f"positive_offset {positive_offset} + {len(q)} queries exceeds {len(positives)} positives")
     return F.cross_entropy(logits / temperature, target)
 
