@@ -14,13 +14,12 @@ embedder's top-K per query, the input of a later reranking run).
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import logging
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence

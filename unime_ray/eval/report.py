@@ -168,8 +168,9 @@ def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> lis
         for m in models.values():   # single references (the judge as a retriever, eval.models): their one run
             scores = m.get("per_dataset") or {}
             if m.get("seed") is None and scores and m["variant"] not in plain:
-                ratio_rows.append([m.get("label", m["variant"])] + [f"{scores[d] / chance[d]:.1f}x" if scores.get(d) is not None
-                                                  and chance.get(d) else "-" for d in chance])
+                ratio_rows.append([m.get("label", m["variant"])]
+                                  + [f"{scores[d] / chance[d]:.1f}x" if scores.get(d) is not None and chance.get(d)
+                                     else "-" for d in chance])
         parts.append("P@1 as a multiple of chance (mean over seeds / chance P@1):\n")
         parts.append(markdown_table(["variant"] + list(chance), ratio_rows))
         parts.append("")

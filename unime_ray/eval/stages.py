@@ -119,10 +119,11 @@ def run_eval(ctx: Context) -> EvalResult:
     for m in eval_models(ctx):
         target = out_dir / m["label"]
         done = target / "results.json"
+        is_judge = m["variant"] == "judge"   # the stand-in judge as a reference, not a model this run trains
         if done.is_file():
             res = json.loads(done.read_text())
         else:
-            if m["variant"] == "judge":    # in this process: Ray actors rebuild embedders from an EmbedderSpec
+            if is_judge:    # in this process: Ray actors rebuild embedders from an EmbedderSpec
                 from ..judge.encoder_backend import EncoderJudge
 
                 spec, pool = EncoderJudge.load(m["model"], image_root=image_root), None
@@ -144,7 +145,7 @@ def run_eval(ctx: Context) -> EvalResult:
                 # Written as the model's results.json: what the report reads, and a rerun skips the model.
                 res = {**res, "mmeb": mmeb} if "pairs" in ev.sets else mmeb
                 write_json_atomic(res, done)
-            if res.get("per_dataset") and m["variant"] != "judge":   # a trained model carries its results in its card
+            if res.get("per_dataset") and not is_judge:   # a trained model carries its results in its card
                 record_in_card(m["model"], evaluation_of(res), str(table) if "pairs" in ev.sets else ev.mmeb_dir)
         vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
         tokens = ctx.visual_tokens(eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])
