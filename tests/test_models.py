@@ -143,6 +143,28 @@ def test_hf_and_manual_processors_give_identical_inputs(tiny_models, arch):
         assert n_pad == int(manual["image_grid_thw"].prod(dim=1).sum().item()) // 4
 
 
+def test_cached_images_give_the_same_inputs(tiny_models, arch, tmp_path):
+    """Embedder.cache_images: the same tensors as processing every image afresh (repeats, a path and bytes, a
+    cache too small for the batch that drops entries while it runs), and the visual-token tally counts each use."""
+    from unime_ray.models.embedder import Embedder
+
+    (tmp_path / "a.png").write_bytes(make_png(40, 30, 5))
+    items = mixed_items() + [Item(text="x", image_path="a.png"), Item(image_path="a.png")] + mixed_items()[:2]
+    plain = Embedder.from_pretrained(tiny_models[arch], image_root=tmp_path)
+    for budget in (1 << 30, 200_000):                         # all of them; about two at a time
+        cached = Embedder.from_pretrained(tiny_models[arch], image_root=tmp_path)
+        cached.cache_images(budget)
+        for fmt in ("official", "chat"):
+            plain.input_format = cached.input_format = fmt
+            want = plain.prepare(items)
+            for _ in range(2):                                    # a cold and a warm cache
+                got = cached.prepare(items)
+                assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), (budget, fmt)
+        assert cached.processor.visual_tokens == {k: 2 * v for k, v in plain.processor.visual_tokens.items()}
+        plain.processor.visual_tokens.clear()
+        assert cached.pixel_cache.bytes <= budget
+
+
 def test_processor_image_options(tiny_models):
     from PIL import Image
 

@@ -297,7 +297,9 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
         p1, chance = 100.0 * hits / len(plan), 100.0 * float(np.mean(1.0 / n_cands))
         results["per_dataset"][name] = _pct(p1)
         results["chance"][name] = _pct(chance)
-        info = {"p_at_1": _pct(p1), "hits": int(hits), "rows": len(plan),
+        r = np.asarray(ranks)
+        info = {"p_at_1": _pct(p1), "r_at_5": _pct(100.0 * np.mean(r < 5)), "r_at_10": _pct(100.0 * np.mean(r < 10)),
+                "mrr": _pct(100.0 * np.mean(1.0 / (r + 1))), "hits": int(hits), "rows": len(plan),
                 "mean_candidates": round(float(n_cands.mean()), 3), "min_candidates": int(n_cands.min()),
                 "chance": _pct(chance), "gt_duplicates_dropped": plan.gt_duplicates,
                 "mmeb_name": mmeb_name(name), "group": meta_task(name), "split": split_of(name)}

@@ -46,13 +46,13 @@ def _f(v: Any) -> Any:
 
 def _pairs_markdown(r: Mapping[str, Any]) -> str:
     rr = r.get("rerank")
-    head = ["dataset", "group", "split", "rows", "candidates (mean)", "chance %", "P@1 %"]
+    head = ["dataset", "group", "split", "rows", "candidates (mean)", "chance %", "P@1 %", "R@5 %", "R@10 %", "MRR %"]
     if rr:
         head += [f"reranked P@1 % (top-{rr['top_k']})", "GT in top-K %", "fallbacks"]
     rows = []
     for name, d in r["datasets"].items():
         row = [name, d.get("group") or "-", d.get("split") or "-", d["rows"], d["mean_candidates"], d["chance"],
-               d["p_at_1"]]
+               d["p_at_1"], d.get("r_at_5"), d.get("r_at_10"), d.get("mrr")]
         if rr:
             row += [d.get("reranked_p_at_1"), d.get("gt_in_top_k"), d.get("rerank_fallbacks")]
         rows.append(row)

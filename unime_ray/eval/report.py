@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..report import markdown_table
 
 
@@ -123,6 +125,8 @@ def comparison_section(ev: dict[str, Any], run_dir: Path) -> list[str]:
 def _choice_text(choice_ranks: dict[str, dict[str, int]] | None) -> str:
     """``; picks by embedder rank: 1 62%, 2 20%, ...`` over every eval set: a reranker that always names the
     same slot has learned a position, not the content."""
+    from .stats import one_slot
+
     total: dict[int, int] = {}
     for per_set in (choice_ranks or {}).values():
         for rank, n in per_set.items():
@@ -131,43 +135,65 @@ def _choice_text(choice_ranks: dict[str, dict[str, int]] | None) -> str:
     if not n:
         return ""
     text = "; picks by embedder rank: " + ", ".join(f"{r} {100.0 * total[r] / n:.0f}%" for r in sorted(total))
-    if n >= 20 and max(total.values()) >= 0.9 * n:
+    if one_slot(choice_ranks):
         text += " (one slot for nearly every query: a position bias, not a judgement of the content)"
     return text
 
 
 def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> list[str]:
-    """Paired comparisons over seeds (see :mod:`unime_ray.eval.stats`): the paper's order, the reranker's
-    effect, and each variant's P@1 as a multiple of chance."""
-    from .stats import MEAN_KEY, PAPER_ORDER, order_verdict, paired_difference, per_seed, rerank_effect
+    """Every variant's R@1/R@5/R@10/MRR over seeds, the paired differences with their bootstrap intervals, the
+    verdicts on the paper's order and on the reranker (see :mod:`unime_ray.eval.stats`), and each variant's P@1
+    as a multiple of chance."""
+    from .stats import (MEAN_KEY, PAPER_ORDER, RANK_METRICS, metric_values, one_slot, order_verdict,
+                        paired_interval, per_seed, rerank_verdict, seed_spread, seeds_by_variant)
 
-    plain, reranked = per_seed(models), per_seed(models, reranked=True)
-    parts = ["\n### Statistics over seeds\n",
-             "Each variant starts from the same weights and trains on the same data for the same steps, once per "
-             "seed; runs with the same seed are paired. Cells: mean ± sample standard deviation (n - 1) of the "
-             "paired differences in P@1 points, and that mean in standard deviations (sd).\n"]
-    keys = [d for d in chance if any(d in v for v in plain.values())] + [MEAN_KEY]
-    pairs = list(zip(PAPER_ORDER[1:], PAPER_ORDER)) + [(PAPER_ORDER[-1], PAPER_ORDER[0])]
-    rows = []
-    for better, worse in pairs:
-        if better in plain and worse in plain:
-            cells = [paired_difference(plain[better].get(k, {}), plain[worse].get(k, {}), better, worse) for k in keys]
-            n = max((len(c.seeds) for c in cells if c), default=0)
-            rows.append([f"{better} - {worse}", n] + [c.text() if c else "-" for c in cells])
-    if rows:
-        parts.append(markdown_table(["difference", "seeds"] + [f"P@1 {k}" for k in keys], rows))
-        parts.append("")
-    parts.append(order_verdict(plain).sentence() + "\n")
-    if reranked:
-        parts.append(rerank_effect(plain, reranked)[1] + "\n")
+    plain, reranked = seeds_by_variant(models), seeds_by_variant(models, reranked=True)
+    parts = ["\n### Statistics over seeds and queries\n"]
+    if plain:
+        parts.append("Each variant starts from the same weights and trains on the same data for the same steps, once "
+                     "per seed, and is evaluated on the same queries. Metrics in percent, averaged over the eval sets "
+                     "(R@1 is MMEB's P@1; R@K: the ground truth among the top K; MRR: mean of 1 / rank), mean ± sample "
+                     "std over seeds:\n")
+        rows = []
+        for variant, seeds in plain.items():
+            sets = list(next(iter(seeds.values())))
+            rows.append([variant, len(seeds)] + [seed_spread(
+                float(np.mean([metric_values(seeds[s][d], metric).mean() for d in sets])) for s in seeds).text()
+                for metric in RANK_METRICS])
+        parts += [markdown_table(["variant", "seeds"] + list(RANK_METRICS), rows), ""]
+        sets = [d for d in chance if any(d in next(iter(v.values())) for v in plain.values())]
+        pairs = list(zip(PAPER_ORDER[1:], PAPER_ORDER)) + [(PAPER_ORDER[-1], PAPER_ORDER[0])]
+        cells = [(b, w, plain[b], plain[w]) for b, w in pairs if b in plain and w in plain]
+        cells += [(f"{v} + reranker", v, reranked[v], plain[v]) for v in reranked if v in plain]
+        rows = []
+        for better, worse, a, b in cells:
+            row = [paired_interval(a, b, "R@1", d, better, worse) for d in sets]
+            row += [paired_interval(a, b, metric, MEAN_KEY, better, worse)
+                    for metric in (RANK_METRICS if "reranker" not in better else RANK_METRICS[:1])]
+            ok = [c for c in row if c]
+            rows.append([f"{better} - {worse}", ok[0].seeds if ok else 0]
+                        + [("**" + c.text() + "**" if c.resolved else c.text()) if c else "-" for c in row]
+                        + ["-"] * (len(sets) + len(RANK_METRICS) - len(row)))
+        if rows:
+            parts.append("Paired differences in points, with 95 % two-way bootstrap intervals over seeds and queries "
+                         "(bold: the interval excludes 0; otherwise the difference is not resolvable at this n). "
+                         "The reranked rows compare R@1 only:\n")
+            parts += [markdown_table(["difference", "seeds"] + [f"R@1 {d}" for d in sets]
+                                     + [f"{m} mean" for m in RANK_METRICS], rows), ""]
+        parts.append(order_verdict(plain).sentence() + "\n")
+        for variant in reranked:
+            bias = any(one_slot((m.get("rerank") or {}).get("choice_ranks")) for m in models.values()
+                       if m.get("variant") == variant)
+            parts.append(rerank_verdict(plain, reranked, variant, bias)[1] + "\n")
+    scores_by_seed = per_seed(models)
     if chance:
         ratio_rows = []
-        for variant, scores in plain.items():
+        for variant, scores in scores_by_seed.items():
             ratio_rows.append([variant] + [f"{sum(scores[d].values()) / len(scores[d]) / chance[d]:.1f}x"
                                            if d in scores and chance.get(d) else "-" for d in chance])
         for m in models.values():   # single references (the judge as a retriever, eval.models): their one run
             scores = m.get("per_dataset") or {}
-            if m.get("seed") is None and scores and m["variant"] not in plain:
+            if m.get("seed") is None and scores and m["variant"] not in scores_by_seed:
                 ratio_rows.append([m.get("label", m["variant"])]
                                   + [f"{scores[d] / chance[d]:.1f}x" if scores.get(d) is not None and chance.get(d)
                                      else "-" for d in chance])

@@ -1,26 +1,34 @@
-"""Statistics of the variant comparison (the paper's Table 4) over training seeds.
+"""Statistics of the variant comparison (the paper's Table 4) over training seeds and eval queries.
 
-Every variant is trained from the same initial weights, on the same data, for the same steps, once per seed; a
-seed's runs of two variants therefore form a pair. Reported per eval set and for the mean over sets:
+Every variant is trained from the same initial weights, on the same data, for the same steps, once per seed, and
+is evaluated on the same queries; so two variants' results pair up twice over: by seed and by query.
 
-* per variant: the mean and the sample standard deviation (n - 1) over its seeds;
-* per pair of variants: the paired differences (same seed), their mean and sample standard deviation, and
-  ``d = mean / std``, how many standard deviations of the paired difference the mean difference is;
+* per variant: the mean and the sample standard deviation (n - 1) over its seeds, of R@1 (= MMEB P@1), R@5,
+  R@10 and MRR per eval set and averaged over the sets;
+* per pair of variants: the mean paired difference and its 95 % interval from a two-way bootstrap that draws
+  seeds and queries independently, with replacement (the same draws for both variants: paired). The interval
+  so covers both the training noise (another seed) and the eval sample (other queries of the same kind). With
+  one seed it covers the eval sample only; with two or three it still underestimates the seed spread (a
+  bootstrap over n draws has variance (n-1)/n of the truth), which the report says; the seed-by-query noise
+  is counted in both margins, which errs wide (tests/test_report_stats.py measures its coverage);
+* a difference is *resolved* when its interval excludes 0, and *not resolvable at this n* otherwise: no verdict
+  is read off a mean whose interval straddles 0;
 * the paper's order (Table 4: in-batch InfoNCE < mined negatives with hard labels < judge-score alignment)
-  *holds* when every consecutive paired mean difference is positive, and holds *beyond the seed spread* when,
-  in addition, each is at least one standard deviation of its paired differences (d >= 1). With three seeds
-  this is weak evidence either way; the numbers are printed so a reader can judge.
-
-The same pairing compares an embedder alone with the embedder followed by the reranker (the same seeds); the
-reranker helps beyond the seed spread when its paired mean gain is at least one standard deviation of the
-paired gains.
+  *holds* when every consecutive step is resolved and positive, is *contradicted* when a step is resolved and
+  negative, and is *not resolvable at this n* otherwise;
+* the reranker *helps* when the reranked minus the plain R@1 of the same seeds and queries is resolved and
+  positive, and its picks are not one slot for nearly every query (a position bias is never reported as help).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 # Table 4, worst to best; the names are the variant names of the compare section (presets) and the pipeline.
 PAPER_ORDER = ("infonce-inbatch", "hard-labels", "unime-v2")
@@ -51,55 +59,9 @@ class SeedSpread:
         return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
 
 
-@dataclass(frozen=True)
-class PairedDifference:
-    """``better - worse`` over the seeds both were run with."""
-
-    better: str
-    worse: str
-    seeds: tuple[int, ...]
-    differences: tuple[float, ...]
-
-    @property
-    def spread(self) -> SeedSpread:
-        return SeedSpread(self.differences)
-
-    @property
-    def mean(self) -> float:
-        return self.spread.mean
-
-    @property
-    def std(self) -> float | None:
-        return self.spread.std
-
-    @property
-    def in_stds(self) -> float | None:
-        """mean / std of the paired differences (None without a spread; +-inf when all differences are equal)."""
-        std = self.std
-        if std is None:
-            return None
-        if std == 0:
-            return math.copysign(math.inf, self.mean) if self.mean else 0.0
-        return self.mean / std
-
-    def text(self) -> str:
-        d = self.in_stds
-        sd = "" if d is None else f", {d:+.1f} sd"
-        return f"{self.mean:+.2f} ± {self.std:.2f}{sd}" if self.std is not None else f"{self.mean:+.2f}"
-
-
 def seed_spread(values: Iterable[float]) -> SeedSpread | None:
     vals = tuple(float(v) for v in values if v is not None)
     return SeedSpread(vals) if vals else None
-
-
-def paired_difference(better: Mapping[int, float], worse: Mapping[int, float], better_name: str = "a",
-                      worse_name: str = "b") -> PairedDifference | None:
-    """The per-seed differences over the seeds both mappings hold (None when they share none)."""
-    seeds = tuple(sorted(s for s in better if s in worse and better[s] is not None and worse[s] is not None))
-    if not seeds:
-        return None
-    return PairedDifference(better_name, worse_name, seeds, tuple(float(better[s]) - float(worse[s]) for s in seeds))
 
 
 def per_seed(models: Mapping[str, Any], reranked: bool = False) -> dict[str, dict[str, dict[int, float]]]:
@@ -124,40 +86,174 @@ def per_seed(models: Mapping[str, Any], reranked: bool = False) -> dict[str, dic
     return out
 
 
+
+
+# ------------------------------------------------------------------------------------ per-query paired intervals
+RANK_METRICS = ("R@1", "R@5", "R@10", "MRR")
+LEVEL = 0.95
+
+
+def metric_values(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per-query values in percent from 0-based ground-truth ranks: R@K = 100 if rank < K, MRR = 100 / (rank + 1)."""
+    r = np.asarray(ranks, dtype=np.float64)
+    if metric == "MRR":
+        return 100.0 / (r + 1.0)
+    if metric not in RANK_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(RANK_METRICS)}")
+    return 100.0 * (r < int(metric[2:]))
+
+
+def query_ranks(results_json: str | Path) -> dict[str, dict[str, np.ndarray]] | None:
+    """``{"plain": {eval set: ranks}, "reranked": {eval set: ranks}}`` of one evaluated model, rows sorted by row id,
+    from the ``topk.parquet`` its eval wrote beside ``results.json`` (None when there is none). A reranked rank is
+    0 where the reranker's pick is the ground truth and the embedder's rank (at least 1) elsewhere: only R@1 is
+    read from it."""
+    path = Path(results_json).parent / "topk.parquet"
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    cols = pq.read_table(path).to_pydict()
+    out: dict[str, dict[str, np.ndarray]] = {"plain": {}, "reranked": {}}
+    by_set: dict[str, list[int]] = {}
+    for i, d in enumerate(cols["dataset"]):
+        by_set.setdefault(d, []).append(i)
+    for d, idx in by_set.items():
+        idx = sorted(idx, key=lambda i: str(cols["row_id"][i]))
+        ranks = np.array([cols["gt_rank"][i] for i in idx], dtype=np.int64)
+        out["plain"][d] = ranks
+        if "rerank_top1" in cols:
+            out["reranked"][d] = np.array([0 if cols["rerank_top1"][i] == 0 else max(1, ranks[j])
+                                           for j, i in enumerate(idx)], dtype=np.int64)
+    return out
+
+
+def seeds_by_variant(models: Mapping[str, Any], reranked: bool = False) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    """{variant: {seed: {eval set: per-query ranks}}} of the models that have a seed and per-query results."""
+    out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for m in models.values():
+        if m.get("seed") is None or not m.get("results"):
+            continue
+        ranks = query_ranks(m["results"])
+        sets = (ranks or {}).get("reranked" if reranked else "plain")
+        if sets:
+            out.setdefault(m["variant"], {})[int(m["seed"])] = sets
+    return out
+
+
+@dataclass(frozen=True)
+class PairedInterval:
+    """``better - worse`` of one metric (points), averaged over seeds and queries, with its bootstrap interval."""
+
+    better: str
+    worse: str
+    metric: str
+    key: str                  # an eval set, or MEAN_KEY: the mean over the eval sets
+    mean: float
+    lo: float
+    hi: float
+    seeds: int
+    queries: int
+
+    @property
+    def resolved(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+    def text(self) -> str:
+        return f"{self.mean:+.2f} [{self.lo:+.2f}, {self.hi:+.2f}]"
+
+
+def paired_interval(better: Mapping[int, Mapping[str, np.ndarray]], worse: Mapping[int, Mapping[str, np.ndarray]],
+                    metric: str = "R@1", key: str = MEAN_KEY, better_name: str = "a", worse_name: str = "b",
+                    n_boot: int = 2000, level: float = LEVEL, rng_seed: int = 0) -> PairedInterval | None:
+    """The paired difference over the seeds and eval sets both hold, with a two-way bootstrap interval.
+
+    ``better``/``worse``: {seed: {eval set: per-query ranks}}, queries aligned. Each bootstrap draw takes n seeds
+    with replacement and, per eval set, as many queries with replacement, and averages the difference over that
+    grid (the sets' means averaged for MEAN_KEY): the mean of ``c_s d[s, q] w_q`` with multinomial counts c, w.
+    """
+    seeds = sorted(s for s in better if s in worse)
+    if not seeds:
+        return None
+    sets = [d for d in better[seeds[0]] if all(d in better[s] and d in worse[s] for s in seeds)]
+    sets = sets if key == MEAN_KEY else [d for d in sets if d == key]
+    if not sets:
+        return None
+    rng = np.random.default_rng(rng_seed)
+    seed_counts = rng.multinomial(len(seeds), [1.0 / len(seeds)] * len(seeds), size=n_boot)    # [B, S]
+    point, boot, queries = 0.0, np.zeros(n_boot), 0
+    for d in sets:
+        n = len(better[seeds[0]][d])
+        if any(len(better[s][d]) != n or len(worse[s][d]) != n for s in seeds):
+            raise ValueError(f"eval set {d}: the runs were evaluated on different numbers of queries")
+        diff = np.stack([metric_values(better[s][d], metric) - metric_values(worse[s][d], metric) for s in seeds])
+        counts = rng.multinomial(n, [1.0 / n] * n, size=n_boot)                                   # [B, Q]
+        boot += np.einsum("bs,sq,bq->b", seed_counts, diff, counts) / (len(seeds) * n)
+        point += float(diff.mean())
+        queries += n
+    point, boot = point / len(sets), boot / len(sets)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return PairedInterval(better_name, worse_name, metric, key, point, float(lo), float(hi), len(seeds), queries)
+
+
+def one_slot(choice_ranks: Mapping[str, Mapping[str, int]] | None, share: float = 0.9, min_picks: int = 20) -> bool:
+    """Whether a reranker named one slot of the embedder's top-K for ``share`` or more of its (at least
+    ``min_picks``) usable answers over every eval set: it learned a position, not a judgement of the content."""
+    total: dict[int, int] = {}
+    for per_set in (choice_ranks or {}).values():
+        for rank, n in per_set.items():
+            total[int(rank)] = total.get(int(rank), 0) + int(n)
+    n = sum(total.values())
+    return n >= min_picks and max(total.values()) >= share * n
+
+
+def _seed_note(steps: Iterable[PairedInterval]) -> str:
+    n = min((p.seeds for p in steps), default=0)
+    if n == 1:
+        return " With one seed the intervals cover the eval sample only, not training noise."
+    if 1 < n < 5:
+        return f" With {n} seeds the intervals understate the seed spread (a bootstrap over n seeds has (n-1)/n of it)."
+    return ""
+
+
 @dataclass(frozen=True)
 class OrderVerdict:
-    steps: tuple[PairedDifference, ...]      # consecutive pairs of PAPER_ORDER, worse -> better
-    missing: tuple[str, ...]                 # variants of the order without results
+    steps: tuple[PairedInterval, ...]       # consecutive pairs of PAPER_ORDER, worse -> better
+    missing: tuple[str, ...]                # variants of the order without results
 
     @property
     def holds(self) -> bool:
-        return not self.missing and all(p.mean > 0 for p in self.steps)
+        return not self.missing and all(p.resolved and p.mean > 0 for p in self.steps)
 
     @property
-    def beyond_spread(self) -> bool:
-        return self.holds and all(p.in_stds is not None and p.in_stds >= 1 for p in self.steps)
+    def contradicted(self) -> bool:
+        return not self.missing and any(p.resolved and p.mean < 0 for p in self.steps)
 
     def sentence(self) -> str:
         if self.missing:
             return f"The paper's order cannot be checked: no results for {', '.join(self.missing)}."
-        parts = "; ".join(f"{p.better} - {p.worse} = {p.text()} (n={len(p.seeds)})" for p in self.steps)
-        if self.beyond_spread:
-            verdict = "holds, each step by at least one standard deviation of its paired differences"
-        elif self.holds:
-            verdict = "holds in the means, but not every step exceeds one standard deviation of its paired differences"
+        if self.holds:
+            verdict = "holds: every step's 95 % interval lies above 0"
+        elif self.contradicted:
+            verdict = "is contradicted: " + "; ".join(f"{p.better} is below {p.worse}" for p in self.steps
+                                                      if p.resolved and p.mean < 0)
         else:
-            wrong = [f"{p.better} is not above {p.worse}" for p in self.steps if p.mean <= 0]
-            verdict = "does not hold (" + "; ".join(wrong) + ")"
-        return (f"The paper's order ({' < '.join(PAPER_ORDER)}) {verdict}. Paired differences of the mean P@1 "
-                f"over eval sets (mean ± sample std over seeds, in standard deviations): {parts}.")
+            verdict = "is not resolvable at this n: " + "; ".join(
+                f"{p.better} - {p.worse} has an interval that includes 0" for p in self.steps if not p.resolved)
+        parts = "; ".join(f"{p.better} - {p.worse} = {p.text()}" for p in self.steps)
+        n = self.steps[0]
+        return (f"The paper's order ({' < '.join(PAPER_ORDER)}) {verdict}. Paired differences of R@1 (P@1) "
+                f"averaged over the eval sets, points, with 95 % two-way bootstrap intervals over {n.seeds} seed(s) "
+                f"and {n.queries} queries: {parts}." + _seed_note(self.steps))
 
 
-def order_verdict(scores: Mapping[str, Mapping[str, Mapping[int, float]]], key: str = MEAN_KEY) -> OrderVerdict:
-    missing = tuple(v for v in PAPER_ORDER if key not in scores.get(v, {}))
+def order_verdict(ranks: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], metric: str = "R@1",
+                  key: str = MEAN_KEY) -> OrderVerdict:
+    missing = tuple(v for v in PAPER_ORDER if v not in ranks)
     steps = []
     if not missing:
         for worse, better in zip(PAPER_ORDER, PAPER_ORDER[1:]):
-            p = paired_difference(scores[better][key], scores[worse][key], better, worse)
+            p = paired_interval(ranks[better], ranks[worse], metric, key, better, worse)
             if p is None:
                 missing += (f"{better} and {worse} on common seeds",)
             else:
@@ -165,21 +261,20 @@ def order_verdict(scores: Mapping[str, Mapping[str, Mapping[int, float]]], key: 
     return OrderVerdict(tuple(steps), missing)
 
 
-def rerank_effect(plain: Mapping[str, Mapping[str, Mapping[int, float]]],
-                  reranked: Mapping[str, Mapping[str, Mapping[int, float]]], variant: str = "unime-v2",
-                  key: str = MEAN_KEY) -> tuple[PairedDifference | None, str]:
-    """(reranked - plain over the same seeds, a sentence saying whether reranking helps beyond the spread)."""
-    p = paired_difference((reranked.get(variant) or {}).get(key) or {}, (plain.get(variant) or {}).get(key) or {},
-                          f"{variant} + reranker", variant)
+def rerank_verdict(plain: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]],
+                   reranked: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]], variant: str = "unime-v2",
+                   position_bias: bool = False, key: str = MEAN_KEY) -> tuple[PairedInterval | None, str]:
+    """(reranked - plain R@1 over the same seeds and queries, a sentence): whether the reranker helps."""
+    p = paired_interval(reranked.get(variant) or {}, plain.get(variant) or {}, "R@1", key,
+                        f"{variant} + reranker", variant)
     if p is None:
         return None, f"No reranked results for {variant}: the reranker's effect is not measured."
-    spread = seed_spread((plain.get(variant) or {}).get(key, {}).values())
-    seed_sd = spread.std if spread else None
-    if p.std is None:
-        return p, (f"Reranking changes {variant}'s mean P@1 by {p.mean:+.2f} points on one seed; with one seed "
-                   "there is no spread to compare it with.")
-    beyond = abs(p.mean) >= p.std       # the order's rule: at least one sd of the paired differences
-    direction = "helps" if p.mean > 0 else "hurts" if p.mean < 0 else "does not change P@1"
-    return p, (f"Reranking {direction}: {variant}'s mean P@1 changes by {p.text()} over {len(p.seeds)} seeds "
-               f"(the embedder alone spreads {seed_sd:.2f} across seeds); "
-               + ("beyond" if beyond else "within") + " the seed spread of the paired differences.")
+    if position_bias:
+        verdict = ("the reranker names one slot for nearly every query (a position bias), so whatever the "
+                   "change, it is not reported as help")
+    elif not p.resolved:
+        verdict = "the change is not resolvable at this n (its interval includes 0)"
+    else:
+        verdict = "reranking helps" if p.mean > 0 else "reranking hurts"
+    return p, (f"Reranking: {variant}'s R@1 (P@1) averaged over the eval sets changes by {p.text()} points "
+               f"(95 % interval over {p.seeds} seed(s) and {p.queries} queries): {verdict}." + _seed_note([p]))

@@ -6,6 +6,7 @@ comes with the data (``Item.instruction``), never from code.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -36,6 +37,13 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     seq_len = attention_mask.shape[1]
     last = seq_len - 1 - attention_mask.flip(dims=[1]).int().argmax(dim=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def image_key(item: Item) -> str | None:
+    """What identifies an item's image (its path, or a hash of its bytes); None for a text-only item."""
+    if item.image:
+        return "sha1:" + hashlib.sha1(item.image).hexdigest()
+    return "path:" + item.image_path if item.image_path else None
 
 
 POSITION_MODES = ("auto", "mrope", "sequential")
@@ -107,10 +115,29 @@ class Embedder:
         cfg = self.model.config
         return getattr(cfg, "text_config", cfg).hidden_size
 
+    def cache_images(self, max_bytes: int) -> None:
+        """Keep up to ``max_bytes`` of processed images in memory (a Qwen-VL processor; least recently used
+        dropped first), so an image met again (a training table's next epoch) is neither decoded nor processed
+        again. The inputs are the same tensors (a test checks it)."""
+        from .processor import PixelCache
+
+        self.pixel_cache = PixelCache(max_bytes) if max_bytes > 0 and hasattr(self.processor, "from_pixels") else None
+
+    pixel_cache = None
+
     def prepare(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         texts = [format_item(it, self.input_format, self.processor.model_type) for it in items]
-        images = [load_image(it, self.image_root) for it in items]
-        return self.processor(texts, images)
+        if self.pixel_cache is None:
+            return self.processor(texts, [load_image(it, self.image_root) for it in items])
+        keys = [image_key(it) for it in items]
+        by_key = {k: it for k, it in zip(keys, items) if k is not None}
+        found = {k: self.pixel_cache.get(k) for k in by_key}
+        missing = [k for k, v in found.items() if v is None]
+        for k, v in zip(missing, self.processor.process_images([load_image(by_key[k], self.image_root)
+                                                                for k in missing])):
+            found[k] = v
+            self.pixel_cache.put(k, v)
+        return self.processor.from_pixels(texts, [found[k] if k is not None else None for k in keys])
 
     def embed_inputs(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Differentiable embeddings (float32, normalised) of prepared inputs: the training entry point."""
@@ -122,7 +149,7 @@ class Embedder:
             inputs["position_ids"] = pos if self.mrope else pos[0]
         out = language_core(self.model)(**inputs, use_cache=False, return_dict=True)
         pooled = last_token_pool(out.last_hidden_state, inputs["attention_mask"])
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(pooled if pooled.dtype == torch.float64 else pooled.float(), dim=-1)
 
     @torch.inference_mode()
     def encode(self, texts: Any = None, images: Any = None, instructions: Any = None, *, batch_size: int = 16,

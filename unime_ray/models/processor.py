@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Sequence
 
 import torch
@@ -169,18 +169,66 @@ class VLProcessor:
             self.visual_tokens.update((grid.prod(dim=1) // merge).tolist())
         return out
 
+    def process_images(self, images: Sequence[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pixel rows, grid) of each image, processed alone: what :meth:`from_pixels` takes. Qwen-VL processes
+        every image independently, so a batch's pixel values are these concatenated."""
+        pil = self._images(images)
+        if not pil:
+            return []
+        return self.per_image(dict(self.image_processor(images=pil, return_tensors="pt",
+                                                        **self.image_options.size_kwargs(self.image_processor))))
+
+    def from_pixels(self, texts: Sequence[str], pixels: Sequence[tuple[torch.Tensor, torch.Tensor] | None]
+                    ) -> dict[str, torch.Tensor]:
+        """Model inputs from texts and images already processed by :meth:`process_images` (``pixels[i]`` for
+        ``texts[i]``, None for a text-only item): the tensors ``__call__`` gives for the images themselves."""
+        check_image_slots(texts, pixels, IMAGE_PAD)
+        present = [p for p in pixels if p is not None]
+        out = self._assemble(list(texts), present)
+        merge = self.image_processor.merge_size ** 2
+        self.visual_tokens.update(int(g.prod()) // merge for _, g in present)
+        return out
+
     def _manual(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        vision: dict[str, torch.Tensor] = {}
-        expanded = texts
-        if images:
-            vision = dict(self.image_processor(images=images, return_tensors="pt",
-                                               **self.image_options.size_kwargs(self.image_processor)))
-            merge = self.image_processor.merge_size ** 2
-            counts = iter((vision["image_grid_thw"].prod(dim=1) // merge).tolist())
-            expanded = [t.replace(IMAGE_PAD, IMAGE_PAD * next(counts)) if IMAGE_PAD in t else t for t in texts]
+        return self._assemble(texts, self.process_images(images))
+
+    def _assemble(self, texts: list[str], per_image: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Expand each text's ``<|image_pad|>`` to its image's tokens (``t*h*w / merge**2``), tokenize, and add
+        the images' pixel rows and grids in order."""
+        merge = self.image_processor.merge_size ** 2
+        counts = iter(int(g.prod()) // merge for _, g in per_image)
+        expanded = [t.replace(IMAGE_PAD, IMAGE_PAD * next(counts)) if IMAGE_PAD in t else t for t in texts]
         enc = self.tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                # transformers 5 needs the token types (0 text, 1 image) to place M-RoPE positions.
                "mm_token_type_ids": (enc["input_ids"] == self.image_pad_id).long()}
-        out.update(vision)
+        if per_image:
+            out["pixel_values"] = torch.cat([p for p, _ in per_image])
+            out["image_grid_thw"] = torch.stack([g for _, g in per_image])
         return out
+
+
+class PixelCache:
+    """Processed images by key, the least recently used dropped first beyond ``max_bytes``: training on a small
+    table reads every image again each epoch, and decoding and processing them is a quarter of a tiny model's
+    step on a CPU."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        size = value[0].numel() * value[0].element_size()
+        if key in self.entries or size > self.max_bytes:
+            return
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()

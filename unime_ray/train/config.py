@@ -53,6 +53,9 @@ class TrainConfig(_Section):
     use_dora: bool = True
     lora_targets: list[str] | None = None            # None: the task's default projections
     freeze_vision: bool = False
+    # processed images each worker keeps in memory (least recently used dropped first), so a small table's images
+    # are decoded and processed once, not every epoch (the embedder; Qwen-VL); 0: off
+    image_cache_mb: int = Field(default=1024, ge=0)
     checkpoint_every: int = Field(default=10, ge=1)
     max_failures: int = Field(default=1, ge=0)
 

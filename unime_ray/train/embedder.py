@@ -78,16 +78,19 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
 
 
 def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(all ranks' rows, where this rank's rows start); the local slice keeps its gradient (open_clip's
-    gather pattern). Every rank must pass the same number of rows (micro-batches drop their last partial)."""
+    """(all ranks' rows, where this rank's rows start). The gather is differentiable end to end: the backward
+    pass returns to each rank the gradient that every rank's loss sends to its rows, so N ranks, each taking the
+    loss of its own queries against all positives (the losses then averaged by data parallelism), get exactly the
+    gradient of one process over the global batch. (A gather that keeps only the local slice's gradient drops
+    the other ranks' share: the positives learn from 1/N of their negatives' pull.) Every rank must pass the same
+    number of rows."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t, 0
-    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.detach().contiguous())
-    parts[dist.get_rank()] = t
-    return torch.cat(parts), dist.get_rank() * len(t)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous())), dist.get_rank() * len(t)
 
 
 class EmbedderTask:
@@ -104,6 +107,7 @@ class EmbedderTask:
 
         self.embedder = Embedder(module, processor, self.job.input_format, self.job.image_root, device=device,
                                  positions=self.job.positions)
+        self.embedder.cache_images(self.s.image_cache_mb << 20)
 
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         examples = examples_from_rows(rows, self.s.num_negatives)

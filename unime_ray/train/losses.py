@@ -1,7 +1,8 @@
 """Embedder training objectives: UniME-V2's judge-score alignment and the two ablation baselines.
 
 All losses take cosine similarities (embeddings are L2-normalised) and compute in float32 whatever the
-model's dtype: a temperature of 0.02 multiplies similarities by 50, which bf16 cannot hold precisely.
+model's dtype: a temperature of 0.02 multiplies similarities by 50, which bf16 cannot hold precisely. A float64
+model computes in float64 throughout (what exact reference tests use).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ KL_FORMS = ("exact", "floored")
 """How :func:`judge_alignment_loss` takes logarithms: ``exact`` (the paper's formula, log-softmax) or
 ``floored`` (the official code: ``log(p + 1e-8)`` of the softmax of the other side)."""
 KL_FLOOR_EPS = 1e-8
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is when it is already float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def judge_alignment_loss(similarity: torch.Tensor, judge_scores: torch.Tensor,
@@ -40,8 +46,8 @@ def judge_alignment_loss(similarity: torch.Tensor, judge_scores: torch.Tensor,
                          "must both be [N, 1+k]")
     if kl_form not in KL_FORMS:
         raise ValueError(f"unknown kl_form {kl_form!r}; choose one of {', '.join(KL_FORMS)}")
-    log_p = F.log_softmax(similarity.float() / temperature, dim=-1)
-    log_q = F.log_softmax(judge_scores.float().to(similarity.device) / temperature, dim=-1)
+    log_p = F.log_softmax(wide(similarity) / temperature, dim=-1)
+    log_q = F.log_softmax(judge_scores.to(similarity.device, log_p.dtype) / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()
     if kl_form == "exact":
         kl_qp = (q * (log_q - log_p)).sum(-1)
@@ -56,7 +62,7 @@ def judge_alignment_loss(similarity: torch.Tensor, judge_scores: torch.Tensor,
 
 def hard_label_loss(similarity: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
     """Ablation "mined negatives, hard labels": cross-entropy with the positive (column 0) as the target."""
-    logits = similarity.float() / temperature
+    logits = wide(similarity) / temperature
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
@@ -77,9 +83,9 @@ def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.
     """
     if positive_offset < 0 or positive_offset + len(query) > len(positives):
         raise ValueError(f"positive_offset {positive_offset} + {len(query)} queries exceeds {len(positives)} positives")
-    q = query.float()
+    q = wide(query)
     target = torch.arange(len(q), device=q.device) + positive_offset
-    logits = q @ positives.float().T
+    logits = q @ positives.to(q.dtype).T
     if positive_keys is not None:
         if positive_keys.shape != (len(positives),):
             raise ValueError(f"positive_keys has shape {tuple(positive_keys.shape)}; expected ({len(positives)},)")
@@ -88,6 +94,6 @@ def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.
         same[torch.arange(len(q), device=q.device), target] = False
         logits = logits.masked_fill(same, float("-inf"))
     if hard_negatives is not None and hard_negatives.numel():
-        logits = torch.cat([logits, torch.einsum("nd,nkd->nk", q, hard_negatives.float())], dim=1)
+        logits = torch.cat([logits, torch.einsum("nd,nkd->nk", q, hard_negatives.to(q.dtype))], dim=1)
     return F.cross_entropy(logits / temperature, target)
 

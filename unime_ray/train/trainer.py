@@ -2,10 +2,12 @@
 (or fully trainable) Qwen-VL backbone with ``deepspeed.initialize``.
 
 What it does for every task: ZeRO stage 0-3, optional optimizer offload, bf16 on GPU / fp32 on CPU,
-gradient accumulation, gradient checkpointing, frozen vision tower on request, data from a Parquet table as
-Ray Data shards, per-step metrics in ``metrics.jsonl``, DeepSpeed checkpoints through ``ray.train.report``
-from every rank, resume from the latest checkpoint, restart after a worker failure (``FailureConfig``), and
-export of the final checkpoint as an ordinary model folder (adapters merged).
+gradient accumulation, gradient checkpointing, frozen vision tower on request, a fresh data order every epoch
+(:class:`BatchPlan`: the same global batches for any number of workers, so N workers train as one process on
+the global batch would), per-step metrics in ``metrics.jsonl``, DeepSpeed checkpoints through
+``ray.train.report`` from every rank, resume from the latest checkpoint at the data position it stopped,
+restart after a worker failure (``FailureConfig``), and export of the final checkpoint as an ordinary model
+folder (adapters merged).
 
 What differs between tasks (:class:`TrainTask`): how rows become a loss. The embedder
 (:mod:`.embedder`) and the reranker (:mod:`.reranker`) each register one.
@@ -142,6 +144,66 @@ def build_model(job: TrainJob, training: bool = True):
     return model
 
 
+# ------------------------------------------------------------------------------------------- data order
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The table's row indices in one epoch's order: a fresh permutation every epoch (a fixed one repeats the
+    same batches, and in-batch negatives stop varying), decided by (seed, epoch) alone, so every rank draws the
+    same one without talking to the others."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+@dataclass
+class BatchPlan:
+    """Which table rows each rank trains on, at every step.
+
+    Optimizer step ``b`` of an epoch takes rows ``[b*G, (b+1)*G)`` of that epoch's order (G = the global
+    batch; the epoch's last partial batch is dropped). Its micro-batch ``m`` (of ``accum``) is the next
+    ``micro * world`` rows, and rank ``r`` takes the r-th ``micro``-row slice of those. So the positives a rank
+    gathers from all ranks are exactly the micro-batch one process would form, a run on 1 worker with micro-batch
+    2n equals a run on 2 workers with n, and a run resumed at step k continues with step k's rows.
+    """
+
+    num_rows: int
+    micro: int
+    accum: int
+    world: int
+    seed: int
+    _orders: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training table has {self.num_rows} rows, fewer than one global batch of "
+                             f"{self.global_batch} (micro_batch_size {self.micro} x grad_accum {self.accum} x "
+                             f"num_workers {self.world})")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch
+
+    def rows(self, step: int, micro_index: int, rank: int) -> np.ndarray:
+        """Row indices of rank ``rank``'s micro-batch ``micro_index`` at optimizer step ``step`` (0-based)."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.num_rows, self.seed, epoch)}
+        start = b * self.global_batch + (micro_index * self.world + rank) * self.micro
+        return self._orders[epoch][start:start + self.micro]
+
+
+def mean_over_ranks(values: list[float]) -> float:
+    """The mean of this step's micro-batch losses over every rank (a collective): the loss of the global batch,
+    which is what a single process would log."""
+    import torch.distributed as dist
+
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
 def deepspeed_config(s: TrainConfig, bf16: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.offload_optimizer and s.zero_stage >= 1:
@@ -156,13 +218,15 @@ def deepspeed_config(s: TrainConfig, bf16: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- workers
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker (torch.distributed already initialised by Ray)."""
-    job = TrainJob.from_dict(config)
+    """Runs on every Ray Train worker (torch.distributed already initialised by Ray). ``config``: the job
+    (:meth:`TrainJob.to_dict`) and ``table``, the training table in Ray's object store."""
+    job = TrainJob.from_dict(config["job"])
     s = job.settings
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "unime-ray" / "torch_extensions"))
     import deepspeed
+    import ray
     import ray.train
     from ray.train import Checkpoint
 
@@ -192,64 +256,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _, client = engine.load_checkpoint(d, tag="ckpt")
         step = int(client["step"])
         logger.info("rank %d resumed from step %d", rank, step)
-    shard = ray.train.get_dataset_shard("train")
+    table = ray.get(config["table"])
+    plan = BatchPlan(table.num_rows, s.micro_batch_size, s.grad_accum, world, job.seed)
     metrics_path = Path(job.output_dir) / "metrics.jsonl"
-    micro = 0
     t0, seen = time.perf_counter(), 0
-    losses: list[float] = []
-    infos: list[dict[str, float]] = []
     while step < s.max_steps:
-        batches_this_epoch = 0
-        for batch in shard.iter_batches(batch_size=s.micro_batch_size, batch_format="pyarrow", drop_last=True,
-                                        local_shuffle_buffer_size=s.micro_batch_size * 16,
-                                        local_shuffle_seed=job.seed + rank):
-            batches_this_epoch += 1
-            rows = batch.to_pylist()
+        losses: list[float] = []
+        infos: list[dict[str, float]] = []
+        for m in range(s.grad_accum):
+            rows = table.take(plan.rows(step, m, rank)).to_pylist()
             loss, info = task.loss(rows, step)
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             infos.append(info)
             seen += len(rows)
-            micro += 1
-            if micro % s.grad_accum:
-                continue
-            step += 1
-            if job.fail_at_step is not None and step == job.fail_at_step and rank == 0:
-                marker = Path(job.output_dir) / f".failed_at_{step}"
-                if not marker.exists():
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.touch()
-                    logger.warning("fail_at_step=%d: killing this worker to test recovery", step)
-                    # Ray Train's controller collects reports by polling; give it time to register the last
-                    # checkpoint, as it would have before a crash that comes at an arbitrary later moment.
-                    time.sleep(5)
-                    os._exit(1)
-            elapsed = time.perf_counter() - t0
-            metrics = {"step": step, "loss": float(np.mean(losses)), "lr": float(engine.get_lr()[0]),
-                       "samples_per_s": seen * world / max(elapsed, 1e-9),
-                       **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names}}
-            if job.report_memory:
-                metrics.update(rank_memory(engine))
-            if step % s.checkpoint_every == 0 or step == s.max_steps:   # every rank: a collective
-                metrics["visual_tokens"] = gather_visual_tokens(processor)
-            losses, infos = [], []
-            if rank == 0:
-                metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
-            # ray.train.report synchronises every worker with the controller (about 2 s a call here), so it
-            # goes with checkpoints only; per-step metrics are in metrics.jsonl.
-            if step % s.checkpoint_every == 0 or step == s.max_steps:
-                with tempfile.TemporaryDirectory() as d:
-                    engine.save_checkpoint(d, tag="ckpt", client_state={"step": step})
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            if step >= s.max_steps:
-                break
-        if batches_this_epoch == 0:
-            raise ValueError(f"rank {rank}: the training table gives this worker no full micro-batch of "
-                             f"{s.micro_batch_size} rows; it needs at least micro_batch_size x num_workers "
-                             f"= {s.micro_batch_size * world} rows")
+        step += 1
+        if job.fail_at_step is not None and step == job.fail_at_step and rank == 0:
+            marker = Path(job.output_dir) / f".failed_at_{step}"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                logger.warning("fail_at_step=%d: killing this worker to test recovery", step)
+                # Ray Train's controller collects reports by polling; give it time to register the last
+                # checkpoint, as it would have before a crash that comes at an arbitrary later moment.
+                time.sleep(5)
+                os._exit(1)
+        elapsed = time.perf_counter() - t0
+        metrics = {"step": step, "loss": mean_over_ranks(losses), "lr": float(engine.get_lr()[0]),
+                   "epoch": step / plan.steps_per_epoch, "samples_per_s": seen * world / max(elapsed, 1e-9),
+                   **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names}}
+        if job.report_memory:
+            metrics.update(rank_memory(engine))
+        if step % s.checkpoint_every == 0 or step == s.max_steps:   # every rank: a collective
+            metrics["visual_tokens"] = gather_visual_tokens(processor)
+        if rank == 0:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+        # ray.train.report synchronises every worker with the controller (about 2 s a call here), so it
+        # goes with checkpoints only; per-step metrics are in metrics.jsonl.
+        if step % s.checkpoint_every == 0 or step == s.max_steps:
+            with tempfile.TemporaryDirectory() as d:
+                engine.save_checkpoint(d, tag="ckpt", client_state={"step": step})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
 def gather_visual_tokens(processor) -> dict[str, Any] | None:
@@ -309,22 +359,26 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
     # would wait for a CPU forever. The table holds references to images, so it stays small.
     # Shuffled once, globally: tables come grouped by task, and single-task batches both starve in-batch
     # negatives of variety and (for classification) fill them with the query's own label.
-    dataset = ray.data.read_parquet(str(Path(training_table).resolve())).random_shuffle(seed=job.seed).materialize()
+    from ..data.io import read_table
+
+    # The table holds references to images, so it is small: every worker reads its rows from one copy in the
+    # object store (zero-copy on a node), in the order BatchPlan gives, whatever the number of workers.
+    table = read_table(training_table)
+    rows = table.num_rows
     if s.max_steps is None:  # an epoch-based run: the steps follow from the table size and the global batch
-        rows = dataset.count()
         s = s.model_copy(update={"max_steps": s.steps_for(rows)})
         logger.info("%s: %g epoch(s) of %d rows at global batch %d = %d steps", name, s.epochs, rows,
                     s.global_batch, s.max_steps)
+    BatchPlan(rows, s.micro_batch_size, s.grad_accum, s.num_workers, job.seed)   # a too-small table fails here
     job = replace(job, settings=s, output_dir=str(out))
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=job.to_dict(),
+        train_loop_per_worker, train_loop_config={"job": job.to_dict(), "table": ray.put(table)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=None if s.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(storage_path=str(out / "ray_results"), name=name,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=s.max_failures)),
-        datasets={"train": dataset})
+                             failure_config=FailureConfig(max_failures=s.max_failures)))
     from ..utils.logs import watch_metrics
 
     # Rank 0 appends a line per step to metrics.jsonl; a thread here turns it into the console's progress line.
@@ -338,7 +392,7 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
     from ..models.card import write_model_card
 
     write_model_card(model_dir, name=name, base_model=job.model, recipe=job.to_dict(),
-                     data={"training_table": str(training_table), "rows": dataset.count()},
+                     data={"training_table": str(training_table), "rows": rows},
                      metrics=metrics[-1] if metrics else None)
     plot = plot_training_curve(metrics, out / "training_curve.png")
     tokens = next((m["visual_tokens"] for m in reversed(metrics) if m.get("visual_tokens")), None)
