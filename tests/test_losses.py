@@ -110,7 +110,8 @@ def test_floored_kl_matches_numpy_and_differs_from_exact_on_confident_rows(t):
     scores[0] = [0.999] + [0.001] * 8          # a confident judge row: Q of the negatives ~ e^-50 at t=0.02
     got = judge_alignment_loss(torch.tensor(sim), torch.tensor(scores), t, kl_form="floored")
     ref = np_floored_sym_kl(sim, scores, t)
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float64                # float64 stays float64; lower precisions compute in float32
+    assert judge_alignment_loss(torch.tensor(sim).bfloat16(), torch.tensor(scores), t, "floored").dtype == torch.float32
     assert float(got) == pytest.approx(ref, rel=1e-4, abs=1e-6)
     exact = float(judge_alignment_loss(torch.tensor(sim), torch.tensor(scores), t))
     assert exact == pytest.approx(np_sym_kl(sim, scores, t), rel=1e-4)   # the default is still the paper's
@@ -200,3 +201,33 @@ def test_content_ids_are_equal_exactly_for_equal_items():
     ids = content_ids([Item(text="cat"), Item(text="cat"), Item(text="cat", instruction="Label:"),
                        Item(text="dog"), Item(image=b"\x89PNG-a"), Item(image=b"\x89PNG-a")]).tolist()
     assert ids[0] == ids[1] and ids[4] == ids[5] and len({ids[0], ids[2], ids[3], ids[4]}) == 4
+
+
+def test_symmetric_infonce_adds_the_reverse_direction():
+    """all_queries: the mean of the query->positive loss and each own positive against every query, with the same
+    shared-positive mask; checked against plain loops on another rank's slice."""
+    rng = np.random.default_rng(4)
+    q_all, pos = rng.normal(size=(6, 8)), rng.normal(size=(6, 8))
+    keys = np.array([7, 7, 3, 7, 3, 5])
+    t, offset, n = 0.05, 2, 3                                       # this rank: queries 2..4, positives 2..4
+
+    def ce(z, target):
+        z = np.array(z) / t
+        return -(z[target] - np.log(np.exp(z - z.max()).sum()) - z.max())
+
+    def forward(i):
+        own = offset + i
+        js = [own] + [j for j in range(6) if j != own and keys[j] != keys[own]]
+        return ce([q_all[own] @ pos[j] for j in js], 0)
+
+    def reverse(i):
+        own = offset + i
+        js = [own] + [j for j in range(6) if j != own and keys[j] != keys[own]]
+        return ce([pos[own] @ q_all[j] for j in js], 0)
+
+    want = 0.5 * (np.mean([forward(i) for i in range(n)]) + np.mean([reverse(i) for i in range(n)]))
+    got = infonce(torch.tensor(q_all[offset:offset + n]), torch.tensor(pos), None, t, positive_offset=offset,
+                  positive_keys=torch.tensor(keys), all_queries=torch.tensor(q_all))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="all_queries"):
+        infonce(torch.tensor(q_all[:3]), torch.tensor(pos), None, t, all_queries=torch.tensor(q_all[:5]))

@@ -29,6 +29,9 @@ class TrainConfig(_Section):
     # in-batch InfoNCE: a batch row whose positive equals the query's own (a shared class label) is not one of
     # its negatives; false = VLM2Vec's loss, where it is
     mask_shared_positives: bool = True
+    # in-batch InfoNCE in both directions (CLIP's loss): each positive is also a query against every query; false =
+    # query -> positive only (VLM2Vec's)
+    symmetric: bool = False
     # where the weights start: models.embedder as given, or the trained baseline (run dir's baseline stage)
     init: Literal["embedder", "baseline"] = "embedder"
     lr: float = Field(default=1e-4, gt=0)

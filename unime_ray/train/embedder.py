@@ -42,11 +42,11 @@ def content_ids(items: Sequence[Item]) -> torch.Tensor:
 
 def batch_loss(embedder, examples, objective: str, temperature: float,
                gather_positives=None, kl_form: str = "exact",
-               mask_shared_positives: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+               mask_shared_positives: bool = True, symmetric: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a batch of examples and its agreement metric (differentiable through ``embedder``).
     ``kl_form``: the judge_alignment KL, ``exact`` or the official code's ``floored`` (see the loss).
     ``mask_shared_positives``: in-batch InfoNCE does not count a positive that equals the query's own as a
-    negative (see :func:`~.losses.infonce`)."""
+    negative; ``symmetric``: it runs both ways (see :func:`~.losses.infonce`)."""
     queries = [q for q, _, _ in examples]
     cands = [c for _, cs, _ in examples for c in cs]
     n, width = len(examples), len(examples[0][1])
@@ -67,7 +67,9 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
         if mask_shared_positives:
             keys = content_ids([cs[0] for _, cs, _ in examples]).to(q.device)
             keys = gather_positives(keys)[0] if gather_positives else keys
-        loss = infonce(q, all_pos, c[:, 1:], temperature, positive_offset=offset, positive_keys=keys)
+        all_q = (gather_positives(q)[0] if gather_positives else q) if symmetric else None
+        loss = infonce(q, all_pos, c[:, 1:], temperature, positive_offset=offset, positive_keys=keys,
+                       all_queries=all_q)
     with torch.no_grad():
         info = {"positive_top1": (sim.argmax(1) == 0).float().mean().item()}
         if width > 1:  # with in-batch negatives only there is nothing to agree on
@@ -113,4 +115,4 @@ class EmbedderTask:
         examples = examples_from_rows(rows, self.s.num_negatives)
         return batch_loss(self.embedder, examples, self.s.objective, self.s.temperature,
                           gather_with_grad if self.s.objective == "infonce" else None, self.s.kl_form,
-                          self.s.mask_shared_positives)
+                          self.s.mask_shared_positives, self.s.symmetric)

@@ -68,7 +68,7 @@ def hard_label_loss(similarity: torch.Tensor, temperature: float = 0.02) -> torc
 
 def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor | None = None,
             temperature: float = 0.02, positive_offset: int = 0,
-            positive_keys: torch.Tensor | None = None) -> torch.Tensor:
+            positive_keys: torch.Tensor | None = None, all_queries: torch.Tensor | None = None) -> torch.Tensor:
     """VLM2Vec-style InfoNCE: each query against every positive of the batch (in-batch negatives) plus,
     optionally, its own mined negatives ([N, k, d]). Under data parallelism pass the gathered positives.
 
@@ -80,12 +80,18 @@ def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.
     i's own (a class label or caption that two queries share) is its positive too, not a negative, so it is
     left out of query i's softmax. Without keys every other row counts as a negative (VLM2Vec's loss), which
     on classification-style data pushes a query away from its own label.
+
+    ``all_queries`` [M, d] (every rank's queries, gathered like the positives): adds the reverse direction, each
+    of this rank's positives against every query (CLIP's symmetric loss; the same shared-positive mask), and
+    returns the mean of the two directions. Mined negatives take part in the forward direction only.
     """
     if positive_offset < 0 or positive_offset + len(query) > len(positives):
         raise ValueError(f"positive_offset {positive_offset} + {len(query)} queries exceeds {len(positives)} positives")
     q = wide(query)
     target = torch.arange(len(q), device=q.device) + positive_offset
-    logits = q @ positives.to(q.dtype).T
+    positives = positives.to(q.dtype)
+    logits = q @ positives.T
+    same = None
     if positive_keys is not None:
         if positive_keys.shape != (len(positives),):
             raise ValueError(f"positive_keys has shape {tuple(positive_keys.shape)}; expected ({len(positives)},)")
@@ -95,5 +101,13 @@ def infonce(query: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.
         logits = logits.masked_fill(same, float("-inf"))
     if hard_negatives is not None and hard_negatives.numel():
         logits = torch.cat([logits, torch.einsum("nd,nkd->nk", q, hard_negatives.to(q.dtype))], dim=1)
-    return F.cross_entropy(logits / temperature, target)
+    loss = F.cross_entropy(logits / temperature, target)
+    if all_queries is None:
+        return loss
+    if all_queries.shape != positives.shape:
+        raise ValueError(f"all_queries has shape {tuple(all_queries.shape)}; expected {tuple(positives.shape)}")
+    reverse = positives[target] @ all_queries.to(q.dtype).T
+    if same is not None:
+        reverse = reverse.masked_fill(same, float("-inf"))
+    return 0.5 * (loss + F.cross_entropy(reverse / temperature, target))
 
