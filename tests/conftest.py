@@ -53,7 +53,8 @@ def png_bytes():
 # The whole method on the synthetic data, every stage small: used by tests/test_pipeline_full.py (which checks
 # it) and by tests/test_readme_commands.py (which runs the README's commands on it in place of `make demo`).
 WHOLE_METHOD_OVERRIDES = [
-    "data.max_items=24", "data.rows_per_shard=16", "models.tiny.vocab_size=512", "embed.tables=[]",
+    "data.max_items=24", "data.rows_per_shard=16", "data.dev_fraction=0.25", "models.tiny.vocab_size=512",
+    "embed.tables=[]",
     "retrieve.top_k=6", "mine.num_negatives=4", "train.num_negatives=4", "judge.pool.batch_size=16",
     "baseline.enabled=true", "baseline.max_steps=3", "baseline.micro_batch_size=4", "baseline.lora=false",
     "baseline.checkpoint_every=3",

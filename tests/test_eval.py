@@ -599,3 +599,63 @@ def test_eval_step_adds_the_dual_encoder_judge_as_a_reference(tmp_path):
     assert models[0]["variant"] == "initial-embedder"
     assert not [m for m in eval_models(ctx("mllm")) if m["variant"] == "judge"]
     assert not [m for m in eval_models(ctx("dual_encoder", reference=False)) if m["variant"] == "judge"]
+
+
+class GroundTruthReranker:
+    """Knows every row's ground truth: P(Yes) 0.9 for it and 0.1 for the rest; names it listwise."""
+
+    def __init__(self, gts: set[str], slot: int | None = None):
+        self.gts, self.slot = gts, slot
+
+    def score_pairs(self, pairs):
+        return np.array([0.9 if c.text in self.gts else 0.1 for _, c in pairs])
+
+    def choose_many(self, queries, lists):
+        if self.slot is not None:                     # a position bias: always the same slot
+            return [Choice(self.slot, f"({self.slot + 1})") for _ in lists]
+        return [Choice(next((i for i, c in enumerate(cands) if c.text in self.gts), None), "x") for cands in lists]
+
+
+@pytest.fixture
+def dev_rows(tmp_path):
+    """60 dev rows: the embedder ranks the ground truth first in even rows and second (behind n{i}_0) in odd
+    ones; 4 candidates each."""
+    vecs, rows = {}, []
+    angle = lambda a: [float(np.cos(a)), float(np.sin(a))]
+    for i in range(60):
+        vecs[f"q{i}"] = [1.0, 0.0]
+        vecs[f"g{i}"] = angle(0.2 if i % 2 == 0 else 0.5)
+        for j, a in enumerate((0.3, 0.9, 1.2)):
+            vecs[f"n{i}_{j}"] = angle(a)
+        rows.append(_pair_row(f"r{i}", "dev", T(text=f"q{i}"), T(text=f"g{i}"), [T(text=f"n{i}_{j}") for j in range(3)]))
+    return _write_pairs(tmp_path / "dev", rows), vecs, {f"g{i}" for i in range(60)}
+
+
+@pytest.mark.parametrize("mode", ["listwise", "pairwise", "fused"])
+def test_reranker_guard_uses_a_reranker_that_helps(dev_rows, tmp_path, mode):
+    from unime_ray.eval.rerank import validate_reranker
+
+    table, vecs, gts = dev_rows
+    v = validate_reranker(FakeEmbedder(vecs), GroundTruthReranker(gts), table, tmp_path / "v", mode=mode, top_k=2)
+    assert v.rows + v.tuning_rows == 60 and v.rows > 15
+    assert v.embedder_p1 == pytest.approx(100.0 * sum(1 for i in range(60) if i % 2 == 0 and not _tuning(i)) / v.rows)
+    assert v.p1["listwise"] == v.p1["pairwise"] == 100.0 and v.used and v.lo > 0 and not v.one_slot
+    assert v.weight == min(float(w) for w, p in v.weights_tried.items() if p == max(v.weights_tried.values()))
+    assert "is used" in v.sentence()
+
+
+def _tuning(i: int) -> bool:
+    import hashlib
+
+    return hashlib.sha1(f"r{i}".encode()).digest()[0] % 2 == 0
+
+
+def test_reranker_guard_refuses_a_position_bias_and_a_reranker_that_hurts(dev_rows, tmp_path):
+    from unime_ray.eval.rerank import validate_reranker
+
+    table, vecs, gts = dev_rows
+    slot = validate_reranker(FakeEmbedder(vecs), GroundTruthReranker(gts, slot=0), table, tmp_path / "a", top_k=2)
+    assert slot.one_slot and not slot.used and slot.gain == 0 and "position bias" in slot.sentence()
+    wrong = GroundTruthReranker({f"n{i}_0" for i in range(60)})   # prefers the distractor
+    hurt = validate_reranker(FakeEmbedder(vecs), wrong, table, tmp_path / "b", mode="pairwise", top_k=2)
+    assert not hurt.used and hurt.hi < 0 and "not used" in hurt.sentence()

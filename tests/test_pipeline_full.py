@@ -38,7 +38,15 @@ def test_whole_method_runs_and_reports(whole_method_run):
 
     ev = manifest["eval"]["outputs"]["models"]
     assert set(ev) == {"baseline", "unime-v2-seed0", "hard-labels-seed0"}
-    assert ev["baseline"]["rerank"] is not None and ev["hard-labels-seed0"]["rerank"] is None
+    # the reranker guard measured every mode on the dev rows (held out of training) against UniME-V2 alone, and
+    # the eval reranked only if the configured mode helped there; the reranker's folder records the decision
+    dev = manifest["prepare"]["outputs"]["tables"]["dev_pairs"]
+    val = manifest["eval"]["outputs"]["rerank_validation"]
+    assert val["rows"] + val["tuning_rows"] == dev["rows_out"] > 0 and set(val["p1"]) == {"listwise", "pairwise", "fused"}
+    assert val["embedder"] == "unime-v2-seed0" and val["mode"] == "listwise"
+    assert (ev["baseline"]["rerank"] is not None) == val["used"] and ev["hard-labels-seed0"]["rerank"] is None
+    folder = Path(manifest["rerank"]["outputs"]["model"])
+    assert json.loads((folder / "rerank_validation.json").read_text())["used"] == val["used"]
     for m in ev.values():
         assert set(m["per_dataset"]) and all(0 <= v <= 100 for v in m["per_dataset"].values())
     # every trained model is an ordinary folder with its card: base model, recipe, data, and the run's eval
@@ -51,9 +59,10 @@ def test_whole_method_runs_and_reports(whole_method_run):
     readme = (Path(manifest["train"]["outputs"]["model"]) / "README.md").read_text()
     assert "## Recipe" in readme and "## Evaluation" in readme
     assert read_card(manifest["rerank"]["outputs"]["model"])["recipe"]["task"] == "reranker"
+    assert read_card(folder)["validation"]["used"] == val["used"]
     report = (run / "report.md").read_text()
-    for text in ("Comparison (the paper's Table 4", "chance P@1", "UniME-V2: mined negatives", "fallbacks",
-                 "Stand-in judge", "Reranker training"):
+    for text in ("Comparison (the paper's Table 4", "chance P@1", "UniME-V2: mined negatives", "Reranker guard",
+                 "fallbacks" if val["used"] else "The reranker is not used", "Stand-in judge", "Reranker training"):
         assert text in report, text
     assert (run / "report_comparison.png").is_file()
 

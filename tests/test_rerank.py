@@ -272,3 +272,63 @@ def test_pairwise_training_encoding_is_what_pairwise_inference_scores(tiny_model
         assert all(torch.equal(a, b) for a, b in zip(scored.pixel_values, enc.pixel_values))
         assert len(scored.pixel_values) == len(enc.pixel_values)
         assert enc.ids[enc.answer_start] == (judge.yes_id if conv.answer == "Yes" else judge.no_id)
+
+
+def test_reorder_modes_against_independent_rules():
+    """reorder: listwise moves the named entry first; pairwise sorts by P(Yes), unscored after scored, ties in
+    embedder order; fused sorts by (1 - w) cosine + w P(Yes). The eval and the server both call it."""
+    from unime_ray.rerank.inference import reorder
+
+    order = [7, 3, 9, 4]
+    assert reorder("listwise", order, choice=2) == ([9, 7, 3, 4], False)
+    assert reorder("listwise", order, choice=4) == (order, True) and reorder("listwise", order, choice=None)[1]
+    p = [0.2, 0.9, float("nan"), 0.9]
+    assert reorder("pairwise", order, p_yes=p) == ([3, 4, 7, 9], False)
+    assert reorder("pairwise", order, p_yes=[float("nan")] * 4) == (order, True)
+    sims, w = [0.9, 0.5, 0.45, 0.1], 0.3
+    fused = [(1 - w) * s + w * q for s, q in zip(sims, [0.1, 0.6, 0.8, 0.99])]
+    want = [order[i] for i in sorted(range(4), key=lambda i: (-fused[i], i))]
+    assert reorder("fused", order, p_yes=[0.1, 0.6, 0.8, 0.99], similarities=sims, weight=w)[0] == want
+    assert reorder("fused", order, p_yes=[0.1] * 4, similarities=sims, weight=0.0)[0] == order   # w 0: the embedder
+    with pytest.raises(ValueError, match="unknown rerank mode"):
+        reorder("cascade", order)
+    with pytest.raises(ValueError, match="cosine"):
+        reorder("fused", order, p_yes=p)
+    with pytest.raises(ValueError, match="weight"):
+        reorder("fused", order, p_yes=p, similarities=sims, weight=1.5)
+
+
+class _FixedReranker:
+    """P(Yes) from a table by candidate text; listwise: the index of the highest P(Yes)."""
+
+    def __init__(self, p):
+        self.p = p
+        self.pair_calls = self.list_calls = 0
+
+    def score_pairs(self, pairs):
+        self.pair_calls += 1
+        return np.array([self.p[c.text] for _, c in pairs])
+
+    def choose_many(self, queries, lists):
+        from types import SimpleNamespace
+
+        self.list_calls += 1
+        return [SimpleNamespace(index=int(np.argmax([self.p[c.text] for c in cands])), raw="x") for cands in lists]
+
+
+def test_rerank_modes_measures_every_mode_with_one_scoring_pass():
+    from unime_ray.eval.rerank import rerank_modes
+
+    p = {"a": 0.1, "b": 0.7, "c": 0.6, "d": 0.2}
+    rr = _FixedReranker(p)
+    cands = [[Item(text=t) for t in "abcd"], [Item(text=t) for t in "dcba"]]
+    orders = [[0, 1, 2, 3], [3, 2, 1, 0]]                  # the embedder's ranking, best first
+    sims = [[0.9, 0.8, 0.7, 0.1], [0.5, 0.6, 0.7, 0.8]]
+    out = rerank_modes(rr, [Item(text="q0"), Item(text="q1")], cands, orders, 3, ["listwise", "pairwise", "fused"],
+                       similarities=sims, weight=0.5)
+    assert rr.pair_calls == 1 and rr.list_calls == 1
+    assert out["listwise"].orders == [[1, 0, 2], [2, 3, 1]]          # b named first in both
+    assert out["pairwise"].orders == [[1, 2, 0], [2, 1, 3]]
+    f0 = {i: 0.5 * sims[0][i] + 0.5 * p["abcd"[i]] for i in (0, 1, 2)}
+    assert out["fused"].orders[0] == sorted(f0, key=lambda i: -f0[i])
+    assert out["pairwise"].p_yes[0] == pytest.approx([0.1, 0.7, 0.6])

@@ -146,8 +146,25 @@ def running_app(app_name: str, key_env: str, config: dict, index: Path, reranker
             os.environ[key_env] = old
 
 
+FUSION_WEIGHT = 0.3
+
+
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_models, built_index):
+def validated_reranker(tiny_models, tmp_path_factory):
+    """A copy of the tiny reranker whose folder records a validation in fused mode (as the pipeline's eval
+    writes it): the server reranks in that mode with that weight."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("reranker") / "model"
+    shutil.copytree(tiny_models["qwen2_5_vl"], folder)
+    (folder / "rerank_validation.json").write_text(json.dumps(
+        {"used": True, "mode": "fused", "weight": FUSION_WEIGHT, "reason": "fixture: validated in fused mode"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_models, built_index, validated_reranker):
     config = {
         "limits": {"max_body_bytes": 300_000, "max_image_bytes": 200_000, "max_image_pixels": 160 * 160,
                    "max_top_k": 30, "max_rerank_top_k": 10, "max_embed_items": 8, "max_text_chars": 2000},
@@ -156,7 +173,7 @@ def server(ray_local, tiny_models, built_index):
         "index": {"num_cpus": 0, "partitions": 2},
         "reranker": {"num_cpus": 0, "dtype": "float32", "max_batch_size": 4},
     }
-    with running_app(APP_NAME, KEY_ENV, config, built_index["index"], tiny_models["qwen2_5_vl"]) as app:
+    with running_app(APP_NAME, KEY_ENV, config, built_index["index"], validated_reranker) as app:
         yield {**app, "config": {**config, "api_key_env": KEY_ENV}}
 
 
@@ -275,7 +292,31 @@ def test_request_validation_helpers():
     with pytest.raises(RequestError, match="top_k"):
         check_search(SearchRequest(query=QueryIn(text="x"), top_k=11), limits, can_rerank=True)
     # reranked head by score (ties keep embedder order, unscored last)
-    assert rerank_order(4, [0.1, 0.9, None, 0.9]) == [1, 3, 0, 2]
+    assert rerank_order("pairwise", [0.9, 0.8, 0.7, 0.6], [0.1, 0.9, None, 0.9]) == [1, 3, 0, 2]
+    assert rerank_order("listwise", [0.9, 0.8, 0.7], [None] * 3, choice=2) == [2, 0, 1]
+
+
+def test_rerank_plan_follows_the_folders_validation(tmp_path):
+    """A reranker is served only if its folder records that it beat the embedder alone (or the guard is turned
+    off), in the recorded mode and weight unless the settings name others."""
+    import json
+
+    from unime_ray.serve.app import rerank_plan
+    from unime_ray.serve.config import RerankerSettings
+
+    none = rerank_plan(tmp_path, RerankerSettings())
+    assert not none["use"] and "records no validation" in none["reason"] and none["mode"] == "pairwise"
+    assert rerank_plan(tmp_path, RerankerSettings(require_validation=False))["use"]
+    (tmp_path / "rerank_validation.json").write_text(json.dumps({"used": False, "mode": "listwise", "weight": 0.2,
+                                                                 "reason": "hurt on the dev split"}))
+    refused = rerank_plan(tmp_path, RerankerSettings())
+    assert not refused["use"] and refused["reason"].startswith("hurt on the dev split")
+    (tmp_path / "rerank_validation.json").write_text(json.dumps({"used": True, "mode": "fused", "weight": 0.2,
+                                                                 "reason": "helped"}))
+    assert rerank_plan(tmp_path, RerankerSettings()) == {"use": True, "mode": "fused", "weight": 0.2,
+                                                         "reason": "helped"}
+    other = rerank_plan(tmp_path, RerankerSettings(mode="pairwise", fusion_weight=0.7))
+    assert (other["mode"], other["weight"]) == ("pairwise", 0.7) and "validated in fused mode" in other["reason"]
 
 
 def test_partitions_merge_exactly(tmp_path):
@@ -354,6 +395,7 @@ def test_health_and_info(server, client):
     from unime_ray.serve.app import reranker_implementation
 
     assert info["reranker"]["implementation"] == reranker_implementation() and info["embedder"]["dim"] == 64
+    assert (info["reranker"]["mode"], info["reranker"]["fusion_weight"]) == ("fused", FUSION_WEIGHT)
     spec = requests.get(server["url"] + "/openapi.json", timeout=10).json()
     assert {"/v1/search", "/v1/embed", "/v1/info", "/healthz", "/readyz"} <= set(spec["paths"])
     ready = client.readiness()      # open like /healthz; every deployment of the app, all running
@@ -387,6 +429,12 @@ def test_search_top_k_larger_than_pool(client):
 
 
 def test_rerank_matches_in_process(client, reference, built_index):
+    """The served order is the eval's: the eval's reranking function (eval.rerank.rerank_modes) in the mode and
+    weight the reranker's validation recorded, on the same top-8 with the same cosines."""
+    from types import SimpleNamespace
+
+    from unime_ray.eval.rerank import rerank_modes
+
     png = make_png(44, 44, seed=3)
     query = Item(text="a photo of a black cat", image=png)
     got = client.search(text=query.text, image=png, top_k=5, rerank=True, rerank_top_k=8, include_image=True)
@@ -394,7 +442,11 @@ def test_rerank_matches_in_process(client, reference, built_index):
     order, sims = expected_search(reference, query, 8)
     cands = [reference["items"][i] for i in order]
     p_yes = reference["score_pairs"]([(query, c) for c in cands])
-    new = sorted(range(8), key=lambda j: (-p_yes[j], j))[:5]
+    evaluated = rerank_modes(SimpleNamespace(score_pairs=reference["score_pairs"]), [query], [cands],
+                             [list(range(8))], 8, ["fused"], similarities=[list(sims)], weight=FUSION_WEIGHT)
+    new = evaluated["fused"].orders[0][:5]
+    fused = (1 - FUSION_WEIGHT) * sims + FUSION_WEIGHT * p_yes
+    assert new == sorted(range(8), key=lambda j: (-fused[j], j))[:5]           # and by the formula itself
     rows = built_index["rows"]
     assert [h["id"] for h in got["results"]] == [rows[order[j]]["id"] for j in new]
     np.testing.assert_allclose([h["rerank_score"] for h in got["results"]], p_yes[new], atol=TOL)

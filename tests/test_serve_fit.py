@@ -209,7 +209,7 @@ def fitted_server(serve_port, tiny_models, built_index):  # noqa: F811
     from unime_ray.serve.app import build_app
 
     config = {"cluster_autoscales": False, "embedder": {"dtype": "float32", "batch_wait_timeout_s": 0.01},
-              "reranker": {"dtype": "float32"}}
+              "reranker": {"dtype": "float32", "require_validation": False}}
     app = build_app({"index": str(built_index["index"]), "reranker": str(tiny_models["qwen2_5_vl"]),
                      "config": config})
     serve.run(app, name=APP_FIT, route_prefix="/", blocking=False)   # returns once every replica runs
@@ -272,7 +272,8 @@ def stuck_server(serve_port, fitted_server, tiny_models, built_index):  # noqa: 
     config = {"fit": "off", "limits": {"request_timeout_s": 20},
               "ingress": {"num_cpus": 0}, "index": {"num_cpus": 0},
               "embedder": {"num_cpus": 0, "dtype": "float32"},
-              "reranker": {"num_cpus": 0, "num_gpus": 1, "dtype": "float32", "graceful_shutdown_timeout_s": 1}}
+              "reranker": {"num_cpus": 0, "num_gpus": 1, "dtype": "float32", "graceful_shutdown_timeout_s": 1,
+                           "require_validation": False}}
     app = build_app({"index": str(built_index["index"]), "reranker": str(tiny_models["qwen2_5_vl"]),
                      "config": config})
     serve.run_many([serve.RunTarget(app, name=APP_STUCK, route_prefix="/")], wait_for_applications_running=False)

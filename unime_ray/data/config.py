@@ -23,6 +23,10 @@ class DataConfig(BaseModel):
     seed: int = 0
     max_items: int | None = Field(default=None, ge=2)
     eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # a development split held out of the training pairs (whole image groups), which no training step sees: the
+    # reranker guard and the fused ranking's weight are decided on it, never on the eval split; 0: none
+    dev_fraction: float = Field(default=0.0, ge=0.0, lt=0.5)
+    dev_candidates: int = Field(default=100, ge=2)   # a dev row's candidates: its positive + other dev positives
     image_size: int = Field(default=64, ge=16)
     check_images: bool = True
     rows_per_shard: int = Field(default=2000, ge=1)

@@ -1,5 +1,6 @@
 """The data stages: ``data`` (build the demo data, or locate the input files) and ``prepare`` (convert and
-validate them into canonical tables, quarantining bad rows: in = out + quarantined for every table)."""
+validate them into canonical tables, quarantining bad rows: in = out + quarantined for every table, plus the rows
+held out as the development split, ``data.dev_fraction``)."""
 
 from __future__ import annotations
 
@@ -127,15 +128,49 @@ def run_prepare(ctx: Context) -> PrepareResult:
                                check_images=ctx.cfg.data.check_images, rows_per_shard=ctx.cfg.data.rows_per_shard)
         os.replace(tmp, final)
         results[table] = {**account.as_dict(), "path": str(final), "seconds": round(time.perf_counter() - start, 2)}
+        if table == "train_pairs" and ctx.cfg.data.dev_fraction > 0:
+            results["dev_pairs"] = hold_out_dev(final, out_root / "dev_pairs", results[table], ctx.cfg.data)
         account_file.write_text(json.dumps(results[table], indent=1))
         logger.info("prepare %s: %s", table, account.summary())
+    if "dev_pairs" not in results and (out_root / "dev_pairs.account.json").is_file():
+        results["dev_pairs"] = json.loads((out_root / "dev_pairs.account.json").read_text())
     return PrepareResult(tables=results, image_root=data.image_root)
+
+
+def hold_out_dev(train: Path, out: Path, account: dict[str, Any], d) -> dict[str, Any]:
+    """Move the dev groups' rows out of the prepared training pairs into ``out`` (MMEB-eval form, see
+    :mod:`unime_ray.data.dev`); the training table's account records them (in = out + quarantined + held out)."""
+    from .dev import dev_pairs, split_dev
+    from .io import iter_rows, write_rows
+    from .schema import PAIR_SCHEMA
+
+    keep, dev = split_dev(list(iter_rows(train)), d.dev_fraction, d.seed)
+    if not keep or not dev:
+        raise ValueError(f"data.dev_fraction {d.dev_fraction} leaves {len(keep)} training and {len(dev)} dev rows: "
+                         "both need some")
+    tmp = train.parent / f".{train.name}.dev.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_rows(keep, tmp / "train", PAIR_SCHEMA, d.rows_per_shard)
+    write_rows(dev_pairs(dev, d.dev_candidates, d.seed), tmp / "dev", PAIR_SCHEMA, d.rows_per_shard)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp / "dev", out)
+    shutil.rmtree(train)
+    os.replace(tmp / "train", train)
+    shutil.rmtree(tmp)
+    account.update(rows_out=len(keep), rows_held_out=len(dev))
+    dev_account = {"rows_in": len(dev), "rows_out": len(dev), "rows_quarantined": 0, "reasons": {},
+                   "path": str(out), "held_out_of": "train_pairs", "fraction": d.dev_fraction}
+    (out.parent / "dev_pairs.account.json").write_text(json.dumps(dev_account, indent=1))
+    logger.info("prepare dev_pairs: %d rows held out of train_pairs (%d left to train on)", len(dev), len(keep))
+    return dev_account
 
 
 def report_prepare(s: Section) -> list[str]:
     rows = []
     for name, acc in s.result.get("tables", {}).items():
-        reasons = ", ".join(f"{k}: {v}" for k, v in acc.get("reasons", {}).items()) or "-"
+        reasons = ", ".join([f"{k}: {v}" for k, v in acc.get("reasons", {}).items()]
+                            + ([f"held out as dev_pairs: {acc['rows_held_out']}"] if acc.get("rows_held_out") else [])
+                            ) or "-"
         rows.append([name, acc["rows_in"], acc["rows_out"], acc["rows_quarantined"], reasons])
     if not rows:
         return []

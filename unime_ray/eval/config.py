@@ -17,13 +17,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+RerankMode = Literal["listwise", "pairwise", "fused"]
+
+
 class RerankSettings(_Section):
-    """Listwise reranking of the embedder's top-K (method reference 5.2: K=5 reproduces Table 3)."""
+    """Reranking of the embedder's top-K (method reference 5.2: K=5, listwise, reproduces Table 3).
+
+    ``mode`` is the reranking the pipeline reports and the server applies; every mode of ``modes`` is measured
+    beside it. The reranker is used only if, on the dev split (``data.dev_fraction``: rows no training step saw),
+    ``mode`` beats the embedder alone (its gain's 95 % interval above 0); the fused ranking's weight is chosen on
+    the dev split too, never on the eval split."""
 
     enabled: bool = False
     model: str | None = None          # reranker folder or hub id; null in a pipeline run: the one it trained
     top_k: int = Field(default=5, ge=1)
-    mode: Literal["listwise"] = "listwise"
+    mode: RerankMode = "listwise"
+    modes: list[RerankMode] = Field(default_factory=lambda: ["listwise", "pairwise", "fused"])
+    fusion_weight: float | None = Field(default=None, ge=0, le=1)   # null: chosen on the dev split (0.5 without)
+    # false: rerank without a dev split to validate on (the reranker's effect is then unchecked)
+    require_validation: bool = True
     batch_size: int = Field(default=16, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

@@ -36,7 +36,8 @@ from ..utils.logs import Progress
 from ..utils.pool import Pool
 from .encode import ItemEncoder, ItemRegistry
 from .metrics import TIE_RULE, gt_rank, mean_count, rank_order
-from .rerank import load_reranker, rerank_listwise
+from .rerank import load_reranker
+from .rerank import rerank_modes as rerank_modes_of
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,10 @@ def _topk_table(dataset: str, plan: DatasetPlan, labels: Sequence[str], scores: 
     if rerank is not None:
         cols.update(rerank_top1=rerank["top1"], rerank_fallback=rerank["fell_back"], rerank_raw=rerank["raw"])
         types.update(rerank_top1=pa.int32(), rerank_fallback=pa.bool_(), rerank_raw=pa.string())
+        for mode, top1 in rerank["modes"].items():
+            cols[f"rerank_top1_{mode}"], types[f"rerank_top1_{mode}"] = top1, pa.int32()
+        if rerank.get("p_yes") is not None:
+            cols["rerank_p_yes"], types["rerank_p_yes"] = rerank["p_yes"], pa.list_(pa.float32())
     return pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
 
 
@@ -247,7 +252,8 @@ def _pct(x: float) -> float:
 
 def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Sequence[str | os.PathLike],
                          out_dir: str | os.PathLike | None, *, image_root: str | os.PathLike | None = None,
-                         reranker: Any = None, rerank_top_k: int = 5, top_k_dump: int = 10,
+                         reranker: Any = None, rerank_top_k: int = 5, rerank_modes: Sequence[str] = ("listwise",),
+                         fusion_weight: float = 0.5, top_k_dump: int = 10,
                          pool: Pool | None = None, datasets: Iterable[str] | None = None, max_rows_per_dataset: int | None = None,
                          check_images: bool = True, label: str | None = None, kind: str = "pairs") -> dict[str, Any]:
     """Evaluate an embedder (``Embedder``, ``EmbedderSpec`` or model path; or a ready :class:`ItemEncoder`)
@@ -255,8 +261,10 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
 
     Returns ``{"per_dataset": {name: P@1 %}, "summary": summarize(...), "chance": {...}, "datasets": {...},
     "rerank": {...} | None, "sizes": {...}, ...}`` (the content of ``results.json``). ``reranker``: an object
-    with ``choose_many`` or a reranker folder; its top-1 among the embedder's top-``rerank_top_k`` replaces
-    rank 1. ``pool`` encodes (None: in this process; a Ray pool needs a spec or a path).
+    with ``choose_many`` / ``score_pairs`` or a reranker folder; it reorders the embedder's top-``rerank_top_k``
+    in each of ``rerank_modes`` (listwise, pairwise, fused with ``fusion_weight``), side by side; the first mode
+    is the headline's (``rerank``), every mode is in ``rerank["modes"]``. ``pool`` encodes (None: in this process;
+    a Ray pool needs a spec or a path).
     """
     t0 = time.perf_counter()
     tables = [table] if isinstance(table, (str, os.PathLike)) else list(table)
@@ -283,8 +291,11 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
                                "tie_rule": TIE_RULE, "per_dataset": {}, "chance": {}, "datasets": {}}
     rerank_info: dict[str, Any] | None = None
     if reranker is not None:
-        rerank_info = {"mode": "listwise", "top_k": rerank_top_k, "per_dataset": {}, "fallbacks_per_dataset": {},
-                       "gt_in_top_k": {}, "choice_ranks": {}}
+        rerank_modes = list(dict.fromkeys(rerank_modes))
+        rerank_info = {"mode": rerank_modes[0], "top_k": rerank_top_k, "per_dataset": {}, "fallbacks_per_dataset": {},
+                       "gt_in_top_k": {}, "choice_ranks": {}, "fusion_weight": fusion_weight if "fused" in rerank_modes
+                       else None, "modes": {m: {"per_dataset": {}, "fallbacks_per_dataset": {}, "choice_ranks": {}}
+                                            for m in rerank_modes}}
     topk_tables = []
     rerank_s = 0.0
     progress = Progress(logger, "scored rows", n_rows)
@@ -308,21 +319,31 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
             tr = time.perf_counter()
             tops = [list(o[:rerank_top_k]) for o in orders]
             cand_items = [[registry.items[plan.candidates[r][i]] for i in top] for r, top in enumerate(tops)]
-            res = rerank_listwise(reranker, [registry.items[q] for q in plan.queries], cand_items,
-                                  [list(range(len(t))) for t in tops], rerank_top_k, what=f"reranked ({name})")
-            top1 = [top[o[0]] for top, o in zip(tops, res.orders)]
-            r_hits = sum(t == 0 for t in top1)
+            by_mode = rerank_modes_of(reranker, [registry.items[q] for q in plan.queries], cand_items,
+                                      [list(range(len(t))) for t in tops], rerank_top_k, rerank_modes,
+                                      similarities=[[float(scores[r][i]) for i in top] for r, top in enumerate(tops)],
+                                      weight=fusion_weight, what=f"reranked ({name})")
             in_top = sum(0 in top for top in tops)
-            rr = {"top1": top1, "fell_back": res.fell_back, "raw": res.raw}
-            info.update(reranked_p_at_1=_pct(100.0 * r_hits / len(plan)), rerank_fallbacks=res.fallbacks,
-                        gt_in_top_k=_pct(100.0 * in_top / len(plan)))
-            rerank_info["per_dataset"][name] = info["reranked_p_at_1"]
-            rerank_info["fallbacks_per_dataset"][name] = res.fallbacks
-            rerank_info["gt_in_top_k"][name] = info["gt_in_top_k"]
-            # which of the embedder's ranks the reranker picked (usable answers): a reranker that always names
-            # one position has learned the slot, not the content
-            picked = Counter(o[0] + 1 for o, fb in zip(res.orders, res.fell_back) if not fb)
-            rerank_info["choice_ranks"][name] = {str(k): picked[k] for k in sorted(picked)}
+            rr = {"modes": {}, "p_yes": next((res.p_yes for res in by_mode.values() if res.p_yes and
+                                              res.p_yes[0] is not None), None)}
+            for mode, res in by_mode.items():
+                top1 = [top[o[0]] for top, o in zip(tops, res.orders)]
+                p1 = _pct(100.0 * sum(t == 0 for t in top1) / len(plan))
+                # which of the embedder's ranks the reranker picked (usable answers): a reranker that always names
+                # one position has learned the slot, not the content
+                picked = Counter(top.index(t) + 1 for top, t, fb in zip(tops, top1, res.fell_back) if not fb)
+                block = rerank_info["modes"][mode]
+                block["per_dataset"][name], block["fallbacks_per_dataset"][name] = p1, res.fallbacks
+                block["choice_ranks"][name] = {str(k): picked[k] for k in sorted(picked)}
+                rr["modes"][mode] = top1
+                if mode == rerank_modes[0]:
+                    rr.update(top1=top1, fell_back=res.fell_back, raw=res.raw)
+                    info.update(reranked_p_at_1=p1, rerank_fallbacks=res.fallbacks,
+                                gt_in_top_k=_pct(100.0 * in_top / len(plan)))
+                    rerank_info["per_dataset"][name] = p1
+                    rerank_info["fallbacks_per_dataset"][name] = res.fallbacks
+                    rerank_info["gt_in_top_k"][name] = info["gt_in_top_k"]
+                    rerank_info["choice_ranks"][name] = block["choice_ranks"][name]
             rerank_s += time.perf_counter() - tr
         results["datasets"][name] = info
         topk_tables.append(_topk_table(name, plan, registry.labels, scores,
@@ -336,6 +357,9 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
     if rerank_info is not None:
         rerank_info["summary"] = summarize(rerank_info["per_dataset"])
         rerank_info["fallbacks"] = int(sum(rerank_info["fallbacks_per_dataset"].values()))
+        for block in rerank_info["modes"].values():
+            block["summary"] = summarize(block["per_dataset"])
+            block["fallbacks"] = int(sum(block["fallbacks_per_dataset"].values()))
     results["rerank"] = rerank_info
     results["sizes"] = {"datasets": len(plans), "rows": n_rows,
                         "candidate_slots": int(sum(len(c) for p in plans.values() for c in p.candidates)),

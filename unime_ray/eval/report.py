@@ -118,7 +118,23 @@ def comparison_section(ev: dict[str, Any], run_dir: Path) -> list[str]:
                 for d, v in rr["per_dataset"].items()) + f" (fallbacks {rr.get('fallbacks', 0)})"
                 + _choice_text(rr.get("choice_ranks")))
         parts.append("")
+    parts += _guard_section(ev.get("rerank_validation"))
     parts += _statistics_section(models, chance)
+    return parts
+
+
+def _guard_section(val: dict[str, Any] | None) -> list[str]:
+    """The reranker guard's verdict and every mode against the embedder alone on the dev split."""
+    if not val:
+        return []
+    parts = ["\n### Reranker guard (dev split)\n", str(val.get("reason", "")) + "\n"]
+    if val.get("p1"):
+        rows = [["embedder alone", f"{val['embedder_p1']:.2f}", "-"]]
+        rows += [[m + (f" (weight {val['weight']})" if m == "fused" else "") + (" (configured)" if m == val["mode"]
+                                                                                   else ""),
+                  f"{v:.2f}", f"{v - val['embedder_p1']:+.2f}"] for m, v in val["p1"].items()]
+        parts += [f"P@1 (%) on {val['rows']} dev rows, top-{val['top_k']} reranked:\n",
+                  markdown_table(["ranking", "P@1", "change"], rows), ""]
     return parts
 
 
@@ -180,6 +196,21 @@ def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> lis
                          "The reranked rows compare R@1 only:\n")
             parts += [markdown_table(["difference", "seeds"] + [f"R@1 {d}" for d in sets]
                                      + [f"{m} mean" for m in RANK_METRICS], rows), ""]
+        mode_rows = []
+        for variant in reranked:
+            modes = next(((m.get("rerank") or {}).get("modes") or {} for m in models.values()
+                          if m.get("variant") == variant and m.get("rerank")), {})
+            for mode in modes:
+                by_mode = seeds_by_variant(models, reranked=True, mode=mode).get(variant)
+                gap = by_mode and paired_interval(by_mode, plain[variant], "R@1", MEAN_KEY, mode, variant)
+                if gap:
+                    mode_rows.append([variant, mode, gap.seeds, seed_spread(
+                        float(np.mean([metric_values(by_mode[s][d], "R@1").mean() for d in by_mode[s]]))
+                        for s in by_mode).text(), ("**" + gap.text() + "**") if gap.resolved else gap.text()])
+        if mode_rows:
+            parts.append("Every reranking mode on the eval sets (R@1 averaged over the sets, mean ± std over seeds; "
+                         "the change against the same embedder alone with its 95 % interval):\n")
+            parts += [markdown_table(["variant", "mode", "seeds", "R@1", "change"], mode_rows), ""]
         parts.append(order_verdict(plain).sentence() + "\n")
         for variant in reranked:
             bias = any(one_slot((m.get("rerank") or {}).get("choice_ranks")) for m in models.values()

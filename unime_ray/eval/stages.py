@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -41,7 +42,9 @@ class EvalResult(StageResult):
     reason: str | None = None                     # why it did not run (enabled false)
     table: str | None = None                      # the eval pair table
     models: dict[str, ModelEval] = {}             # label -> its evaluation
-    reranker: str | None = None                   # the reranker of the reranked P@1
+    reranker: str | None = None                   # the reranker of the reranked P@1 (None: none used)
+    # the guard's measurement on the dev split (eval.rerank): RerankValidation.as_dict(), or why there is none
+    rerank_validation: dict[str, Any] | None = None
     visual_tokens: dict[str, Any] = {}            # per role: the tally over every model (Context.visual_tokens)
 
 
@@ -108,12 +111,19 @@ def run_eval(ctx: Context) -> EvalResult:
         if not reranker_ref:
             raise ValueError("eval.rerank.enabled, but eval.rerank.model is not set and this run trained no "
                              "reranker (reranker.enabled: false)")
-    reranker = None
+    reranker = validation = None
     if ev.rerank.enabled and reranker_ref:
         reranker = load_reranker(reranker_ref, image_root=image_root, dtype=ev.rerank.dtype,
                                  batch_size=ev.rerank.batch_size, image_options=cfg.image_budget("reranker"))
     if ev.pool.ray:
         ctx.init_ray()
+    if reranker is not None:
+        reranker, validation = _guard(ctx, reranker, str(reranker_ref), image_root)
+    weight = ev.rerank.fusion_weight
+    if weight is None:
+        weight = (validation or {}).get("weight")
+    weight = 0.5 if weight is None else weight
+    modes = [ev.rerank.mode] + [m for m in ev.rerank.modes if m != ev.rerank.mode]
     out_dir = ctx.dir
     results: dict[str, ModelEval] = {}
     for m in eval_models(ctx):
@@ -134,8 +144,8 @@ def run_eval(ctx: Context) -> EvalResult:
             res = {}
             if "pairs" in ev.sets:
                 res = evaluate_pairs_table(spec, table, target, reranker=reranker if m["rerank"] else None,
-                                           rerank_top_k=ev.rerank.top_k, max_rows_per_dataset=ev.max_rows_per_dataset,
-                                           **kw)
+                                           rerank_top_k=ev.rerank.top_k, rerank_modes=modes, fusion_weight=weight,
+                                           max_rows_per_dataset=ev.max_rows_per_dataset, **kw)
             if "mmeb" in ev.sets:
                 kw.pop("check_images")
                 mmeb = evaluate_mmeb_dir(spec, ev.mmeb_dir, target / "mmeb", subsets=ev.mmeb_subsets,
@@ -157,9 +167,51 @@ def run_eval(ctx: Context) -> EvalResult:
                                                 if v is not None})
     per_model = [r.visual_tokens for r in results.values()]
     return EvalResult(table=str(table) if table else None, models=results,
-                      reranker=str(reranker_ref) if reranker is not None else None,
+                      reranker=str(reranker_ref) if reranker is not None else None, rerank_validation=validation,
                       visual_tokens=ctx.visual_tokens(eval=[t.get("eval") for t in per_model],
                                                       reranker=[t.get("reranker") for t in per_model]))
+
+
+def _guard(ctx: Context, reranker: Any, reranker_ref: str, image_root: str | None) -> tuple[Any, dict[str, Any]]:
+    """(the reranker, or None when it must not be used; the validation's record). The reranker is measured on the
+    dev split against the run's UniME-V2 embedder (else the baseline); the measurement goes into the reranker's
+    folder (``rerank_validation.json``, which the server reads, and its model card)."""
+    from ..retrieval.stages import embedder_spec
+    from .outputs import write_json_atomic
+    from .rerank import VALIDATION_FILE, validate_reranker
+
+    ev = ctx.cfg.eval
+    out = ctx.dir / "rerank-validation"
+    dev = ctx.result("prepare", PrepareResult).path("dev_pairs")
+    if dev is None:
+        if not ev.rerank.require_validation:
+            logger.warning("eval: the reranker is used without validation (no dev split; "
+                           "eval.rerank.require_validation: false)")
+            return reranker, {"used": True, "reason": "not validated: no dev split (data.dev_fraction is 0)"}
+        reason = ("the reranker is not used: there is no dev split to validate it on (set data.dev_fraction, "
+                  "or eval.rerank.require_validation: false to rerank unchecked)")
+        logger.warning("eval: %s", reason)
+        return None, {"used": False, "reason": reason}
+    done = out / "validation.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+    else:
+        models = {m["label"]: m for m in eval_models(ctx)}
+        main = models.get(f"unime-v2-seed{ctx.cfg.seed}") or next(iter(models.values()))
+        v = validate_reranker(embedder_spec(ctx, image_root, main["model"], role="eval"), reranker, dev, out,
+                              mode=ev.rerank.mode, top_k=ev.rerank.top_k, image_root=image_root, pool=ev.pool,
+                              embedder_label=main["label"])
+        record = {**v.as_dict(), "reason": v.sentence()}
+        write_json_atomic(record, done)
+        folder = Path(reranker_ref)
+        if folder.is_dir():
+            from ..models.card import CARD_JSON, write_model_card
+
+            write_json_atomic(record, folder / VALIDATION_FILE)
+            if (folder / CARD_JSON).is_file():
+                write_model_card(folder, validation=record)
+    (logger.info if record["used"] else logger.warning)("eval: %s", record["reason"])
+    return (reranker if record["used"] else None), record
 
 
 def report_eval(s: Section) -> list[str]:

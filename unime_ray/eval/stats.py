@@ -114,7 +114,8 @@ def query_ranks(results_json: str | Path) -> dict[str, dict[str, np.ndarray]] | 
     import pyarrow.parquet as pq
 
     cols = pq.read_table(path).to_pydict()
-    out: dict[str, dict[str, np.ndarray]] = {"plain": {}, "reranked": {}}
+    modes = [c[len("rerank_top1_"):] for c in cols if c.startswith("rerank_top1_")]
+    out: dict[str, dict[str, np.ndarray]] = {"plain": {}, "reranked": {}, **{f"reranked:{m}": {} for m in modes}}
     by_set: dict[str, list[int]] = {}
     for i, d in enumerate(cols["dataset"]):
         by_set.setdefault(d, []).append(i)
@@ -122,20 +123,24 @@ def query_ranks(results_json: str | Path) -> dict[str, dict[str, np.ndarray]] | 
         idx = sorted(idx, key=lambda i: str(cols["row_id"][i]))
         ranks = np.array([cols["gt_rank"][i] for i in idx], dtype=np.int64)
         out["plain"][d] = ranks
-        if "rerank_top1" in cols:
-            out["reranked"][d] = np.array([0 if cols["rerank_top1"][i] == 0 else max(1, ranks[j])
-                                           for j, i in enumerate(idx)], dtype=np.int64)
+        for key, col in [("reranked", "rerank_top1")] + [(f"reranked:{m}", f"rerank_top1_{m}") for m in modes]:
+            if col in cols:
+                out[key][d] = np.array([0 if cols[col][i] == 0 else max(1, ranks[j]) for j, i in enumerate(idx)],
+                                       dtype=np.int64)
     return out
 
 
-def seeds_by_variant(models: Mapping[str, Any], reranked: bool = False) -> dict[str, dict[int, dict[str, np.ndarray]]]:
-    """{variant: {seed: {eval set: per-query ranks}}} of the models that have a seed and per-query results."""
+def seeds_by_variant(models: Mapping[str, Any], reranked: bool = False,
+                     mode: str | None = None) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    """{variant: {seed: {eval set: per-query ranks}}} of the models that have a seed and per-query results
+    (``reranked``: after the headline's reranking, or after ``mode``'s)."""
     out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    key = "plain" if not reranked else ("reranked" if mode is None else f"reranked:{mode}")
     for m in models.values():
         if m.get("seed") is None or not m.get("results"):
             continue
         ranks = query_ranks(m["results"])
-        sets = (ranks or {}).get("reranked" if reranked else "plain")
+        sets = (ranks or {}).get(key)
         if sets:
             out.setdefault(m["variant"], {})[int(m["seed"])] = sets
     return out

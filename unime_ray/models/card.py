@@ -28,13 +28,14 @@ def read_card(folder: str | os.PathLike) -> dict[str, Any]:
 def write_model_card(folder: str | os.PathLike, *, base_model: str | None = None,
                      recipe: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
                      metrics: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None,
-                     name: str | None = None) -> Path:
+                     validation: Mapping[str, Any] | None = None, name: str | None = None) -> Path:
     """Write (or update: given sections replace recorded ones, the others stay) the folder's model card."""
     folder = Path(folder)
     facts = read_card(folder)
     given = {"name": name, "base_model": base_model, "recipe": dict(recipe) if recipe else None,
              "data": dict(data) if data else None, "metrics": dict(metrics) if metrics else None,
-             "evaluation": dict(evaluation) if evaluation else None}
+             "evaluation": dict(evaluation) if evaluation else None,
+             "validation": dict(validation) if validation else None}
     facts.update({k: v for k, v in given.items() if v is not None})
     (folder / CARD_JSON).write_text(json.dumps(facts, indent=1, default=str))
     (folder / "README.md").write_text(render_card(facts))
@@ -95,4 +96,11 @@ def render_card(facts: Mapping[str, Any]) -> str:
             row = [name, _fmt(v), _fmt(chance.get(name, ""))] + ([_fmt(reranked.get(name, ""))] if reranked else [])
             out.append("| " + " | ".join(row) + " |")
         out.append("")
+    val = facts.get("validation")
+    if val:   # a reranker's guard (eval.rerank): measured on rows no training step saw
+        out += ["## Validation against the embedder alone", "", str(val.get("reason", "")), ""]
+        if val.get("p1"):
+            out += _table({"embedder alone P@1 (%)": val.get("embedder_p1"),
+                           **{f"{m} P@1 (%)": v for m, v in val["p1"].items()},
+                           "fused weight": val.get("weight"), "used": val.get("used")}) + [""]
     return "\n".join(out)

@@ -108,14 +108,16 @@ class Reranker:
 
     # ---------------------------------------------------------------------------------------- the API
     def rerank(self, query: Any, candidates: Sequence[Any], top_k: int | None = None,
-               mode: str = "pairwise") -> list[dict[str, Any]]:
+               mode: str = "pairwise", similarities: Sequence[float] | None = None,
+               weight: float = 0.5) -> list[dict[str, Any]]:
         """Reorder ``candidates`` (given best first, e.g. an embedder's top-K) for ``query``; items are strings,
         dicts (``text``/``image``/``instruction``), images or ``Item``s. Returns the first ``top_k`` as
         ``{"index": position in candidates, "score": P(Yes) or None}``, best first.
 
         ``pairwise`` sorts by P(Yes) (unscorable candidates keep their place after the scored ones); ``listwise``
         asks the model to name the best candidate, moves it first and keeps the given order for the rest (an
-        unusable answer keeps the given order).
+        unusable answer keeps the given order); ``fused`` sorts by ``(1 - weight) * similarities + weight *
+        P(Yes)`` (the embedder's cosines, one per candidate). The rule is :func:`reorder`, the eval's.
 
         >>> hits = reranker.rerank("a red circle", ["blue square", "red circle", "green star"], top_k=2)
         >>> len(hits), sorted(hits[0])
@@ -123,18 +125,19 @@ class Reranker:
         """
         from ..data.inputs import to_item
 
+        if mode not in RERANK_MODES:
+            raise ValueError(f"unknown rerank mode {mode!r}; choose one of {', '.join(RERANK_MODES)}")
         q = to_item(query)
         cands = [to_item(c) for c in candidates]
-        order = list(range(len(cands)))
         scores: list[float | None] = [None] * len(cands)
-        if mode == "pairwise":
+        choice = values = None
+        if mode == "listwise":
+            choice = self.choose(q, cands).index if cands else None
+        else:
             values = self.score_pairs([(q, c) for c in cands])
             scores = [None if v != v else float(v) for v in values]
-            order = apply_pairwise_scores(order, values)
-        elif mode == "listwise":
-            order = apply_listwise_choice(order, self.choose(q, cands) if cands else None)
-        else:
-            raise ValueError(f"unknown rerank mode {mode!r}; choose pairwise or listwise")
+        order, _ = reorder(mode, list(range(len(cands))), choice=choice, p_yes=values, similarities=similarities,
+                           weight=weight)
         return [{"index": i, "score": scores[i]} for i in order[:top_k]]
 
 
@@ -160,6 +163,39 @@ def apply_pairwise_scores(order: Sequence[int], scores: Sequence[float]) -> list
     """Reorder by P(Yes), highest first; ties and unscored (NaN) candidates keep the embedder's order."""
     keyed = [(-(s if s == s else -np.inf), rank, c) for rank, (c, s) in enumerate(zip(order, scores))]
     return [c for _, _, c in sorted(keyed)]
+
+
+RERANK_MODES = ("listwise", "pairwise", "fused")
+"""How a reranker reorders an embedder's top-K: ``listwise`` (the paper's: it names the best candidate, which
+moves first), ``pairwise`` (by P(Yes) of each pair) or ``fused`` ((1 - w) * cosine + w * P(Yes), with w chosen
+on held-out training rows)."""
+
+
+def fused_scores(similarities: Sequence[float], p_yes: Sequence[float], weight: float) -> np.ndarray:
+    """``(1 - weight) * cosine + weight * P(Yes)`` per candidate; NaN where the reranker gave no score."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
+    return (1.0 - weight) * np.asarray(similarities, dtype=np.float64) + weight * np.asarray(p_yes, dtype=np.float64)
+
+
+def reorder(mode: str, order: Sequence[int], *, choice: Any = None, p_yes: Sequence[float] | None = None,
+            similarities: Sequence[float] | None = None, weight: float = 0.5) -> tuple[list[int], bool]:
+    """(new order of a query's top-K, fell back?) in ``mode``: the one rule the eval measures and the server
+    applies. ``order``: the top-K best first; ``choice``: the listwise answer's 0-based index into it;
+    ``p_yes``/``similarities``: per entry of ``order``. A fallback (an unusable listwise answer; no pair scored)
+    keeps the embedder's order."""
+    if mode == "listwise":
+        return move_choice_first(order, choice)
+    if mode not in ("pairwise", "fused"):
+        raise ValueError(f"unknown rerank mode {mode!r}; choose one of {', '.join(RERANK_MODES)}")
+    if p_yes is None or len(p_yes) != len(order):
+        raise ValueError(f"{mode} reranking needs one P(Yes) per candidate")
+    scores = np.asarray(p_yes, dtype=np.float64)
+    if mode == "fused":
+        if similarities is None or len(similarities) != len(order):
+            raise ValueError("fused reranking needs one cosine per candidate")
+        scores = fused_scores(similarities, scores, weight)
+    return apply_pairwise_scores(order, scores), bool(len(order) and np.isnan(scores).all())
 
 
 def rerank_topk(reranker: Reranker, queries: Sequence[Item], candidates: Sequence[Item], topk_ids: np.ndarray,

@@ -91,6 +91,7 @@ class SearchResponse(BaseModel):
     results: list[Hit]
     reranked: bool
     timings_ms: dict[str, float]
+    rerank_note: str | None = None     # why a requested reranking did not happen (the reranker is withheld)
 
 
 class EmbedRequest(_In):
@@ -197,11 +198,13 @@ def to_item(q: QueryIn, limits: LimitsConfig, what: str = "query") -> Item:
     return Item(text=text, instruction=instruction, image=image)
 
 
-def check_search(req: SearchRequest, limits: LimitsConfig, can_rerank: bool) -> int:
-    """Range checks of a search request; returns how many candidates to rerank (0: none)."""
+def check_search(req: SearchRequest, limits: LimitsConfig, can_rerank: bool, withheld: str | None = None) -> int:
+    """Range checks of a search request; returns how many candidates to rerank (0: none). ``withheld``: why a
+    configured reranker is not used (it did not beat the embedder alone): such a request gets the embedder's
+    order and the reason, not an error."""
     if not 1 <= req.top_k <= limits.max_top_k:
         raise RequestError(422, f"top_k must be between 1 and {limits.max_top_k}, got {req.top_k}")
-    if not req.rerank:
+    if not req.rerank or (withheld and not can_rerank):
         return 0
     if not can_rerank:
         raise RequestError(422, "reranking is not available: this server was started without a reranker")
@@ -211,11 +214,17 @@ def check_search(req: SearchRequest, limits: LimitsConfig, can_rerank: bool) -> 
     return n
 
 
-def rerank_order(n_head: int, scores: list[float | None]) -> list[int]:
-    """New order of the first ``n_head`` hits: by reranker score descending (ties and unscored hits keep
-    embedder order, unscored last); the remaining hits follow in embedder order."""
-    head = sorted(range(n_head), key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
-    return head
+def rerank_order(mode: str, similarities: list[float], scores: list[float | None], choice: int | None = None,
+                 weight: float | None = None) -> list[int]:
+    """New order of the top hits (given best first, with their cosines): the eval's rule
+    (:func:`~unime_ray.rerank.inference.reorder`) in ``mode``; ``scores``: P(Yes) per hit (None: not scored, kept
+    after the scored ones in embedder order); ``choice``: the listwise answer's index. The hits after the head
+    follow in embedder order."""
+    from ..rerank.inference import reorder
+
+    p_yes = [float("nan") if s is None else float(s) for s in scores]
+    return reorder(mode, list(range(len(similarities))), choice=choice, p_yes=p_yes, similarities=similarities,
+                   weight=0.5 if weight is None else weight)[0]
 
 
 # ------------------------------------------------------------------------------------------ middleware
@@ -369,9 +378,13 @@ def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI
               dependencies=[Depends(bearer)], responses=errors_doc)
     async def search(req: SearchRequest):
         async def run():
-            n_rerank = check_search(req, limits, backend.can_rerank)
+            withheld = getattr(backend, "rerank_withheld", None)
+            n_rerank = check_search(req, limits, backend.can_rerank, withheld)
             item = await _to_item(req.query, limits)
-            return await backend.search(item, req.top_k, n_rerank, req.include_image)
+            out = await backend.search(item, req.top_k, n_rerank, req.include_image)
+            if req.rerank and withheld:
+                out["rerank_note"] = f"not reranked: {withheld}"
+            return out
         return await _guarded(run)
 
     @api.post("/v1/embed", response_model=EmbedResponse, summary="embed items",

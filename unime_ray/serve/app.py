@@ -229,6 +229,14 @@ class RerankerDeployment:
         """(P(Yes) or None, error or None) per candidate."""
         return await self.score_batch((query, candidates))
 
+    async def choose(self, query: Item, candidates: list[Item]) -> tuple[int | None, str]:
+        """The listwise answer: (0-based index of the best candidate or None when unusable, the raw answer)."""
+        impl = self.scorer.impl
+        if not hasattr(impl, "choose_many"):
+            raise RuntimeError(f"listwise reranking needs {RERANK_IMPL} (reranker.implementation)")
+        [choice] = await asyncio.to_thread(impl.choose_many, [query], [candidates])
+        return choice.index, choice.raw
+
     def stats(self) -> dict[str, Any]:
         return {"model": self.scorer.model, "implementation": self.scorer.implementation,
                 "batch_sizes": dict(self.batch_sizes)}
@@ -318,6 +326,11 @@ class UniMEIngress:
     @property
     def can_rerank(self) -> bool:
         return self.reranker is not None
+
+    @property
+    def rerank_withheld(self) -> str | None:
+        """Why the configured reranker is not used (its validation), or None."""
+        return self._info.get("reranker_not_used")
 
     async def health(self) -> dict[str, Any]:
         """Liveness: this process answers (the other deployments are ``readiness``)."""
@@ -457,16 +470,23 @@ class UniMEIngress:
             scorable = [i for i, r in enumerate(head) if not r.get("image_error")]
             cands = [Item(text=head[i].get("text") or "", instruction=head[i].get("instruction") or "",
                           image=head[i].get("image") or None) for i in scorable]
-            [outcomes] = await self._await_all([(self.reranker_name, self.reranker.score.remote(item, cands))],
-                                               deadline)
+            mode, choice = self.cfg.reranker.mode, None
             scores: list[float | None] = [None] * len(head)
-            for i, (s, err) in zip(scorable, outcomes):
-                scores[i] = s
-                if err:
-                    head[i]["rerank_error"] = err
+            if mode == "listwise":
+                [(index, raw)] = await self._await_all(
+                    [(self.reranker_name, self.reranker.choose.remote(item, cands))], deadline)
+                choice = scorable[index] if index is not None and 0 <= index < len(scorable) else None
+            else:
+                [outcomes] = await self._await_all(
+                    [(self.reranker_name, self.reranker.score.remote(item, cands))], deadline)
+                for i, (s, err) in zip(scorable, outcomes):
+                    scores[i] = s
+                    if err:
+                        head[i]["rerank_error"] = err
             for i, r in enumerate(head):
                 r["rerank_score"] = scores[i]
-            rows = [head[i] for i in rerank_order(len(head), scores)] + rows[n_rerank:]
+            order = rerank_order(mode, [r["score"] for r in head], scores, choice, self.cfg.reranker.fusion_weight)
+            rows = [head[i] for i in order] + rows[n_rerank:]
             reranked = True
             timings["rerank"] = (time.perf_counter() - t2) * 1e3
         import base64
@@ -602,15 +622,23 @@ def build_application(index: str | os.PathLike, cfg: ServeConfig | None = None, 
         partitions.append(CandidateIndex.options(name=name, **cfg.index.deployment_options()).bind(
             index, p, parts, cfg.index.model_dump(mode="json"), image_root))
     rerank_dep = None
+    plan = rerank_plan(reranker, cfg.reranker) if reranker else None
+    if plan is not None and not plan["use"]:
+        logger.warning("serving without the reranker: %s", plan["reason"])
+        reranker = None
     if reranker:
         rerank_dep = RerankerDeployment.options(**cfg.reranker.deployment_options()).bind(
             str(reranker), cfg.reranker.model_dump(mode="json"))
+        cfg = cfg.model_copy(update={"reranker": cfg.reranker.model_copy(
+            update={"mode": plan["mode"], "fusion_weight": plan["weight"]})})
     info = {
         "api_version": "1",
         "embedder": {"model": spec.model, "input_format": spec.input_format, "positions": spec.positions,
                      "dim": manifest["dim"]},
-        "reranker": ({"model": str(reranker), "implementation": reranker_implementation(cfg.reranker.implementation)}
+        "reranker": ({"model": str(reranker), "implementation": reranker_implementation(cfg.reranker.implementation),
+                      "mode": plan["mode"], "fusion_weight": plan["weight"], "validation": plan["reason"]}
                      if reranker else None),
+        "reranker_not_used": plan["reason"] if plan is not None and not plan["use"] else None,
         "index": {"count": manifest["count"], "dim": manifest["dim"], "kind": manifest["index"]["kind"],
                   "shards": manifest["index"]["num_shards"], "partitions": parts, "built": manifest.get("created"),
                   "embedder_at_build": manifest["embedder"]["model"]},
@@ -646,6 +674,31 @@ def wait_until_ready(app_name: str, report=print, report_every_s: float = 30.0, 
         if timeout_s is not None and now - start > timeout_s:
             raise TimeoutError(f"{app_name} was not ready after {timeout_s:g} s")
         time.sleep(poll_s)
+
+
+def rerank_plan(reranker: str | os.PathLike, settings: RerankerSettings) -> dict[str, Any]:
+    """Whether and how to serve ``reranker``: ``{"use", "mode", "weight", "reason"}`` from its folder's
+    validation (``rerank_validation.json``: what the pipeline's eval measured on the dev split) and the settings."""
+    import json
+
+    from ..eval.rerank import VALIDATION_FILE
+
+    path = Path(str(reranker)) / VALIDATION_FILE
+    val = json.loads(path.read_text()) if path.is_file() else None
+    mode = settings.mode if settings.mode != "auto" else (val or {}).get("mode", "pairwise")
+    weight = settings.fusion_weight if settings.fusion_weight is not None else (val or {}).get("weight")
+    weight = 0.5 if weight is None else float(weight)
+    if val is None:
+        reason = f"{reranker} records no validation against the embedder alone ({VALIDATION_FILE})"
+        use = not settings.require_validation
+    else:
+        reason = str(val.get("reason", ""))
+        use = bool(val.get("used")) or not settings.require_validation
+        if val.get("used") and mode != val.get("mode"):
+            reason += f" (validated in {val.get('mode')} mode; serving {mode})"
+    if not use:
+        reason += "; set reranker.require_validation: false to serve it anyway"
+    return {"use": use, "mode": mode, "weight": weight, "reason": reason}
 
 
 def build_app(args: dict[str, Any]) -> Application:

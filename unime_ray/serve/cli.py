@@ -154,13 +154,19 @@ def cmd_serve(args) -> int:
     except (IndexFormatError, ApiKeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.reranker:   # the reranker's validation decides whether it is served (and the resources it needs)
+        from .app import rerank_plan
+
+        plan = rerank_plan(args.reranker, cfg.reranker)
+        print(("reranker: " if plan["use"] else "reranker not used: ") + plan["reason"], flush=True)
     joined = (args.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
     init_ray(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
     if cfg.fit != "off":
         # a local Ray started here cannot grow; a cluster joined by address may (cluster_autoscales decides)
         can_grow = cfg.cluster_autoscales if cfg.cluster_autoscales is not None else joined
         try:
-            cfg, layout = fit_to_cluster(args.index, cfg, args.reranker, cluster_capacity(can_grow))
+            cfg, layout = fit_to_cluster(args.index, cfg, args.reranker if not args.reranker or plan["use"] else None,
+                                         cluster_capacity(can_grow))
         except ResourceFitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

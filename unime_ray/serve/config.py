@@ -151,6 +151,12 @@ class RerankerSettings(_ModelSettings):
     image_resize: tuple[int, int] | None = None
     # auto: unime_ray.rerank.Reranker when installed, else the judge's TransformersJudge (same prompt)
     implementation: Literal["auto", "rerank", "judge"] = "auto"
+    # how the top hits are reordered (the rule the eval measured, rerank.inference.reorder); auto: the mode the
+    # reranker folder's validation recorded (rerank_validation.json, written by the pipeline's eval), else pairwise
+    mode: Literal["auto", "listwise", "pairwise", "fused"] = "auto"
+    fusion_weight: float | None = Field(default=None, ge=0, le=1)   # fused: null = the recorded weight, else 0.5
+    # serve a reranker only when its folder records that it beat the embedder alone on the dev split
+    require_validation: bool = True
 
 
 class IndexSettings(DeploymentSettings):
