@@ -71,7 +71,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['init']} | {r['steps']} | {r['train_s']} | {r['loss_pair']:.3f} | "
-              f"{r['loss_list']:.3f} | {r['embedder_p1']:.2f} | {r['p1']['listwise']:.2f} | {r['p1']['pairwise']:.2f} | "
+              f"{r['loss_list']:.3f} | {r['embedder_p1']:.2f} | {r['p1']['listwise']:.2f} | "
+              f"{r['p1']['pairwise']:.2f} | "
               f"{r['p1']['fused']:.2f} ({r['weight']}) | {r['gain']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
               f"{' (one slot)' if r['one_slot'] else ''} | {r['used']} |")
 

@@ -627,7 +627,8 @@ def dev_rows(tmp_path):
         vecs[f"g{i}"] = angle(0.2 if i % 2 == 0 else 0.5)
         for j, a in enumerate((0.3, 0.9, 1.2)):
             vecs[f"n{i}_{j}"] = angle(a)
-        rows.append(_pair_row(f"r{i}", "dev", T(text=f"q{i}"), T(text=f"g{i}"), [T(text=f"n{i}_{j}") for j in range(3)]))
+        negs = [T(text=f"n{i}_{j}") for j in range(3)]
+        rows.append(_pair_row(f"r{i}", "dev", T(text=f"q{i}"), T(text=f"g{i}"), negs))
     return _write_pairs(tmp_path / "dev", rows), vecs, {f"g{i}" for i in range(60)}
 
 

@@ -201,7 +201,7 @@ def test_every_stage_records_the_tokens_of_its_budget(tiny_models, ray_local, tm
         "embed={pool: {batch_size: 8, max_actors: 1}}", "retrieve={top_k: 3, delta: null}",
         "judge={pool: {batch_size: 32, max_actors: 1}}", "mine={num_negatives: 2, export_official: false}",
         f"train={{num_negatives: 2, {small}}}", f"reranker={{enabled: true, list_negatives: 2, {small}}}",
-        "eval={pool: {ray: false, batch_size: 8}, rerank: {enabled: true, top_k: 2}}"])
+        "eval={pool: {ray: false, batch_size: 8}, rerank: {enabled: true, top_k: 2, require_validation: false}}"])
     manifest = Manifest(run.resolve())
     manifest.update("prepare", status="complete", outputs={"tables": tables, "image_root": None})
     run_pipeline(cfg, only=["retrieve", "judge", "mine", "train", "rerank", "eval", "report"])

@@ -42,7 +42,8 @@ def test_whole_method_runs_and_reports(whole_method_run):
     # the eval reranked only if the configured mode helped there; the reranker's folder records the decision
     dev = manifest["prepare"]["outputs"]["tables"]["dev_pairs"]
     val = manifest["eval"]["outputs"]["rerank_validation"]
-    assert val["rows"] + val["tuning_rows"] == dev["rows_out"] > 0 and set(val["p1"]) == {"listwise", "pairwise", "fused"}
+    assert val["rows"] + val["tuning_rows"] == dev["rows_out"] > 0
+    assert set(val["p1"]) == {"listwise", "pairwise", "fused"}
     assert val["embedder"] == "unime-v2-seed0" and val["mode"] == "listwise"
     assert (ev["baseline"]["rerank"] is not None) == val["used"] and ev["hard-labels-seed0"]["rerank"] is None
     folder = Path(manifest["rerank"]["outputs"]["model"])

@@ -143,14 +143,17 @@ def test_paired_interval_covers_a_zero_difference_at_least_95_percent_of_the_tim
 
 
 def _grid(rng, p_hits, n=400, seeds=3):
-    return {v: {s: {"i2t": _ranks(rng, p, n), "t2i": _ranks(rng, p, n)} for s in range(seeds)} for v, p in p_hits.items()}
+    return {v: {s: {"i2t": _ranks(rng, p, n), "t2i": _ranks(rng, p, n)} for s in range(seeds)}
+            for v, p in p_hits.items()}
 
 
 def test_the_papers_order_verdict():
     rng = np.random.default_rng(2)
     clear = order_verdict(_grid(rng, {"infonce-inbatch": 0.2, "hard-labels": 0.4, "unime-v2": 0.6}))
-    assert clear.holds and not clear.contradicted and "holds: every step's 95 % interval lies above 0" in clear.sentence()
-    assert [(p.better, p.worse) for p in clear.steps] == [("hard-labels", "infonce-inbatch"), ("unime-v2", "hard-labels")]
+    assert clear.holds and not clear.contradicted
+    assert "holds: every step's 95 % interval lies above 0" in clear.sentence()
+    assert [(p.better, p.worse) for p in clear.steps] == [("hard-labels", "infonce-inbatch"),
+                                                         ("unime-v2", "hard-labels")]
     flipped = order_verdict(_grid(rng, {"infonce-inbatch": 0.6, "hard-labels": 0.4, "unime-v2": 0.2}))
     assert flipped.contradicted and "unime-v2 is below hard-labels" in flipped.sentence()
     close = order_verdict(_grid(rng, {"infonce-inbatch": 0.4, "hard-labels": 0.4, "unime-v2": 0.41}, n=100))

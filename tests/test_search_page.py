@@ -42,7 +42,8 @@ def server(ray_local, tiny_models, built_index):  # noqa: F811
     config = {"ingress": {"num_cpus": 0},
               "embedder": {"num_cpus": 0, "dtype": "float32", "batch_wait_timeout_s": 0.01},
               "index": {"num_cpus": 0, "partitions": 2},
-              "reranker": {"num_cpus": 0, "dtype": "float32", "require_validation": False}}   # unvalidated: served on purpose
+              # the tiny reranker records no validation: served on purpose
+              "reranker": {"num_cpus": 0, "dtype": "float32", "require_validation": False}}
     with running_app(APP_NAME, KEY_ENV, config, built_index["index"], tiny_models["qwen2_5_vl"]) as app:
         yield app
 

@@ -27,7 +27,8 @@ def test_batch_plan_reshuffles_every_epoch_and_splits_global_batches():
     e0, e1 = epoch(0), epoch(1)
     assert len(set(e0)) == len(e0) == 48 and len(set(e1)) == 48
     assert not np.array_equal(e0, e1)                     # a new order (and new batch-mates) every epoch
-    assert np.array_equal(e0, epoch_order(50, 3, 0)[:48]) and np.array_equal(epoch_order(50, 3, 1), epoch_order(50, 3, 1))
+    assert np.array_equal(e0, epoch_order(50, 3, 0)[:48])
+    assert np.array_equal(epoch_order(50, 3, 1), epoch_order(50, 3, 1))
     # 2 workers x micro 4 see exactly the micro-batches of 1 worker x micro 8, rank 0's rows first
     one = BatchPlan(num_rows=50, micro=8, accum=2, world=1, seed=3)
     for step in (0, 4):

@@ -199,9 +199,9 @@ def validate_reranker(embedder: Any, reranker: Any, dev_table: str | os.PathLike
     from .stats import one_slot, paired_interval
 
     out = Path(out_dir)
-    evaluate_pairs_table(embedder, dev_table, out, image_root=image_root, reranker=reranker, rerank_top_k=top_k,
-                         rerank_modes=("listwise", "pairwise"), top_k_dump=top_k, pool=pool,
-                         label="rerank validation (dev split)")
+    res = evaluate_pairs_table(embedder, dev_table, out, image_root=image_root, reranker=reranker,
+                               rerank_top_k=top_k, rerank_modes=("listwise", "pairwise"), top_k_dump=top_k, pool=pool,
+                               label="rerank validation (dev split)")
     t = pq.read_table(out / "topk.parquet").to_pydict()
     n = len(t["row_id"])
     tuning = np.array([hashlib.sha1(str(r).encode()).digest()[0] % 2 == 0 for r in t["row_id"]])
@@ -223,11 +223,7 @@ def validate_reranker(embedder: Any, reranker: Any, dev_table: str | os.PathLike
     p1 = {m: float(100.0 * v[deciding].mean()) for m, v in per_mode.items()}
     as_ranks = lambda h: {0: {"dev": np.where(h[deciding], 0, 1)}}
     gap = paired_interval(as_ranks(per_mode[mode]), as_ranks(base), "R@1", "dev")
-    picks = {}
-    for idx, top1 in zip(t["topk_index"], t["rerank_top1_listwise"]):
-        rank = str(list(idx[:top_k]).index(top1) + 1) if top1 in idx[:top_k] else "1"
-        picks[rank] = picks.get(rank, 0) + 1
-    biased = mode == "listwise" and one_slot({"dev": picks})
+    biased = mode == "listwise" and one_slot(res["rerank"]["modes"]["listwise"]["choice_ranks"])
     return RerankValidation(mode=mode, top_k=top_k, embedder=embedder_label, tuning_rows=int(tuning.sum()),
                             rows=int(deciding.sum()), weight=weight, weights_tried=tried,
                             embedder_p1=float(100.0 * base[deciding].mean()), p1=p1, gain=gap.mean, lo=gap.lo,
