@@ -34,8 +34,9 @@ def main() -> None:
     import yaml
 
     from unime_ray import train_reranker
-    from unime_ray.config import RunConfig
-    from unime_ray.eval.rerank import load_reranker, validate_reranker
+    from unime_ray.run.config import RunConfig
+    from unime_ray.eval.guard import validate_reranker
+    from unime_ray.eval.rerank import load_reranker
     from unime_ray.models.encode import EmbedderSpec
     from unime_ray.train.config import RerankerTrainConfig
 

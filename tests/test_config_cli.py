@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from unime_ray.cli import build_parser, main
-from unime_ray.config import ConfigError, RunConfig, apply_override, list_presets, load_run_config
+from unime_ray.run.config import ConfigError, RunConfig, apply_override, list_presets, load_run_config
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -107,7 +107,7 @@ def test_parser_requires_a_command():
 
 
 def test_config_file_extends_a_preset(tmp_path):
-    from unime_ray.config import ConfigError, load_run_config
+    from unime_ray.run.config import ConfigError, load_run_config
 
     f = tmp_path / "job.yaml"
     f.write_text("extends: synthetic\nrun_dir: /tmp/x\ntrain:\n  max_steps: 3\n")

@@ -177,7 +177,7 @@ _ROUTING = textwrap.dedent("""
     setup_logging("INFO")
     verbose = sys.argv[2] == "verbose"
     run = start_run_logging(sys.argv[1], verbose=verbose)
-    logging.getLogger("unime_ray.pipeline").info("OUR-LINE")
+    logging.getLogger("unime_ray.run.runner").info("OUR-LINE")
     warnings.warn("LIB-PYWARNING")
     logging.getLogger("ray").warning("RAY-WARNING")
     logging.getLogger("DeepSpeed").warning("DS-WARNING")
@@ -212,7 +212,7 @@ def test_library_messages_go_to_the_run_log_unless_verbose(tmp_path, mode):
 
 
 def test_run_summary_prints_the_reports_headline_table(tmp_path):
-    from unime_ray.pipeline import Manifest, headline_table, run_summary
+    from unime_ray.run.runner import Manifest, headline_table, run_summary
 
     (tmp_path / "report.md").write_text(textwrap.dedent("""\
         # unime-ray run report

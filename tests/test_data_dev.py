@@ -3,8 +3,6 @@ prepare stage's accounting (in = out + quarantined + held out)."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 
 from unime_ray.data.dev import dev_pairs, group_key, in_dev, split_dev
 from unime_ray.data.schema import PAIR_SCHEMA, empty_row, item_from_row, negatives_from_row
@@ -58,8 +56,8 @@ def test_dev_rows_are_eval_rows_with_distinct_candidates_of_their_task():
 
 
 def test_prepare_holds_out_dev_pairs_and_accounts_for_every_row(tmp_path):
-    from unime_ray.config import load_run_config
-    from unime_ray.pipeline import run_pipeline
+    from unime_ray.run.config import load_run_config
+    from unime_ray.run.runner import run_pipeline
 
     cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path / 'run'}", "data.max_items=40",
                                                          "data.dev_fraction=0.25", "data.dev_candidates=6"])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from unime_ray.config import load_run_config
+from unime_ray.run.config import load_run_config
 from unime_ray.data.io import ShardWriter, count_rows, read_table
 from unime_ray.data.schema import CANDIDATE_SCHEMA
 from unime_ray.models.encode import EmbedderSpec, embed_table, read_embeddings
@@ -58,7 +58,7 @@ def test_ray_embedding_equals_local_and_resumes(tiny_models, ray_local, candidat
 
 
 def _run(tmp_path, *overrides):
-    from unime_ray.pipeline import run_pipeline
+    from unime_ray.run.runner import run_pipeline
 
     # training has its own tests (test_train_embedder.py); these exercise the data stages and their resume
     cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path / 'run'}", "data.max_items=40",

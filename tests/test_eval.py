@@ -579,9 +579,9 @@ def test_eval_step_adds_the_dual_encoder_judge_as_a_reference(tmp_path):
     judge (a seedless reference row); an MLLM stand-in or eval.judge_reference: false adds nothing."""
     from types import SimpleNamespace
 
-    from unime_ray.config import load_run_config
-    from unime_ray.eval.stages import eval_models
-    from unime_ray.judge.stages import JudgeFitResult
+    from unime_ray.run.config import load_run_config
+    from unime_ray.run.stages.eval import eval_models
+    from unime_ray.run.results import JudgeFitResult
 
     def ctx(kind, reference=True):
         cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path}", "baseline.enabled=false",
@@ -634,7 +634,7 @@ def dev_rows(tmp_path):
 
 @pytest.mark.parametrize("mode", ["listwise", "pairwise", "fused"])
 def test_reranker_guard_uses_a_reranker_that_helps(dev_rows, tmp_path, mode):
-    from unime_ray.eval.rerank import validate_reranker
+    from unime_ray.eval.guard import validate_reranker
 
     table, vecs, gts = dev_rows
     v = validate_reranker(FakeEmbedder(vecs), GroundTruthReranker(gts), table, tmp_path / "v", mode=mode, top_k=2)
@@ -652,7 +652,7 @@ def _tuning(i: int) -> bool:
 
 
 def test_reranker_guard_refuses_a_position_bias_and_a_reranker_that_hurts(dev_rows, tmp_path):
-    from unime_ray.eval.rerank import validate_reranker
+    from unime_ray.eval.guard import validate_reranker
 
     table, vecs, gts = dev_rows
     slot = validate_reranker(FakeEmbedder(vecs), GroundTruthReranker(gts, slot=0), table, tmp_path / "a", top_k=2)

@@ -15,8 +15,9 @@ from collections import Counter
 
 import pytest
 
-from unime_ray.config import load_run_config
-from unime_ray.models.budget import ImageBudget, drain_visual_tokens, merge_tallies, token_tally
+from unime_ray.run.config import load_run_config
+from unime_ray.models.budget import ImageBudget
+from unime_ray.utils.tallies import drain_visual_tokens, merge_tallies, token_tally
 
 IMAGE_W, IMAGE_H = 1000, 800
 
@@ -190,7 +191,7 @@ def _write_tables(root, n: int = 6):
 
 
 def test_every_stage_records_the_tokens_of_its_budget(tiny_models, ray_local, tmp_path):
-    from unime_ray.pipeline import Manifest, run_pipeline
+    from unime_ray.run.runner import Manifest, run_pipeline
 
     run = tmp_path / "run"
     tables = _write_tables(tmp_path)

@@ -139,7 +139,7 @@ def test_floored_gradient_is_finite_with_underflowing_probabilities():
 
 def test_kl_form_is_one_train_knob_that_reaches_the_loss():
     """train.kl_form (config) -> TrainJob -> EmbedderTask -> batch_loss -> judge_alignment_loss."""
-    from unime_ray.config import TrainConfig
+    from unime_ray.train.config import TrainConfig
     from unime_ray.train.embedder import EmbedderTask, batch_loss
     from unime_ray.train.trainer import TrainJob
 

@@ -10,8 +10,9 @@ import torch
 
 from unime_ray.data.schema import Item
 from unime_ray.models import (Embedder, ImageOptions, LoraSettings, ModelNotFoundError, UnsupportedArchitectureError,
-                              VLProcessor, apply_lora, build_random_backbone, format_item, load_adapter,
+                              apply_lora, build_random_backbone, format_item, load_adapter,
                               load_backbone, save_adapter)
+from unime_ray.models.auto_processor import load_processor
 from unime_ray.models.backbone import SHIPPED_CONFIGS
 from unime_ray.models.embedder import last_token_pool
 from unime_ray.models.processor import IMAGE_PAD
@@ -125,7 +126,7 @@ def test_chat_format_matches_the_tokenizer_template(tiny_models):
 
 
 def test_hf_and_manual_processors_give_identical_inputs(tiny_models, arch):
-    proc = VLProcessor.from_pretrained(tiny_models[arch], backend="auto")
+    proc = load_processor(tiny_models[arch], backend="auto")
     assert proc.backend == "hf"
     items = mixed_items()
     from unime_ray.data.images import load_image
@@ -168,12 +169,12 @@ def test_cached_images_give_the_same_inputs(tiny_models, arch, tmp_path):
 def test_processor_image_options(tiny_models):
     from PIL import Image
 
-    proc = VLProcessor.from_pretrained(tiny_models["qwen2_vl"], backend="manual",
+    proc = load_processor(tiny_models["qwen2_vl"], backend="manual",
                                        image_options=ImageOptions(resize=(112, 112), max_pixels=112 * 112))
     im = Image.new("RGB", (300, 40), (255, 0, 0))
     out = proc([IMAGE_PAD], [im])
     assert out["image_grid_thw"].tolist() == [[1, 8, 8]]  # 112/14 = 8 patches a side
-    small = VLProcessor.from_pretrained(tiny_models["qwen2_vl"], backend="manual",
+    small = load_processor(tiny_models["qwen2_vl"], backend="manual",
                                         image_options=ImageOptions(max_pixels=56 * 56))
     assert small([IMAGE_PAD], [Image.new("RGB", (200, 200))])["image_grid_thw"].prod().item() <= 16
     with pytest.raises(ValueError, match="image placeholders"):
@@ -230,7 +231,7 @@ def test_lora_save_load_merge(tiny_models, tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    proc = VLProcessor.from_pretrained(tiny_models["qwen2_vl"])
+    proc = load_processor(tiny_models["qwen2_vl"])
     items = mixed_items()
     with_adapter = Embedder(model.eval(), proc).encode(items)
     plain = Embedder(load_backbone(tiny_models["qwen2_vl"], dtype="float32"), proc).encode(items)
@@ -350,7 +351,7 @@ def test_llava_judge_matches_the_hf_processor_and_model(tiny_llava):
     pairs = _llava_pairs()
     judge = TransformersJudge(tiny_llava, dtype="float32", prefix_reuse=True, batch_size=2)
     proc = judge.processor
-    hf = VLProcessor.from_pretrained(tiny_llava, backend="hf")._hf
+    hf = load_processor(tiny_llava, backend="hf")._hf
     expected = []
     for q, c in pairs:
         images = [load_image(it) for it in judge_images(q, c)]
@@ -381,7 +382,7 @@ def test_llava_reranker_trains_and_decodes(tiny_llava):
 
     q, c = _llava_pairs()[3]
     model = apply_lora(load_backbone(tiny_llava, dtype="float32"), LoraSettings(r=4, alpha=8, dropout=0.0))
-    proc = VLProcessor.from_pretrained(tiny_llava, backend="manual")
+    proc = load_processor(tiny_llava, backend="manual")
     encs = [encode_conversation(proc, pairwise_text(q, c), [q, c], "Yes"),
             encode_conversation(proc, listwise_text(q, [c, Item(text="none")]), [q, c], "Ans: (1)")]
     losses = answer_token_losses(model.train(), proc, encs)
@@ -396,7 +397,7 @@ def test_llava_reranker_trains_and_decodes(tiny_llava):
     cands = [c, Item(text="none")]
     enc = encode_conversation(reranker.processor, listwise_text(q, cands), [q, c])
     text = reranker.processor.adapt_chat(listwise_text(q, cands))
-    inputs = VLProcessor.from_pretrained(tiny_llava, backend="hf")._hf(
+    inputs = load_processor(tiny_llava, backend="hf")._hf(
         images=[[load_image(q), load_image(c)]], text=[text], return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == enc.ids          # base views: the HF multi-image token count
     with torch.no_grad():
@@ -428,7 +429,7 @@ def test_llava_hf_and_manual_processors_give_identical_inputs(tiny_llava):
     from unime_ray.data.images import load_image
     from unime_ray.models.llava_onevision import LlavaOVProcessor
 
-    proc = VLProcessor.from_pretrained(tiny_llava, backend="auto")
+    proc = load_processor(tiny_llava, backend="auto")
     assert isinstance(proc, LlavaOVProcessor) and proc.backend == "hf"
     items = llava_items()
     texts = [format_item(it, "official", "llava_onevision") for it in items]
@@ -448,11 +449,11 @@ def test_llava_hf_and_manual_processors_give_identical_inputs(tiny_llava):
 def test_llava_processor_image_options(tiny_llava):
     from PIL import Image
 
-    proc = VLProcessor.from_pretrained(tiny_llava, backend="manual", image_options=ImageOptions(resize=(112, 56)))
+    proc = load_processor(tiny_llava, backend="manual", image_options=ImageOptions(resize=(112, 56)))
     out = proc(["<image>"], [Image.new("RGB", (300, 40), (255, 0, 0))])
     assert out["image_sizes"].tolist() == [[56, 112]]  # (height, width) after the resize
     with pytest.raises(ValueError, match="Qwen-VL processor settings"):
-        VLProcessor.from_pretrained(tiny_llava, image_options=ImageOptions(max_pixels=56 * 56))
+        load_processor(tiny_llava, image_options=ImageOptions(max_pixels=56 * 56))
     with pytest.raises(ValueError, match="image placeholders"):
         proc(["no placeholder"], [Image.new("RGB", (30, 30))])
 
@@ -511,7 +512,7 @@ def test_llava_lora_save_load_merge(tiny_llava, tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    proc = VLProcessor.from_pretrained(tiny_llava)
+    proc = load_processor(tiny_llava)
     items = llava_items()
     with_adapter = Embedder(model.eval(), proc).encode(items)
     plain = Embedder(load_backbone(tiny_llava, dtype="float32"), proc).encode(items)

@@ -81,8 +81,8 @@ def test_every_yaml_loads(path):
 
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_job_configs_load(path):
-    from unime_ray.config import load_run_config
-    from unime_ray.pipeline import STAGE_NAMES
+    from unime_ray.run.config import load_run_config
+    from unime_ray.run.runner import STAGE_NAMES
 
     assert "extends" in _yaml(path), "job configs hold only what differs from a preset"
     cfg = load_run_config(config_path=path)
@@ -124,7 +124,7 @@ def test_every_named_command_exists():
 def test_jobs_readme_table_names_every_job_command():
     """jobs/README.md's table: the pipeline, every stage command, `eval` and `index`, each a subcommand."""
     from unime_ray.cli import commands
-    from unime_ray.pipeline import STAGES
+    from unime_ray.run.runner import STAGES
 
     rows = re.findall(r"^\| `python -m unime_ray ([\w-]+)` \|", (JOBS / "README.md").read_text(), flags=re.M)
     assert len(rows) == len(set(rows))
@@ -334,7 +334,7 @@ def _resource_demands(cfg) -> list[tuple[str, float, float, int, int]]:
 
 
 def _gpu_job_configs():
-    from unime_ray.config import load_run_config
+    from unime_ray.run.config import load_run_config
 
     out = []
     for p in JOB_CONFIGS:
@@ -363,7 +363,7 @@ def test_gpu_job_configs_exist():
 @pytest.mark.parametrize("job_config", JOB_CONFIGS, ids=lambda p: p.name)
 def test_stage_resources_fit_the_cluster(job_config, cluster):
     """Every actor or training worker fits one node type, and the largest pool fits the cluster at max size."""
-    from unime_ray.config import load_run_config
+    from unime_ray.run.config import load_run_config
 
     cfg = load_run_config(config_path=job_config)
     nodes = _nodes(cluster)
@@ -636,7 +636,7 @@ def test_pipeline_job_on_a_two_node_cluster(two_node_cluster, tmp_path):
     runs the uploaded working dir with the venv's python, and leaves a complete run dir."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from unime_ray.config import load_run_config
+    from unime_ray.run.config import load_run_config
     from unime_ray.data.io import read_table
 
     cluster = two_node_cluster

@@ -41,7 +41,7 @@ def job():
 
 
 def _job(cfg, section, task, tmp_path):
-    from unime_ray.train.stages import train_settings
+    from unime_ray.run.specs import train_settings
 
     return train_settings(cfg, section, "model", tmp_path / task, task, None)
 
@@ -105,7 +105,7 @@ def test_paper_image_budgets(job):
 def test_llava_ov_preset_recipe(tmp_path):
     """paper-llava-ov-7b: the Qwen preset with the LLaVA-OV embedder, 336x336 training images, lr 2e-5 (the
     paper's), and LoRA on the LLM's projections plus SigLIP's q/k/v/out_proj, counted on the real 7B config."""
-    from unime_ray.config import load_run_config
+    from unime_ray.run.config import load_run_config
     from unime_ray.models.backbone import architecture_of, build_random_backbone
     from unime_ray.models.lora import LoraSettings, apply_lora
 

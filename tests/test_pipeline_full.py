@@ -77,9 +77,9 @@ def test_whole_method_runs_and_reports(whole_method_run):
     ("train.init=baseline", "train.init: baseline needs baseline.enabled"),
 ])
 def test_inconsistent_stage_settings_fail_clearly(tmp_path, bad, message):
-    from unime_ray.config import load_run_config
-    from unime_ray.stage import Context, Manifest
-    from unime_ray.train.stages import _embedder_init
+    from unime_ray.run.config import load_run_config
+    from unime_ray.run.stage import Context, Manifest
+    from unime_ray.run.stages.train import _embedder_init
 
     cfg = load_run_config(preset="synthetic", overrides=[bad, f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match=message):

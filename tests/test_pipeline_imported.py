@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from unime_ray.config import load_run_config
+from unime_ray.run.config import load_run_config
 from unime_ray.data.io import read_table, write_rows
 from unime_ray.data.schema import PAIR_SCHEMA, empty_row
 
@@ -120,8 +120,8 @@ def test_imported_official_table_trains_directly(tiny_models, ray_local, tmp_pat
 def _retrieve_with(tmp_path, monkeypatch, *overrides, baseline_model=None):
     """The EmbedderSpec the retrieve stage hands to run_retrieval (stubbed) for a config."""
     from unime_ray import pipeline
-    from unime_ray.retrieval.stages import RETRIEVE
-    from unime_ray.stage import Context
+    from unime_ray.run.stages.retrieval import RETRIEVE
+    from unime_ray.run.stage import Context
     import unime_ray.retrieval.stage as rstage
 
     pairs = tmp_path / "pairs"
@@ -167,8 +167,8 @@ def test_retrieve_uses_models_retriever(tmp_path, monkeypatch):
 
 def test_models_stage_checks_the_retriever(tiny_models, tmp_path):
     from unime_ray import pipeline
-    from unime_ray.models.stages import run_models
-    from unime_ray.stage import Context
+    from unime_ray.run.stages.models import run_models
+    from unime_ray.run.stage import Context
 
     def stage_models(cfg, manifest):
         return run_models(Context(cfg, manifest, "models"))

@@ -162,7 +162,7 @@ def paper_run(tiny_models, ray_local, tmp_path_factory):
     import time
 
     from unime_ray.demo.tiny import make_tiny_models
-    from unime_ray.pipeline import STAGE_NAMES, Manifest, run_pipeline
+    from unime_ray.run.runner import STAGE_NAMES, Manifest, run_pipeline
 
     tmp = tmp_path_factory.mktemp("paper_shaped")
     retriever = make_tiny_models(tmp / "retriever", seed=7, archs=("qwen2_vl",))["qwen2_vl"]
@@ -390,7 +390,7 @@ def test_eval_is_mmeb_at_1344(paper_run):
 def test_report_and_a_rerun(paper_run):
     """The report's comparison has P@1 for both models (MMEB-eval alone, as the job evaluates); run again with
     the same config, every stage is found complete and nothing is recomputed (eval included)."""
-    from unime_ray.pipeline import STAGE_NAMES, Manifest, headline_table, run_pipeline
+    from unime_ray.run.runner import STAGE_NAMES, Manifest, headline_table, run_pipeline
 
     cfg = paper_run["cfg"]
     run_dir = Path(cfg.run_dir).resolve()
@@ -406,7 +406,7 @@ def test_report_and_a_rerun(paper_run):
 def test_the_job_as_it_is_imports_the_scores_and_embeds_nothing(tiny_models, tmp_path):
     """Without the remine override the job trains on the score JSON as imported: S1 does not run, so neither the
     models stage nor the (optional) embed stage needs S1's retriever, which here does not exist."""
-    from unime_ray.pipeline import Manifest, run_pipeline
+    from unime_ray.run.runner import Manifest, run_pipeline
 
     folders = _folders(tmp_path, tiny_models, tmp_path / "no-such-retriever")
     build_data(Path(folders["data"]))

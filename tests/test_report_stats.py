@@ -3,7 +3,6 @@ paper's order, the reranker's effect, multiples of chance) against independent c
 
 from __future__ import annotations
 
-import math
 import statistics
 
 import numpy as np

@@ -22,11 +22,11 @@ from .test_train_embedder import training_rows
 @pytest.fixture(scope="module")
 def rr_model(tiny_models):
     from unime_ray.models.backbone import load_backbone
-    from unime_ray.models.processor import VLProcessor
+    from unime_ray.models.auto_processor import load_processor
 
     path = tiny_models["qwen2_5_vl"]
     model = load_backbone(path, dtype="float32", device="cpu").eval()
-    return model, VLProcessor.from_pretrained(path, model.config.model_type)
+    return model, load_processor(path, model.config.model_type)
 
 
 def test_examples_carry_texts_hardest_negative_and_top_x():

@@ -1,13 +1,15 @@
-"""The stage interface: one declaration per stage gives its name, command, config dependencies and report."""
+"""The stage interface: one declaration per stage gives its name, command, the settings it reads (its key) and
+its report."""
 
 from __future__ import annotations
 
 import pytest
 
 from unime_ray.cli import commands as commands_of_cli
-from unime_ray.config import RunConfig, load_run_config
-from unime_ray.pipeline import STAGES, run_pipeline, stages_through
-from unime_ray.stage import Context, Manifest, Stage, StageResult
+from unime_ray.run.config import RunConfig, load_run_config
+from unime_ray.models.budget import ROLES
+from unime_ray.run.runner import STAGES, _stage_key, run_pipeline, stages_through
+from unime_ray.run.stage import ConfigView, Context, Manifest, Stage, StageResult, UndeclaredRead
 
 
 def test_every_stage_is_declared_once_with_a_command_and_known_config():
@@ -16,12 +18,16 @@ def test_every_stage_is_declared_once_with_a_command_and_known_config():
     commands = [s.command_name for s in STAGES if s.command_name]
     assert len(commands) == len(set(commands))
     assert set(commands) <= set(commands_of_cli())
-    sections = set(RunConfig.model_fields)
+    cfg = RunConfig()
     for stage in STAGES:
-        assert set(stage.sections) <= sections, stage.name
-        for f in stage.fields:
-            section, key = f.split(".")
-            assert key in RunConfig.model_fields[section].annotation.model_fields, f
+        for path in stage.reads:   # every read names a setting or a role's image budget
+            if path.startswith("images."):
+                assert path.split(".", 1)[1] in ROLES, (stage.name, path)
+                continue
+            node = cfg
+            for part in path.split("."):
+                assert part in type(node).model_fields, (stage.name, path)
+                node = getattr(node, part)
 
 
 def test_a_stage_command_runs_what_the_stage_needs():
@@ -48,16 +54,20 @@ def test_results_are_typed_and_reruns_skip_completed_stages(tmp_path, monkeypatc
         assert isinstance(got, _Counted) and got.rows == 3 and got.get("path").endswith("first/x")
         return _Counted(rows=got.rows + 1)
 
-    stages = [Stage("first", "", first, sections=("data",), result=_Counted),
-              Stage("second", "", second, sections=("mine",), result=_Counted)]
-    monkeypatch.setattr("unime_ray.pipeline.STAGES", stages)
-    monkeypatch.setattr("unime_ray.pipeline.STAGE_NAMES", [s.name for s in stages])
+    stages = [Stage("first", "", first, reads=("data",), result=_Counted),
+              Stage("second", "", second, reads=("mine.beta",), result=_Counted)]
+    monkeypatch.setattr("unime_ray.run.runner.STAGES", stages)
+    monkeypatch.setattr("unime_ray.run.runner.STAGE_NAMES", [s.name for s in stages])
     cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path}"])
     manifest = run_pipeline(cfg)
     assert manifest.outputs("second") == {"rows": 4} and calls == ["first", "second"]
     run_pipeline(cfg)                                   # nothing changed: nothing reruns
     assert calls == ["first", "second"]
-    cfg.mine.beta = 0.5                                 # the second stage's section changed: it alone reruns
+    cfg.mine.beta = 0.5                                 # a setting the second stage reads: it alone reruns
+    run_pipeline(cfg)
+    assert calls == ["first", "second", "second"]
+    cfg.mine.num_negatives = 9                          # a setting of the same section it does not read: nothing
+    cfg.seed = 3
     run_pipeline(cfg)
     assert calls == ["first", "second", "second"]
     cfg.data.seed = 7                                   # upstream changed: both rerun
@@ -65,3 +75,79 @@ def test_results_are_typed_and_reruns_skip_completed_stages(tmp_path, monkeypatc
     assert calls[-2:] == ["first", "second"]
     with pytest.raises(RuntimeError, match="has not completed"):
         Context(cfg, Manifest(tmp_path / "elsewhere"), "second").result("first", _Counted)
+
+
+def test_a_stage_reads_only_what_it_declares(tmp_path):
+    """The key covers every setting a stage can read: reading one it does not list fails, naming both."""
+    cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path}"])
+    view = ConfigView(cfg, ("mine.beta", "judge", "images.judge"), "mine")
+    assert view.mine.beta == cfg.mine.beta and view.judge is cfg.judge
+    assert view.image_budget("judge") == cfg.image_budget("judge") and view.ray is cfg.ray
+    assert view.path("x") == cfg.path("x")
+    for read in (lambda: view.seed, lambda: view.mine.num_negatives, lambda: view.models,
+                 lambda: view.image_budget("eval")):
+        with pytest.raises(UndeclaredRead, match="stage 'mine' read the"):
+            read()
+    with pytest.raises(AttributeError):
+        view.mine.beta = 1.0
+
+    def reads_the_seed(ctx: Context):
+        return {"seed": ctx.cfg.seed}
+
+    with pytest.raises(UndeclaredRead, match="'seed'"):
+        Stage("s", "", reads_the_seed).execute(Context(ConfigView(cfg, (), "s"), Manifest(tmp_path), "s"))
+    assert Stage("s", "", reads_the_seed).execute(
+        Context(ConfigView(cfg, ("seed",), "s"), Manifest(tmp_path), "s")).get("seed") == cfg.seed
+
+
+def _keys(cfg: RunConfig) -> dict[str, str]:
+    return {s.name: _stage_key(cfg, s, "") for s in STAGES}
+
+
+def test_the_seed_reruns_the_stages_that_read_it():
+    """The run's seed draws the fit folds, the judge's folds, the mining samples, training's data order and the
+    comparison's labels: changing it reruns those stages, not the data, the models or the data preparation."""
+    cfg = load_run_config(preset="demo")
+    before = _keys(cfg)
+    cfg.seed = 1
+    changed = {n for n, k in _keys(cfg).items() if k != before[n]}
+    assert changed == {"baseline", "retrieve", "judge_fit", "judge", "mine", "train", "ablations", "rerank", "eval"}
+    after = _keys(cfg)
+    cfg.serve.port = 9001                     # read by no stage
+    assert _keys(cfg) == after
+
+
+@pytest.mark.parametrize("setting, value, stages", [
+    ("models.judge", "./other-judge", {"models", "judge_fit", "judge", "rerank"}),
+    ("models.images.judge", {"max_pixels": 50176}, {"judge_fit", "judge"}),
+    ("models.images.eval", {"max_pixels": 50176}, {"eval"}),
+    ("train.lr", 0.5, {"train", "ablations"}),
+    ("data.dev_fraction", 0.2, {"prepare"}),
+])
+def test_a_setting_reruns_exactly_the_stages_that_read_it(setting, value, stages):
+    cfg = load_run_config(preset="demo")
+    before = _keys(cfg)
+    section, _, key = setting.rpartition(".")
+    node = cfg
+    for part in section.split("."):
+        node = getattr(node, part)
+    setattr(node, key, value)
+    assert {n for n, k in _keys(cfg).items() if k != before[n]} == stages
+
+
+def test_a_run_directory_keyed_the_old_way_stops_with_what_to_do(tmp_path, monkeypatch):
+    import json
+
+    calls = []
+    stages = [Stage("first", "", lambda ctx: calls.append(1) or {"rows": 1}, reads=("data",), result=_Counted)]
+    monkeypatch.setattr("unime_ray.run.runner.STAGES", stages)
+    monkeypatch.setattr("unime_ray.run.runner.STAGE_NAMES", ["first"])
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"first": {"status": "complete", "key": "0" * 16,
+                                                                             "outputs": {"rows": 1}}}}))
+    cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="earlier unime-ray.*--force"):
+        run_pipeline(cfg)
+    assert calls == []
+    run_pipeline(cfg, force=True)
+    run_pipeline(cfg)                      # keyed the current way now: nothing reruns
+    assert calls == [1]

@@ -49,7 +49,7 @@ def test_examples_and_validation():
 
 
 def test_lr_schedules_and_epoch_steps():
-    from unime_ray.config import load_run_config
+    from unime_ray.run.config import load_run_config
     from unime_ray.train.trainer import lr_lambda
 
     linear, cosine = lr_lambda(2, 10), lr_lambda(2, 10, "cosine")

@@ -167,7 +167,7 @@ def test_demo_sized_baseline_memorises_a_small_set(tiny_models, ray_local, tmp_p
     """The demo preset's baseline recipe (2 workers, ZeRO-2, its lr, batch and temperature) on 192 image <->
     caption pairs for a fixed budget of steps: the exported model ranks the right caption first for at least
     90 % of the training images, and the right image first for 90 % of the captions."""
-    from unime_ray.config import load_run_config
+    from unime_ray.run.config import load_run_config
     from unime_ray.models.embedder import Embedder
     from unime_ray.train.trainer import fit
 

@@ -3,7 +3,7 @@ and a service.
 
 Stages, one package each: ``data`` -> ``retrieval`` (S1) -> ``judge`` (S2) -> ``mining`` (S3) -> ``train`` (S4,
 embedder and reranker) -> ``eval`` -> ``serve``; ``models`` holds the backbones they share. The command line is
-``unime-ray`` (or ``python -m unime_ray``); ``unime_ray.pipeline`` runs the stages in order.
+``unime-ray`` (or ``python -m unime_ray``); ``unime_ray.run.runner`` runs the stages in order.
 
 The Python API (the same functions the stages call)::
 

@@ -39,7 +39,7 @@ def find_config(name: str | os.PathLike) -> Path:
 
 
 def _config_from_args(args):
-    from .config import load_run_config
+    from .run.config import load_run_config
     from .utils.ray_utils import job_working_dir_warning
 
     overrides = list(args.override)
@@ -61,16 +61,16 @@ def _add_console_args(p: argparse.ArgumentParser) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
     from .data.validate import DataError
     from .models.backbone import ModelNotFoundError, UnsupportedArchitectureError
+    from .run.config import ConfigError
 
     return ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError
 
 
 def _run_logged(args, cfg, only: list[str] | None):
     """run_pipeline with the run's console set-up: (manifest, 0), or (None, exit code) after one error line."""
-    from .pipeline import Manifest, failed_stage, run_pipeline
+    from .run.runner import Manifest, failed_stage, run_pipeline
     from .utils.logs import console, log_only, one_line_error, start_run_logging
 
     run_dir = Path(cfg.run_dir).resolve()
@@ -108,7 +108,7 @@ def _shutdown_ray() -> None:
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_pipeline(args) -> int:
-    from .pipeline import run_summary
+    from .run.runner import run_summary
 
     cfg = _config_from_args(args)
     only = args.stages.split(",") if args.stages else None
@@ -120,7 +120,7 @@ def cmd_pipeline(args) -> int:
 
 def cmd_stage(args) -> int:
     """A pipeline stage on its own (after the stages it needs, which are skipped when complete)."""
-    from .pipeline import stages_through
+    from .run.runner import stages_through
 
     cfg = _config_from_args(args)
     manifest, rc = _run_logged(args, cfg, stages_through(args.stage))
@@ -154,10 +154,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed(args) -> int:
+    from .models.budget import budget_from_arguments
     from .models.encode import EmbedderSpec, embed_table
     from .utils.pool import Pool
-
-    from .models.budget import budget_from_arguments
 
     budget = budget_from_arguments(args)
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
@@ -176,16 +175,17 @@ def cmd_embed(args) -> int:
 
 
 def _is_pair_table(path: str) -> bool:
-    from .data.io import shard_paths
     import pyarrow.parquet as pq
+
+    from .data.io import shard_paths
 
     shards = shard_paths(path)
     return bool(shards) and "query_text" in pq.read_schema(shards[0]).names
 
 
 def cmd_make_tiny_models(args) -> int:
-    from .models.config import TinyModelConfig
     from .demo.tiny import make_tiny_models
+    from .models.config import TinyModelConfig
 
     corpus: list[str] = []
     if args.corpus:
@@ -217,7 +217,7 @@ def cmd_make_demo_data(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import list_presets
+    from .run.config import list_presets
 
     if args.action == "list":
         for name in list_presets():
@@ -228,7 +228,12 @@ def cmd_config(args) -> int:
 
 
 def cmd_model_info(args) -> int:
-    from .models.backbone import SHIPPED_CONFIGS, architecture_of, build_random_backbone, count_parameters
+    from .models.backbone import (
+        SHIPPED_CONFIGS,
+        architecture_of,
+        build_random_backbone,
+        count_parameters,
+    )
 
     if args.name in SHIPPED_CONFIGS or args.name.replace(".json", "") in {Path(v).stem for v in
                                                                            SHIPPED_CONFIGS.values()}:
@@ -263,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_console_args(p)
     p.set_defaults(func=cmd_pipeline)
 
-    from .pipeline import STAGES
+    from .run.runner import STAGES
 
     for stage in STAGES:   # a command per stage, named and described by the stage's one declaration
         if stage.command_name is None:

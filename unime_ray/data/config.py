@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from ..utils.settings import Section
 
 
-class DataConfig(BaseModel):
+class DataConfig(Section):
     """The input data: a built-in demo dataset, or a file in one of the supported formats."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     source: Literal["emoji", "synthetic", "official", "mmeb-train", "mmeb-eval", "canonical"] = "emoji"
     train_path: str | None = None

@@ -35,10 +35,20 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 
+from ..utils.files import write_json_atomic
 from .images import ImageError, decode_image, read_image_bytes
 from .io import iter_rows, write_rows
-from .schema import (IMAGE_MARKER, PAIR_SCHEMA, SCHEMAS, Item, empty_row, item_from_row, item_to_columns,
-                     negatives_from_row, negatives_to_columns)
+from .schema import (
+    IMAGE_MARKER,
+    PAIR_SCHEMA,
+    SCHEMAS,
+    Item,
+    empty_row,
+    item_from_row,
+    item_to_columns,
+    negatives_from_row,
+    negatives_to_columns,
+)
 from .validate import DataError, Quarantine, RowAccount, _reason_kind, validate_rows
 
 PHI3V_MARKER = "<|image_1|>"
@@ -215,16 +225,8 @@ def export_official_json(pairs: str | os.PathLike | Iterable[Mapping[str, Any]],
     rows = iter_rows(pairs) if isinstance(pairs, (str, os.PathLike)) else pairs
     spill = _ImageSpill(image_dir)
     records = [row_to_official_record(r, spill) for r in rows]
-    _write_json(records, out_json)
+    write_json_atomic(records, out_json, ensure_ascii=False)
     return len(records)
-
-
-def _write_json(records: list, out_json: str | os.PathLike) -> None:
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------- MMEB

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .schema import empty_row, item_from_row, PAIR_SCHEMA
+from .schema import PAIR_SCHEMA, empty_row, item_from_row
 
 
 def group_key(row: Mapping[str, Any]) -> str:

@@ -15,26 +15,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ..utils.parquet import iter_batches, shard_paths, write_table_atomic  # noqa: F401 (the table API)
+
 SHARD_PATTERN = "part-{:05d}.parquet"
-
-
-def shard_paths(path: str | os.PathLike) -> list[Path]:
-    """The Parquet files of a table (one file, or a folder of shards in name order)."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise FileNotFoundError(f"no table at {p}: expected a .parquet file or a folder of shards")
-    return sorted(q for q in p.glob("*.parquet") if not q.name.startswith("."))
-
-
-def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -92,13 +75,6 @@ def write_rows(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, sc
     with ShardWriter(out_dir, schema, rows_per_shard) as writer:
         writer.write_many(rows)
     return writer.rows_written
-
-
-def iter_batches(path: str | os.PathLike, batch_size: int = 1024,
-                 columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream a table in record batches; memory stays bounded by ``batch_size``."""
-    for shard in shard_paths(path):
-        yield from pq.ParquetFile(shard).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def iter_rows(path: str | os.PathLike, batch_size: int = 1024,

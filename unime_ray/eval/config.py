@@ -8,19 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ..utils.pool import Pool
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+from ..utils.settings import Section
 
 RerankMode = Literal["listwise", "pairwise", "fused"]
 
 
-class RerankSettings(_Section):
+class RerankSettings(Section):
     """Reranking of the embedder's top-K (method reference 5.2: K=5, listwise, reproduces Table 3).
 
     ``mode`` is the reranking the pipeline reports and the server applies; every mode of ``modes`` is measured
@@ -40,7 +36,7 @@ class RerankSettings(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """What the pipeline's evaluation step measures, on which data, and the pool that encodes.
 
     ``sets``: ``pairs`` is a canonical eval pair table (the run's prepared ``eval_pairs`` unless ``table``

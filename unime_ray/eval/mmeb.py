@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 from ..data.io import iter_rows, shard_paths, write_table_atomic
 from ..data.schema import Item, item_from_row, negatives_from_row
 from ..data.validate import DataError
-from ..models.budget import drain_visual_tokens, token_tally
 from ..utils.logs import Progress
 from ..utils.pool import Pool
+from ..utils.tallies import drain_visual_tokens, token_tally
 from .encode import ItemEncoder, ItemRegistry
 from .metrics import TIE_RULE, gt_rank, mean_count, rank_order
 from .rerank import load_reranker

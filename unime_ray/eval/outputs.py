@@ -15,29 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..report import markdown_table
+from ..utils.files import write_json_atomic
+from ..utils.markdown import markdown_table
 
 logger = logging.getLogger(__name__)
-
-
-def _json_default(v: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, np.ndarray):
-            return v.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(v)
-
-
-def write_json_atomic(data: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default, allow_nan=False))
-    os.replace(tmp, path)
-    return path
 
 
 def _f(v: Any) -> Any:
@@ -137,12 +118,10 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
 def plot_results(results: Mapping[str, Any], path: Path) -> Path | None:
     """Bar plot of the headline numbers (per dataset / set / subset), with chance and reranked bars."""
-    try:
-        import matplotlib
+    from ..utils.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib is a dependency; stay useful without it anyway
+    plt = pyplot()
+    if plt is None:
         return None
     kind = results.get("kind")
     series: dict[str, list[float | None]] = {}

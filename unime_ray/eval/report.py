@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..report import markdown_table
-
+from ..utils.markdown import markdown_table
 
 VARIANT_ORDER = {"initial-embedder": 0, "baseline": 1, "infonce-inbatch": 2, "hard-labels": 3, "unime-v2": 4,
                  "judge": 5}
@@ -33,7 +32,9 @@ def _spread(values: list[float]) -> str:
 
 def comparison_rows(models: dict[str, Any]) -> tuple[list[str], list[list[Any]], dict[str, list[float]]]:
     """Rows of the variant comparison: P@1 per dataset and overall, mean ± sample std over seeds."""
-    from .mmeb import headline   # Overall over the 36 MMEB datasets; the mean of the custom sets without them
+    from .mmeb import (
+        headline,  # Overall over the 36 MMEB datasets; the mean of the custom sets without them
+    )
     datasets: list[str] = []
     for m in models.values():
         for d in (m.get("per_dataset") or {}):
@@ -63,12 +64,10 @@ def comparison_rows(models: dict[str, Any]) -> tuple[list[str], list[list[Any]],
 
 
 def _plot_comparison(overall: dict[str, list[float]], chance: float | None, path: Path) -> Path | None:
-    try:
-        import matplotlib
+    from ..utils.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     labels = list(overall)
     means = [sum(v) / len(v) for v in overall.values()]
@@ -160,8 +159,19 @@ def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> lis
     """Every variant's R@1/R@5/R@10/MRR over seeds, the paired differences with their bootstrap intervals, the
     verdicts on the paper's order and on the reranker (see :mod:`unime_ray.eval.stats`), and each variant's P@1
     as a multiple of chance."""
-    from .stats import (MEAN_KEY, PAPER_ORDER, RANK_METRICS, metric_values, one_slot, order_verdict,
-                        paired_interval, per_seed, rerank_verdict, seed_spread, seeds_by_variant)
+    from .stats import (
+        MEAN_KEY,
+        PAPER_ORDER,
+        RANK_METRICS,
+        metric_values,
+        one_slot,
+        order_verdict,
+        paired_interval,
+        per_seed,
+        rerank_verdict,
+        seed_spread,
+        seeds_by_variant,
+    )
 
     plain, reranked = seeds_by_variant(models), seeds_by_variant(models, reranked=True)
     parts = ["\n### Statistics over seeds and queries\n"]

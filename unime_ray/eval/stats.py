@@ -22,7 +22,6 @@ is evaluated on the same queries; so two variants' results pair up twice over: b
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

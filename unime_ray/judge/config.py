@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from ..train.config import RerankerTrainConfig
 from ..utils.pool import Pool
+from ..utils.settings import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class VLLMConfig(_Section):
+class VLLMConfig(Section):
     """vLLM engine settings for the judge on GPUs (see unime_ray/judge/vllm_backend.py)."""
 
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -38,7 +34,7 @@ class JudgePool(Pool):
     batch_size: int = Field(default=64, ge=1)     # pairs handed to an actor per call
 
 
-class JudgeConfig(_Section):
+class JudgeConfig(Section):
     """MLLM-as-a-Judge (stage S2): Yes/No scores for each query's positive and candidates."""
 
     model: str | None = None            # default: models.judge
@@ -63,7 +59,7 @@ class JudgeConfig(_Section):
         return self
 
 
-class EncoderJudgeFitConfig(_Section):
+class EncoderJudgeFitConfig(Section):
     """The dual-encoder judge's fit (``judge_fit.kind: dual_encoder``; see unime_ray.judge.encoder_fit): frozen
     pretrained text and image towers, linear heads into one space, Platt calibration on held-out pairs."""
 
@@ -83,23 +79,3 @@ class EncoderJudgeFitConfig(_Section):
     temperature: float = Field(default=0.05, gt=0)
     heldout_fraction: float = Field(default=0.15, ge=0, lt=1)   # early stopping + calibration pairs
     ridge_alpha: float = Field(default=1000.0, gt=0)
-
-
-class JudgeFitConfig(RerankerTrainConfig):
-    """Offline stand-in for a pretrained MLLM judge: k-fold cross-fitted judges; each fold's queries are scored
-    by a judge fitted on the other folds, because a judge scoring the very pairs it memorised returns near-hard
-    labels. ``kind: mllm`` fine-tunes the judge checkpoint on pairwise Yes/No (the training fields below);
-    ``kind: dual_encoder`` fits a judge on frozen pretrained text/image encoders (the ``encoder`` fields),
-    which brings knowledge the embedder lacks."""
-
-    enabled: bool = True                               # present = fitted, unless switched off here
-    kind: Literal["mllm", "dual_encoder"] = "mllm"
-    encoder: EncoderJudgeFitConfig = Field(default_factory=EncoderJudgeFitConfig)
-    folds: int = Field(default=2, ge=2)
-    negatives_per_query: int = Field(default=8, ge=1)   # retrieved candidates kept as "No" examples
-    list_weight: float = Field(default=0.0, ge=0)      # pairwise only: the judge answers Yes/No
-    pair_negative: Literal["hardest", "sampled"] = "sampled"
-    lr_schedule: Literal["linear", "cosine"] = "linear"   # a short fit, not the reranker's recipe
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
-    max_steps: int | None = Field(default=30, ge=1)
-    init: Literal["judge"] = "judge"                   # type: ignore[assignment]

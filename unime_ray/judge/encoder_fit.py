@@ -32,7 +32,13 @@ import numpy as np
 import torch
 
 from ..data.schema import Item, item_from_row, negatives_from_row
-from .encoder_backend import Calibration, EncoderJudge, Featurizer, ProjectionHeads, is_encoder_judge
+from .encoder_backend import (
+    Calibration,
+    EncoderJudge,
+    Featurizer,
+    ProjectionHeads,
+    is_encoder_judge,
+)
 from .encoder_towers import FeatureStore, TowerSpec
 
 logger = logging.getLogger(__name__)

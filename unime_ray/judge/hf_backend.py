@@ -25,10 +25,17 @@ import torch
 
 from ..data.images import ImageError, load_image
 from ..data.schema import Item
+from ..models.auto_processor import load_processor
 from ..models.backbone import load_backbone
 from ..models.inputs import forward_kwargs, positions
-from ..models.processor import ImageOptions, VLProcessor
-from .prompt import JudgePrompt, answer_token_ids, collapse_image_pads, judge_segments, split_error_message
+from ..models.processor import ImageOptions
+from .prompt import (
+    JudgePrompt,
+    answer_token_ids,
+    collapse_image_pads,
+    judge_segments,
+    split_error_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +76,7 @@ class TransformersJudge:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_backbone(model, dtype=dtype, device=device, role="judge")
         self.device = torch.device(device)
-        self.processor = VLProcessor.from_pretrained(model, self.model.config.model_type, "manual", image_options)
+        self.processor = load_processor(model, self.model.config.model_type, "manual", image_options)
         self.prompt = prompt
         self.image_root = image_root
         self.batch_size = batch_size

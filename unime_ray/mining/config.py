@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ..utils.settings import Section
 
 
-class MineConfig(BaseModel):
+class MineConfig(Section):
     """Hard-negative mining (stage S3): false-negative filter and cyclical sampling."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     num_negatives: int = Field(default=10, ge=1)
     beta: float = Field(default=0.01, ge=0)

@@ -23,8 +23,21 @@ import numpy as np
 import pyarrow as pa
 
 from ..data.convert import export_official_json
-from ..data.io import iter_rows, read_table, rows_to_table, shard_paths, write_table_atomic
-from ..data.schema import PAIR_SCHEMA, empty_row, item_from_row, item_to_columns, negatives_to_columns
+from ..data.io import (
+    iter_rows,
+    read_table,
+    rows_to_table,
+    shard_paths,
+    write_table_atomic,
+)
+from ..data.schema import (
+    PAIR_SCHEMA,
+    empty_row,
+    item_from_row,
+    item_to_columns,
+    negatives_to_columns,
+)
+from ..utils.plots import pyplot
 from .config import MineConfig
 from .sampling import mine_query
 
@@ -160,24 +173,17 @@ def score_summary(training_table: str | os.PathLike, plot_path: Path | None = No
     neg = np.asarray([s for lst in t.column("neg_score").to_pylist() for s in (lst or [])], dtype=float)
     out = {"mean_positive_score": float(pos.mean()) if len(pos) else None,
            "mean_negative_score": float(neg.mean()) if len(neg) else None}
-    if plot_path is not None and len(pos):
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(6, 3))
-            bins = np.linspace(0, 1, 41)
-            ax.hist(pos, bins=bins, alpha=0.6, label=f"positives ({len(pos)})", color="#4c72b0")
-            ax.hist(neg, bins=bins, alpha=0.6, label=f"mined negatives ({len(neg)})", color="#dd8452")
-            ax.set_xlabel("judge score s = e_yes / (e_yes + e_no)")
-            ax.set_ylabel("count")
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(plot_path, dpi=100)
-            plt.close(fig)
-            out["histogram"] = str(plot_path)
-        except ImportError:
-            pass
+    plt = pyplot() if plot_path is not None and len(pos) else None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        bins = np.linspace(0, 1, 41)
+        ax.hist(pos, bins=bins, alpha=0.6, label=f"positives ({len(pos)})", color="#4c72b0")
+        ax.hist(neg, bins=bins, alpha=0.6, label=f"mined negatives ({len(neg)})", color="#dd8452")
+        ax.set_xlabel("judge score s = e_yes / (e_yes + e_no)")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=100)
+        plt.close(fig)
+        out["histogram"] = str(plot_path)
     return out

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from ..utils.settings import Section
 from .budget import ImageBudget
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TinyModelConfig(_Section):
+class TinyModelConfig(Section):
     """Tiny random-weight checkpoints built offline (tests and the demo); the defaults build in well under a
     second. :func:`~unime_ray.demo.tiny.make_tiny_models` takes it as its size spec."""
 
@@ -46,7 +43,7 @@ class TinyModelConfig(_Section):
         return self
 
 
-class RetrieverModelConfig(_Section):
+class RetrieverModelConfig(Section):
     """The embedder of S1 global retrieval when it is not the embedder's init (the paper: VLM2Vec, Qwen2-VL-7B),
     with its own input format and image-token positions. ``models.retriever: <ref>`` is short for ``{model: <ref>}``."""
 
@@ -61,7 +58,7 @@ class RetrieverModelConfig(_Section):
         return {"model": v} if isinstance(v, str) else v
 
 
-class ImageBudgets(_Section):
+class ImageBudgets(Section):
     """One image budget per model role (``models.images.<role>``; null: see :meth:`RunConfig.image_budget`).
 
     ``retriever``: S1 embedding (the embed and retrieve stages); ``judge``: S2 scoring and the stand-in
@@ -77,7 +74,7 @@ class ImageBudgets(_Section):
     eval: ImageBudget | None = None
 
 
-class ModelsConfig(_Section):
+class ModelsConfig(Section):
     """Which checkpoints each role uses: hub ids (e.g. Qwen/Qwen2-VL-2B-Instruct) or folders (``./`` = run dir)."""
 
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)

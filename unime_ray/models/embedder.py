@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data.images import load_image
 from ..data.schema import Item
+from .auto_processor import load_processor
 from .backbone import load_backbone, uses_mrope
 from .formatting import INPUT_FORMATS, format_item
 from .processor import ImageOptions, VLProcessor
@@ -106,7 +107,7 @@ class Embedder:
             from .lora import load_adapter
 
             model = load_adapter(model, adapter)
-        processor = VLProcessor.from_pretrained(name_or_path, model.config.model_type, processor_backend,
+        processor = load_processor(name_or_path, model.config.model_type, processor_backend,
                                                 image_options)
         return cls(model.eval(), processor, input_format, image_root, device, positions)
 

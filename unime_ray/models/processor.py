@@ -118,10 +118,6 @@ class VLProcessor:
             from .backbone import load_config
 
             model_type = load_config(path).model_type
-        if model_type == "llava_onevision":  # its own processor, same interface (models/llava_onevision.py)
-            from .llava_onevision import LlavaOVProcessor
-
-            return LlavaOVProcessor.from_pretrained(path, backend, image_options)  # type: ignore[return-value]
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         # The PIL image processor is the torchvision-free twin of Qwen2VLImageProcessor (same outputs).
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))

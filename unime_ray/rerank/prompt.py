@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..data.schema import Item
-from ..judge.prompt import JudgePrompt, item_parts, merge_text, judge_text
+from ..judge.prompt import JudgePrompt, item_parts, judge_text, merge_text
 from ..models.formatting import DEFAULT_SYSTEM_PROMPT, chat_prompt
 
 LISTWISE_INSTRUCTION = (

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..utils.pool import Pool
+from ..utils.settings import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class EmbedConfig(_Section):
+class EmbedConfig(Section):
     """Encoding tables with the embedder over an actor pool."""
 
     pool: Pool = Field(default_factory=Pool)
@@ -25,7 +22,7 @@ class EmbedConfig(_Section):
         default_factory=lambda: ["eval_pairs", "eval_candidates"])
 
 
-class RetrieveConfig(_Section):
+class RetrieveConfig(Section):
     """Global retrieval (stage S1): top-K candidates per query below the threshold delta, and the index searched
     (``index_kind`` .. ``nprobe`` also describe a saved :class:`~unime_ray.retrieval.index.ShardedIndex`)."""
 

@@ -25,9 +25,9 @@ import pyarrow as pa
 
 from ..data.io import iter_rows, read_table, write_rows, write_table_atomic
 from ..data.schema import CANDIDATE_SCHEMA, empty_row
+from ..models.encode import EmbedderSpec, embed_table, embeddings_table, read_embeddings
 from ..utils.pool import Pool
 from .config import RetrieveConfig
-from ..models.encode import EmbedderSpec, embed_table, embeddings_table, read_embeddings
 from .index import ShardedIndex
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def run_retrieval(pairs: str | os.PathLike, candidates: str | os.PathLike | None
     s_stats = search_queries(out_dir / "query_embeddings", out_dir / "index", out_dir / "candidates", settings,
                              pool=searchers)
     summary = retrieval_summary(out_dir / "candidates")
-    from ..models.budget import merge_tallies
+    from ..utils.tallies import merge_tallies
 
     return {"query_embedding": q_stats, "candidate_embedding": c_stats, "search": s_stats, "pools": len(groups),
             "candidates_table": str(out_dir / "candidates"), "candidate_pool": str(candidates), **summary,

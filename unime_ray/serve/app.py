@@ -38,9 +38,22 @@ from ..data.schema import Item
 
 if TYPE_CHECKING:
     from ..judge.stage import YesNoScorer
-from .config import (EMBEDDER_NAME, INDEX_NAME, INGRESS_NAME, RERANKER_NAME, ClusterCapacity, EmbedderSettings,
-                     IndexSettings, RerankerSettings, ResourceLayout, ServeConfig, api_key_digest, fit_resources,
-                     index_deployment_names, read_api_key)
+from .config import (
+    EMBEDDER_NAME,
+    INDEX_NAME,
+    INGRESS_NAME,
+    RERANKER_NAME,
+    ClusterCapacity,
+    EmbedderSettings,
+    IndexSettings,
+    RerankerSettings,
+    ResourceLayout,
+    ServeConfig,
+    api_key_digest,
+    fit_resources,
+    index_deployment_names,
+    read_api_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -681,7 +694,7 @@ def rerank_plan(reranker: str | os.PathLike, settings: RerankerSettings) -> dict
     validation (``rerank_validation.json``: what the pipeline's eval measured on the dev split) and the settings."""
     import json
 
-    from ..eval.rerank import VALIDATION_FILE
+    from ..eval.guard import VALIDATION_FILE
 
     path = Path(str(reranker)) / VALIDATION_FILE
     val = json.loads(path.read_text()) if path.is_file() else None

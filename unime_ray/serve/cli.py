@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def _parse_overrides(pairs: list[str]) -> dict:
     """``-o embedder.max_batch_size=32`` -> nested dict, parsed as the run config's overrides are."""
-    from ..config import apply_override
+    from ..run.config import apply_override
 
     out: dict = {}
     for pair in pairs:
@@ -144,7 +144,12 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from ..utils.ray_utils import init_ray
-    from .app import build_application, cluster_capacity, fit_to_cluster, wait_until_ready
+    from .app import (
+        build_application,
+        cluster_capacity,
+        fit_to_cluster,
+        wait_until_ready,
+    )
     from .config import ResourceFitError, read_api_key
     from .index import load_manifest
 

@@ -42,14 +42,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from ..utils.settings import Section
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class AutoscalingSettings(_Strict):
+class AutoscalingSettings(Section):
     """A subset of Ray Serve's ``autoscaling_config`` (names and meanings as in Ray)."""
 
     min_replicas: int = Field(default=1, ge=0)
@@ -71,7 +69,7 @@ class AutoscalingSettings(_Strict):
         return self
 
 
-class DeploymentSettings(_Strict):
+class DeploymentSettings(Section):
     """Replicas and resources of one deployment. ``autoscaling`` set: ``num_replicas`` is ignored."""
 
     num_replicas: int = Field(default=1, ge=1)
@@ -183,7 +181,7 @@ class IndexSettings(DeploymentSettings):
         return max(1, min(want, num_shards))
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(Section):
     """Request limits: over a size limit -> 413; otherwise invalid -> 422 (always with a message)."""
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -200,7 +198,7 @@ class LimitsConfig(_Strict):
     request_timeout_s: float | None = Field(default=30.0, gt=0)
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Section):
     """The whole serving application: HTTP binding, API key, limits, and one block per deployment."""
 
     host: str = "127.0.0.1"

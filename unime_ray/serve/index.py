@@ -39,9 +39,10 @@ import pyarrow.parquet as pq
 
 from ..data.io import iter_batches, rows_to_table, write_table_atomic
 from ..data.schema import QUARANTINE_SCHEMA
-from ..retrieval.config import RetrieveConfig
 from ..models.encode import EmbedderSpec, embed_table, read_embeddings
+from ..retrieval.config import RetrieveConfig
 from ..retrieval.index import ShardedIndex
+from ..utils.files import write_json_atomic
 from ..utils.pool import Pool
 
 logger = logging.getLogger(__name__)
@@ -69,12 +70,6 @@ def _embedder_record(spec: EmbedderSpec) -> dict[str, Any]:
     d.pop("device", None)
     d["image_resize"] = list(spec.image_resize) if spec.image_resize else None
     return d
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _write_metadata(candidates: str | os.PathLike, out: Path, store_images: bool) -> list[str]:
@@ -219,7 +214,7 @@ def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, e
     if account.rows_out == 0:
         raise IndexFormatError(f"candidate table {candidates} has no rows to index ({account.summary()}; "
                                f"see {out / QUARANTINE})")
-    _write_json_atomic(spec_path, record)
+    write_json_atomic(record, spec_path, allow_nan=True)
 
     if pool is not None and pool.ray and start_ray is not None:
         start_ray()
@@ -252,7 +247,7 @@ def build_serving_index(candidates: str | os.PathLike, out: str | os.PathLike, e
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build": {**stats, "seconds_total": round(time.perf_counter() - t0, 3)},
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(manifest, out / MANIFEST, allow_nan=True)
     shutil.rmtree(out / SCREENED_DIR, ignore_errors=True)
     logger.info("serving index %s: %d vectors of dim %d, %s x%d", out, manifest["count"], manifest["dim"], kind,
                 len(index.shards))

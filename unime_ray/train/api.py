@@ -14,25 +14,27 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from pydantic import BaseModel, ConfigDict
+
 from ..models.budget import ImageBudget
-from ..stage import StageResult
 from .config import RerankerTrainConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from .trainer import TrainJob
+    from .job import TrainJob
 
 logger = logging.getLogger(__name__)
 
 
-class TrainResult(StageResult):
-    """A training run: the exported model folder (an ordinary Hugging Face folder with its model card) and its
-    last metrics; the pipeline's training stages record it as their result."""
+class TrainResult(BaseModel):
+    """A training run: the exported model folder (an ordinary Hugging Face folder with its model card), its steps
+    and last metrics, and the visual tokens per image it trained on."""
 
-    enabled: bool = True
+    model_config = ConfigDict(frozen=True, extra="allow")
+
     model: str | None = None
     steps: int | None = None
     final: dict[str, Any] = {}
-    init: str | None = None               # rerank: the weights it started from
+    visual_tokens: dict[str, Any] | None = None
 
 
 def _settings(config: Any, cls: type[TrainConfig], overrides: Mapping[str, Any]) -> TrainConfig:
@@ -93,7 +95,7 @@ def _train(data: Any, settings: TrainConfig, *, model: str | os.PathLike, output
            seed: int, image_root: str | os.PathLike | None, input_format: str, positions: str,
            images: ImageBudget | None, columns: Mapping[str, str] | None, name: str) -> TrainResult:
     from ..utils.ray_utils import absolute_if_local
-    from .trainer import TrainJob
+    from .job import TrainJob
 
     # Ray Train workers do not share this process's working directory: local paths go to them absolute
     job = TrainJob(settings=settings, model=absolute_if_local(model), output_dir=str(Path(output_dir).resolve()),

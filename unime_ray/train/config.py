@@ -8,16 +8,15 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from ..judge.config import EncoderJudgeFitConfig
+from ..utils.settings import Section
 
 Objective = Literal["judge_alignment", "hard_label", "infonce"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """One training run on Ray Train + DeepSpeed ZeRO: the UniME-V2 embedder (``train``), the baseline
     retriever (``baseline``), the ablations, the stand-in judge and the reranker all use these fields."""
 
@@ -137,7 +136,27 @@ class RerankerTrainConfig(TrainConfig):
         return self
 
 
-class AblationConfig(_Section):
+class JudgeFitConfig(RerankerTrainConfig):
+    """Offline stand-in for a pretrained MLLM judge: k-fold cross-fitted judges; each fold's queries are scored
+    by a judge fitted on the other folds, because a judge scoring the very pairs it memorised returns near-hard
+    labels. ``kind: mllm`` fine-tunes the judge checkpoint on pairwise Yes/No (the training fields below);
+    ``kind: dual_encoder`` fits a judge on frozen pretrained text/image encoders (the ``encoder`` fields),
+    which brings knowledge the embedder lacks."""
+
+    enabled: bool = True                               # present = fitted, unless switched off here
+    kind: Literal["mllm", "dual_encoder"] = "mllm"
+    encoder: EncoderJudgeFitConfig = Field(default_factory=EncoderJudgeFitConfig)
+    folds: int = Field(default=2, ge=2)
+    negatives_per_query: int = Field(default=8, ge=1)   # retrieved candidates kept as "No" examples
+    list_weight: float = Field(default=0.0, ge=0)      # pairwise only: the judge answers Yes/No
+    pair_negative: Literal["hardest", "sampled"] = "sampled"
+    lr_schedule: Literal["linear", "cosine"] = "linear"   # a short fit, not the reranker's recipe
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    max_steps: int | None = Field(default=30, ge=1)
+    init: Literal["judge"] = "judge"                   # type: ignore[assignment]
+
+
+class AblationConfig(Section):
     """One variant of the embedder training, compared with UniME-V2 in the report (paper Table 4)."""
 
     name: str
@@ -146,7 +165,7 @@ class AblationConfig(_Section):
     seeds: list[int] | None = None                        # None: compare.seeds (or the run's seed)
 
 
-class CompareConfig(_Section):
+class CompareConfig(Section):
     """Ablations trained beside UniME-V2 (same init, steps and data) and the seeds of the comparison."""
 
     ablations: list[AblationConfig] = Field(default_factory=list)

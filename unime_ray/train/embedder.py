@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 
 from ..data.schema import Item, item_from_row, negatives_from_row
+from .job import TrainJob
 from .losses import hard_label_loss, infonce, judge_alignment_loss
-from .trainer import TrainJob
 
 logger = logging.getLogger(__name__)
 

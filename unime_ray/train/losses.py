@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 KL_FORMS = ("exact", "floored")
 """How :func:`judge_alignment_loss` takes logarithms: ``exact`` (the paper's formula, log-softmax) or
 ``floored`` (the official code: ``log(p + 1e-8)`` of the softmax of the other side)."""

@@ -20,7 +20,7 @@ from ..rerank.encoding import encode_conversation
 from ..rerank.examples import conversations, examples_from_rows
 from ..rerank.model import answer_token_losses
 from ..rerank.prompt import RerankPrompt
-from .trainer import TrainJob
+from .job import TrainJob
 
 
 def reranker_loss(model, processor, rows: list[dict[str, Any]], job: TrainJob, epoch: int = 0,

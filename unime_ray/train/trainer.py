@@ -21,60 +21,17 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ..models.budget import ImageBudget
-from .config import RerankerTrainConfig, TrainConfig
+from .config import TrainConfig
+from .job import TrainJob
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """One training run: a config section's settings as they are (a :class:`RerankerTrainConfig` trains the
-    reranker, any other :class:`TrainConfig` the embedder) and what the run itself decides: the weights it
-    starts from, where it writes, the inputs' format and the image budget. Goes to the Ray Train workers as
-    :meth:`to_dict` (also what a run records as its settings) and is rebuilt there with :meth:`from_dict`."""
-
-    settings: TrainConfig
-    model: str
-    output_dir: str
-    input_format: str = "official"
-    positions: str = "auto"
-    image_root: str | None = None
-    seed: int = 0
-    images: ImageBudget = field(default_factory=ImageBudget)   # the role's budget (models.budget)
-    fail_at_step: int | None = None          # testing: kill rank 0 once at this step (see max_failures)
-    report_memory: bool = False              # add per-rank parameter / optimizer-state bytes to the metrics
-
-    def __post_init__(self):
-        # a copy of the task's fields only: a section's own switches (baseline.enabled, judge_fit's kind, folds,
-        # encoder...) are not training settings, and the job does not share the run config's section
-        cls = RerankerTrainConfig if isinstance(self.settings, RerankerTrainConfig) else TrainConfig
-        object.__setattr__(self, "settings", cls(**self.settings.model_dump(include=set(cls.model_fields))))
-        if not isinstance(self.images, ImageBudget):
-            object.__setattr__(self, "images", ImageBudget(**(self.images or {})))
-
-    @property
-    def task(self) -> str:
-        return "reranker" if isinstance(self.settings, RerankerTrainConfig) else "embedder"
-
-    def to_dict(self) -> dict[str, Any]:
-        run = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("settings", "images")}
-        return {**self.settings.model_dump(mode="json"), **run, "task": self.task,
-                "images": self.images.model_dump(mode="json")}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainJob":
-        conf = RerankerTrainConfig if d["task"] == "reranker" else TrainConfig
-        run = {f.name for f in fields(cls)} - {"settings"}
-        return cls(settings=conf(**{k: v for k, v in d.items() if k in conf.model_fields}),
-                   **{k: v for k, v in d.items() if k in run})
 
 
 class TrainTask(Protocol):
@@ -230,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from ..models.processor import VLProcessor
+    from ..models.auto_processor import load_processor
 
     torch.manual_seed(job.seed)
     ctx = ray.train.get_context()
@@ -246,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(s, bf16),
         model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad])
     task = make_task(job)
-    processor = VLProcessor.from_pretrained(job.model, engine.module.config.model_type, image_options=job.images)
+    processor = load_processor(job.model, engine.module.config.model_type, image_options=job.images)
     task.setup(engine.module, processor, engine.device)
 
     step = 0
@@ -307,7 +264,7 @@ def gather_visual_tokens(processor) -> dict[str, Any] | None:
     models.budget), summed over ranks; called by every rank at the same step."""
     import torch.distributed as dist
 
-    from ..models.budget import token_tally
+    from ..utils.tallies import token_tally
 
     hist = dict(getattr(processor, "visual_tokens", None) or {})   # a processor that records none: {}
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -408,15 +365,17 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
 
 def export_model(checkpoint_dir: str | os.PathLike, job: TrainJob, out_dir: str | os.PathLike) -> Path:
     """DeepSpeed checkpoint (any ZeRO stage) -> model folder with LoRA merged, tokenizer and image processor."""
+    from ..models.auto_processor import load_processor
     from ..models.embedder import Embedder
-    from ..models.processor import VLProcessor
 
     ckpt = Path(checkpoint_dir)
     if job.settings.zero_stage == 0:
         state = torch.load(ckpt / "ckpt" / "mp_rank_00_model_states.pt", map_location="cpu",
                            weights_only=False)["module"]
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ckpt")
     model = build_model(job, training=False)
@@ -426,7 +385,7 @@ def export_model(checkpoint_dir: str | os.PathLike, job: TrainJob, out_dir: str 
     if unexpected or trainable_missing:
         raise RuntimeError(f"checkpoint does not match the model: unexpected {unexpected[:5]}, "
                            f"missing {trainable_missing[:5]}")
-    processor = VLProcessor.from_pretrained(job.model)
+    processor = load_processor(job.model)
     # Embedder.save writes the backbone (adapters merged) with its tokenizer and image processor: the same
     # folder layout for an embedder and a reranker.
     return Embedder(model.eval(), processor, job.input_format).save(out_dir)
@@ -435,12 +394,10 @@ def export_model(checkpoint_dir: str | os.PathLike, job: TrainJob, out_dir: str 
 def plot_training_curve(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     if not metrics:
         return None
-    try:
-        import matplotlib
+    from ..utils.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     steps = [m["step"] for m in metrics]
     extra = [k for k in metrics[-1] if k not in ("step", "loss", "lr", "samples_per_s", "time")

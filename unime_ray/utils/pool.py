@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .settings import Section
 
 
-class Pool(BaseModel):
+class Pool(Section):
     """Actors (min..max, autoscaling), resources per actor, and rows handed to an actor at a time."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     ray: bool = True                    # false: run in this process (no Ray), e.g. debugging or small data
     min_actors: int = Field(default=1, ge=1)

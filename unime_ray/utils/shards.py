@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.io import iter_batches, shard_paths, write_table_atomic
 from .logs import Progress
+from .parquet import iter_batches, shard_paths, write_table_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,14 @@ _written: dict[str, int] = {}
 
 # An actor may return this column besides its outputs: a JSON histogram {visual tokens: images} of the
 # images it processed for the batch on one row, "" on the others (see :func:`visual_tokens_column`). The
-# drivers sum it into the ``visual_tokens`` tally they return (models.budget); it never reaches a table.
+# drivers sum it into the ``visual_tokens`` tally they return (utils.tallies); it never reaches a table.
 VISUAL_TOKENS_COLUMN = "__visual_tokens__"
 
 
 def visual_tokens_column(owner: Any, n: int) -> list[str]:
     """The :data:`VISUAL_TOKENS_COLUMN` of an ``n``-row batch: what ``owner``'s processor recorded since the
     last call (drained), on the first row."""
-    from ..models.budget import drain_visual_tokens
+    from .tallies import drain_visual_tokens
 
     hist = drain_visual_tokens(owner)
     col = [""] * n
@@ -106,7 +106,7 @@ def map_shards_local(fn: Callable[[dict[str, list]], dict[str, Any]], table: str
 
 
 def _tally(tokens: Counter) -> dict[str, Any] | None:
-    from ..models.budget import token_tally
+    from .tallies import token_tally
 
     return token_tally(tokens)
 

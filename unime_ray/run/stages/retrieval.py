@@ -7,57 +7,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..report import markdown_table
-from ..stage import Context, Section, Stage, StageResult
+from ...utils.markdown import markdown_table
+from ..results import PrepareResult, RetrieveResult, imported_stage, imported_training
+from ..specs import IMPORTED_READS, RETRIEVER_READS, retriever_spec
+from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
 
 
-class RetrieveResult(StageResult):
-    imported: bool = False
-    candidates_table: str | None = None   # per query: retrieved candidate ids and similarities
-    candidate_pool: str | None = None     # the items candidates are drawn from
-    embedder: str | None = None           # the model S1 embedded with
-    queries: int | None = None            # queries searched (None: imported)
-    search: dict[str, Any] | None = None  # search throughput (the report prints rows/s)
-
-
-def embedder_spec(ctx: Context, image_root: str | None, model: str | None = None, role: str = "retriever"):
-    """How workers rebuild an embedder of the run: its checkpoint, input format and the image budget of ``role``
-    (``retriever``: S1 embedding; ``eval``: evaluation)."""
-    from ..models.encode import EmbedderSpec
-
-    cfg = ctx.cfg
-    m = cfg.models
-    b = cfg.image_budget(role)
-    return EmbedderSpec(model=model or cfg.model_ref(m.embedder), input_format=m.input_format, dtype=m.dtype,
-                        image_root=image_root, processor_backend=m.processor_backend, image_resize=b.resize,
-                        min_pixels=b.min_pixels, max_pixels=b.max_pixels, positions=m.positions)
-
-
-def retriever_spec(ctx: Context, image_root: str | None):
-    """The embedder of global retrieval: the trained baseline when there is one (it reads the embedder's input
-    format), else models.retriever with its own input format and positions, else models.embedder."""
-    from dataclasses import replace
-
-    cfg = ctx.cfg
-    if cfg.baseline.enabled:
-        from ..train.api import TrainResult
-
-        base = ctx.result_if_run("baseline", TrainResult)
-        if base is None or not base.model:
-            raise RuntimeError("baseline.enabled but the baseline stage has no model; run it first")
-        return embedder_spec(ctx, image_root, base.model)
-    r = cfg.models.retriever
-    if r is None:
-        return embedder_spec(ctx, image_root)
-    return replace(embedder_spec(ctx, image_root, cfg.model_ref(r.model)), input_format=r.input_format,
-                   positions=r.positions, adapter=cfg.model_ref(r.adapter) if r.adapter else None)
-
-
 def run_embed(ctx: Context) -> dict[str, Any]:
-    from ..data.stages import PrepareResult, imported_training
-    from ..models.encode import embed_table
+    from ...models.encode import embed_table
 
     cfg = ctx.cfg
     prepared = ctx.result("prepare", PrepareResult)
@@ -91,8 +50,7 @@ def report_embed(s: Section) -> list[str]:
 
 
 def run_retrieve(ctx: Context) -> dict[str, Any]:
-    from ..data.stages import PrepareResult, imported_stage, imported_training
-    from .stage import run_retrieval
+    from ...retrieval.stage import run_retrieval
 
     cfg = ctx.cfg
     imported = imported_training(ctx)
@@ -124,8 +82,8 @@ def report_retrieve(s: Section) -> list[str]:
 
 
 EMBED = Stage("embed", "encode the configured tables with S1's embedder (Ray Data actor pool)", run_embed,
-              sections=("models", "embed"), fields=("mine.from_imported",), report=report_embed, optional=True,
+              reads=(*RETRIEVER_READS, *IMPORTED_READS, "embed"), report=report_embed, optional=True,
               command="")
 RETRIEVE = Stage("retrieve", "stage S1: top-K candidates per query below delta (sharded FAISS)", run_retrieve,
-                 sections=("models", "embed", "retrieve"), fields=("mine.from_imported",), result=RetrieveResult,
+                 reads=(*RETRIEVER_READS, *IMPORTED_READS, "retrieve", "embed.pool", "seed"), result=RetrieveResult,
                  report=report_retrieve)

@@ -1,10 +1,11 @@
 """The one interface every pipeline stage implements, and what a stage sees while it runs.
 
-A stage is declared once, next to the library code it drives (``<package>/stages.py``), as a :class:`Stage`:
-its name (the run-directory folder and the manifest key; the ``unime-ray`` command unless the declaration
-renames it), the config sections whose change reruns it, a ``run(ctx)`` that returns its result, and a
-``report(section)`` that renders that result as Markdown. :mod:`unime_ray.pipeline` runs the list of
-stages; :mod:`unime_ray.cli` derives a command per stage; :mod:`unime_ray.report` concatenates the sections.
+A stage is declared once (``run/stages/<package>.py``, beside the others that drive the same library package)
+as a :class:`Stage`: its name (the run-directory folder and the manifest key; the ``unime-ray`` command unless the
+declaration renames it), the settings it reads (``reads``: it sees nothing else of the run config, and their hash
+is its key), a ``run(ctx)`` that returns its result, and a ``report(section)`` that renders that result as
+Markdown. :mod:`unime_ray.run.runner` runs the list of stages; :mod:`unime_ray.cli` derives a command per stage;
+:mod:`unime_ray.run.report` concatenates the sections.
 
 A result is a frozen pydantic model (:class:`StageResult`); the manifest stores it as JSON and a later
 stage reads it back typed with :meth:`Context.result`.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+from ..utils.files import write_text_atomic
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -44,11 +47,14 @@ R = TypeVar("R", bound=StageResult)
 
 
 class Manifest:
-    """``run_dir/manifest.json``: per stage its status, config key, timings and result; rewritten atomically."""
+    """``run_dir/manifest.json``: per stage its status, config key, timings and result; rewritten atomically.
+    ``keys`` names how the stage keys were computed: keys of another kind cannot say whether a stage is current."""
+
+    KEYS = "declared-reads-1"     # the hash of the settings a stage reads (ConfigView.values) and its upstream
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "manifest.json"
-        self.data: dict[str, Any] = {"stages": {}}
+        self.data: dict[str, Any] = {"keys": self.KEYS, "stages": {}}
         if self.path.is_file():
             self.data = json.loads(self.path.read_text())
 
@@ -67,16 +73,74 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        write_text_atomic(json.dumps(self.data, indent=1, default=str), self.path)
+
+
+class UndeclaredRead(AttributeError):
+    """A stage read a config setting its declaration does not list (``Stage.reads``)."""
+
+
+class ConfigView:
+    """What a running stage sees of the run config: only the settings its declaration lists (``Stage.reads``), so
+    the stage's key, the hash of those settings, covers everything it can read. A listed path is a section
+    (``"judge"``), a field (``"models.input_format"``) or a role's image budget (``"images.judge"``, what
+    ``image_budget("judge")`` returns); reading anything else raises :class:`UndeclaredRead`. Where the run goes
+    (``run_dir``, ``ray``) is readable and in no key: it changes where a result is computed, not the result."""
+
+    _FREE = ("run_dir", "ray")
+
+    def __init__(self, cfg: "RunConfig", reads: tuple[str, ...], stage: str, prefix: str = ""):
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_reads", reads)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        path = self._prefix + name
+        value = self._cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        if path in self._reads or (not self._prefix and name in self._FREE):
+            return value
+        if any(r.startswith(path + ".") for r in self._reads):
+            return ConfigView(self._cfg, self._reads, self._stage, path + ".")
+        raise UndeclaredRead(f"stage {self._stage!r} read the setting {path!r}, which its declaration does not "
+                             f"list: add it to the stage's reads (a change to it must rerun the stage)")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the run config is read-only to a stage")
+
+    def path(self, p: str | os.PathLike) -> Path:
+        return self._cfg.path(p)
+
+    def model_ref(self, ref: str) -> str:
+        return self._cfg.model_ref(ref)
+
+    def image_budget(self, role: str) -> Any:
+        if f"images.{role}" not in self._reads:
+            raise UndeclaredRead(f"stage {self._stage!r} read the {role} image budget, which its declaration does "
+                                 f"not list: add 'images.{role}' to the stage's reads")
+        return self._cfg.image_budget(role)
+
+    def values(self) -> dict[str, Any]:
+        """Every listed setting's value, as JSON types: what the stage's key hashes."""
+        out = {}
+        for path in sorted(self._reads):
+            if path.startswith("images."):
+                value = self._cfg.image_budget(path.split(".", 1)[1])
+            else:
+                value = self._cfg
+                for part in path.split("."):
+                    value = getattr(value, part)
+            out[path] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return json.loads(json.dumps(out, default=str))
 
 
 class Context:
-    """What a running stage gets: the run config, the results of earlier stages, its own folder, and Ray."""
+    """What a running stage gets: the run config (a :class:`ConfigView` of the settings the stage declares, when
+    the runner makes it), the results of earlier stages, its own folder, and Ray."""
 
-    def __init__(self, cfg: "RunConfig", manifest: Manifest, stage: str):
+    def __init__(self, cfg: "RunConfig | ConfigView", manifest: Manifest, stage: str):
         self.cfg = cfg
         self.manifest = manifest
         self.stage = stage
@@ -100,7 +164,7 @@ class Context:
 
     def init_ray(self) -> None:
         """Start or join Ray as the run config's ``ray`` section says (idempotent)."""
-        from .utils.ray_utils import init_ray
+        from ..utils.ray_utils import init_ray
 
         r = self.cfg.ray
         init_ray(r.address, r.num_cpus, r.num_gpus, r.include_dashboard, r.env_vars)
@@ -108,7 +172,7 @@ class Context:
     def visual_tokens(self, **tallies: Any) -> dict[str, Any]:
         """A result's ``visual_tokens``: per budget role, the tally of visual tokens per image the stage's models
         received (one tally or several merged) and the configured budget; roles without images left out."""
-        from .models.budget import merge_tallies
+        from ..utils.tallies import merge_tallies
 
         out = {}
         for role, tally in tallies.items():
@@ -135,14 +199,13 @@ class Section:
 @dataclass(frozen=True)
 class Stage:
     """One pipeline stage, declared once. ``name`` is its folder, manifest key, report anchor and (with ``-``
-    for ``_``) its command unless ``command`` says otherwise; ``sections``/``fields`` are the config it depends
-    on (a change reruns it and every stage after it)."""
+    for ``_``) its command unless ``command`` says otherwise; ``reads`` lists the settings it reads (see
+    :class:`ConfigView`): their hash is its key, and a change to one reruns it and every stage after it."""
 
     name: str
     help: str
     run: Callable[[Context], StageResult | Mapping[str, Any]]
-    sections: tuple[str, ...] = ()
-    fields: tuple[str, ...] = ()          # single config fields ("section.key") whose change reruns the stage
+    reads: tuple[str, ...] = ()
     result: type[StageResult] = StageResult
     report: Callable[[Section], list[str]] | None = None
     headline: bool = False                # its report section opens the report (the comparison)

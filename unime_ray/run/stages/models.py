@@ -5,19 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..stage import Context, Stage, StageResult
-
-
-class ModelsResult(StageResult):
-    tiny_models: dict[str, str] | None = None    # architecture -> folder, when models.tiny.make
-    tokenizer_corpus_texts: int | None = None
+from ..results import DataResult, ModelsResult
+from ..stage import Context, Stage
 
 
 def _training_texts(ctx: Context) -> list[str]:
     """Texts of the training split only (the tiny tokenizer must not see eval texts)."""
-    from ..data.io import iter_rows
+    from ...data.io import iter_rows
 
-    from ..data.stages import DataResult
 
     data = ctx.result("data", DataResult)
     path = data.inputs.get("train_pairs")
@@ -30,8 +25,8 @@ def _training_texts(ctx: Context) -> list[str]:
 
 
 def run_models(ctx: Context) -> dict[str, Any]:
-    from .backbone import architecture_of, load_config
-    from ..demo.tiny import make_tiny_models
+    from ...demo.tiny import make_tiny_models
+    from ...models.backbone import architecture_of, load_config
 
     cfg = ctx.cfg
     out: dict[str, Any] = {}
@@ -53,4 +48,5 @@ def run_models(ctx: Context) -> dict[str, Any]:
 
 
 MODELS = Stage("models", "build the tiny checkpoints (demo) and check every model role's checkpoint", run_models,
-               sections=("models",), result=ModelsResult, command="")
+               reads=("models.tiny", "models.embedder", "models.judge", "models.retriever", "baseline.enabled",
+                      "data.source", "mine.from_imported"), result=ModelsResult, command="")

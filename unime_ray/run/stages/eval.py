@@ -9,50 +9,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from ..data.stages import PrepareResult
-from ..stage import Context, Section, Stage, StageResult
-from ..train.api import TrainResult
-from ..train.stages import AblationsResult
+from ..results import (
+    AblationsResult,
+    EvalResult,
+    JudgeFitResult,
+    ModelEval,
+    PrepareResult,
+    TrainStageResult,
+)
+from ..specs import EMBEDDER_READS, embedder_spec
+from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
-
-
-class ModelEval(BaseModel):
-    """One evaluated model: what the comparison and its statistics over seeds read."""
-
-    model_config = ConfigDict(frozen=True, extra="allow")
-
-    label: str
-    variant: str                                  # the comparison's row (models of one variant: its seeds)
-    seed: int | None = None
-    model: str
-    per_dataset: dict[str, float | None] | None = None   # P@1 (%) per eval set
-    summary: dict[str, Any] | None = None         # mmeb.summarize: the headline means
-    chance: dict[str, float | None] | None = None        # chance P@1 per eval set
-    sizes: dict[str, Any] | None = None           # rows per eval set, items encoded
-    rerank: dict[str, Any] | None = None          # the reranked P@1 (per_dataset, summary, gt_in_top_k, fallbacks)
-    results: str                                  # the model's results.json
-    visual_tokens: dict[str, Any] = {}
-
-
-class EvalResult(StageResult):
-    enabled: bool = True
-    reason: str | None = None                     # why it did not run (enabled false)
-    table: str | None = None                      # the eval pair table
-    models: dict[str, ModelEval] = {}             # label -> its evaluation
-    reranker: str | None = None                   # the reranker of the reranked P@1 (None: none used)
-    # the guard's measurement on the dev split (eval.rerank): RerankValidation.as_dict(), or why there is none
-    rerank_validation: dict[str, Any] | None = None
-    visual_tokens: dict[str, Any] = {}            # per role: the tally over every model (Context.visual_tokens)
 
 
 def eval_models(ctx: Context) -> list[dict[str, Any]]:
     """What the eval step measures: the retriever, UniME-V2 and every comparison run, labelled."""
     cfg = ctx.cfg
     models: list[dict[str, Any]] = []
-    base = ctx.result_if_run("baseline", TrainResult)
+    base = ctx.result_if_run("baseline", TrainStageResult)
     if base is not None and base.enabled:
         models.append({"label": "baseline", "variant": "baseline", "seed": cfg.seed,
                        "model": base.model, "rerank": True})
@@ -62,7 +37,7 @@ def eval_models(ctx: Context) -> list[dict[str, Any]]:
     ablations = ctx.result_if_run("ablations", AblationsResult)
     variants: dict[str, dict[str, Any]] = ablations.variants if ablations is not None else {}
     if not variants and ctx.completed("train"):
-        variants = {"unime-v2": {str(cfg.seed): ctx.result("train", TrainResult)}}
+        variants = {"unime-v2": {str(cfg.seed): ctx.result("train", TrainStageResult)}}
     for name, seeds in variants.items():
         for seed, out in seeds.items():
             models.append({"label": f"{name}-seed{seed}", "variant": name, "seed": int(seed), "model": out.model,
@@ -78,7 +53,6 @@ def eval_models(ctx: Context) -> list[dict[str, Any]]:
 def _judge_reference(ctx: Context) -> str | None:
     """The first fold's dual-encoder judge, when the run fitted one and ``eval.judge_reference`` is on. The eval
     items are outside the training split, so no fold has seen them."""
-    from ..judge.stages import JudgeFitResult
 
     if not ctx.cfg.eval.judge_reference:
         return None
@@ -91,11 +65,10 @@ def _judge_reference(ctx: Context) -> str | None:
 def run_eval(ctx: Context) -> EvalResult:
     """MMEB-protocol P@1 of each model on the eval pairs (and MMEB-eval when configured), with and without
     listwise reranking of the top-K. Each model's results are kept, so a rerun evaluates only what is missing."""
-    from .api import evaluation_of, record_in_card
-    from .mmeb import evaluate_mmeb_dir, evaluate_pairs_table
-    from .outputs import write_json_atomic
-    from .rerank import load_reranker
-    from ..retrieval.stages import embedder_spec
+    from ...eval.api import evaluation_of, record_in_card
+    from ...eval.mmeb import evaluate_mmeb_dir, evaluate_pairs_table
+    from ...eval.rerank import load_reranker
+    from ...utils.files import write_json_atomic
 
     cfg = ctx.cfg
     ev = cfg.eval
@@ -106,7 +79,7 @@ def run_eval(ctx: Context) -> EvalResult:
         return EvalResult(enabled=False, reason="no eval pairs (data has no eval split and eval.table is unset)")
     reranker_ref = ev.rerank.model and cfg.model_ref(ev.rerank.model)
     if ev.rerank.enabled and not reranker_ref:
-        trained = ctx.result_if_run("rerank", TrainResult)
+        trained = ctx.result_if_run("rerank", TrainStageResult)
         reranker_ref = trained.model if trained is not None else None
         if not reranker_ref:
             raise ValueError("eval.rerank.enabled, but eval.rerank.model is not set and this run trained no "
@@ -134,7 +107,7 @@ def run_eval(ctx: Context) -> EvalResult:
             res = json.loads(done.read_text())
         else:
             if is_judge:    # in this process: Ray actors rebuild embedders from an EmbedderSpec
-                from ..judge.encoder_backend import EncoderJudge
+                from ...judge.encoder_backend import EncoderJudge
 
                 spec, pool = EncoderJudge.load(m["model"], image_root=image_root), None
             else:
@@ -176,9 +149,8 @@ def _guard(ctx: Context, reranker: Any, reranker_ref: str, image_root: str | Non
     """(the reranker, or None when it must not be used; the validation's record). The reranker is measured on the
     dev split against the run's UniME-V2 embedder (else the baseline); the measurement goes into the reranker's
     folder (``rerank_validation.json``, which the server reads, and its model card)."""
-    from ..retrieval.stages import embedder_spec
-    from .outputs import write_json_atomic
-    from .rerank import VALIDATION_FILE, validate_reranker
+    from ...eval.guard import VALIDATION_FILE, validate_reranker
+    from ...utils.files import write_json_atomic
 
     ev = ctx.cfg.eval
     out = ctx.dir / "rerank-validation"
@@ -205,7 +177,7 @@ def _guard(ctx: Context, reranker: Any, reranker_ref: str, image_root: str | Non
         write_json_atomic(record, done)
         folder = Path(reranker_ref)
         if folder.is_dir():
-            from ..models.card import CARD_JSON, write_model_card
+            from ...models.card import CARD_JSON, write_model_card
 
             write_json_atomic(record, folder / VALIDATION_FILE)
             if (folder / CARD_JSON).is_file():
@@ -215,10 +187,11 @@ def _guard(ctx: Context, reranker: Any, reranker_ref: str, image_root: str | Non
 
 
 def report_eval(s: Section) -> list[str]:
-    from .report import comparison_section
+    from ...eval.report import comparison_section
 
     return comparison_section(s.result.as_dict(), s.run_dir)
 
 
 EVAL = Stage("eval", "evaluate the run's embedders (and reranker) on its eval set", run_eval,
-             sections=("models", "eval"), result=EvalResult, report=report_eval, headline=True, command="evaluate")
+             reads=("eval", "seed", *EMBEDDER_READS, "images.eval", "images.reranker"), result=EvalResult,
+             report=report_eval, headline=True, command="evaluate")

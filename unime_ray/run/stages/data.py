@@ -12,34 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..report import markdown_table, plot_accounting
-from ..stage import Context, Section, Stage, StageResult
+from ...utils.markdown import markdown_table
+from ...utils.plots import pyplot
+from ..results import DataResult, PrepareResult
+from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
 
 TABLES = ("train_pairs", "train_candidates", "eval_pairs", "eval_candidates")
 
 
-class DataResult(StageResult):
-    format: str
-    eval_format: str | None = None         # eval_pairs' format when it differs (data.eval_source)
-    image_root: str | None = None
-    inputs: dict[str, str]                 # table name -> input file or folder
-    summary: dict[str, Any] | None = None  # the demo data's own summary
-
-
-class PrepareResult(StageResult):
-    tables: dict[str, dict[str, Any]]      # table name -> row accounting + "path"
-    image_root: str | None = None
-
-    def path(self, table: str) -> str | None:
-        return (self.tables.get(table) or {}).get("path")
-
-
 def run_data(ctx: Context) -> DataResult:
     d = ctx.cfg.data
     if d.source in ("emoji", "synthetic"):
-        from ..demo.data import make_demo_data
+        from ...demo.data import make_demo_data
 
         out = ctx.dir
         summary = make_demo_data(out, source=d.source, seed=d.seed, eval_fraction=d.eval_fraction,
@@ -60,37 +46,22 @@ def run_data(ctx: Context) -> DataResult:
                       image_root=str(ctx.cfg.path(d.image_root)) if d.image_root else None, inputs=inputs)
 
 
-def imported_training(ctx: Context) -> dict[str, Any] | None:
-    """The prepared training pairs, when they already carry judge-scored negatives (the official score JSON, or a
-    canonical table with neg_* and neg_score columns) and ``mine.from_imported`` is ``use``: retrieve, judge and
-    mine then record them as imported and training reads them as they are. None: mine as for any other data."""
-    from ..mining.stage import scored_negatives
-
-    cfg = ctx.cfg
-    if cfg.mine.from_imported != "use":
+def plot_accounting(rows: list[list[Any]], path: Path) -> Path | None:
+    if not rows:
         return None
-    split = cfg.retrieve.split
-    path = ctx.result("prepare", PrepareResult).path(f"{split}_pairs")
-    if path is None:
+    plt = pyplot()
+    if plt is None:
         return None
-    stats = scored_negatives(path)
-    if not stats["scored_rows"]:
-        return None
-    if stats["scored_rows"] < stats["rows"]:
-        raise ValueError(f"{split} pairs: {stats['scored_rows']} of {stats['rows']} rows carry judge-scored "
-                         "negatives; a table is used as imported only when every row does (a judge score for the "
-                         "positive and each negative). Fix the table, or set mine.from_imported: remine")
-    data = ctx.result("data", DataResult)
-    return {"imported": True, "imported_from": data.inputs.get(f"{split}_pairs"), "format": data.format,
-            "table": path, **stats}
-
-
-def imported_stage(info: dict[str, Any], what: str) -> dict[str, Any]:
-    """The result of a stage that did not run because the training pairs came with judge-scored negatives."""
-    logger.info("%s: imported with the training table (%d rows from %s), not recomputed", what, info["rows"],
-                info["imported_from"])
-    return {**info, "note": f"{what} not run: the training pairs came with judge-scored negatives "
-                            "(mine.from_imported: use; remine recomputes them)"}
+    names = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.barh(names, [r[2] for r in rows], label="kept", color="#4c72b0")
+    ax.barh(names, [r[3] for r in rows], left=[r[2] for r in rows], label="quarantined", color="#dd8452")
+    ax.set_xlabel("rows")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def report_data(s: Section) -> list[str]:
@@ -103,7 +74,7 @@ def report_data(s: Section) -> list[str]:
 
 
 def run_prepare(ctx: Context) -> PrepareResult:
-    from .convert import import_table
+    from ...data.convert import import_table
 
     data = ctx.result("data", DataResult)
     out_root = ctx.dir
@@ -140,9 +111,9 @@ def run_prepare(ctx: Context) -> PrepareResult:
 def hold_out_dev(train: Path, out: Path, account: dict[str, Any], d) -> dict[str, Any]:
     """Move the dev groups' rows out of the prepared training pairs into ``out`` (MMEB-eval form, see
     :mod:`unime_ray.data.dev`); the training table's account records them (in = out + quarantined + held out)."""
-    from .dev import dev_pairs, split_dev
-    from .io import iter_rows, write_rows
-    from .schema import PAIR_SCHEMA
+    from ...data.dev import dev_pairs, split_dev
+    from ...data.io import iter_rows, write_rows
+    from ...data.schema import PAIR_SCHEMA
 
     keep, dev = split_dev(list(iter_rows(train)), d.dev_fraction, d.seed)
     if not keep or not dev:
@@ -182,7 +153,11 @@ def report_prepare(s: Section) -> list[str]:
     return parts
 
 
-DATA = Stage("data", "build the demo data, or locate the input files", run_data, sections=("data",),
-             result=DataResult, report=report_data, command="")
+DATA = Stage("data", "build the demo data, or locate the input files", run_data, result=DataResult,
+             reads=tuple(f"data.{k}" for k in ("source", "eval_source", "seed", "eval_fraction", "max_items",
+                                                 "image_size", "rows_per_shard", "train_path", "eval_path",
+                                                 "image_root")), report=report_data, command="")
 PREPARE = Stage("prepare", "convert + validate the inputs into canonical tables (bad rows quarantined)", run_prepare,
-                sections=("data",), result=PrepareResult, report=report_prepare, command="")
+                reads=tuple(f"data.{k}" for k in ("task", "check_images", "rows_per_shard", "dev_fraction",
+                                                    "dev_candidates", "seed")),
+                result=PrepareResult, report=report_prepare, command="")

@@ -1,32 +1,28 @@
 """The ``mine`` stage (S3): hard negatives from the judge's scores, and the rule for training pairs that arrive
-already mined (the official score JSON; see :func:`unime_ray.data.stages.imported_training`)."""
+already mined (the official score JSON; see :func:`unime_ray.run.stages.data.imported_training`)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from ..data.stages import imported_stage, imported_training
-from ..report import markdown_table
-from ..stage import Context, Section, Stage, StageResult
+from ...utils.markdown import markdown_table
+from ..results import (
+    JudgeResult,
+    MineResult,
+    PrepareResult,
+    RetrieveResult,
+    imported_stage,
+    imported_training,
+)
+from ..specs import IMPORTED_READS
+from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
 
 
-class MineResult(StageResult):
-    training_table: str                   # what the embedder and the reranker train on
-    imported: bool = False
-    official_json: str | None = None
-    min_negatives: int | None = None      # imported: the fewest negatives of a row (training checks it against k)
-    settings: dict[str, Any] | None = None  # the mine section and seed it ran with (the report prints them)
-    histogram: str | None = None          # the judge-score histogram plot
-
-
 def run_mine(ctx: Context) -> dict[str, Any]:
-    from ..data.stages import PrepareResult
-    from ..judge.stages import JudgeResult
-    from ..retrieval.stages import RetrieveResult
-    from .stage import run_mining
+    from ...mining.stage import run_mining
 
     cfg = ctx.cfg
     retrieved = ctx.result("retrieve", RetrieveResult)
@@ -39,7 +35,7 @@ def run_mine(ctx: Context) -> dict[str, Any]:
 
 def _mine_imported(ctx: Context, info: dict[str, Any]) -> dict[str, Any]:
     """The imported table is the training table: summarised, not re-mined (training checks it against k)."""
-    from .stage import score_summary
+    from ...mining.stage import score_summary
 
     ctx.dir.mkdir(parents=True, exist_ok=True)
     out = {**imported_stage(info, "hard-negative mining"), "training_table": info["table"],
@@ -78,4 +74,4 @@ def report_mine(s: Section) -> list[str]:
 
 
 MINE = Stage("mine", "stage S3: hard negatives from judge scores -> training table (+ official JSON)", run_mine,
-             sections=("mine",), result=MineResult, report=report_mine)
+             reads=("mine", *IMPORTED_READS, "seed"), result=MineResult, report=report_mine)

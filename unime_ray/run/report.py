@@ -1,6 +1,6 @@
 """The run report (``run_dir/report.md``): each stage's own section (``Stage.report``), in stage order after the
 headline comparison, plus what spans stages (their states and timings, the visual tokens per image); and the
-``report`` stage that writes it."""
+``report`` stage (declared with the stage list, in the runner) writes it."""
 
 from __future__ import annotations
 
@@ -8,42 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .stage import Context, Section, Stage
+from ..utils.markdown import markdown_table
+from .stage import Section, Stage
 
 logger = logging.getLogger(__name__)
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def plot_accounting(rows: list[list[Any]], path: Path) -> Path | None:
-    if not rows:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib is a dependency; stay useful without it anyway
-        return None
-    names = [r[0] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 2.5))
-    ax.barh(names, [r[2] for r in rows], label="kept", color="#4c72b0")
-    ax.barh(names, [r[3] for r in rows], left=[r[2] for r in rows], label="quarantined", color="#dd8452")
-    ax.set_xlabel("rows")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def visual_token_rows(stages: dict[str, Any]) -> list[list[Any]]:
@@ -57,11 +25,9 @@ def visual_token_rows(stages: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def write_run_report(run_dir: Path, manifest: dict[str, Any], stages: list | None = None) -> Path:
+def write_run_report(run_dir: Path, manifest: dict[str, Any], stages: list[Stage]) -> Path:
     """Write ``report.md`` from the manifest: the headline section first, then the stage table, the visual tokens
     per image, and every other stage's section in pipeline order."""
-    if stages is None:
-        from .pipeline import STAGES as stages
     recorded = manifest.get("stages", {})
 
     def section(stage) -> list[str]:
@@ -91,11 +57,3 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], stages: list | Non
     path.write_text("\n".join(parts) + "\n")
     logger.info("report written to %s", path)
     return path
-
-
-def run_report(ctx: Context) -> dict[str, Any]:
-    return {"report": str(write_run_report(ctx.run_dir, ctx.manifest.data))}
-
-
-REPORT = Stage("report", "write the run report (report.md) from the manifest", run_report, clear_on_rerun=False,
-               optional=True, always_run=True, command="")

@@ -1,30 +1,40 @@
 """Typed run configuration: YAML presets + command-line overrides, validated with clear errors.
 
 One :class:`RunConfig` describes a whole run; each stage reads its own section. Presets live in
-``unime_ray/presets/*.yaml``; ``-o section.key=value`` overrides any field (values parsed as YAML).
+``unime_ray/run/presets/*.yaml``; ``-o section.key=value`` overrides any field (values parsed as YAML).
 Unknown keys are errors, with the dotted path of the key in the message.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .data.config import DataConfig
-from .eval.config import EvalConfig
-from .judge.config import JudgeConfig, JudgeFitConfig
-from .mining.config import MineConfig
-from .models.budget import ROLES, ImageBudget
-from .models.config import ModelsConfig
-from .retrieval.config import EmbedConfig, RetrieveConfig
-from .serve.config import ServeConfig
-from .train.config import BaselineConfig, CompareConfig, RerankerTrainConfig, TrainConfig
+from ..data.config import DataConfig
+from ..eval.config import EvalConfig
+from ..judge.config import JudgeConfig
+from ..mining.config import MineConfig
+from ..models.budget import ROLES, ImageBudget
+from ..models.config import ModelsConfig
+from ..retrieval.config import EmbedConfig, RetrieveConfig
+from ..serve.config import ServeConfig
+from ..train.config import (
+    BaselineConfig,
+    CompareConfig,
+    JudgeFitConfig,
+    RerankerTrainConfig,
+    TrainConfig,
+)
+from ..utils.settings import Section
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -33,11 +43,7 @@ class ConfigError(ValueError):
     pass
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RayConfig(_Section):
+class RayConfig(Section):
     """Where stages run: ``address: null`` starts a local Ray on this machine."""
 
     address: str | None = None
@@ -47,9 +53,7 @@ class RayConfig(_Section):
     env_vars: dict[str, str] = Field(default_factory=dict)
 
 
-class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class RunConfig(Section):
     name: str = "run"
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -119,10 +123,6 @@ class RunConfig(BaseModel):
         if role == "judge":
             return ImageBudget(min_pixels=self.judge.min_pixels, max_pixels=self.judge.max_pixels)
         return ImageBudget()
-
-    def section_hash(self, *names: str) -> str:
-        data = {n: (v.model_dump(mode="json") if (v := getattr(self, n)) is not None else None) for n in names}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -6,59 +6,34 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from ..report import markdown_table
-from ..stage import Context, Section, Stage, StageResult
+from ...utils.markdown import markdown_table
+from ..results import (
+    JudgeFitResult,
+    JudgeResult,
+    PrepareResult,
+    RetrieveResult,
+    imported_stage,
+    imported_training,
+)
+from ..specs import (
+    IMPORTED_READS,
+    JUDGE_READS,
+    TRAIN_JOB_READS,
+    judge_spec,
+    train_settings,
+)
+from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
-
-
-class JudgeFitResult(StageResult):
-    enabled: bool = False
-    kind: Literal["mllm", "dual_encoder"] = "mllm"
-    backend: str | None = None            # the backend that scores with the fitted judges (None: judge.backend)
-    num_folds: int | None = None
-    folds: dict[str, dict[str, Any]] = {}   # fold -> its judge ("model": checkpoint or folder) and fit record
-    feature_cache: str | None = None      # dual encoder: the tower features the judge stage reads too
-
-
-class JudgeResult(StageResult):
-    imported: bool = False
-    scores_table: str | None = None       # per (query, candidate) pair: the judge's score
-    judge: str | None = None
-    backend: str | None = None
-    prompt_version: str | None = None
-    pairs: int | None = None
-    scored: int | None = None
-    quarantined: int | None = None
-    pairs_per_s: float | None = None
-    mean_score_positive: float | None = None
-    mean_score_candidates: float | None = None
-    positive_auc: float | None = None     # P(positive outscores a candidate)
-
-
-def judge_spec(ctx: Context, image_root: str | None, fitted: JudgeFitResult | None = None, fold: int | None = None):
-    """The judge actors' spec: the ``judge`` section; with ``fitted``, the stand-in judge of ``fold``."""
-    from .stage import JudgeSpec
-
-    cfg, j = ctx.cfg, ctx.cfg.judge
-    model = cfg.model_ref(j.model or cfg.models.judge)
-    if fitted is not None:
-        model = fitted.folds[str(fold)]["model"]
-        j = j.model_copy(update={"backend": fitted.backend or j.backend})
-    return JudgeSpec(model=model, judge=j, image_root=image_root, budget=cfg.image_budget("judge"),
-                     feature_cache=fitted.feature_cache if fitted is not None else None)
 
 
 def run_judge_fit(ctx: Context) -> dict[str, Any]:
     """Stand-in judge (no pretrained MLLM judge offline): fine-tune the judge checkpoint on pairwise Yes/No,
     one model per fold of the training queries (see :mod:`unime_ray.judge.crossfit`)."""
-    from .crossfit import build_fit_tables
-    from ..data.stages import PrepareResult
-    from ..retrieval.stages import RetrieveResult
-    from ..train.api import run_job
-    from ..train.stages import train_settings
+    from ...judge.crossfit import build_fit_tables
+    from ...train.api import run_job
 
     cfg = ctx.cfg
     jf = cfg.judge_fit
@@ -93,9 +68,9 @@ def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepare
                         out_dir: Path) -> dict[str, Any]:
     """judge_fit.kind: dual_encoder. The towers encode every distinct image and text of the pool and the pairs
     once, into a feature cache the judge stage reads too; then one judge per fold (a finished fold is skipped)."""
-    from ..data.io import iter_rows
-    from ..data.schema import item_from_row
-    from .encoder_fit import EncoderFitSettings, fit_folds, warm_features
+    from ...data.io import iter_rows
+    from ...data.schema import item_from_row
+    from ...judge.encoder_fit import EncoderFitSettings, fit_folds, warm_features
 
     cfg = ctx.cfg
     jf = cfg.judge_fit
@@ -123,10 +98,14 @@ def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepare
 
 
 def run_judge_stage(ctx: Context) -> dict[str, Any]:
-    from .crossfit import merge_score_tables, query_folds, score_summary, scoring_judge, split_candidates
-    from ..data.stages import PrepareResult, imported_stage, imported_training
-    from ..retrieval.stages import RetrieveResult
-    from .stage import run_judge
+    from ...judge.crossfit import (
+        merge_score_tables,
+        query_folds,
+        score_summary,
+        scoring_judge,
+        split_candidates,
+    )
+    from ...judge.stage import run_judge
 
     cfg = ctx.cfg
     retrieved = ctx.result("retrieve", RetrieveResult)
@@ -214,7 +193,8 @@ def report_judge(s: Section) -> list[str]:
 
 
 JUDGE_FIT = Stage("judge_fit", "fit cross-fitted stand-in judges (runs without a pretrained judge)", run_judge_fit,
-                  sections=("models", "judge_fit"), result=JudgeFitResult, report=report_judge_fit,
+                  reads=("judge_fit", "retrieve.split", "models.judge", "images.judge", *TRAIN_JOB_READS),
+                  result=JudgeFitResult, report=report_judge_fit,
                   command="fit-judge")
 JUDGE = Stage("judge", "stage S2: MLLM-as-a-Judge Yes/No scores for retrieved candidates", run_judge_stage,
-              sections=("judge",), result=JudgeResult, report=report_judge)
+              reads=(*JUDGE_READS, *IMPORTED_READS, "seed"), result=JudgeResult, report=report_judge)

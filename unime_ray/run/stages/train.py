@@ -6,74 +6,49 @@ a finished run writes ``done.json`` last, so a rerun after an interruption train
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
-
-from ..data.stages import PrepareResult
-from ..mining.stages import MineResult
-from ..report import markdown_table
-from ..stage import Context, Section, Stage, StageResult
-from .api import TrainResult, run_job
+from ...train.api import run_job
+from ...utils.markdown import markdown_table
+from ..results import (
+    AblationsResult,
+    JudgeFitResult,
+    MineResult,
+    PrepareResult,
+    TrainStageResult,
+    VariantRun,
+)
+from ..specs import TRAIN_JOB_READS, train_settings
+from ..stage import Context, Section, Stage
 
 if TYPE_CHECKING:
     from ..config import RunConfig
-    from .config import TrainConfig
-    from .trainer import TrainJob
 
 logger = logging.getLogger(__name__)
 
-
-class VariantRun(BaseModel):
-    """One comparison run of the ablations stage."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model: str
-    steps: int
-    final: dict[str, Any] = {}
-    objective: str
+# train and ablations: the section, the weights it starts from, the run's name (its Ray Train folder)
+EMBEDDER_TRAIN_READS = ("train", "models.embedder", "images.embedder", "name", *TRAIN_JOB_READS)
 
 
-class AblationsResult(StageResult):
-    variants: dict[str, dict[str, VariantRun]] = {}   # variant name -> seed (as a string) -> its run
-    init: str | None = None
-
-
-def train_settings(cfg: "RunConfig", section: "TrainConfig", model: str, out_dir: Path, task: str,
-                   image_root: str | None, seed: int | None = None, role: str | None = None,
-                   **changes: Any) -> "TrainJob":
-    """The trainer's job for one run of a config section (``changes``: an ablation's fields, validated with the
-    section); the image budget is the ``task``'s role, or ``role`` (judge_fit: the judge's)."""
-    from .trainer import TrainJob
-
-    m = cfg.models
-    settings = type(section).model_validate({**section.model_dump(), **changes}) if changes else section
-    return TrainJob(settings=settings, model=model, output_dir=str(out_dir), input_format=m.input_format,
-                    positions=m.positions, image_root=image_root, seed=cfg.seed if seed is None else seed,
-                    images=cfg.image_budget(role or ("reranker" if task == "reranker" else "embedder")))
-
-
-def run_baseline(ctx: Context) -> TrainResult:
+def run_baseline(ctx: Context) -> TrainStageResult:
     """The retriever of global retrieval trained with in-batch negatives (VLM2Vec's role in the paper)."""
     cfg = ctx.cfg
     if not cfg.baseline.enabled:
-        return TrainResult(enabled=False)
+        return TrainStageResult(enabled=False)
     prepared = ctx.result("prepare", PrepareResult)
     settings = train_settings(cfg, cfg.baseline, cfg.model_ref(cfg.models.embedder), ctx.dir,
                               "embedder", prepared.image_root)
     ctx.init_ray()
     out = run_job(prepared.path("train_pairs"), settings, "baseline").model_dump()
     logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return TrainResult(**{**out, "enabled": True,
+    return TrainStageResult(**{**out, "enabled": True,
                           "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
 
 
 def _embedder_init(ctx: Context) -> str:
     cfg = ctx.cfg
     if cfg.train.init == "baseline":
-        base = ctx.result_if_run("baseline", TrainResult)
+        base = ctx.result_if_run("baseline", TrainStageResult)
         if base is None or not base.model:
             raise ValueError("train.init: baseline needs baseline.enabled: true (and its stage run)")
         return base.model
@@ -87,7 +62,7 @@ def _check_imported_negatives(mined: MineResult, k: int) -> None:
                          f"train.num_negatives is {k} (lower it, or set mine.from_imported: remine)")
 
 
-def run_train(ctx: Context) -> TrainResult:
+def run_train(ctx: Context) -> TrainStageResult:
     cfg = ctx.cfg
     mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
     _check_imported_negatives(mined, cfg.train.num_negatives)
@@ -96,7 +71,7 @@ def run_train(ctx: Context) -> TrainResult:
     out = run_job(mined.training_table, settings, cfg.name).model_dump()
     logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
                 out["model"])
-    return TrainResult(**{**out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
+    return TrainStageResult(**{**out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
 
 
 def variant_runs(cfg: RunConfig) -> list[tuple[str, int, dict[str, Any]]]:
@@ -117,7 +92,7 @@ def run_ablations(ctx: Context) -> AblationsResult:
     a rerun after an interruption trains only what is missing."""
     cfg = ctx.cfg
     mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
-    main = ctx.result("train", TrainResult)
+    main = ctx.result("train", TrainStageResult)
     init = _embedder_init(ctx)
     variants: dict[str, dict[str, VariantRun]] = {}
     tallies = []
@@ -137,13 +112,12 @@ def run_ablations(ctx: Context) -> AblationsResult:
     return AblationsResult(variants=variants, init=init, visual_tokens=ctx.visual_tokens(embedder=tallies))
 
 
-def run_rerank(ctx: Context) -> TrainResult:
+def run_rerank(ctx: Context) -> TrainStageResult:
     """Reranker training on the mined table (pairwise Yes/No + listwise "(i)")."""
     cfg = ctx.cfg
     r = cfg.reranker
     if not r.enabled:
-        return TrainResult(enabled=False)
-    from ..judge.stages import JudgeFitResult
+        return TrainStageResult(enabled=False)
 
     mined, prepared = ctx.result("mine", MineResult), ctx.result("prepare", PrepareResult)
     init = cfg.model_ref(cfg.models.judge)
@@ -159,7 +133,7 @@ def run_rerank(ctx: Context) -> TrainResult:
     ctx.init_ray()
     out = run_job(mined.training_table, settings, "reranker").model_dump()
     logger.info("rerank: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return TrainResult(**{**out, "enabled": True, "init": init,
+    return TrainStageResult(**{**out, "enabled": True, "init": init,
                           "visual_tokens": ctx.visual_tokens(reranker=out.get("visual_tokens"))})
 
 
@@ -200,11 +174,12 @@ def report_rerank(s: Section) -> list[str]:
 
 
 BASELINE = Stage("baseline", "train the retriever with in-batch negatives (VLM2Vec's role)", run_baseline,
-                 sections=("models", "baseline"), result=TrainResult, report=report_baseline,
-                 command="train-baseline")
+                 reads=("baseline", "models.embedder", "images.embedder", *TRAIN_JOB_READS), result=TrainStageResult,
+                 report=report_baseline, command="train-baseline")
 TRAIN = Stage("train", "stage S4: train the embedder on the mined table (Ray Train + DeepSpeed)", run_train,
-              sections=("train",), result=TrainResult, report=report_train, command="train-embedder")
+              reads=EMBEDDER_TRAIN_READS, result=TrainStageResult, report=report_train, command="train-embedder")
 ABLATIONS = Stage("ablations", "train the comparison variants (extra seeds, ablation objectives)", run_ablations,
-                  sections=("train", "compare"), result=AblationsResult, command="train-ablations")
+                  reads=(*EMBEDDER_TRAIN_READS, "compare"), result=AblationsResult, command="train-ablations")
 RERANK = Stage("rerank", "train the reranker: pairwise Yes/No + listwise (i) on the mined table", run_rerank,
-               sections=("models", "reranker"), result=TrainResult, report=report_rerank, command="train-reranker")
+               reads=("reranker", "models.judge", "images.reranker", *TRAIN_JOB_READS), result=TrainStageResult,
+               report=report_rerank, command="train-reranker")

@@ -1,5 +1,5 @@
 """The staged, resumable run: one run directory, a folder per stage, and a manifest; a generic runner over
-:data:`STAGES`, each declared once in its package (:class:`unime_ray.stage.Stage`).
+:data:`STAGES`, each declared once in ``run/stages/`` (:class:`unime_ray.run.stage.Stage`).
 
 Stages: ``data`` (build or locate the input data) -> ``models`` (tiny checkpoints for the demo) ->
 ``prepare`` (convert + validate into canonical tables, quarantining bad rows) -> ``baseline`` (the
@@ -11,35 +11,44 @@ reranking) -> ``report``. A disabled stage completes at once with ``{"enabled": 
 that already carry judge-scored negatives (the official score JSON), retrieve, judge and mine complete at once
 with ``{"imported": true, ...}`` and training reads those pairs (``mine.from_imported: remine`` recomputes them).
 
-``manifest.json`` records, per stage, its status, the hash of the config it ran with, outputs and
-counts. A rerun skips stages that completed with the same config (and the same upstream), and reruns
-a stage that did not complete; stages resume internally where they can (embedding resumes per shard).
+``manifest.json`` records, per stage, its status, its key (the hash of the settings it reads and of the stages
+before it), outputs and counts. A rerun skips stages that completed with the same key, and reruns a stage that did
+not complete; stages resume internally where they can (embedding resumes per shard).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
+from ..utils.logs import end_live, fmt_duration
 from .config import RunConfig
-from .data.stages import DATA, PREPARE
-from .eval.stages import EVAL
-from .judge.stages import JUDGE, JUDGE_FIT
-from .mining.stages import MINE
-from .models.stages import MODELS
-from .report import REPORT
-from .retrieval.stages import EMBED, RETRIEVE
-from .stage import Context, Manifest, Stage
-from .train.stages import ABLATIONS, BASELINE, RERANK, TRAIN
-from .utils.logs import end_live, fmt_duration
+from .report import write_run_report
+from .stage import ConfigView, Context, Manifest, Stage
+from .stages.data import DATA, PREPARE
+from .stages.eval import EVAL
+from .stages.judge import JUDGE, JUDGE_FIT
+from .stages.mining import MINE
+from .stages.models import MODELS
+from .stages.retrieval import EMBED, RETRIEVE
+from .stages.train import ABLATIONS, BASELINE, RERANK, TRAIN
 
 logger = logging.getLogger(__name__)
 
-# The pipeline, in order. Each stage is declared in its package (``<package>/stages.py``); see ARCHITECTURE.md.
+
+def run_report(ctx: Context) -> dict[str, Any]:
+    return {"report": str(write_run_report(ctx.run_dir, ctx.manifest.data, STAGES))}
+
+
+REPORT = Stage("report", "write the run report (report.md) from the manifest", run_report, clear_on_rerun=False,
+               optional=True, always_run=True, command="")
+# The pipeline, in order. Each stage is declared in ``run/stages/<package>.py``; see ARCHITECTURE.md.
 STAGES: list[Stage] = [DATA, MODELS, PREPARE, BASELINE, EMBED, RETRIEVE, JUDGE_FIT, JUDGE, MINE, TRAIN, ABLATIONS,
                        RERANK, EVAL, REPORT]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -55,10 +64,7 @@ def stages_through(name: str) -> list[str]:
 
 
 def _stage_key(cfg: RunConfig, stage: Stage, upstream: str) -> str:
-    own = cfg.section_hash(*stage.sections) if stage.sections else ""
-    for f in stage.fields:  # e.g. whether retrieve runs or records imported negatives (and so all that follows)
-        section, key = f.split(".")
-        own += f"|{f}={getattr(getattr(cfg, section), key)}"
+    own = json.dumps(ConfigView(cfg, stage.reads, stage.name).values(), sort_keys=True)
     return hashlib.sha256(f"{upstream}|{stage.name}|{own}".encode()).hexdigest()[:16]
 
 
@@ -72,6 +78,12 @@ def run_pipeline(cfg: RunConfig, force: bool = False, only: list[str] | None = N
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGE_NAMES)}")
     manifest = Manifest(run_dir)
+    if manifest.data.get("keys") != Manifest.KEYS and manifest.data["stages"]:
+        if not force:
+            raise ValueError(f"{run_dir} was made by an earlier unime-ray whose stage keys cannot tell whether its "
+                             "stages are current: rerun with --force to recompute every stage there, or give a "
+                             "new run_dir")
+        manifest.data["keys"] = Manifest.KEYS
     upstream = ""
     order = [s.name for s in STAGES if s.name in wanted]
     for stage in STAGES:
@@ -90,7 +102,7 @@ def run_pipeline(cfg: RunConfig, force: bool = False, only: list[str] | None = N
         start = time.perf_counter()
         manifest.update(stage.name, status="running", key=key, started=time.time())
         try:
-            outputs = stage.execute(Context(cfg, manifest, stage.name)).as_dict()
+            outputs = stage.execute(Context(ConfigView(cfg, stage.reads, stage.name), manifest, stage.name)).as_dict()
         except BaseException as exc:
             end_live()
             manifest.update(stage.name, status="failed", error=f"{type(exc).__name__}: {exc}")

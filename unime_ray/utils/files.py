@@ -1,0 +1,36 @@
+"""Files written whole or not at all: a temporary file beside the target, then one rename, so a reader (or a rerun
+after a kill) never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _json_default(v: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(v)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike, allow_nan: bool = False, **dumps: Any) -> Path:
+    """JSON (numpy scalars and arrays as numbers and lists, other objects as their strings), indented."""
+    return write_text_atomic(json.dumps(data, indent=1, default=_json_default, allow_nan=allow_nan, **dumps), path)
