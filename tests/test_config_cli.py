@@ -22,9 +22,9 @@ def test_presets_exist():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_run_config(preset="demo", overrides=["embed.pool.batch_size=4", "models.image_resize=[672, 672]",
+    cfg = load_run_config(preset="demo", overrides=["embed.pool.batch_size=4", "models.images.eval.resize=[672, 672]",
                                                     "ray.address=null", "data.source=synthetic"])
-    assert cfg.embed.pool.batch_size == 4 and cfg.models.image_resize == (672, 672)
+    assert cfg.embed.pool.batch_size == 4 and cfg.models.images.eval.resize == (672, 672)
     assert cfg.ray.address is None and cfg.data.source == "synthetic"
     d: dict = {}
     apply_override(d, "a.b.c=1.5")
@@ -118,3 +118,12 @@ def test_config_file_extends_a_preset(tmp_path):
     f.write_text("extends: nope\n")
     with pytest.raises(ConfigError, match="extends: unknown preset 'nope'"):
         load_run_config(config_path=f)
+
+
+@pytest.mark.parametrize("override", ["reranker.temperature=0.1", "reranker.objective=infonce",
+                                      "reranker.num_negatives=2", "judge_fit.kl_form=floored",
+                                      "reranker.image_cache_mb=0", "judge_fit.symmetric=true"])
+def test_a_section_accepts_only_the_settings_its_training_reads(override):
+    """The reranker and the stand-in judge share the training loop's settings, not the embedder's loss ones."""
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_run_config(preset="demo", overrides=[override])

@@ -102,16 +102,12 @@ def test_processor_records_visual_tokens(tiny_models, png_bytes):
 def test_role_budgets_in_the_config():
     cfg = load_run_config(preset="demo")
     assert all(cfg.image_budget(r).is_default for r in ("retriever", "judge", "embedder", "reranker", "eval"))
-    # the legacy fields keep their meaning: S1 embedding and evaluation (models.*), the judge (judge.*)
-    cfg = load_run_config(preset="demo", overrides=["models.image_resize=[672, 672]", "models.max_pixels=1003520",
-                                                    "judge.max_pixels=235200"])
-    assert cfg.image_budget("retriever") == cfg.image_budget("eval") == ImageBudget(resize=(672, 672),
-                                                                                    max_pixels=1003520)
-    assert cfg.image_budget("judge") == ImageBudget(max_pixels=235200)
-    assert cfg.image_budget("embedder").is_default and cfg.image_budget("reranker").is_default
-    cfg = load_run_config(preset="demo", overrides=["models.image_resize=[672, 672]",
-                                                    "models.images.eval={resize: 1344}"])
-    assert cfg.image_budget("eval").resize == (1344, 1344) and cfg.image_budget("retriever").resize == (672, 672)
+    cfg = load_run_config(preset="demo", overrides=["models.images.eval={resize: 1344}"])
+    assert cfg.image_budget("eval").resize == (1344, 1344) and cfg.image_budget("retriever").is_default
+    # one name per setting: the budgets before per-role ones existed are gone, and say so
+    for old in ("models.image_resize=[672, 672]", "models.max_pixels=1003520", "judge.max_pixels=235200"):
+        with pytest.raises(ValueError, match="unknown key"):
+            load_run_config(preset="demo", overrides=[old])
     with pytest.raises(ValueError, match="models.images.judge"):
         load_run_config(preset="demo", overrides=["models.images.judge={size: 3}"])
 
@@ -131,7 +127,6 @@ def test_paper_budgets_are_the_official_ones(source):
                                                    max_pixels=1280 * 28 * 28)
     assert cfg.image_budget("judge") == cfg.image_budget("retriever") == cfg.image_budget("embedder")
     assert tokens == {"retriever": 576, "judge": 576, "embedder": 576, "reranker": 285, "eval": 1225}
-    assert cfg.models.image_resize is None   # migrated to models.images
 
 
 def test_cli_flags_and_serve_budget(tmp_path):

@@ -45,8 +45,6 @@ class JudgeConfig(Section):
     batch_size: int = Field(default=32, ge=1)          # pairs per forward
     prefix_reuse: bool = True
     pool: JudgePool = Field(default_factory=JudgePool)
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=16)
     prompt_version: str = "pairwise-v2"   # judge.prompt.JudgePrompt.version: the prompt the scores were made with
     instruction: str | None = None      # None: the paper's pairwise wording

@@ -6,9 +6,7 @@ stage specs, the CLI flags, the server): an optional fixed resize, then the Qwen
 to a multiple of ``patch_size * merge_size`` (28 for Qwen2-VL / Qwen2.5-VL) and scales the image into the
 range, so an image becomes ``(h / 28) * (w / 28)`` visual tokens (method reference 3.1; 672x672 -> 576).
 
-A *tally* is what a stage records of the tokens it actually used: ``{"images", "min", "median", "max",
-"histogram": {tokens: images}}`` (:func:`token_tally`); tallies of workers and sub-runs merge exactly
-through their histograms (:func:`merge_tallies`).
+A *tally* is what a stage records of the tokens it actually used (:mod:`unime_ray.utils.tallies`).
 
 Only pydantic, PIL (lazily) and the standard library: the run config imports this module.
 """
@@ -76,11 +74,11 @@ class ImageBudget(BaseModel):
         return ", ".join(parts)
 
     @classmethod
-    def from_legacy(cls, resize=None, min_pixels=None, max_pixels=None) -> "ImageBudget":
+    def from_parts(cls, resize=None, min_pixels=None, max_pixels=None) -> "ImageBudget":
+        """From the three values as specs and command lines carry them (a resize as any pair)."""
         return cls(resize=tuple(resize) if resize else None, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-# ---------------------------------------------------------------------------------------------- tallies
 # ---------------------------------------------------------------------------------------------- CLI
 def add_budget_arguments(parser, what: str = "images") -> None:
     """``--image-resize W H``, ``--min-pixels``, ``--max-pixels`` (an :class:`ImageBudget`) on a parser."""
@@ -93,5 +91,5 @@ def add_budget_arguments(parser, what: str = "images") -> None:
 
 
 def budget_from_arguments(args) -> ImageBudget:
-    return ImageBudget.from_legacy(getattr(args, "image_resize", None), getattr(args, "min_pixels", None),
+    return ImageBudget.from_parts(getattr(args, "image_resize", None), getattr(args, "min_pixels", None),
                                    getattr(args, "max_pixels", None))

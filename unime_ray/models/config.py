@@ -87,8 +87,4 @@ class ModelsConfig(Section):
     processor_backend: Literal["auto", "hf", "manual"] = "auto"
     # image-token positions: sequential (as the released UniME-V2 models), mrope, or auto (by input_format)
     positions: Literal["auto", "mrope", "sequential"] = "auto"
-    # legacy budget of S1 embedding and evaluation, used where models.images.retriever / .eval are null
-    image_resize: tuple[int, int] | None = None
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
     images: ImageBudgets = Field(default_factory=ImageBudgets)

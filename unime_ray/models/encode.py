@@ -46,7 +46,7 @@ class EmbedderSpec:
         from . import Embedder
         from .budget import ImageBudget
 
-        options = ImageBudget.from_legacy(self.image_resize, self.min_pixels, self.max_pixels)
+        options = ImageBudget.from_parts(self.image_resize, self.min_pixels, self.max_pixels)
         return Embedder.from_pretrained(self.model, input_format=self.input_format, adapter=self.adapter,
                                         dtype=self.dtype, device=self.device, image_options=options,
                                         image_root=self.image_root, processor_backend=self.processor_backend,

@@ -109,20 +109,11 @@ class RunConfig(Section):
         return ref
 
     def image_budget(self, role: str) -> ImageBudget:
-        """The image budget of a model role (models.budget.ROLES): ``models.images.<role>`` when set; else, as
-        before per-role budgets existed, ``models.image_resize/min_pixels/max_pixels`` for the retriever and
-        evaluation and ``judge.min_pixels/max_pixels`` for the judge; else the checkpoint's own setting."""
+        """The image budget of a model role (models.budget.ROLES): ``models.images.<role>``, or the checkpoint's
+        own setting when it is null."""
         if role not in ROLES:
             raise ValueError(f"unknown image budget role {role!r}; roles: {', '.join(ROLES)}")
-        budget = getattr(self.models.images, role)
-        if budget is not None:
-            return budget
-        m = self.models
-        if role in ("retriever", "eval"):
-            return ImageBudget.from_legacy(m.image_resize, m.min_pixels, m.max_pixels)
-        if role == "judge":
-            return ImageBudget(min_pixels=self.judge.min_pixels, max_pixels=self.judge.max_pixels)
-        return ImageBudget()
+        return getattr(self.models.images, role) or ImageBudget()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -19,7 +19,7 @@ TRAIN_JOB_READS = ("models.input_format", "models.positions", "seed")
 IMPORTED_READS = ("mine.from_imported", "retrieve.split")
 
 if TYPE_CHECKING:
-    from ..train.config import TrainConfig
+    from ..train.config import TrainLoop
     from ..train.job import TrainJob
     from .config import RunConfig
 
@@ -68,7 +68,7 @@ def judge_spec(ctx: Context, image_root: str | None, fitted: JudgeFitResult | No
                      feature_cache=fitted.feature_cache if fitted is not None else None)
 
 
-def train_settings(cfg: "RunConfig", section: "TrainConfig", model: str, out_dir: Path, task: str,
+def train_settings(cfg: "RunConfig", section: "TrainLoop", model: str, out_dir: Path, task: str,
                    image_root: str | None, seed: int | None = None, role: str | None = None,
                    **changes: Any) -> "TrainJob":
     """The trainer's job for one run of a config section (``changes``: an ablation's fields, validated with the

@@ -172,7 +172,7 @@ class PairScorer:
     def load(cls, folder: str, settings: RerankerSettings) -> "PairScorer":
         from ..models.budget import ImageBudget
 
-        options = ImageBudget.from_legacy(settings.image_resize, settings.min_pixels, settings.max_pixels)
+        options = ImageBudget.from_parts(settings.image_resize, settings.min_pixels, settings.max_pixels)
         kwargs = {"dtype": settings.dtype, "device": settings.device, "image_options": options,
                   "batch_size": settings.pair_batch_size}
         if reranker_implementation(settings.implementation) == RERANK_IMPL:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from pydantic import BaseModel, ConfigDict
 
 from ..models.budget import ImageBudget
-from .config import RerankerTrainConfig, TrainConfig
+from .config import RerankerTrainConfig, TrainConfig, TrainLoop
 
 if TYPE_CHECKING:
     from .job import TrainJob
@@ -37,10 +37,10 @@ class TrainResult(BaseModel):
     visual_tokens: dict[str, Any] | None = None
 
 
-def _settings(config: Any, cls: type[TrainConfig], overrides: Mapping[str, Any]) -> TrainConfig:
+def _settings(config: Any, cls: type[TrainLoop], overrides: Mapping[str, Any]) -> TrainLoop:
     if config is None:
         config = {}
-    if isinstance(config, TrainConfig):
+    if isinstance(config, TrainLoop):
         if not isinstance(config, cls):
             raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
         return type(config).model_validate({**config.model_dump(), **overrides}) if overrides else config
@@ -91,7 +91,7 @@ def run_job(data: Any, job: "TrainJob", name: str, columns: Mapping[str, str] | 
     return TrainResult(**result)
 
 
-def _train(data: Any, settings: TrainConfig, *, model: str | os.PathLike, output_dir: str | os.PathLike,
+def _train(data: Any, settings: TrainLoop, *, model: str | os.PathLike, output_dir: str | os.PathLike,
            seed: int, image_root: str | os.PathLike | None, input_format: str, positions: str,
            images: ImageBudget | None, columns: Mapping[str, str] | None, name: str) -> TrainResult:
     from ..utils.ray_utils import absolute_if_local

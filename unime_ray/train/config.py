@@ -1,7 +1,7 @@
-"""Typed settings of the training steps (the run config's ``train``, ``baseline``, ``reranker`` and ``compare``
-sections), declared once: the trainer takes a section as it is (:class:`unime_ray.train.trainer.TrainJob`).
-Only pydantic and the standard library, so the run config imports it without torch or Ray; unknown keys are errors.
-"""
+"""Typed settings of the training steps: the loop every task shares (:class:`TrainLoop`) and what each task adds,
+the embedder (``train``, ``baseline``, ``compare``), the reranker (``reranker``) and the stand-in judge
+(``judge_fit``); a section declares only what its task reads. The trainer takes a section as it is
+(:class:`unime_ray.train.job.TrainJob`). Only pydantic, so the run config imports it without torch or Ray."""
 
 from __future__ import annotations
 
@@ -16,23 +16,11 @@ from ..utils.settings import Section
 Objective = Literal["judge_alignment", "hard_label", "infonce"]
 
 
-class TrainConfig(Section):
-    """One training run on Ray Train + DeepSpeed ZeRO: the UniME-V2 embedder (``train``), the baseline
-    retriever (``baseline``), the ablations, the stand-in judge and the reranker all use these fields."""
+class TrainLoop(Section):
+    """How any model here is trained on Ray Train + DeepSpeed ZeRO (optimiser, schedule, steps, batch, LoRA/DoRA,
+    ZeRO, checkpoints): the settings the trainer reads for every task. The embedder's, the reranker's and the
+    stand-in judge's sections add what their task reads, and nothing else."""
 
-    objective: Objective = "judge_alignment"
-    num_negatives: int = Field(default=8, ge=0)      # k; at most mine.num_negatives; 0: in-batch negatives only
-    temperature: float = Field(default=0.02, gt=0)
-    # judge_alignment's KL: "exact" = the paper's formula; "floored" = the official code's log(p + 1e-8)
-    kl_form: Literal["exact", "floored"] = "exact"
-    # in-batch InfoNCE: a batch row whose positive equals the query's own (a shared class label) is not one of
-    # its negatives; false = VLM2Vec's loss, where it is
-    mask_shared_positives: bool = True
-    # in-batch InfoNCE in both directions (CLIP's loss): each positive is also a query against every query; false =
-    # query -> positive only (VLM2Vec's)
-    symmetric: bool = False
-    # where the weights start: models.embedder as given, or the trained baseline (run dir's baseline stage)
-    init: Literal["embedder", "baseline"] = "embedder"
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     lr_schedule: Literal["linear", "cosine"] = "linear"   # decay to 0 after the warm-up
@@ -55,20 +43,14 @@ class TrainConfig(Section):
     use_dora: bool = True
     lora_targets: list[str] | None = None            # None: the task's default projections
     freeze_vision: bool = False
-    # processed images each worker keeps in memory (least recently used dropped first), so a small table's images
-    # are decoded and processed once, not every epoch (the embedder; Qwen-VL); 0: off
-    image_cache_mb: int = Field(default=1024, ge=0)
     checkpoint_every: int = Field(default=10, ge=1)
     max_failures: int = Field(default=1, ge=0)
 
     @model_validator(mode="after")
-    def _dora_zero3(self):
+    def _loop(self):
         if self.zero_stage == 3 and self.lora and self.use_dora:
             # peft computes the DoRA weight norm from the whole base weight, which ZeRO-3 partitions
             raise ValueError("DoRA does not work under ZeRO-3: set use_dora: false or zero_stage <= 2")
-        if self.num_negatives == 0 and self.objective != "infonce":
-            raise ValueError(f"objective {self.objective} needs mined negatives (num_negatives >= 1); "
-                             "in-batch negatives only is objective infonce")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both (set the other to 0)")
         return self
@@ -94,6 +76,34 @@ class TrainConfig(Section):
         return math.ceil(self.warmup_ratio * self.max_steps)
 
 
+class TrainConfig(TrainLoop):
+    """The embedder's training: UniME-V2 (``train``), the baseline retriever (``baseline``) and the ablations."""
+
+    objective: Objective = "judge_alignment"
+    num_negatives: int = Field(default=8, ge=0)      # k; at most mine.num_negatives; 0: in-batch negatives only
+    temperature: float = Field(default=0.02, gt=0)
+    # judge_alignment's KL: "exact" = the paper's formula; "floored" = the official code's log(p + 1e-8)
+    kl_form: Literal["exact", "floored"] = "exact"
+    # in-batch InfoNCE: a batch row whose positive equals the query's own (a shared class label) is not one of
+    # its negatives; false = VLM2Vec's loss, where it is
+    mask_shared_positives: bool = True
+    # in-batch InfoNCE in both directions (CLIP's loss): each positive is also a query against every query; false =
+    # query -> positive only (VLM2Vec's)
+    symmetric: bool = False
+    # where the weights start: models.embedder as given, or the trained baseline (run dir's baseline stage)
+    init: Literal["embedder", "baseline"] = "embedder"
+    # processed images each worker keeps in memory (least recently used dropped first), so a small table's images
+    # are decoded and processed once, not every epoch (Qwen-VL); 0: off
+    image_cache_mb: int = Field(default=1024, ge=0)
+
+    @model_validator(mode="after")
+    def _negatives(self):
+        if self.num_negatives == 0 and self.objective != "infonce":
+            raise ValueError(f"objective {self.objective} needs mined negatives (num_negatives >= 1); "
+                             "in-batch negatives only is objective infonce")
+        return self
+
+
 class BaselineConfig(TrainConfig):
     """The retriever of global retrieval, trained first with in-batch negatives (VLM2Vec's role in the paper).
     ``enabled: false`` retrieves with models.embedder as it is."""
@@ -103,7 +113,7 @@ class BaselineConfig(TrainConfig):
     num_negatives: int = Field(default=0, ge=0)
 
 
-class RerankerTrainConfig(TrainConfig):
+class RerankerTrainConfig(TrainLoop):
     """Reranker training on the mined table: L = pair_weight * L_pair + list_weight * L_list (paper recipe, the
     defaults: LoRA r 128 / alpha 256 on every LLM linear layer, vision frozen, ZeRO-2, lr 2e-5, cosine schedule
     with 3% warm-up, one epoch)."""
@@ -111,7 +121,7 @@ class RerankerTrainConfig(TrainConfig):
     enabled: bool = False
     # where the weights start: models.judge, or the first fold's stand-in judge (demo; the paper's reranker
     # starts from the same MLLM that judges)
-    init: Literal["judge", "fitted_judge"] = "judge"   # type: ignore[assignment]
+    init: Literal["judge", "fitted_judge"] = "judge"
     list_negatives: int = Field(default=4, ge=1)      # x: the list is the positive and the top-x negatives
     pair_weight: float = Field(default=1.0, ge=0)
     list_weight: float = Field(default=1.0, ge=0)
@@ -126,8 +136,6 @@ class RerankerTrainConfig(TrainConfig):
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     use_dora: bool = False
     freeze_vision: bool = True
-    num_negatives: int = Field(default=0, ge=0)       # unused by the reranker
-    objective: Objective = "infonce"
 
     @model_validator(mode="after")
     def _weights(self):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..models.budget import ImageBudget
-from .config import RerankerTrainConfig, TrainConfig
+from .config import RerankerTrainConfig, TrainConfig, TrainLoop
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class TrainJob:
     starts from, where it writes, the inputs' format and the image budget. Goes to the Ray Train workers as
     :meth:`to_dict` (also what a run records as its settings) and is rebuilt there with :meth:`from_dict`."""
 
-    settings: TrainConfig
+    settings: TrainLoop                      # TrainConfig (the embedder) or RerankerTrainConfig
     model: str
     output_dir: str
     input_format: str = "official"

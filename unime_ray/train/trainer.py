@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import TrainLoop
 from .job import TrainJob
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def mean_over_ranks(values: list[float]) -> float:
     return float(total[0] / total[1])
 
 
-def deepspeed_config(s: TrainConfig, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(s: TrainLoop, bf16: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.offload_optimizer and s.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu"}
