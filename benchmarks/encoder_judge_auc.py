@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     from unime_ray.data.io import iter_rows
     from unime_ray.data.schema import item_from_row
     from unime_ray.judge.crossfit import build_fit_tables, query_folds, scoring_judge
-    from unime_ray.judge.encoder_fit import EncoderFitSettings, examples_from_table, fit_encoder_judge
-    from unime_ray.judge.encoder_towers import FeatureStore
+    from unime_ray.judge.encoder.fit import EncoderFitSettings, examples_from_table, fit_encoder_judge
+    from unime_ray.judge.encoder.towers import FeatureStore
 
     run = Path(args.run_dir).resolve()
     stages = json.loads((run / "manifest.json").read_text())["stages"]

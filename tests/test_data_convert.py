@@ -766,3 +766,42 @@ def test_urban1k_folder(tmp_path, png_bytes):
 
     with pytest.raises(ValueError, match="retrieval table"):
         import_table(u, "urban1k", tmp_path / "x", quarantine_path=q, kind="candidates")
+
+
+def test_mmeb_eval_folder_imports_every_subset_named_after_its_folder(tmp_path, png_bytes):
+    """The published MMEB-eval layout, <Subset>/test-NNNNN-of-NNNNN.parquet, gave 0 rows before (exit 0)."""
+    from unime_ray.cli import build_parser
+
+    root = tmp_path / "root"
+    _write_images(root, png_bytes, MMEB_EVAL_IMAGES)
+    data = tmp_path / "MMEB-eval"
+    for subset, rec in (("ImageNet-1K", MMEB_EVAL[0]), ("MSCOCO_t2i", MMEB_EVAL[1])):
+        (data / subset).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist([rec]), data / subset / "test-00000-of-00001.parquet")
+    args = build_parser().parse_args(["prepare", "--input", str(data), "--format", "mmeb-eval", "--out",
+                                      str(tmp_path / "pairs"), "--image-root", str(root)])
+    assert args.func(args) == 0
+    assert [(r["task"], r["id"]) for r in read_table(tmp_path / "pairs").to_pylist()] == [
+        ("ImageNet-1K", "ImageNet-1K:00000000"), ("MSCOCO_t2i", "MSCOCO_t2i:00000000")]
+
+
+@pytest.mark.parametrize("fmt", ["official", "mmeb-train", "mmeb-eval", "canonical", "retrieval", "sharegpt4v",
+                                 "urban1k"])
+@pytest.mark.parametrize("given", ["empty folder", "empty file", "other files"])
+def test_an_input_without_records_fails_loudly(tmp_path, fmt, given, capsys):
+    """Every importer: an input that yields no records is an error (exit code 2, one line naming the input), not
+    an empty table a run would train or evaluate on."""
+    from unime_ray.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    if given == "empty file":
+        src = src / ("data.json" if fmt in ("official", "sharegpt4v") else "data.jsonl")
+        src.write_text("[]" if src.suffix == ".json" else "")
+    elif given == "other files":
+        (src / "README.md").write_text("no data here")
+        (src / "images").mkdir()
+    code = main(["prepare", "--input", str(src), "--format", fmt, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(src.name) in err, err
+    assert not list((tmp_path / "out").glob("*.parquet"))          # no table to mistake for data

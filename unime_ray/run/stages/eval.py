@@ -107,7 +107,7 @@ def run_eval(ctx: Context) -> EvalResult:
             res = json.loads(done.read_text())
         else:
             if is_judge:    # in this process: Ray actors rebuild embedders from an EmbedderSpec
-                from ...judge.encoder_backend import EncoderJudge
+                from ...judge.encoder.backend import EncoderJudge
 
                 spec, pool = EncoderJudge.load(m["model"], image_root=image_root), None
             else:

@@ -70,7 +70,7 @@ def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepare
     once, into a feature cache the judge stage reads too; then one judge per fold (a finished fold is skipped)."""
     from ...data.io import iter_rows
     from ...data.schema import item_from_row
-    from ...judge.encoder_fit import EncoderFitSettings, fit_folds, warm_features
+    from ...judge.encoder.fit import EncoderFitSettings, fit_folds, warm_features
 
     cfg = ctx.cfg
     jf = cfg.judge_fit

@@ -1,7 +1,7 @@
 """Frozen pretrained towers of the dual-encoder judge, and a content-keyed cache of their features.
 
 A *tower* turns texts or images into fixed feature vectors (float32, one row per input); the judge's fitted
-heads (:mod:`unime_ray.judge.encoder_backend`) project them into one shared space. Towers are described by a
+heads (:mod:`unime_ray.judge.encoder.backend`) project them into one shared space. Towers are described by a
 plain dict (:class:`TowerSpec`), so a fitted judge's config names the towers it was fitted on:
 
 * text ``hf-text``: any local BERT-style / sentence-transformers folder, mean pooling over the last hidden
@@ -345,7 +345,7 @@ class FeatureStore:
 
         import pyarrow as pa
 
-        from ..data.io import write_table_atomic
+        from ...data.io import write_table_atomic
 
         by_tower: dict[str, list[tuple[str, np.ndarray]]] = {}
         for tower, k, v in self._pending:

@@ -2,7 +2,7 @@
 
 A pretrained MLLM judge knows things the embedder being trained does not. Where no such judge is available
 (the offline demo; any CPU box), this backend brings outside knowledge from two small frozen pretrained
-encoders instead, a text tower and an image tower (:mod:`unime_ray.judge.encoder_towers`), and learns only
+encoders instead, a text tower and an image tower (:mod:`unime_ray.judge.encoder.towers`), and learns only
 light projection heads on the training pairs.
 
 **How items map into the shared space.** An item's *text part* is its ``text`` with the image marker removed
@@ -21,7 +21,7 @@ calibration is increasing in the cosine (``a > 0`` is enforced), so it never reo
 
 **Folder format** (``judge.model`` may be such a folder; ``judge.backend: encoder`` builds it):
 ``encoder_judge.json`` (format, towers, text input, dims, calibration, fit summary) and ``heads.safetensors``
-(standardisation statistics and projection weights). Fitting: :mod:`unime_ray.judge.encoder_fit`.
+(standardisation statistics and projection weights). Fitting: :mod:`unime_ray.judge.encoder.fit`.
 
 Bad pairs (an unreadable image, an empty item, a modality the judge has no tower for) score NaN with a
 reason, never 0.
@@ -39,9 +39,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.images import ImageError, decode_image, read_image_bytes
-from ..data.schema import IMAGE_MARKER, Item
-from .encoder_towers import FeatureStore, TowerSpec, build_tower
+from ...data.images import ImageError, decode_image, read_image_bytes
+from ...data.schema import IMAGE_MARKER, Item
+from .towers import FeatureStore, TowerSpec, build_tower
 
 FORMAT = "unime-encoder-judge"
 FORMAT_VERSION = 1
@@ -345,7 +345,7 @@ class EncoderJudge:
         folder = Path(folder)
         if not is_encoder_judge(folder):
             raise FileNotFoundError(f"{folder} is not a fitted encoder judge (no {CONFIG_NAME}); fit one with "
-                                    "unime_ray.judge.encoder_fit.fit_encoder_judge or judge_fit.kind: dual_encoder")
+                                    "unime_ray.judge.encoder.fit.fit_encoder_judge or judge_fit.kind: dual_encoder")
         cfg = json.loads((folder / CONFIG_NAME).read_text())
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{folder / CONFIG_NAME} is not a {FORMAT} config")

@@ -1,5 +1,5 @@
 """Fitting the dual-encoder judge's heads and calibration on training pairs (see
-:mod:`unime_ray.judge.encoder_backend` for the model and its folder format).
+:mod:`unime_ray.judge.encoder.backend` for the model and its folder format).
 
 Each training example is a query, its positive and (optionally) hard negatives, e.g. the query's retrieved
 candidates (:func:`unime_ray.judge.crossfit.build_fit_tables` writes such tables per fold). Groups of examples
@@ -31,15 +31,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data.schema import Item, item_from_row, negatives_from_row
-from .encoder_backend import (
+from ...data.schema import Item, item_from_row, negatives_from_row
+from .backend import (
     Calibration,
     EncoderJudge,
     Featurizer,
     ProjectionHeads,
     is_encoder_judge,
 )
-from .encoder_towers import FeatureStore, TowerSpec
+from .towers import FeatureStore, TowerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def paired_auc(pos: np.ndarray, neg: np.ndarray, neg_mask: np.ndarray | None = N
 
 def examples_from_table(table: str | os.PathLike) -> list[FitExample]:
     """Examples from a canonical pairs table (query, positive, negatives = ``neg_*``), grouped as in cross-fitting."""
-    from ..data.io import iter_rows
-    from .crossfit import group_key
+    from ...data.io import iter_rows
+    from ..crossfit import group_key
 
     out = []
     for row in iter_rows(table):
