@@ -332,3 +332,27 @@ def test_rerank_modes_measures_every_mode_with_one_scoring_pass():
     f0 = {i: 0.5 * sims[0][i] + 0.5 * p["abcd"[i]] for i in (0, 1, 2)}
     assert out["fused"].orders[0] == sorted(f0, key=lambda i: -f0[i])
     assert out["pairwise"].p_yes[0] == pytest.approx([0.1, 0.7, 0.6])
+
+
+@pytest.mark.timeout(300)
+def test_reranker_rank_without_images_keeps_step_under_zero3(tiny_models, ray_local, tmp_path):
+    """ZeRO-3 with a trainable vision tower: a rank whose conversations have no image runs the tower on a probe row
+    (weight 0); without it the ranks' collectives diverge and the workers die (see the embedder's test)."""
+    from unime_ray.data.io import write_rows
+    from unime_ray.data.schema import PAIR_SCHEMA
+    from unime_ray.train.config import RerankerTrainConfig
+    from unime_ray.train.trainer import BatchPlan, TrainJob, fit
+
+    rows = training_rows(16, 3)
+    for i, row in enumerate(rows):
+        if i % 2:
+            row.update(query_image=None, query_text=f"colour number {i}")
+    write_rows(rows, tmp_path / "table", PAIR_SCHEMA)
+    s = TrainJob(RerankerTrainConfig(list_negatives=2, lr=1e-3, max_steps=4, micro_batch_size=2, num_workers=2,
+                                     zero_stage=3, lora=False, freeze_vision=False, checkpoint_every=4),
+                 model=str(tiny_models["qwen2_5_vl"]), output_dir=str(tmp_path / "out"), seed=2)
+    plan = BatchPlan(len(rows), 2, 1, 2, s.seed)
+    has_image = lambda step, rank: any(rows[i]["query_image"] for i in plan.rows(step, 0, rank))  # noqa: E731
+    assert any(has_image(step, 0) != has_image(step, 1) for step in range(4))
+    out = fit(tmp_path / "table", s, name="mixed-reranker")
+    assert [json.loads(line)["step"] for line in open(out["metrics"])] == [1, 2, 3, 4]

@@ -6,7 +6,9 @@ comes with the data (``Item.instruction``), never from code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import logging
 import os
 import time
@@ -48,6 +50,16 @@ def image_key(item: Item) -> str | None:
 
 
 POSITION_MODES = ("auto", "mrope", "sequential")
+
+
+@functools.lru_cache(maxsize=1)
+def vision_probe() -> Item:
+    """The smallest image input: a blank 28x28 PNG (the processor scales it into its pixel range)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28)).save(buf, format="PNG")
+    return Item(image=buf.getvalue())
 
 
 def sequential_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -125,6 +137,8 @@ class Embedder:
         self.pixel_cache = PixelCache(max_bytes) if max_bytes > 0 and hasattr(self.processor, "from_pixels") else None
 
     pixel_cache = None
+    # data-parallel training: every forward runs the vision tower, even on a batch without images (see embed_items)
+    vision_every_batch = False
 
     def prepare(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         texts = [format_item(it, self.input_format, self.processor.model_type) for it in items]
@@ -139,6 +153,16 @@ class Embedder:
             found[k] = v
             self.pixel_cache.put(k, v)
         return self.processor.from_pixels(texts, [found[k] if k is not None else None for k in keys])
+
+    def embed_items(self, items: Sequence[Item]) -> torch.Tensor:
+        """``embed_inputs(prepare(items))``. With :attr:`vision_every_batch`, a batch without an image also runs the
+        vision tower, on one probe image appended as an extra row whose embedding is dropped and joined to the
+        others with weight 0: every data-parallel rank then runs the same modules (ZeRO-3 gathers each one's
+        partitioned weights collectively) and gives every parameter a gradient (ZeRO reduces them collectively),
+        whatever the images in its micro-batch. Without it, a text-only rank beside an image rank hangs the step."""
+        probe = self.vision_every_batch and not any(it.has_image for it in items)
+        out = self.embed_inputs(self.prepare([*items, vision_probe()] if probe else items))
+        return out[:len(items)] + 0.0 * out[len(items):].sum() if probe else out
 
     def embed_inputs(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Differentiable embeddings (float32, normalised) of prepared inputs: the training entry point."""

@@ -12,6 +12,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..data.schema import Item, item_from_row, negatives_from_row
 from .job import TrainJob
@@ -50,8 +51,8 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
     queries = [q for q, _, _ in examples]
     cands = [c for _, cs, _ in examples for c in cs]
     n, width = len(examples), len(examples[0][1])
-    q = embedder.embed_inputs(embedder.prepare(queries))
-    c = embedder.embed_inputs(embedder.prepare(cands)).view(n, width, -1)
+    q = embedder.embed_items(queries)
+    c = embedder.embed_items(cands).view(n, width, -1)
     sim = torch.einsum("nd,nkd->nk", q, c)
     scores = torch.tensor([s for _, _, s in examples], dtype=torch.float32, device=sim.device)
     if objective == "judge_alignment":
@@ -86,8 +87,6 @@ def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     gradient of one process over the global batch. (A gather that keeps only the local slice's gradient drops
     the other ranks' share: the positives learn from 1/N of their negatives' pull.) Every rank must pass the same
     number of rows."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t, 0
     from torch.distributed.nn.functional import all_gather
@@ -110,6 +109,7 @@ class EmbedderTask:
         self.embedder = Embedder(module, processor, self.job.input_format, self.job.image_root, device=device,
                                  positions=self.job.positions)
         self.embedder.cache_images(self.s.image_cache_mb << 20)
+        self.embedder.vision_every_batch = dist.is_initialized() and dist.get_world_size() > 1
 
     def loss(self, rows: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         examples = examples_from_rows(rows, self.s.num_negatives)

@@ -15,11 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from ..data.schema import Item
+from ..models.embedder import vision_probe
 from ..rerank.encoding import encode_conversation
 from ..rerank.examples import conversations, examples_from_rows
 from ..rerank.model import answer_token_losses
-from ..rerank.prompt import RerankPrompt
+from ..rerank.prompt import RerankPrompt, pairwise_answer, pairwise_text
 from .job import TrainJob
 
 
@@ -32,7 +35,16 @@ def reranker_loss(model, processor, rows: list[dict[str, Any]], job: TrainJob, e
     if s.list_weight == 0:   # pairwise only (a stand-in judge): skip the listwise forward altogether
         convs = [c for c in convs if c.kind != "list"]
     encs = [encode_conversation(processor, c.prompt, c.images, c.answer, job.image_root) for c in convs]
+    # data parallel: a batch without an image runs the vision tower on a probe row anyway (its loss kept at weight
+    # 0), so every rank runs the same modules and gives every parameter a gradient (see Embedder.embed_items)
+    probe = dist.is_initialized() and dist.get_world_size() > 1 and not any(e.pixel_values for e in encs)
+    if probe:
+        query = vision_probe()
+        encs.append(encode_conversation(processor, pairwise_text(query, Item(text="a"), prompt), [query],
+                                        pairwise_answer(True, prompt)))
     per_conv = answer_token_losses(model, processor, encs, device=device)
+    if probe:
+        per_conv = per_conv[:-1] + 0.0 * per_conv[-1]
     kinds = [c.kind for c in convs]
     n = len(examples)
     is_pair = torch.tensor([k != "list" for k in kinds], device=per_conv.device)
