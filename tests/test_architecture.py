@@ -170,3 +170,16 @@ def test_every_project_import_resolves():
             missing += [f"{path.name}:{node.lineno}: {target} has no {a.name}" for a in node.names
                         if a.name not in defined and f"{target}.{a.name}" not in MODULES and "__getattr__" not in defined]
     assert missing == []
+
+
+def test_every_lazily_exported_name_resolves():
+    """The packages export names lazily (``_EXPORTS``: name -> module); each must exist where the map says."""
+    import importlib
+
+    missing = []
+    for name, path in sorted(MODULES.items()):
+        if path.name != "__init__.py" or "_EXPORTS" not in path.read_text():
+            continue
+        package = importlib.import_module(name)
+        missing += [f"{name}.{n}" for n in package._EXPORTS if not hasattr(package, n)]
+    assert missing == []

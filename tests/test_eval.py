@@ -252,6 +252,7 @@ def test_listwise_rerank_wiring(hand_table, tmp_path):
     assert r["rerank"]["per_dataset"]["A"] == pytest.approx(200 / 3, abs=1e-3)
     assert r["rerank"]["fallbacks"] == 1 and r["datasets"]["A"]["gt_in_top_k"] == pytest.approx(200 / 3, abs=1e-3)
     assert r["rerank"]["choice_ranks"]["A"] == {"1": 1, "2": 1}           # the fallback is no pick
+    assert r["rerank"]["modes"]["listwise"]["answers"]["A"] == {"exact": 2, "unparsable": 1}   # read how
     dump = pq.read_table(tmp_path / "k2" / "topk.parquet").to_pylist()
     assert [d["rerank_fallback"] for d in dump] == [False, True, False]
     assert [d["rerank_top1"] for d in dump] == [0, 1, 0]   # A:1 keeps the embedder's top-1 (candidate 1)

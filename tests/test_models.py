@@ -557,3 +557,38 @@ def test_qwen_lora_leaves_the_vision_tower_alone(tiny_models):
     model = build_model(TrainJob(TrainConfig(), model=str(tiny_models["qwen2_vl"]), output_dir="unused"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and not any(".visual." in f".{n}." for n in trainable)
+
+
+def test_lora_init_is_the_official_one_per_task(tiny_models):
+    """The official embedder draws LoRA A from N(0, 1/r); the official reranker keeps PEFT's default
+    (Kaiming-uniform A, bound 1/sqrt(fan_in)). B starts at zero either way."""
+    from unime_ray.train.config import RerankerTrainConfig, TrainConfig
+    from unime_ray.train.trainer import TrainJob, build_model
+
+    def lora_a(settings, model):
+        m = build_model(TrainJob(settings, model=str(tiny_models[model]), output_dir="unused"))
+        init = m.peft_config["default"].init_lora_weights
+        a = [(p.shape[1], p.detach()) for n, p in m.named_parameters() if "lora_A" in n]
+        assert all(float(p.abs().max()) == 0 for n, p in m.named_parameters() if "lora_B" in n)
+        return init, a
+
+    init, a = lora_a(TrainConfig(lora_r=4, use_dora=False), "qwen2_vl")
+    assert init == "gaussian"
+    values = torch.cat([w.flatten() for _, w in a])
+    assert float(values.std()) == pytest.approx(1 / 4, rel=0.1)
+    init, a = lora_a(RerankerTrainConfig(lora_r=4), "qwen2_5_vl")
+    assert init is True and RerankerTrainConfig().lora_init == "kaiming"
+    assert all(float(w.abs().max()) <= 1 / fan_in ** 0.5 + 1e-6 for fan_in, w in a)
+
+
+def test_an_adapter_named_by_hub_id_loads_through_the_cache_or_says_why(tiny_models, monkeypatch):
+    """A base + adapter spec may name the adapter as a hub id (TIGER-Lab/VLM2Vec-Qwen2VL-7B); offline and not
+    cached, the error says what was looked for, as for a model name."""
+    from unime_ray.models.backbone import ModelNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_backbone(tiny_models["qwen2_vl"], dtype="float32", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="cannot load adapter 'no-such-org/no-such-adapter'"):
+        load_adapter(model, "no-such-org/no-such-adapter")
+    with pytest.raises(FileNotFoundError, match="not a peft adapter folder"):
+        load_adapter(model, "./no-such-folder")

@@ -356,7 +356,7 @@ def test_cluster_has_cpu_workers_and_an_autoscaling_gpu_type(cluster):
 
 
 def test_gpu_job_configs_exist():
-    assert [p.name for p in _gpu_job_configs()] == ["paper.yaml"]
+    assert [p.name for p in _gpu_job_configs()] == ["paper-llava-ov.yaml", "paper.yaml"]
 
 
 @pytest.mark.parametrize("cluster", GPU_CLUSTERS, ids=_rel)

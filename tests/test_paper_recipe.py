@@ -87,7 +87,9 @@ def test_paper_reranker_recipe(job, tmp_path):
 
 def test_paper_retriever_and_imported_scores(job):
     r = job.models.retriever
-    assert (r.model, r.input_format, r.positions) == ("TIGER-Lab/VLM2Vec-Qwen2VL-7B", "official", "sequential")
+    # VLM2Vec-Qwen2VL-7B is a LoRA adapter on Qwen2-VL-7B-Instruct: a base + adapter model spec
+    assert (r.model, r.adapter, r.input_format, r.positions) == (
+        "Qwen/Qwen2-VL-7B-Instruct", "TIGER-Lab/VLM2Vec-Qwen2VL-7B", "official", "sequential")
     assert not job.baseline.enabled      # the trained baseline would take the retriever's place
     assert job.data.source == "official" and job.mine.from_imported == "use"
     assert (job.retrieve.top_k, job.retrieve.delta) == (50, "positive")

@@ -11,18 +11,31 @@ import pytest
 import torch
 
 from unime_ray.data.schema import Item, item_from_row
-from unime_ray.rerank import (ListwiseChoice, RerankPrompt, RerankStats, apply_listwise_choice, apply_pairwise_scores,
-                              listwise_text, parse_listwise_answer)
+from unime_ray.rerank import (
+    ListwiseChoice,
+    RerankPrompt,
+    RerankStats,
+    apply_listwise_choice,
+    apply_pairwise_scores,
+    listwise_text,
+    parse_listwise_answer,
+    read_listwise_answer,
+)
 from unime_ray.rerank.encoding import IGNORE_INDEX, collate, encode_conversation
-from unime_ray.rerank.examples import conversations, example_from_row, examples_from_rows, ranked_negatives
+from unime_ray.rerank.examples import (
+    conversations,
+    example_from_row,
+    examples_from_rows,
+    ranked_negatives,
+)
 
 from .test_train_embedder import training_rows
 
 
 @pytest.fixture(scope="module")
 def rr_model(tiny_models):
-    from unime_ray.models.backbone import load_backbone
     from unime_ray.models.auto_processor import load_processor
+    from unime_ray.models.backbone import load_backbone
 
     path = tiny_models["qwen2_5_vl"]
     model = load_backbone(path, dtype="float32", device="cpu").eval()
@@ -105,13 +118,18 @@ def test_listwise_negatives_are_distinct_when_mining_cycled():
     assert len(ranked_negatives(row)) == 5 and len(example_from_row(row, list_negatives=4).list_candidates) == 5
 
 
-@pytest.mark.parametrize("text,n,expected", [
-    ("Ans: (3)", 5, 2), ("(1)", 5, 0), ("  Ans:(2) ", 5, 1), ("Ans: (3)<|im_end|>", 5, 2),
-    ("Ans: (6)", 5, None), ("Ans: (0)", 5, None), ("Ans: 3", 5, None), ("Ans: (3) (4)", 5, None),
-    ("The answer is (3)", 5, None), ("", 5, None), ("Ans: (x)", 5, None), ("Ans: ((3))", 5, None),
-    ("Yes", 5, None), (None, 5, None), ("Ans: (12)", 12, 11),
+@pytest.mark.parametrize("text,n,expected,kind", [
+    ("Ans: (3)", 5, 2, "exact"), ("(1)", 5, 0, "exact"), ("  Ans:(2) ", 5, 1, "exact"),
+    ("Ans: (3)<|im_end|>", 5, 2, "exact"), ("Ans: (12)", 12, 11, "exact"),
+    # the official parser's reading: the first (i) of the answer
+    ("Ans: (3).", 5, 2, "first"), ("(3) is best", 5, 2, "first"), ("The answer is (3)", 5, 2, "first"),
+    ("Ans: (3) (4)", 5, 2, "first"), ("Ans: ((3))", 5, 2, "first"),
+    ("Ans: (6)", 5, None, "out_of_range"), ("Ans: (0)", 5, None, "out_of_range"), ("(7) or (2)", 5, None, "out_of_range"),
+    ("Ans: 3", 5, None, "unparsable"), ("", 5, None, "unparsable"), ("Ans: (x)", 5, None, "unparsable"),
+    ("Yes", 5, None, "unparsable"), (None, 5, None, "unparsable"),
 ])
-def test_listwise_parser_is_strict(text, n, expected):
+def test_listwise_answers_are_read_as_the_official_parser_does_and_counted_by_kind(text, n, expected, kind):
+    assert read_listwise_answer(text, n) == (expected, kind)
     assert parse_listwise_answer(text, n) == expected
 
 
@@ -209,9 +227,8 @@ def test_reranker_trains_on_ray_with_zero2(tiny_models, ray_local, tmp_path):
     from unime_ray.data.io import write_rows
     from unime_ray.data.schema import PAIR_SCHEMA
     from unime_ray.rerank import Reranker
-    from unime_ray.train.trainer import fit
     from unime_ray.train.config import RerankerTrainConfig
-    from unime_ray.train.trainer import TrainJob
+    from unime_ray.train.trainer import TrainJob, fit
 
     table = tmp_path / "table"
     write_rows(training_rows(16, 4), table, PAIR_SCHEMA)

@@ -32,6 +32,7 @@ from ..data.convert import data_files, import_table
 from ..data.io import iter_rows, shard_paths, write_table_atomic
 from ..data.schema import Item, item_from_row, negatives_from_row
 from ..data.validate import DataError
+from ..rerank.prompt import ANSWER_KINDS, RerankPrompt, read_listwise_answer
 from ..utils.logs import Progress
 from ..utils.pool import Pool
 from ..utils.tallies import drain_visual_tokens, token_tally
@@ -336,6 +337,10 @@ def evaluate_pairs_table(embedder_or_spec: Any, table: str | os.PathLike | Seque
                 block = rerank_info["modes"][mode]
                 block["per_dataset"][name], block["fallbacks_per_dataset"][name] = p1, res.fallbacks
                 block["choice_ranks"][name] = {str(k): picked[k] for k in sorted(picked)}
+                if mode == "listwise":   # how the answers were read: as trained, the first (i) of more, or not
+                    prompt = getattr(reranker, "prompt", RerankPrompt())
+                    kinds = Counter(read_listwise_answer(raw, len(top), prompt)[1] for raw, top in zip(res.raw, tops))
+                    block.setdefault("answers", {})[name] = {k: kinds[k] for k in ANSWER_KINDS if kinds[k]}
                 rr["modes"][mode] = top1
                 if mode == rerank_modes[0]:
                     rr.update(top1=top1, fell_back=res.fell_back, raw=res.raw)

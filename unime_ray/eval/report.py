@@ -115,7 +115,8 @@ def comparison_section(ev: dict[str, Any], run_dir: Path) -> list[str]:
             parts.append(f"- {label}: " + "; ".join(
                 f"{d} {rr['gt_in_top_k'].get(d, 0):.1f} -> {before.get(d, 0):.2f} -> {v:.2f}"
                 for d, v in rr["per_dataset"].items()) + f" (fallbacks {rr.get('fallbacks', 0)})"
-                + _choice_text(rr.get("choice_ranks")))
+                + _choice_text(rr.get("choice_ranks")) + _answers_text(((rr.get("modes") or {}).get("listwise") or {})
+                                                                     .get("answers")))
         parts.append("")
     parts += _guard_section(ev.get("rerank_validation"))
     parts += _statistics_section(models, chance)
@@ -135,6 +136,17 @@ def _guard_section(val: dict[str, Any] | None) -> list[str]:
         parts += [f"P@1 (%) on {val['rows']} dev rows, top-{val['top_k']} reranked:\n",
                   markdown_table(["ranking", "P@1", "change"], rows), ""]
     return parts
+
+
+def _answers_text(answers: dict[str, dict[str, int]] | None) -> str:
+    """``; listwise answers read: exact 90, first (i) 8, unparsable 2`` over every eval set."""
+    total: dict[str, int] = {}
+    for per_set in (answers or {}).values():
+        for kind, n in per_set.items():
+            total[kind] = total.get(kind, 0) + int(n)
+    names = {"exact": "as trained", "first": "first (i) of a longer answer", "out_of_range": "out of range",
+             "unparsable": "unparsable"}
+    return ("; listwise answers: " + ", ".join(f"{names.get(k, k)} {n}" for k, n in total.items())) if total else ""
 
 
 def _choice_text(choice_ranks: dict[str, dict[str, int]] | None) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 CARD_JSON = "unime_card.json"
 _RECIPE_KEYS = ("task", "objective", "temperature", "num_negatives", "kl_form", "max_steps", "micro_batch_size",
                 "grad_accum", "num_workers", "lr", "lr_schedule", "warmup_steps", "warmup_ratio", "lora", "lora_r",
-                "lora_alpha", "use_dora", "zero_stage", "seed", "input_format", "positions")
+                "lora_alpha", "use_dora", "lora_init", "zero_stage", "seed", "input_format", "positions")
 
 
 def read_card(folder: str | os.PathLike) -> dict[str, Any]:

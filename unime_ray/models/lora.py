@@ -58,11 +58,22 @@ def save_adapter(model, path: str | os.PathLike) -> Path:
 
 
 def load_adapter(model, path: str | os.PathLike, trainable: bool = False):
+    """A peft adapter on ``model``: a local folder, or a hub id (e.g. ``TIGER-Lab/VLM2Vec-Qwen2VL-7B``, an
+    adapter on ``Qwen/Qwen2-VL-7B-Instruct``) resolved through the Hugging Face cache as any model name is."""
     from peft import PeftModel
 
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a peft adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    local = Path(os.path.expanduser(str(path)))
+    if local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        if not (local / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a peft adapter folder (no adapter_config.json)")
+        return PeftModel.from_pretrained(model, str(local), is_trainable=trainable)
+    from .backbone import ModelNotFoundError
+
+    try:   # the hub cache (or the hub, where reachable), as for a model name
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot load adapter {str(path)!r}: not a local adapter folder and not in the "
+                                 f"local Hugging Face cache ({str(exc).splitlines()[0]})") from None
 
 
 def merged(model):

@@ -65,26 +65,37 @@ def listwise_answer(index: int, prompt: RerankPrompt = RerankPrompt()) -> str:
     return prompt.answer_template.format(index=index + 1)
 
 
-def _answer_pattern(prompt: RerankPrompt) -> re.Pattern:
-    """``<lead-in> <open>N<close>`` from the template (``Ans: (`` + N + ``)``); the lead-in (``Ans:``) may be
-    left out, the brackets may not, and nothing else may surround the choice."""
+def _answer_patterns(prompt: RerankPrompt) -> tuple[re.Pattern, re.Pattern]:
+    """(the whole answer as trained, ``<lead-in> <open>N<close>`` with the lead-in ``Ans:`` optional; one choice
+    ``<open>N<close>`` anywhere) from the template (``Ans: (`` + N + ``)``)."""
     head, tail = prompt.answer_template.split("{index}")
     opening = head[-1:] if head.rstrip()[-1:] in "([{" else ""
     lead = head[: len(head) - len(opening)].strip()
     lead_re = r"(?:" + re.escape(lead).replace(r"\ ", r"\s*") + r")?\s*" if lead else ""
-    return re.compile(r"\s*" + lead_re + re.escape(opening) + r"(\d{1,3})" + re.escape(tail) + r"\s*")
+    choice = re.escape(opening) + r"(\d{1,3})" + re.escape(tail)
+    return re.compile(r"\s*" + lead_re + choice + r"\s*"), re.compile(choice)
 
 
-def parse_listwise_answer(text: str, num_candidates: int, prompt: RerankPrompt = RerankPrompt()) -> int | None:
-    """The 0-based candidate index of an answer such as ``Ans: (3)``; None when the answer is not exactly
-    one such choice (extra words, two numbers, no number) or points outside ``1..num_candidates``."""
-    if text is None:
-        return None
-    text = text.replace(END_OF_TURN, "")
-    m = _answer_pattern(prompt).fullmatch(text)
-    if not m:
-        return None
+ANSWER_KINDS = ("exact", "first", "out_of_range", "unparsable")
+
+
+def read_listwise_answer(text: str | None, num_candidates: int,
+                         prompt: RerankPrompt = RerankPrompt()) -> tuple[int | None, str]:
+    """(0-based candidate index or None, how the answer was read): ``exact``, the trained form (``Ans: (3)``);
+    ``first``, the first ``(i)`` of a longer answer (``Ans: (3).``, ``(3) is best``, ``Ans: (3) (4)``), as the
+    official parser reads it; ``out_of_range`` (a choice outside ``1..num_candidates``); ``unparsable``."""
+    text = (text or "").replace(END_OF_TURN, "")
+    whole, anywhere = _answer_patterns(prompt)
+    m, kind = whole.fullmatch(text), "exact"
+    if m is None:
+        m, kind = anywhere.search(text), "first"
+    if m is None:
+        return None, "unparsable"
     index = int(m.group(1))
-    if not 1 <= index <= num_candidates:
-        return None
-    return index - 1
+    return (index - 1, kind) if 1 <= index <= num_candidates else (None, "out_of_range")
+
+
+def parse_listwise_answer(text: str | None, num_candidates: int, prompt: RerankPrompt = RerankPrompt()) -> int | None:
+    """The 0-based candidate index of an answer such as ``Ans: (3)`` or the first ``(i)`` of a longer one; None
+    when there is none or it points outside ``1..num_candidates`` (see :func:`read_listwise_answer`)."""
+    return read_listwise_answer(text, num_candidates, prompt)[0]

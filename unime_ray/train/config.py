@@ -41,6 +41,8 @@ class TrainLoop(Section):
     lora_alpha: int = Field(default=64, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
     use_dora: bool = True
+    # the adapters' A init: "gaussian" (the official embedder's), "kaiming" (PEFT's default: the official reranker's)
+    lora_init: Literal["gaussian", "kaiming"] = "gaussian"
     lora_targets: list[str] | None = None            # None: the task's default projections
     freeze_vision: bool = False
     checkpoint_every: int = Field(default=10, ge=1)
@@ -135,6 +137,7 @@ class RerankerTrainConfig(TrainLoop):
     lora_alpha: int = Field(default=256, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     use_dora: bool = False
+    lora_init: Literal["gaussian", "kaiming"] = "kaiming"
     freeze_vision: bool = True
 
     @model_validator(mode="after")

@@ -88,7 +88,7 @@ def build_model(job: TrainJob, training: bool = True):
         model.enable_input_require_grads()
     if s.lora:
         model = apply_lora(model, LoraSettings(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
-                                                use_dora=s.use_dora,
+                                                use_dora=s.use_dora, init=s.lora_init,
                                                 target_modules=s.lora_targets or default_lora_targets(job.task),
                                                 # the official list's vision-tower matches, unless frozen
                                                 vision_targets=[] if s.freeze_vision
