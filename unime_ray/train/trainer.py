@@ -220,6 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < s.max_steps:
         losses: list[float] = []
         infos: list[dict[str, float]] = []
+        lr = float(engine.get_lr()[0])      # the rate this step applies (the scheduler moves on at its end)
         for m in range(s.grad_accum):
             rows = table.take(plan.rows(step, m, rank)).to_pylist()
             loss, info = task.loss(rows, step)
@@ -240,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 time.sleep(5)
                 os._exit(1)
         elapsed = time.perf_counter() - t0
-        metrics = {"step": step, "loss": mean_over_ranks(losses), "lr": float(engine.get_lr()[0]),
+        metrics = {"step": step, "loss": mean_over_ranks(losses), "lr": lr,
                    "epoch": step / plan.steps_per_epoch, "samples_per_s": seen * world / max(elapsed, 1e-9),
                    **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names}}
         if job.report_memory:
