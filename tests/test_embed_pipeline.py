@@ -60,9 +60,11 @@ def test_ray_embedding_equals_local_and_resumes(tiny_models, ray_local, candidat
 def _run(tmp_path, *overrides):
     from unime_ray.run.runner import run_pipeline
 
-    # training has its own tests (test_train_embedder.py); these exercise the data stages and their resume
+    # training has its own tests (test_train_embedder.py); these exercise the data stages and their resume, with
+    # the pools in process (on Ray they give the same tables: test_ray_embedding_equals_local_and_resumes)
     cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path / 'run'}", "data.max_items=40",
-                                                         "models.tiny.vocab_size=512",
+                                                         "models.tiny.vocab_size=512", "embed.pool.ray=false",
+                                                         "judge.pool.ray=false",
                                                          "stages=[data, models, prepare, embed, retrieve, judge, "
                                                          "mine, report]", *overrides])
     return cfg, run_pipeline(cfg)

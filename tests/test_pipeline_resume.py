@@ -14,6 +14,7 @@ from unime_ray.data.io import read_table
 
 OVERRIDES = ["data.max_items=16", "data.rows_per_shard=8", "models.tiny.vocab_size=512", "embed.tables=[]",
              "retrieve.top_k=6", "mine.num_negatives=4", "train.num_negatives=4", "judge.pool.batch_size=8",
+             "embed.pool.ray=false", "judge.pool.ray=false",   # the shard maps resume alike in process or on Ray
              "stages=[data, models, prepare, retrieve, judge, mine, report]"]
 
 
