@@ -250,3 +250,25 @@ def test_vllm_judge_applies_the_budget_and_counts_tokens(tiny_models):
     assert [im.size for r in requests for im in r["multi_modal_data"]["image"]] == [(224, 224)] * 3
     expected = smart_tokens(IMAGE_W, IMAGE_H, budget, default_min=3136, default_max=12544)
     assert drain_visual_tokens(judge) == {expected: 3} and expected == 64
+
+
+def test_tools_default_to_the_budget_the_model_was_trained_with(tmp_path):
+    """A trained folder's card records its training budget (the recipe's ``images``); `eval`, `embed` and `index`
+    use it when no budget flag is given (not the base checkpoint's native range), and flags override it."""
+    from unime_ray.cli import build_parser
+    from unime_ray.models.budget import budget_from_arguments
+    from unime_ray.models.card import training_budget, write_model_card
+
+    trained = ImageBudget(resize=(168, 112), min_pixels=3136, max_pixels=28 * 28 * 64)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_model_card(folder, base_model="base", recipe={"task": "embedder", "images": trained.model_dump(mode="json")})
+    assert training_budget(folder) == trained and training_budget(tmp_path) is None
+    p = build_parser()
+    for argv in (["eval", "--model", str(folder), "--table", "t", "--out", "o"],
+                 ["embed", "--model", str(folder), "--table", "t", "--out", "o"]):
+        assert budget_from_arguments(p.parse_args(argv), str(folder)) == trained
+    args = p.parse_args(["eval", "--model", str(folder), "--table", "t", "--out", "o", "--max-pixels", "1003520"])
+    assert budget_from_arguments(args, str(folder)) == ImageBudget(max_pixels=1003520)
+    assert budget_from_arguments(p.parse_args(["embed", "--model", "org/base", "--table", "t", "--out", "o"]),
+                                 "org/base").is_default    # a hub model: its own setting

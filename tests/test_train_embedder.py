@@ -166,3 +166,13 @@ def test_killed_worker_resumes_from_checkpoint(tiny_models, ray_local, table, tm
     assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]
     assert out["steps"] == 8 and (tmp_path / "run" / ".failed_at_5").exists()
 
+
+
+def test_training_takes_the_first_k_stored_negatives_not_the_top_k_by_score():
+    """The official trainer reads the first k negatives in stored (mined) order; a table whose scores do not fall
+    tells that apart from the top k by score (every other fixture's scores fall)."""
+    row = training_rows(1, 5)[0]
+    row.update(neg_text=[f"negative {j}" for j in range(5)], neg_score=[0.1, 0.5, 0.3, 0.9, 0.2])
+    (query, items, scores), = examples_from_rows([row], k=3)
+    assert [it.text for it in items[1:]] == ["negative 0", "negative 1", "negative 2"]
+    assert scores == pytest.approx([0.95, 0.1, 0.5, 0.3])

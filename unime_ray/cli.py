@@ -158,7 +158,7 @@ def cmd_embed(args) -> int:
     from .models.encode import EmbedderSpec, embed_table
     from .utils.pool import Pool
 
-    budget = budget_from_arguments(args)
+    budget = budget_from_arguments(args, args.model)
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
                         image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
                         max_pixels=budget.max_pixels)

@@ -10,7 +10,7 @@ from ..models.budget import add_budget_arguments
 
 
 def cmd_eval(args) -> int:
-    from ..models.budget import ImageBudget, budget_from_arguments
+    from ..models.budget import budget_from_arguments
     from ..models.encode import EmbedderSpec
     from ..utils.pool import Pool
     from .encode import ItemEncoder
@@ -29,12 +29,13 @@ def cmd_eval(args) -> int:
 
         init_ray(num_cpus=args.num_cpus)
     out = Path(args.out)
-    budget = budget_from_arguments(args)   # the eval budget (paper: --image-resize 1344 1344, 1280*28*28 cap)
+    budget = budget_from_arguments(args, args.model)   # the eval budget (paper: --image-resize 1344 1344, 1280*28*28 cap)
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
                         image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
                         max_pixels=budget.max_pixels)
     encoder = ItemEncoder(spec, image_root=args.image_root, pool=pool, work_dir=out)
-    rerank_budget = ImageBudget(min_pixels=args.rerank_min_pixels, max_pixels=args.rerank_max_pixels)
+    rerank_budget = budget_from_arguments(args, args.reranker, ("rerank_resize", "rerank_min_pixels",
+                                                                 "rerank_max_pixels"))
     reranker = load_reranker(args.reranker, image_root=args.image_root, batch_size=args.rerank_batch_size,
                              image_options=rerank_budget)
     subsets = [s for s in args.subsets.split(",") if s] if args.subsets else None

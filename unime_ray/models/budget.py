@@ -13,11 +13,14 @@ Only pydantic, PIL (lazily) and the standard library: the run config imports thi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ROLES = ("retriever", "judge", "embedder", "reranker", "eval")
+
+logger = logging.getLogger(__name__)
 
 
 class ImageBudget(BaseModel):
@@ -90,6 +93,17 @@ def add_budget_arguments(parser, what: str = "images") -> None:
                         help="processor pixel cap per image (default: the checkpoint's), e.g. 1003520 = 1280*28*28")
 
 
-def budget_from_arguments(args) -> ImageBudget:
-    return ImageBudget.from_parts(getattr(args, "image_resize", None), getattr(args, "min_pixels", None),
-                                   getattr(args, "max_pixels", None))
+def budget_from_arguments(args, model: str | None = None, flags: tuple[str, ...] = ("image_resize", "min_pixels",
+                                                                                      "max_pixels")) -> ImageBudget:
+    """The budget the flags give; with none given, the one ``model`` was trained with (its model card records it),
+    else the checkpoint's own setting."""
+    values = [getattr(args, f, None) for f in flags]
+    if any(v is not None for v in values) or model is None:
+        return ImageBudget.from_parts(*values)
+    from .card import training_budget
+
+    trained = training_budget(model)
+    if trained is not None:
+        logger.info("image budget: %s, as %s was trained (its model card); flags override it", trained.describe(),
+                    model)
+    return trained or ImageBudget()

@@ -59,10 +59,12 @@ def cmd_index(args) -> int:
     except (ModelNotFoundError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from ..models.budget import budget_from_arguments
+
+    budget = budget_from_arguments(args, args.model)
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=image_root, positions=args.positions,
-                        image_resize=tuple(args.image_resize) if args.image_resize else None,
-                        min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                        image_root=image_root, positions=args.positions, image_resize=budget.resize,
+                        min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
     pool = Pool(ray=not args.no_ray, batch_size=args.batch_size, min_actors=args.min_actors,
                 max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor)
 
