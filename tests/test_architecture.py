@@ -168,7 +168,8 @@ def test_every_project_import_resolves():
                 continue
             defined = _defined(target)
             missing += [f"{path.name}:{node.lineno}: {target} has no {a.name}" for a in node.names
-                        if a.name not in defined and f"{target}.{a.name}" not in MODULES and "__getattr__" not in defined]
+                        if a.name not in defined and f"{target}.{a.name}" not in MODULES
+                        and "__getattr__" not in defined]
     assert missing == []
 
 

@@ -262,6 +262,22 @@ def test_position_modes(tiny_models):
     pos = sequential_position_ids(mask)
     assert pos.shape == (3, 2, 5)
     assert pos[0].tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]] and torch.equal(pos[0], pos[2])
+    # against an independent count, on random left- and right-padded masks: transformers 4's get_rope_index, for
+    # ids without <|vision_start|>, numbers the real tokens 0, 1, ... in order and gives padding position 1
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.integers(1, 9, size=4)
+        left = bool(rng.integers(2))
+        mask = torch.tensor([[0] * (8 - n) + [1] * n if left else [1] * n + [0] * (8 - n) for n in lengths])
+        want = []
+        for row in mask.tolist():
+            seen, out = 0, []
+            for real in row:
+                out.append(seen if real else 1)
+                seen += real
+            want.append(out)
+        got = sequential_position_ids(mask)
+        assert got[0].tolist() == want and torch.equal(got[1], got[0]) and torch.equal(got[2], got[0])
 
     items = mixed_items()
     seq = Embedder.from_pretrained(tiny_models["qwen2_vl"], dtype="float32")

@@ -124,7 +124,8 @@ def test_listwise_negatives_are_distinct_when_mining_cycled():
     # the official parser's reading: the first (i) of the answer
     ("Ans: (3).", 5, 2, "first"), ("(3) is best", 5, 2, "first"), ("The answer is (3)", 5, 2, "first"),
     ("Ans: (3) (4)", 5, 2, "first"), ("Ans: ((3))", 5, 2, "first"),
-    ("Ans: (6)", 5, None, "out_of_range"), ("Ans: (0)", 5, None, "out_of_range"), ("(7) or (2)", 5, None, "out_of_range"),
+    ("Ans: (6)", 5, None, "out_of_range"), ("Ans: (0)", 5, None, "out_of_range"),
+    ("(7) or (2)", 5, None, "out_of_range"),
     ("Ans: 3", 5, None, "unparsable"), ("", 5, None, "unparsable"), ("Ans: (x)", 5, None, "unparsable"),
     ("Yes", 5, None, "unparsable"), (None, 5, None, "unparsable"),
 ])
@@ -356,3 +357,29 @@ def test_rerank_modes_measures_every_mode_with_one_scoring_pass():
     assert out["fused"].orders[0] == sorted(f0, key=lambda i: -f0[i])
     assert out["pairwise"].p_yes[0] == pytest.approx([0.1, 0.7, 0.6])
 
+
+
+def test_reranker_loss_weighs_pair_and_list_as_configured(rr_model):
+    """L = pair_weight * L_pair + list_weight * L_list, each the sum over its conversations of the mean
+    answer-token cross-entropy, divided by the rows; recomputed one conversation at a time."""
+    from unime_ray.rerank.model import answer_token_losses
+    from unime_ray.rerank.prompt import RerankPrompt
+    from unime_ray.train.config import RerankerTrainConfig
+    from unime_ray.train.reranker import reranker_loss
+    from unime_ray.train.trainer import TrainJob
+
+    model, proc = rr_model
+    rows = training_rows(2, 4)
+    job = TrainJob(RerankerTrainConfig(list_negatives=3, pair_weight=0.3, list_weight=2.0), model="unused",
+                   output_dir="unused")
+    with torch.no_grad():
+        loss, info = reranker_loss(model, proc, rows, job)
+        examples = examples_from_rows(rows, 3, job.seed, 0, "hardest")
+        convs = [c for ex in examples for c in conversations(ex, RerankPrompt())]
+        alone = {c.kind + str(i): float(answer_token_losses(model, proc, [encode_conversation(proc, c.prompt, c.images,
+                                                                                               c.answer)])[0])
+                 for i, c in enumerate(convs)}
+    pair = sum(v for k, v in alone.items() if not k.startswith("list")) / len(rows)
+    listwise = sum(v for k, v in alone.items() if k.startswith("list")) / len(rows)
+    assert info["loss_pair"] == pytest.approx(pair, rel=1e-4) and info["loss_list"] == pytest.approx(listwise, rel=1e-4)
+    assert float(loss) == pytest.approx(0.3 * pair + 2.0 * listwise, rel=1e-4)

@@ -29,7 +29,8 @@ def cmd_eval(args) -> int:
 
         init_ray(num_cpus=args.num_cpus)
     out = Path(args.out)
-    budget = budget_from_arguments(args, args.model)   # the eval budget (paper: --image-resize 1344 1344, 1280*28*28 cap)
+    # the eval budget (paper: --image-resize 1344 1344, 1280*28*28 cap); none given: the model's training budget
+    budget = budget_from_arguments(args, args.model)
     spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
                         image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
                         max_pixels=budget.max_pixels)
