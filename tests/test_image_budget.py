@@ -257,7 +257,8 @@ def test_tools_default_to_the_budget_the_model_was_trained_with(tmp_path):
     use it when no budget flag is given (not the base checkpoint's native range), and flags override it."""
     from unime_ray.cli import build_parser
     from unime_ray.models.budget import budget_from_arguments
-    from unime_ray.models.card import training_budget, write_model_card
+    from unime_ray.models.budget import training_budget
+    from unime_ray.models.card import write_model_card
 
     trained = ImageBudget(resize=(168, 112), min_pixels=3136, max_pixels=28 * 28 * 64)
     folder = tmp_path / "model"

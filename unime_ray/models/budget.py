@@ -14,6 +14,8 @@ Only pydantic, PIL (lazily) and the standard library: the run config imports thi
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,6 +95,15 @@ def add_budget_arguments(parser, what: str = "images") -> None:
                         help="processor pixel cap per image (default: the checkpoint's), e.g. 1003520 = 1280*28*28")
 
 
+def training_budget(folder: str | os.PathLike) -> ImageBudget | None:
+    """The image budget a unime-ray model was trained with (its card's recipe), or None (no card, or a model not
+    trained here)."""
+    from .card import read_card
+
+    images = (read_card(folder).get("recipe") or {}).get("images") if Path(str(folder)).is_dir() else None
+    return ImageBudget(**images) if images else None
+
+
 def budget_from_arguments(args, model: str | None = None, flags: tuple[str, ...] = ("image_resize", "min_pixels",
                                                                                       "max_pixels")) -> ImageBudget:
     """The budget the flags give; with none given, the one ``model`` was trained with (its model card records it),
@@ -100,8 +111,6 @@ def budget_from_arguments(args, model: str | None = None, flags: tuple[str, ...]
     values = [getattr(args, f, None) for f in flags]
     if any(v is not None for v in values) or model is None:
         return ImageBudget.from_parts(*values)
-    from .card import training_budget
-
     trained = training_budget(model)
     if trained is not None:
         logger.info("image budget: %s, as %s was trained (its model card); flags override it", trained.describe(),

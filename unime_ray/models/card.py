@@ -19,15 +19,6 @@ _RECIPE_KEYS = ("task", "objective", "temperature", "num_negatives", "kl_form", 
                 "lora_alpha", "use_dora", "lora_init", "zero_stage", "seed", "input_format", "positions")
 
 
-def training_budget(folder: str | os.PathLike):
-    """The image budget a unime-ray model was trained with (its card's recipe), or None (no card, or a model not
-    trained here)."""
-    from .budget import ImageBudget
-
-    images = (read_card(folder).get("recipe") or {}).get("images") if Path(str(folder)).is_dir() else None
-    return ImageBudget(**images) if images else None
-
-
 def read_card(folder: str | os.PathLike) -> dict[str, Any]:
     """The card's facts as recorded (empty for a folder without one)."""
     f = Path(folder) / CARD_JSON
