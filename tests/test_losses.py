@@ -150,10 +150,7 @@ def test_kl_form_is_one_train_knob_that_reaches_the_loss():
         TrainConfig(kl_form="js")
 
     class FixedEmbedder:   # query [1, 0]; candidates at given angles: no model needed
-        def prepare(self, items):
-            return items
-
-        def embed_inputs(self, items):
+        def embed_items(self, items):
             vec = {"q": [1.0, 0.0], "pos": [0.5, 0.75 ** 0.5], "n1": [-0.2, 0.96 ** 0.5], "n2": [0.0, 1.0]}
             return torch.tensor([vec[it] for it in items])
 

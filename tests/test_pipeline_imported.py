@@ -67,7 +67,7 @@ def test_scored_negatives_tells_imported_tables(tmp_path):
 
 
 def test_imported_official_table_trains_directly(tiny_models, ray_local, tmp_path, monkeypatch):
-    from unime_ray import pipeline
+    from unime_ray.run import runner as pipeline
 
     src = tmp_path / "train_data_scores.json"
     src.write_text(json.dumps(_official_records(4)))
@@ -119,7 +119,7 @@ def test_imported_official_table_trains_directly(tiny_models, ray_local, tmp_pat
 # --------------------------------------------------------------------------------------------- S1's retriever
 def _retrieve_with(tmp_path, monkeypatch, *overrides, baseline_model=None):
     """The EmbedderSpec the retrieve stage hands to run_retrieval (stubbed) for a config."""
-    from unime_ray import pipeline
+    from unime_ray.run import runner as pipeline
     from unime_ray.run.stages.retrieval import RETRIEVE
     from unime_ray.run.stage import Context
     import unime_ray.retrieval.stage as rstage
@@ -166,7 +166,7 @@ def test_retrieve_uses_models_retriever(tmp_path, monkeypatch):
 
 
 def test_models_stage_checks_the_retriever(tiny_models, tmp_path):
-    from unime_ray import pipeline
+    from unime_ray.run import runner as pipeline
     from unime_ray.run.stages.models import run_models
     from unime_ray.run.stage import Context
 
@@ -194,7 +194,7 @@ def test_mmeb_train_data_with_mmeb_eval_rows(tmp_path):
     truth first) are each imported with their own converter; a wrong combination is a clear config error."""
     import json
 
-    from unime_ray import pipeline
+    from unime_ray.run import runner as pipeline
     from unime_ray.data.io import read_table
     from unime_ray.data.schema import negatives_from_row
 

@@ -42,7 +42,9 @@ OVERRIDES: list[tuple[str, str, str]] = [
     # model names and sizes: tiny random checkpoints of the same architectures, loaded from folders
     ("models.embedder", "{embedder}", "model: tiny Qwen2-VL for Qwen/Qwen2-VL-2B-Instruct"),
     ("models.judge", "{judge}", "model: tiny Qwen2.5-VL for Qwen/Qwen2.5-VL-7B-Instruct (judge and reranker init)"),
-    ("models.retriever.model", "{retriever}", "model: tiny Qwen2-VL for TIGER-Lab/VLM2Vec-Qwen2VL-7B"),
+    ("models.retriever.model", "{retriever}", "model: tiny Qwen2-VL for Qwen/Qwen2-VL-7B-Instruct (VLM2Vec's base)"),
+    ("models.retriever.adapter", "{retriever_adapter}",
+     "model: a tiny LoRA adapter on it for TIGER-Lab/VLM2Vec-Qwen2VL-7B (an adapter on that base)"),
     # Ray: the test's local Ray (2 CPUs), not a cluster
     ("ray.address", "null", "Ray: the test's local Ray instead of the job's cluster (auto)"),
     # GPU-only settings
@@ -77,7 +79,23 @@ OVERRIDES: list[tuple[str, str, str]] = [
 
 def _folders(tmp: Path, tiny_models, retriever: Path) -> dict[str, str]:
     return {"run": str(tmp / "run"), "data": str(tmp / "data"), "embedder": str(tiny_models["qwen2_vl"]),
-            "judge": str(tiny_models["qwen2_5_vl"]), "retriever": str(retriever)}
+            "judge": str(tiny_models["qwen2_5_vl"]), "retriever": str(retriever),
+            "retriever_adapter": str(retriever.parent / "vlm2vec-adapter")}
+
+
+def _tiny_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter on the tiny retriever, with non-zero weights (as VLM2Vec's on Qwen2-VL-7B)."""
+    import torch
+
+    from unime_ray.models import LoraSettings, apply_lora, load_backbone, save_adapter
+
+    torch.manual_seed(7)
+    model = apply_lora(load_backbone(base, dtype="float32", device="cpu"), LoraSettings(r=4, alpha=8, use_dora=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return save_adapter(model, out)
 
 
 def job_config(overrides: list[str] = ()):
@@ -167,6 +185,7 @@ def paper_run(tiny_models, ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paper_shaped")
     retriever = make_tiny_models(tmp / "retriever", seed=7, archs=("qwen2_vl",))["qwen2_vl"]
     folders = _folders(tmp, tiny_models, retriever)
+    _tiny_adapter(retriever, Path(folders["retriever_adapter"]))
     sizes = build_data(Path(folders["data"]))
     overrides = [f"{k}={v.format(**folders)}" for k, v, _ in OVERRIDES]
     cfg = job_config(overrides)
@@ -245,8 +264,10 @@ def test_without_the_overrides_the_job_runs_the_paper_recipe(tmp_path):
     assert job.judge.backend == "vllm" and job.judge.pool.num_gpus_per_actor == 1 and job.judge.pool.max_actors == 8
     assert (job.embed.pool.num_gpus_per_actor, job.eval.pool.num_gpus_per_actor) == (1, 1)
     assert job.ray.address == "auto" and job.mine.from_imported == "use"
-    assert (job.models.embedder, job.models.judge, job.models.retriever.model) == (
-        "Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "TIGER-Lab/VLM2Vec-Qwen2VL-7B")
+    r = job.models.retriever
+    assert (job.models.embedder, job.models.judge, r.model, r.adapter) == (
+        "Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct",
+        "TIGER-Lab/VLM2Vec-Qwen2VL-7B")
 
 
 @slow
