@@ -11,23 +11,10 @@ import pytest
 import torch
 
 from unime_ray.data.schema import Item, item_from_row
-from unime_ray.rerank import (
-    ListwiseChoice,
-    RerankPrompt,
-    RerankStats,
-    apply_listwise_choice,
-    apply_pairwise_scores,
-    listwise_text,
-    parse_listwise_answer,
-    read_listwise_answer,
-)
+from unime_ray.rerank import (ListwiseChoice, RerankPrompt, RerankStats, apply_listwise_choice, apply_pairwise_scores,
+                              listwise_text, parse_listwise_answer, read_listwise_answer)
 from unime_ray.rerank.encoding import IGNORE_INDEX, collate, encode_conversation
-from unime_ray.rerank.examples import (
-    conversations,
-    example_from_row,
-    examples_from_rows,
-    ranked_negatives,
-)
+from unime_ray.rerank.examples import conversations, example_from_row, examples_from_rows, ranked_negatives
 
 from .test_train_embedder import training_rows
 

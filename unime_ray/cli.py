@@ -228,12 +228,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_model_info(args) -> int:
-    from .models.backbone import (
-        SHIPPED_CONFIGS,
-        architecture_of,
-        build_random_backbone,
-        count_parameters,
-    )
+    from .models.backbone import SHIPPED_CONFIGS, architecture_of, build_random_backbone, count_parameters
 
     if args.name in SHIPPED_CONFIGS or args.name.replace(".json", "") in {Path(v).stem for v in
                                                                            SHIPPED_CONFIGS.values()}:
@@ -293,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quarantine", default=None, help="quarantine file (default OUT.quarantine.parquet)")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--mmeb-split", default=None,
-                   help="mmeb-train / mmeb-eval folders: the split read per subset (default train, else original; test)")
+                   help="mmeb-train / mmeb-eval folders: the split read per subset (default: train, else original; "
+                        "test)")
     p.add_argument("--max-records", type=int, default=None,
                    help="read only the first N input records (ShareGPT4V's protocol: 1000)")
     p.set_defaults(func=cmd_prepare)

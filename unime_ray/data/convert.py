@@ -39,17 +39,8 @@ import pyarrow as pa
 from ..utils.files import write_json_atomic
 from .images import ImageError, decode_image, read_image_bytes
 from .io import iter_rows, write_rows
-from .schema import (
-    IMAGE_MARKER,
-    PAIR_SCHEMA,
-    SCHEMAS,
-    Item,
-    empty_row,
-    item_from_row,
-    item_to_columns,
-    negatives_from_row,
-    negatives_to_columns,
-)
+from .schema import (IMAGE_MARKER, PAIR_SCHEMA, SCHEMAS, Item, empty_row, item_from_row, item_to_columns,
+                     negatives_from_row, negatives_to_columns)
 from .validate import DataError, Quarantine, RowAccount, _reason_kind, validate_rows
 
 PHI3V_MARKER = "<|image_1|>"

@@ -16,13 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from .images import ImageError, decode_image, read_image_bytes
 from .io import rows_to_table, write_table_atomic
-from .schema import (
-    IMAGE_MARKER,
-    QUARANTINE_SCHEMA,
-    Item,
-    item_from_row,
-    negatives_from_row,
-)
+from .schema import IMAGE_MARKER, QUARANTINE_SCHEMA, Item, item_from_row, negatives_from_row
 
 
 class DataError(ValueError):

@@ -36,13 +36,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from ..data.io import rows_to_table, write_rows, write_table_atomic
-from ..data.schema import (
-    CANDIDATE_SCHEMA,
-    PAIR_SCHEMA,
-    Item,
-    item_to_columns,
-    negatives_to_columns,
-)
+from ..data.schema import CANDIDATE_SCHEMA, PAIR_SCHEMA, Item, item_to_columns, negatives_to_columns
 
 logger = logging.getLogger(__name__)
 

@@ -100,12 +100,8 @@ def _text_config(spec: TinyModelConfig, tok) -> dict:
 
 def build_tiny_model(arch: str, tok, spec: TinyModelConfig, seed: int = 0):
     """A randomly initialised tiny model of ``arch`` ("qwen2_vl" or "qwen2_5_vl")."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
 
     ids = tok.convert_tokens_to_ids
     special = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),

@@ -32,9 +32,7 @@ def _spread(values: list[float]) -> str:
 
 def comparison_rows(models: dict[str, Any]) -> tuple[list[str], list[list[Any]], dict[str, list[float]]]:
     """Rows of the variant comparison: P@1 per dataset and overall, mean ± sample std over seeds."""
-    from .mmeb import (
-        headline,  # Overall over the 36 MMEB datasets; the mean of the custom sets without them
-    )
+    from .mmeb import headline   # Overall over the 36 MMEB datasets; the mean of the custom sets without them
     datasets: list[str] = []
     for m in models.values():
         for d in (m.get("per_dataset") or {}):
@@ -171,19 +169,8 @@ def _statistics_section(models: dict[str, Any], chance: dict[str, float]) -> lis
     """Every variant's R@1/R@5/R@10/MRR over seeds, the paired differences with their bootstrap intervals, the
     verdicts on the paper's order and on the reranker (see :mod:`unime_ray.eval.stats`), and each variant's P@1
     as a multiple of chance."""
-    from .stats import (
-        MEAN_KEY,
-        PAPER_ORDER,
-        RANK_METRICS,
-        metric_values,
-        one_slot,
-        order_verdict,
-        paired_interval,
-        per_seed,
-        rerank_verdict,
-        seed_spread,
-        seeds_by_variant,
-    )
+    from .stats import (MEAN_KEY, PAPER_ORDER, RANK_METRICS, metric_values, one_slot, order_verdict, paired_interval,
+                        per_seed, rerank_verdict, seed_spread, seeds_by_variant)
 
     plain, reranked = seeds_by_variant(models), seeds_by_variant(models, reranked=True)
     parts = ["\n### Statistics over seeds and queries\n"]

@@ -134,9 +134,7 @@ def load_reranker(reranker: Any, *, image_root: str | os.PathLike | None = None,
     (``image_options``: its :class:`~unime_ray.models.budget.ImageBudget`; None: the checkpoint's)."""
     if reranker is None or not isinstance(reranker, (str, os.PathLike)):
         return reranker
-    from ..rerank import (
-        Reranker,  # the lead's module; imported only when a reranker path is given
-    )
+    from ..rerank import Reranker  # the lead's module; imported only when a reranker path is given
 
     return Reranker.from_pretrained(str(reranker), dtype=dtype, image_root=image_root, batch_size=batch_size,
                                     image_options=image_options)

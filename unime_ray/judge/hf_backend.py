@@ -29,13 +29,7 @@ from ..models.auto_processor import load_processor
 from ..models.backbone import load_backbone
 from ..models.inputs import forward_kwargs, positions
 from ..models.processor import ImageOptions
-from .prompt import (
-    JudgePrompt,
-    answer_token_ids,
-    collapse_image_pads,
-    judge_segments,
-    split_error_message,
-)
+from .prompt import JudgePrompt, answer_token_ids, collapse_image_pads, judge_segments, split_error_message
 
 logger = logging.getLogger(__name__)
 

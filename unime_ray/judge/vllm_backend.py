@@ -57,14 +57,7 @@ from ..data.schema import Item
 from ..models.budget import ImageBudget
 from ..models.processor import IMAGE_PAD
 from .config import VLLMConfig
-from .prompt import (
-    JudgePrompt,
-    answer_token_ids,
-    judge_images,
-    judge_segments,
-    split_token_ids,
-    yes_probability,
-)
+from .prompt import JudgePrompt, answer_token_ids, judge_images, judge_segments, split_token_ids, yes_probability
 
 VLLM_MISSING = ("vLLM is not installed; pip install 'unime-ray[gpu]' on a CUDA machine, "
                 "or use the transformers backend")

@@ -23,20 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..data.convert import export_official_json
-from ..data.io import (
-    iter_rows,
-    read_table,
-    rows_to_table,
-    shard_paths,
-    write_table_atomic,
-)
-from ..data.schema import (
-    PAIR_SCHEMA,
-    empty_row,
-    item_from_row,
-    item_to_columns,
-    negatives_to_columns,
-)
+from ..data.io import iter_rows, read_table, rows_to_table, shard_paths, write_table_atomic
+from ..data.schema import PAIR_SCHEMA, empty_row, item_from_row, item_to_columns, negatives_to_columns
 from ..utils.plots import pyplot
 from .config import MineConfig
 from .sampling import mine_query

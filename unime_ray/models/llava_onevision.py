@@ -39,12 +39,7 @@ import torch
 from PIL import Image
 
 from ..data.schema import IMAGE_MARKER, Item
-from .processor import (
-    ImageOptions,
-    check_image_slots,
-    choose_hf_processor,
-    image_only_processor,
-)
+from .processor import ImageOptions, check_image_slots, choose_hf_processor, image_only_processor
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +217,7 @@ class LlavaOVProcessor:
     def _tiles(self, enc, i: int) -> int:
         if enc["pixel_values"].shape[1] == 1:   # base views (multi-image prompt)
             return 1
-        from transformers.models.llava_onevision.modeling_llava_onevision import (
-            image_size_to_num_patches,
-        )
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         return image_size_to_num_patches(enc["image_sizes"][i], self.pinpoints, self.tile)
 
@@ -306,10 +299,7 @@ def tiny_image_processor():
 
 def build_tiny_llava_onevision(tok, spec, seed: int = 0):
     """A randomly initialised tiny LLaVA-OV: Qwen2 text model + SigLIP vision tower, anyres_max_9 tiling."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-    )
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     ids = tok.convert_tokens_to_ids
     text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=spec.hidden_size,

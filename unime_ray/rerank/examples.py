@@ -27,13 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..data.schema import Item, item_from_row, negatives_from_row
-from .prompt import (
-    RerankPrompt,
-    listwise_answer,
-    listwise_text,
-    pairwise_answer,
-    pairwise_text,
-)
+from .prompt import RerankPrompt, listwise_answer, listwise_text, pairwise_answer, pairwise_text
 
 
 @dataclass

@@ -12,12 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..data.config import DataConfig
 from ..eval.config import EvalConfig
@@ -27,13 +22,7 @@ from ..models.budget import ROLES, ImageBudget
 from ..models.config import ModelsConfig
 from ..retrieval.config import EmbedConfig, RetrieveConfig
 from ..serve.config import ServeConfig
-from ..train.config import (
-    BaselineConfig,
-    CompareConfig,
-    JudgeFitConfig,
-    RerankerTrainConfig,
-    TrainConfig,
-)
+from ..train.config import BaselineConfig, CompareConfig, JudgeFitConfig, RerankerTrainConfig, TrainConfig
 from ..utils.settings import Section
 
 PRESET_DIR = Path(__file__).parent / "presets"

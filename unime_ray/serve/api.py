@@ -307,11 +307,7 @@ async def _guarded(fn: Callable[[], Awaitable[Any]]) -> Any:
         from ray.exceptions import RayActorError
 
         try:
-            from ray.serve.exceptions import (
-                BackPressureError,
-                DeploymentUnavailableError,
-                ReplicaUnavailableError,
-            )
+            from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
             unavailable = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
         except ImportError:  # pragma: no cover
             unavailable = (RayActorError,)

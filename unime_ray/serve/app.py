@@ -38,22 +38,9 @@ from ..data.schema import Item
 
 if TYPE_CHECKING:
     from ..judge.stage import YesNoScorer
-from .config import (
-    EMBEDDER_NAME,
-    INDEX_NAME,
-    INGRESS_NAME,
-    RERANKER_NAME,
-    ClusterCapacity,
-    EmbedderSettings,
-    IndexSettings,
-    RerankerSettings,
-    ResourceLayout,
-    ServeConfig,
-    api_key_digest,
-    fit_resources,
-    index_deployment_names,
-    read_api_key,
-)
+from .config import (EMBEDDER_NAME, INDEX_NAME, INGRESS_NAME, RERANKER_NAME, ClusterCapacity, EmbedderSettings,
+                     IndexSettings, RerankerSettings, ResourceLayout, ServeConfig, api_key_digest, fit_resources,
+                     index_deployment_names, read_api_key)
 
 logger = logging.getLogger(__name__)
 

@@ -146,12 +146,7 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from ..utils.ray_utils import init_ray
-    from .app import (
-        build_application,
-        cluster_capacity,
-        fit_to_cluster,
-        wait_until_ready,
-    )
+    from .app import build_application, cluster_capacity, fit_to_cluster, wait_until_ready
     from .config import ResourceFitError, read_api_key
     from .index import load_manifest
 

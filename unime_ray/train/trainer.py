@@ -374,9 +374,7 @@ def export_model(checkpoint_dir: str | os.PathLike, job: TrainJob, out_dir: str 
         state = torch.load(ckpt / "ckpt" / "mp_rank_00_model_states.pt", map_location="cpu",
                            weights_only=False)["module"]
     else:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ckpt")
     model = build_model(job, training=False)

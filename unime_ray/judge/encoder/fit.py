@@ -32,13 +32,7 @@ import numpy as np
 import torch
 
 from ...data.schema import Item, item_from_row, negatives_from_row
-from .backend import (
-    Calibration,
-    EncoderJudge,
-    Featurizer,
-    ProjectionHeads,
-    is_encoder_judge,
-)
+from .backend import Calibration, EncoderJudge, Featurizer, ProjectionHeads, is_encoder_judge
 from .towers import FeatureStore, TowerSpec
 
 logger = logging.getLogger(__name__)

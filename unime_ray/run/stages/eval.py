@@ -9,14 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..results import (
-    AblationsResult,
-    EvalResult,
-    JudgeFitResult,
-    ModelEval,
-    PrepareResult,
-    TrainStageResult,
-)
+from ..results import AblationsResult, EvalResult, JudgeFitResult, ModelEval, PrepareResult, TrainStageResult
 from ..specs import EMBEDDER_READS, embedder_spec
 from ..stage import Context, Section, Stage
 

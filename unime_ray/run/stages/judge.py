@@ -9,21 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ...utils.markdown import markdown_table
-from ..results import (
-    JudgeFitResult,
-    JudgeResult,
-    PrepareResult,
-    RetrieveResult,
-    imported_stage,
-    imported_training,
-)
-from ..specs import (
-    IMPORTED_READS,
-    JUDGE_READS,
-    TRAIN_JOB_READS,
-    judge_spec,
-    train_settings,
-)
+from ..results import JudgeFitResult, JudgeResult, PrepareResult, RetrieveResult, imported_stage, imported_training
+from ..specs import IMPORTED_READS, JUDGE_READS, TRAIN_JOB_READS, judge_spec, train_settings
 from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
@@ -98,13 +85,7 @@ def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepare
 
 
 def run_judge_stage(ctx: Context) -> dict[str, Any]:
-    from ...judge.crossfit import (
-        merge_score_tables,
-        query_folds,
-        score_summary,
-        scoring_judge,
-        split_candidates,
-    )
+    from ...judge.crossfit import merge_score_tables, query_folds, score_summary, scoring_judge, split_candidates
     from ...judge.stage import run_judge
 
     cfg = ctx.cfg

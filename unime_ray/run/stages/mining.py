@@ -7,14 +7,7 @@ import logging
 from typing import Any
 
 from ...utils.markdown import markdown_table
-from ..results import (
-    JudgeResult,
-    MineResult,
-    PrepareResult,
-    RetrieveResult,
-    imported_stage,
-    imported_training,
-)
+from ..results import JudgeResult, MineResult, PrepareResult, RetrieveResult, imported_stage, imported_training
 from ..specs import IMPORTED_READS
 from ..stage import Context, Section, Stage
 

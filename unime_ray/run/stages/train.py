@@ -10,14 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...train.api import run_job
 from ...utils.markdown import markdown_table
-from ..results import (
-    AblationsResult,
-    JudgeFitResult,
-    MineResult,
-    PrepareResult,
-    TrainStageResult,
-    VariantRun,
-)
+from ..results import AblationsResult, JudgeFitResult, MineResult, PrepareResult, TrainStageResult, VariantRun
 from ..specs import TRAIN_JOB_READS, train_settings
 from ..stage import Context, Section, Stage
 
