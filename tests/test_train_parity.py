@@ -56,12 +56,10 @@ def pair_rows(n=24, shared_label_every=0):
     return rows
 
 
-def plain_loop_reference(job, table_rows, steps):
-    """One process, the global batch at once, plain torch: embeddings, in-batch InfoNCE with the shared-positive
-    mask written out, AdamW, clipping at 1.0, the trainer's schedule. Returns (losses, final state dict)."""
+def plain_loop_setup(job):
+    """(model, embedder, parameters, AdamW, the trainer's schedule) of one plain process from the job's init."""
     from unime_ray.models.embedder import Embedder
     from unime_ray.models.processor import VLProcessor
-    from unime_ray.train.embedder import examples_from_rows
     from unime_ray.train.trainer import build_model, lr_lambda
 
     s = job.settings
@@ -70,7 +68,17 @@ def plain_loop_reference(job, table_rows, steps):
     emb = Embedder(model, VLProcessor.from_pretrained(job.model), job.input_format, device="cpu")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.warmup, s.max_steps, s.lr_schedule))
+    return model, emb, params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.warmup, s.max_steps,
+                                                                                      s.lr_schedule))
+
+
+def plain_loop_reference(job, table_rows, steps):
+    """One process, the global batch at once, plain torch: embeddings, in-batch InfoNCE with the shared-positive
+    mask written out, AdamW, clipping at 1.0, the trainer's schedule. Returns (losses, final state dict)."""
+    from unime_ray.train.embedder import examples_from_rows
+
+    s = job.settings
+    model, emb, params, opt, sched = plain_loop_setup(job)
     plan = BatchPlan(len(table_rows), s.global_batch, 1, 1, job.seed)   # the global batch, one process
     losses = []
     for step in range(steps):
@@ -207,10 +215,8 @@ def test_gradient_accumulation_trains_as_one_large_batch_schedule_included(tiny_
     losses and the same weights. judge_alignment's loss is per query, so the split changes nothing (in-batch
     InfoNCE's negatives change with the micro-batch by definition)."""
     from unime_ray.models.backbone import load_backbone
-    from unime_ray.models.embedder import Embedder
-    from unime_ray.models.processor import VLProcessor
     from unime_ray.train.embedder import batch_loss, examples_from_rows
-    from unime_ray.train.trainer import build_model, fit, lr_lambda
+    from unime_ray.train.trainer import fit
 
     from .test_train_embedder import training_rows
 
@@ -223,12 +229,7 @@ def test_gradient_accumulation_trains_as_one_large_batch_schedule_included(tiny_
     logged = [json.loads(line) for line in open(out["metrics"])]
 
     s = job.settings
-    torch.manual_seed(job.seed)
-    model = build_model(job).train()
-    emb = Embedder(model, VLProcessor.from_pretrained(job.model), job.input_format, device="cpu")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.warmup, s.max_steps, s.lr_schedule))
+    model, emb, params, opt, sched = plain_loop_setup(job)
     plan = BatchPlan(len(rows), 8, 1, 1, job.seed)
     losses, lrs = [], []
     for step in range(steps):
