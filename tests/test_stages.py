@@ -101,7 +101,7 @@ def test_a_stage_reads_only_what_it_declares(tmp_path):
 
 
 def _keys(cfg: RunConfig) -> dict[str, str]:
-    return {s.name: _stage_key(cfg, s, "") for s in STAGES}
+    return {s.name: _stage_key(ConfigView(cfg, s.reads, s.name), s, "") for s in STAGES}
 
 
 def test_the_seed_reruns_the_stages_that_read_it():

@@ -63,8 +63,8 @@ def stages_through(name: str) -> list[str]:
     return [s for s in upto if s == name or s not in OPTIONAL_STAGES]
 
 
-def _stage_key(cfg: RunConfig, stage: Stage, upstream: str) -> str:
-    own = json.dumps(ConfigView(cfg, stage.reads, stage.name).values(), sort_keys=True)
+def _stage_key(view: ConfigView, stage: Stage, upstream: str) -> str:
+    own = json.dumps(view.values(), sort_keys=True)
     return hashlib.sha256(f"{upstream}|{stage.name}|{own}".encode()).hexdigest()[:16]
 
 
@@ -87,7 +87,8 @@ def run_pipeline(cfg: RunConfig, force: bool = False, only: list[str] | None = N
     upstream = ""
     order = [s.name for s in STAGES if s.name in wanted]
     for stage in STAGES:
-        key = _stage_key(cfg, stage, upstream)
+        view = ConfigView(cfg, stage.reads, stage.name)   # what the stage may read, and its key
+        key = _stage_key(view, stage, upstream)
         if stage.name not in OPTIONAL_STAGES:  # nothing downstream reads optional stages' outputs
             upstream = key
         if stage.name not in wanted:
@@ -102,7 +103,7 @@ def run_pipeline(cfg: RunConfig, force: bool = False, only: list[str] | None = N
         start = time.perf_counter()
         manifest.update(stage.name, status="running", key=key, started=time.time())
         try:
-            outputs = stage.execute(Context(ConfigView(cfg, stage.reads, stage.name), manifest, stage.name)).as_dict()
+            outputs = stage.execute(Context(view, manifest, stage.name)).as_dict()
         except BaseException as exc:
             end_live()
             manifest.update(stage.name, status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -80,6 +80,14 @@ class UndeclaredRead(AttributeError):
     """A stage read a config setting its declaration does not list (``Stage.reads``)."""
 
 
+def _setting(cfg: "RunConfig", path: str) -> Any:
+    """The value at a dotted path of the run config."""
+    value = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
 class ConfigView:
     """What a running stage sees of the run config: only the settings its declaration lists (``Stage.reads``), so
     the stage's key, the hash of those settings, covers everything it can read. A listed path is a section
@@ -97,9 +105,7 @@ class ConfigView:
 
     def __getattr__(self, name: str) -> Any:
         path = self._prefix + name
-        value = self._cfg
-        for part in path.split("."):
-            value = getattr(value, part)
+        value = _setting(self._cfg, path)
         if path in self._reads or (not self._prefix and name in self._FREE):
             return value
         if any(r.startswith(path + ".") for r in self._reads):
@@ -126,12 +132,8 @@ class ConfigView:
         """Every listed setting's value, as JSON types: what the stage's key hashes."""
         out = {}
         for path in sorted(self._reads):
-            if path.startswith("images."):
-                value = self._cfg.image_budget(path.split(".", 1)[1])
-            else:
-                value = self._cfg
-                for part in path.split("."):
-                    value = getattr(value, part)
+            value = (self._cfg.image_budget(path.split(".", 1)[1]) if path.startswith("images.")
+                     else _setting(self._cfg, path))
             out[path] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         return json.loads(json.dumps(out, default=str))
 
