@@ -127,3 +127,54 @@ def test_a_section_accepts_only_the_settings_its_training_reads(override):
     """The reranker and the stand-in judge share the training loop's settings, not the embedder's loss ones."""
     with pytest.raises(ConfigError, match="unknown key"):
         load_run_config(preset="demo", overrides=[override])
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_config_show_is_commented_yaml_that_loads_back(preset, tmp_path):
+    """`config show` writes every setting's description beside it; the text still loads to the same config."""
+    cfg = load_run_config(preset=preset)
+    text = cfg.to_yaml()
+    assert "   # " in text
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert load_run_config(config_path=path) == cfg
+
+
+def test_settings_help_lists_every_setting_with_its_description():
+    """Every line of `--help`'s settings list is a real `-o` key (setting it to its listed default loads)."""
+    import json
+
+    from unime_ray.run.config import settings_help
+
+    from unime_ray.utils.settings import settings_rows
+
+    lines = settings_help().splitlines()[1:]
+    keys = [line.split()[0] for line in lines]
+    assert {"embed.pool.batch_size", "train.lr", "seed", "models.images.eval"} <= set(keys)
+    assert len(keys) == len(set(keys)) > 250
+    for key, value, _ in settings_rows(RunConfig())[::5]:   # each key is a real setting, its value its default
+        assert load_run_config(overrides=[f"{key}={json.dumps(value)}"]) == load_run_config(), key
+    assert "actors kept while the map runs" in next(x for x in lines if x.split()[0] == "embed.pool.min_actors")
+    out = subprocess.run([sys.executable, "-m", "unime_ray", "pipeline", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "embed.pool.min_actors" in out and "actors kept while the map runs" in out
+
+
+def test_tool_flags_come_from_the_settings_model():
+    """The tool commands' pool flags are the Pool model's fields: typed, described, validated by the model."""
+    import argparse
+
+    from unime_ray.utils.pool import Pool
+    from unime_ray.utils.settings import FlagError, add_flags, from_flags
+
+    p = argparse.ArgumentParser()
+    add_flags(p, Pool, Pool.FLAGS)
+    assert from_flags(Pool, p.parse_args([]), Pool.FLAGS) == Pool()
+    got = from_flags(Pool, p.parse_args(["--no-ray", "--max-actors", "4", "--num-gpus-per-actor", "0.5"]),
+                     Pool.FLAGS)
+    assert (got.ray, got.max_actors, got.num_gpus_per_actor) == (False, 4, 0.5)
+    with pytest.raises(FlagError, match="--batch-size: Input should be greater than or equal to 1"):
+        from_flags(Pool, p.parse_args(["--batch-size", "0"]), Pool.FLAGS)
+    with pytest.raises(FlagError, match="min_actors \\(3\\) > max_actors \\(2\\)"):
+        from_flags(Pool, p.parse_args(["--min-actors", "3"]), Pool.FLAGS)
+    assert "actors kept while the map runs" in p.format_help()

@@ -13,6 +13,9 @@ logger = logging.getLogger("unime_ray.cli")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    from .run.config import settings_help
+
+    p.epilog, p.formatter_class = settings_help(), argparse.RawDescriptionHelpFormatter
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", default=None, help="a preset name (see `unime-ray config list`)"
                    + (f"; default {default_preset}" if default_preset else ""))
@@ -65,7 +68,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models.backbone import ModelNotFoundError, UnsupportedArchitectureError
     from .run.config import ConfigError
 
-    return ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError
+    from .utils.settings import FlagError
+
+    return ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError, FlagError
 
 
 def _run_logged(args, cfg, only: list[str] | None):
@@ -154,17 +159,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .models.budget import budget_from_arguments
-    from .models.encode import EmbedderSpec, embed_table
+    from .models.encode import embed_table, embedder_spec_from_arguments
     from .utils.pool import Pool
+    from .utils.settings import from_flags
 
-    budget = budget_from_arguments(args, args.model)
-    spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
-                        max_pixels=budget.max_pixels)
+    spec = embedder_spec_from_arguments(args)
     prefix = args.prefix if args.prefix is not None else ("query_" if _is_pair_table(args.table) else "")
-    pool = Pool(ray=not args.no_ray, batch_size=args.batch_size, min_actors=args.min_actors,
-                max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor)
+    pool = from_flags(Pool, args, Pool.FLAGS)
     if pool.ray:
         from .utils.ray_utils import init_ray
 
@@ -250,7 +251,9 @@ def cmd_model_info(args) -> int:
 
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from .models.budget import add_budget_arguments
+    from .models.encode import add_embedder_arguments
+    from .utils.pool import Pool
+    from .utils.settings import add_flags
 
     parser = argparse.ArgumentParser(prog="unime-ray", description="UniME-V2 universal multimodal embeddings on Ray.")
     parser.add_argument("--log-level", default=os.environ.get("UNIME_LOG_LEVEL", "INFO"))
@@ -302,21 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("embed", help="encode a canonical table with an embedder (Ray Data actor pool)")
-    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    add_embedder_arguments(p)
     p.add_argument("--table", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", default=None, help="item columns prefix (default: query_ for pair tables)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder")
-    p.add_argument("--input-format", default="official", choices=["official", "chat"])
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--image-root", default=None)
-    add_budget_arguments(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--min-actors", type=int, default=1)
-    p.add_argument("--max-actors", type=int, default=2)
-    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    add_flags(p, Pool, Pool.FLAGS)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
-    p.add_argument("--no-ray", action="store_true", help="encode in this process")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("make-tiny-models", help="write tiny Qwen2-VL / Qwen2.5-VL checkpoints (offline)")

@@ -7,6 +7,7 @@ Unknown keys are errors, with the dotted path of the key in the message.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..models.config import ModelsConfig
 from ..retrieval.config import EmbedConfig, RetrieveConfig
 from ..serve.config import ServeConfig
 from ..train.config import BaselineConfig, CompareConfig, JudgeFitConfig, RerankerTrainConfig, TrainConfig
-from ..utils.settings import Section
+from ..utils.settings import Section, commented_yaml, settings_rows
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -105,7 +106,17 @@ class RunConfig(Section):
         return getattr(self.models.images, role) or ImageBudget()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML that loads back to it, every setting followed by its description."""
+        return commented_yaml(self) + "\n"
+
+
+def settings_help(config: RunConfig | None = None) -> str:
+    """Every ``-o KEY=VALUE`` setting with its default and description (``--help`` of the config commands)."""
+    rows = settings_rows(config or RunConfig())
+    width = max(len(key) for key, _, _ in rows)
+    return "settings (-o KEY=VALUE; `unime-ray config show` prints a preset's values):\n" + "\n".join(
+        f"  {key:<{width}}  {json.dumps(value, default=str)}" + (f"  {text}" if text else "")
+        for key, value, text in rows)
 
 
 def list_presets() -> list[str]:
