@@ -608,3 +608,54 @@ def test_an_adapter_named_by_hub_id_loads_through_the_cache_or_says_why(tiny_mod
         load_adapter(model, "no-such-org/no-such-adapter")
     with pytest.raises(FileNotFoundError, match="not a peft adapter folder"):
         load_adapter(model, "./no-such-folder")
+
+
+# ------------------------------------------------------------------------------------------- Hub cards and push
+def test_model_card_carries_the_hubs_metadata(tmp_path):
+    """The card parses with huggingface_hub, with the Hub's fields and the measured results as model-index."""
+    from huggingface_hub import ModelCard
+
+    from unime_ray.models.card import write_model_card
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_model_card(folder, base_model=str(base), recipe={"task": "embedder", "objective": "judge_alignment"},
+                     evaluation={"per_dataset": {"ImageNet-1K": 61.25, "N24News": 40.5}, "chance": {},
+                                 "reranked": {"ImageNet-1K": 63.0}}, datasets=["TIGER-Lab/MMEB-train"])
+    card = ModelCard.load(folder / "README.md")
+    d = card.data
+    assert (d.library_name, d.pipeline_tag, d.license) == ("transformers", "feature-extraction", "apache-2.0")
+    assert d.datasets == ["TIGER-Lab/MMEB-train"] and "unime-ray" in d.tags
+    got = {(r.dataset_name, r.metric_name): r.metric_value for r in d.eval_results}
+    assert got == {("ImageNet-1K", "P@1"): 61.25, ("N24News", "P@1"): 40.5, ("ImageNet-1K", "P@1 reranked"): 63.0}
+    write_model_card(folder, base_model="Qwen/Qwen2.5-VL-7B-Instruct", recipe={"task": "reranker"})
+    d = ModelCard.load(folder / "README.md").data
+    assert (d.pipeline_tag, d.base_model, d.license) == ("text-ranking", "Qwen/Qwen2.5-VL-7B-Instruct", "apache-2.0")
+
+
+def test_push_uploads_the_folder_with_its_card(tmp_path, monkeypatch):
+    """Everything up to the upload call (the Hub cannot be reached from tests): what would be sent, and the real
+    client's failure as a one-line error."""
+    import huggingface_hub
+
+    from unime_ray.cli import main
+    from unime_ray.models.card import write_model_card
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"0")
+    write_model_card(folder, base_model="Qwen/Qwen2-VL-2B-Instruct", recipe={"task": "embedder"})
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(kw) or "https://huggingface.co/me/m/commit/1")
+    assert main(["push", "--model", str(folder), "--repo", "me/m", "--dataset", "TIGER-Lab/MMEB-train"]) == 0
+    assert calls[0] == "me/m" and calls[1]["folder_path"] == str(folder) and calls[1]["repo_id"] == "me/m"
+    assert "- TIGER-Lab/MMEB-train" in (folder / "README.md").read_text()
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")   # offline (or refused online): one error line, exit 2
+    assert main(["push", "--model", str(folder), "--repo", "me/m"]) == 2
+    assert main(["push", "--model", str(tmp_path), "--repo", "me/m"]) == 2   # not a model folder

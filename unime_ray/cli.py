@@ -228,6 +228,21 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from .models.card import push_to_hub
+
+    try:
+        url = push_to_hub(args.model, args.repo, private=args.private, datasets=args.dataset or None,
+                          license=args.license, token=os.environ.get("HF_TOKEN"))
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
+        print(f"error: push to {args.repo} failed: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
 def cmd_model_info(args) -> int:
     from .models.backbone import SHIPPED_CONFIGS, architecture_of, build_random_backbone, count_parameters
 
@@ -343,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_eval(sub)
     register_serve(sub)
+
+    p = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub (token: HF_TOKEN or a login)")
+    p.add_argument("--model", required=True, help="a model folder saved by unime-ray (weights + model card)")
+    p.add_argument("--repo", required=True, help="the Hub repository id, e.g. you/unime-v2-qwen2vl-2b")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dataset", action="append", help="a Hub dataset id it was trained on (repeatable; card)")
+    p.add_argument("--license", default=None, help="the card's license (default: the base model's, else other)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("model-info", help="architecture and size of a model (shipped configs build on meta)")
     p.add_argument("name", help="a hub id with a shipped config (e.g. Qwen/Qwen2-VL-2B-Instruct) or a folder")
