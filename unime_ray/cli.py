@@ -243,6 +243,15 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from .models.encode import embedder_spec_from_arguments
+
+    prompts = dict(p.split("=", 1) for p in args.prompt or [])
+    embedder = embedder_spec_from_arguments(args).build()
+    print(embedder.save_pretrained(args.out, format=args.format, prompts=prompts))
+    return 0
+
+
 def cmd_model_info(args) -> int:
     from .models.backbone import SHIPPED_CONFIGS, architecture_of, build_random_backbone, count_parameters
 
@@ -265,6 +274,12 @@ def cmd_model_info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
+def _prompt_flag(value: str) -> str:
+    if "=" not in value or not value.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected NAME=INSTRUCTION, got {value!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.encode import add_embedder_arguments
     from .utils.pool import Pool
@@ -366,6 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", help="a Hub dataset id it was trained on (repeatable; card)")
     p.add_argument("--license", default=None, help="the card's license (default: the base model's, else other)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("export-model", help="write an embedder as a folder another library loads as it is")
+    add_embedder_arguments(p)
+    p.add_argument("--format", required=True, choices=["sentence-transformers"],
+                   help="sentence-transformers: SentenceTransformer(OUT) encodes as unime-ray does")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompt", action="append", type=_prompt_flag, metavar="NAME=INSTRUCTION",
+                   help="an instruction saved as a named prompt (encode(..., prompt_name=NAME)); repeatable")
+    p.set_defaults(func=cmd_export_model)
 
     p = sub.add_parser("model-info", help="architecture and size of a model (shipped configs build on meta)")
     p.add_argument("name", help="a hub id with a shipped config (e.g. Qwen/Qwen2-VL-2B-Instruct) or a folder")

@@ -21,8 +21,8 @@ Two settings have no sentence-transformers form, so :func:`unexpressed` names th
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .budget import ImageBudget
 from .formatting import DEFAULT_SYSTEM_PROMPT

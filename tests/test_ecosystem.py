@@ -1,0 +1,194 @@
+"""Other libraries load our models as they are: the sentence-transformers export (``export-model``).
+
+sentence-transformers runs in a separate ``python -I`` process where ``import unime_ray`` fails, so the exported
+folder alone has to carry the input format, pooling and normalisation.
+
+This CPU install has no usable torchvision (its PyPI wheel is built for CUDA torch), and transformers' Qwen-VL
+processor needs it for its *video* processor only. Where ``AutoProcessor`` cannot be built for that reason, the
+loader below builds the same processor class from the same folder without its video half (transformers' own
+text and image code runs unchanged); with torchvision installed it is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from unime_ray.cli import main
+from unime_ray.data.schema import Item
+from unime_ray.models import Embedder, format_item
+from unime_ray.models.st_export import CHAT_TEMPLATES
+
+from .conftest import make_png
+from .test_readme_commands import REPO, VENV, bash_blocks, run_script
+
+ST_LOADER = r'''
+import json, sys
+sys.modules["unime_ray"] = None          # any import of unime-ray fails here
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2VLProcessor, Qwen2_5_VLProcessor
+
+_auto = AutoProcessor.from_pretrained.__func__
+
+def _without_video(cls, path, **kwargs):
+    try:
+        return _auto(cls, path, **kwargs)
+    except ImportError:                  # torchvision: needed by the video processor only
+        tok = AutoTokenizer.from_pretrained(path)
+        kind = json.load(open(f"{path}/config.json"))["model_type"]
+        proc = (Qwen2_5_VLProcessor if kind == "qwen2_5_vl" else Qwen2VLProcessor).__new__(
+            Qwen2_5_VLProcessor if kind == "qwen2_5_vl" else Qwen2VLProcessor)
+        proc.tokenizer, proc.image_processor, proc.chat_template = tok, AutoImageProcessor.from_pretrained(path), \
+            tok.chat_template
+        proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
+        proc.image_token_id, proc.video_token_id = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+        return proc
+
+AutoProcessor.from_pretrained = classmethod(_without_video)
+'''
+
+ENCODE = r'''
+import numpy as np
+from PIL import Image
+from sentence_transformers import SentenceTransformer
+
+spec = json.loads(sys.argv[1])
+
+def st_input(x):
+    if x["image"] is None:
+        return x["text"]
+    image = Image.open(x["image"]).convert("RGB")
+    return {"text": x["text"], "image": image} if x["text"] else image
+
+for folder, out in spec["models"]:
+    model = SentenceTransformer(folder, device="cpu")
+    np.save(out, np.concatenate([model.encode([st_input(x) for x in group["inputs"]], prompt=group["prompt"],
+                                              prompt_name=group["prompt_name"]) for group in spec["groups"]]))
+assert sys.modules["unime_ray"] is None
+'''
+
+
+def run_isolated(code: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-I", "-c", code, *args], check=False, capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_chat_template_renders_each_item_as_format_item(tiny_models):
+    """The saved template, fed the messages sentence-transformers builds (the prompt as a system message, the
+    input as one user message), gives exactly the text unime-ray's formatting gives the item."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["qwen2_vl"])
+    cases = [("", "a dog", False), ("Find it:", "a dog", False), ("  Find it: ", "", False),
+             ("Find", "<image> a dog", False), ("", "", True), ("Represent the image:", "", True),
+             ("Q:", "a <image> dog <image>", True), ("", "<image>\nabc", True), ("I", "\nabc", True),
+             ("", "text only <image>", True)]
+    for input_format, template in CHAT_TEMPLATES.items():
+        for instruction, text, has_image in cases:
+            item = Item(text=text, instruction=instruction, image=b"png" if has_image else None)
+            user = [{"type": "image", "image": "x.png"}] * has_image + [{"type": "text", "text": text}] * bool(text)
+            messages = ([{"role": "system", "content": [{"type": "text", "text": instruction}]}] * bool(instruction)
+                        + [{"role": "user", "content": user}])
+            got = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+            assert got == format_item(item, input_format), (input_format, instruction, text, has_image)
+    two_images = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "image", "image": "b"}]}]
+    with pytest.raises(Exception, match="one image per input"):
+        tok.apply_chat_template(two_images, chat_template=CHAT_TEMPLATES["official"], tokenize=False)
+
+
+def test_sentence_transformers_export_encodes_as_the_embedder(tiny_models, tmp_path):
+    """Texts, images and text + image inputs, with and without instructions, in both input formats on both
+    backbones: SentenceTransformer(folder).encode equals Embedder.encode within 1e-5. The official format's
+    default sequential positions are the one setting it cannot carry: text-only inputs still agree, image inputs
+    differ (they get M-RoPE positions, as Embedder(positions="mrope") gives them)."""
+    images = []
+    for i, (w, h) in enumerate([(60, 80), (100, 50), (40, 30)]):
+        images.append(tmp_path / f"img{i}.png")
+        images[-1].write_bytes(make_png(w, h, seed=i + 1))
+    groups = [
+        {"prompt": "Represent the text:", "prompt_name": None,
+         "inputs": [("a red car", None), ("two <image> dogs", None)]},
+        {"prompt": None, "prompt_name": "document", "inputs": [("", images[0]), ("", images[1])]},
+        {"prompt": None, "prompt_name": "query", "inputs": [("<image> what colour is it?", images[2]),
+                                                            ("a dog", images[0])]},
+        {"prompt": None, "prompt_name": None,
+         "inputs": [("short", None), ("", images[1]), ("a <image> cat", images[2])]},
+    ]
+    prompts = {"query": "Find an image that matches the given caption.", "document": "Represent the given image"}
+    models, expected, sequential = [], [], {}
+    for arch in ("qwen2_vl", "qwen2_5_vl"):
+        for input_format in ("official", "chat"):
+            embedder = Embedder.from_pretrained(tiny_models[arch], input_format=input_format, positions="mrope")
+            folder = embedder.save_pretrained(tmp_path / f"{arch}-{input_format}", format="sentence-transformers",
+                                              prompts=prompts)
+            models.append((str(folder), str(tmp_path / f"{arch}-{input_format}.npy")))
+            vectors = []
+            for g in groups:
+                instruction = g["prompt"] or prompts.get(g["prompt_name"]) or ""
+                texts, paths = zip(*g["inputs"])
+                vectors.append(embedder.encode(list(texts), images=[str(p) if p else None for p in paths],
+                                               instructions=instruction))
+            expected.append(np.concatenate(vectors))
+            if input_format == "official":
+                default = Embedder.from_pretrained(tiny_models[arch], input_format=input_format)
+                assert default.positions == "sequential"
+                sequential[len(expected) - 1] = np.concatenate([default.encode(
+                    [t for t, _ in g["inputs"]], images=[str(p) if p else None for _, p in g["inputs"]],
+                    instructions=g["prompt"] or prompts.get(g["prompt_name"]) or "") for g in groups])
+    spec = {"models": models, "groups": [{**g, "inputs": [{"text": t, "image": str(p) if p else None}
+                                                          for t, p in g["inputs"]]} for g in groups]}
+    run_isolated(ST_LOADER + ENCODE, json.dumps(spec))
+    has_image = np.array([p is not None for g in groups for _, p in g["inputs"]])
+    for i, (folder, out) in enumerate(models):
+        got = np.load(out)
+        assert got.shape == expected[i].shape
+        np.testing.assert_allclose(got, expected[i], atol=1e-5, err_msg=folder)
+        if i in sequential:
+            np.testing.assert_allclose(got[~has_image], sequential[i][~has_image], atol=1e-5)
+            assert np.abs(got[has_image] - sequential[i][has_image]).max() > 1e-4
+
+
+def test_export_names_what_it_cannot_carry(tiny_models, tmp_path, caplog):
+    from unime_ray.models import ImageOptions
+
+    embedder = Embedder.from_pretrained(tiny_models["qwen2_vl"], image_options=ImageOptions(resize=56,
+                                                                                              max_pixels=56 * 56))
+    embedder.save_pretrained(tmp_path / "st", format="sentence-transformers")
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "sequential positions" in warned and "resize to 56x56" in warned
+    config = json.loads((tmp_path / "st" / "sentence_bert_config.json").read_text())
+    assert config["processing_kwargs"]["image"]["size"]["longest_edge"] == 56 * 56
+    with pytest.raises(ValueError, match="format must be"):
+        embedder.save_pretrained(tmp_path / "x", format="onnx")
+    with pytest.raises(SystemExit):
+        main(["export-model", "--model", str(tiny_models["qwen2_vl"]), "--format", "sentence-transformers",
+              "--out", str(tmp_path / "y"), "--prompt", "no-equals-sign"])
+
+
+def test_readme_export_command_and_usage(tiny_models, tmp_path):
+    """The *Use it with other tools* section as written: its bash block exports (a tiny checkpoint stands in for
+    the demo's trained model at runs/demo/train/model) and its Python block encodes with the export."""
+    work, home = tmp_path / "repo", tmp_path / "home"
+    (work / "runs" / "demo" / "train").mkdir(parents=True)
+    home.mkdir()
+    (work / ".venv").symlink_to(VENV)
+    shutil.copytree(tiny_models["qwen2_vl"], work / "runs" / "demo" / "train" / "model")
+    blocks = bash_blocks(REPO / "README.md", "Use it with other tools")
+    assert len(blocks) == 1 and "unime-ray export-model" in blocks[0]
+    proc = run_script(blocks[0], work, home, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((work / "runs" / "demo" / "st-model" / "config_sentence_transformers.json").read_text())
+    assert saved["prompts"] == {"query": "Find an emoji image that matches the name:",
+                                "document": "Represent the given emoji image:"}
+    section = re.search(r"^## Use it with other tools$(.*?)^## ", (REPO / "README.md").read_text(), re.MULTILINE | re.DOTALL)
+    python = re.findall(r"^```python\n(.*?)^```", section.group(1), flags=re.MULTILINE | re.DOTALL)
+    assert len(python) == 1
+    run_isolated(ST_LOADER + python[0] + "\nassert queries.shape == (2, model.get_embedding_dimension())\n",
+                 cwd=work)
