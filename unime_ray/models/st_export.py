@@ -61,9 +61,7 @@ _CHAT = _READ_ITEM + """\
 
 CHAT_TEMPLATES = {"official": _OFFICIAL, "chat": _CHAT}
 
-_MODULES = [("", "sentence_transformers.base.modules.transformer.Transformer"),
-            ("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling"),
-            ("2_Normalize", "sentence_transformers.base.modules.normalize.Normalize")]
+TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
 
 
 def unexpressed(input_format: str, positions: str, budget: ImageBudget) -> list[str]:
@@ -78,26 +76,40 @@ def unexpressed(input_format: str, positions: str, budget: ImageBudget) -> list[
     return out
 
 
-def write_sentence_transformers(path: str | Path, *, dim: int, input_format: str, budget: ImageBudget,
-                                image_processor, prompts: Mapping[str, str] | None = None) -> None:
-    """Add sentence-transformers' files to the Hugging Face folder ``path`` that the embedder was saved into."""
+def write_folder(path: str | Path, *, chat_template: str, transformer_task: str, outputs: tuple[str, str],
+                 budget: ImageBudget, image_processor, modules: list[tuple[str, str, dict]], model: dict) -> None:
+    """Add sentence-transformers' files to the Hugging Face folder ``path`` the model was saved into: its
+    ``Transformer`` module (``outputs``: the model's output it reads, the feature it writes) over every input as a
+    chat message, then ``modules`` ((folder, class, config) each), and ``model`` (config_sentence_transformers)."""
     path = Path(path)
 
     def dump(name: str, obj) -> None:
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_text(json.dumps(obj, indent=2) + "\n")
 
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATES[input_format])
-    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
-    config = {"transformer_task": "feature-extraction",
+    (path / "chat_template.jinja").write_text(chat_template)
+    forward = {"method": "forward", "method_output_name": outputs[0]}
+    config = {"transformer_task": transformer_task,
               "modality_config": {"text": forward, "image": forward, "message": {**forward, "format": "structured"}},
-              "module_output_name": "token_embeddings", "unpad_inputs": False}
+              "module_output_name": outputs[1], "unpad_inputs": False}
     size = budget.size_kwargs(image_processor)
     if size:
         config["processing_kwargs"] = {"image": size}
     dump("sentence_bert_config.json", config)
-    dump("modules.json", [{"idx": i, "name": str(i), "path": p, "type": t} for i, (p, t) in enumerate(_MODULES)])
-    dump("1_Pooling/config.json", {"embedding_dimension": dim, "pooling_mode": "lasttoken", "include_prompt": True})
-    dump("2_Normalize/config.json", {})
-    dump("config_sentence_transformers.json", {"model_type": "SentenceTransformer", "prompts": dict(prompts or {}),
-                                               "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    dump("modules.json", [{"idx": i, "name": str(i), "path": p, "type": t}
+                          for i, (p, t, _) in enumerate([("", TRANSFORMER, {}), *modules])])
+    for folder, _, module_config in modules:
+        dump(f"{folder}/config.json", module_config)
+    dump("config_sentence_transformers.json", model)
+
+
+def write_sentence_transformers(path: str | Path, *, dim: int, input_format: str, budget: ImageBudget,
+                                image_processor, prompts: Mapping[str, str] | None = None) -> None:
+    """The embedder's files: last-token pooling, then L2 normalisation; ``prompts`` for ``prompt_name``."""
+    modules = [("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+                {"embedding_dimension": dim, "pooling_mode": "lasttoken", "include_prompt": True}),
+               ("2_Normalize", "sentence_transformers.base.modules.normalize.Normalize", {})]
+    write_folder(path, chat_template=CHAT_TEMPLATES[input_format], transformer_task="feature-extraction",
+                 outputs=("last_hidden_state", "token_embeddings"), budget=budget, image_processor=image_processor,
+                 modules=modules, model={"model_type": "SentenceTransformer", "prompts": dict(prompts or {}),
+                                         "default_prompt_name": None, "similarity_fn_name": "cosine"})
