@@ -1,4 +1,5 @@
-"""Other libraries load our models as they are: the sentence-transformers export (``export-model``).
+"""Other libraries load our models as they are: the sentence-transformers exports (``export-model``): the embedder
+as a ``SentenceTransformer``, the reranker as a ``CrossEncoder``.
 
 sentence-transformers runs in a separate ``python -I`` process where ``import unime_ray`` fails, so the exported
 folder alone has to carry the input format, pooling and normalisation.
@@ -22,8 +23,11 @@ import pytest
 
 from unime_ray.cli import main
 from unime_ray.data.schema import Item
+from unime_ray.judge.prompt import JudgePrompt, judge_text
 from unime_ray.models import Embedder, format_item
 from unime_ray.models.st_export import CHAT_TEMPLATES
+from unime_ray.rerank import Reranker
+from unime_ray.rerank.st_export import pair_template
 
 from .conftest import make_png
 from .test_readme_commands import REPO, VENV, bash_blocks, run_script
@@ -69,6 +73,25 @@ for folder, out in spec["models"]:
     model = SentenceTransformer(folder, device="cpu")
     np.save(out, np.concatenate([model.encode([st_input(x) for x in group["inputs"]], prompt=group["prompt"],
                                               prompt_name=group["prompt_name"]) for group in spec["groups"]]))
+assert sys.modules["unime_ray"] is None
+'''
+
+
+PREDICT = r'''
+import numpy as np
+from PIL import Image
+from sentence_transformers import CrossEncoder
+
+spec = json.loads(sys.argv[1])
+
+def side(x):
+    if x["image"] is None:
+        return x["text"]
+    image = Image.open(x["image"]).convert("RGB")
+    return {"text": x["text"], "image": image} if x["text"] else image
+
+model = CrossEncoder(spec["model"], device="cpu")
+np.save(spec["out"], model.predict([(side(q), side(d)) for q, d in spec["pairs"]]))
 assert sys.modules["unime_ray"] is None
 '''
 
@@ -192,3 +215,52 @@ def test_readme_export_command_and_usage(tiny_models, tmp_path):
     assert len(python) == 1
     run_isolated(ST_LOADER + python[0] + "\nassert queries.shape == (2, model.get_embedding_dimension())\n",
                  cwd=work)
+
+
+def test_pair_template_writes_the_judge_prompt(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["qwen2_5_vl"])
+
+    def side(item: Item, role: str) -> dict:
+        return {"role": role, "content": [{"type": "image", "image": "x.png"}] * item.has_image
+                + [{"type": "text", "text": item.text}] * bool(item.text)}
+
+    img = b"png"
+    cases = [(Item(text="a dog"), Item(text="a cat")), (Item(text="<image> what is it?", image=img), Item(text="a dog")),
+             (Item(text="find: ", image=img), Item(image=img)),
+             (Item(text="x <image> y", image=img), Item(text="  z <image>", image=img))]
+    odd = JudgePrompt(instruction="Is it 'right'? Say \\Yes\\ or No.\n", candidate_label=",\nCandidate: ", system=None)
+    for prompt in (JudgePrompt(), odd):
+        for query, candidate in cases:
+            got = tok.apply_chat_template([side(query, "query"), side(candidate, "document")],
+                                          chat_template=pair_template(prompt), tokenize=False)
+            assert got == judge_text(query, candidate, prompt)
+    with pytest.raises(Exception, match="not a user message"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=pair_template(JudgePrompt()),
+                                tokenize=False)
+
+
+def test_cross_encoder_export_scores_p_yes(tiny_models, tmp_path):
+    """CrossEncoder(folder).predict of text, image and text + image pairs equals Reranker.score_pairs (P(Yes))
+    within 1e-5, in a process that cannot import unime-ray; the export is the CLI's."""
+    images = []
+    for i, (w, h) in enumerate([(60, 80), (100, 50)]):
+        images.append(tmp_path / f"img{i}.png")
+        images[-1].write_bytes(make_png(w, h, seed=i + 5))
+    pairs = [(("Find the caption: a dog", None), ("a dog on a beach", None)),
+             (("<image> what is it?", images[0]), ("a red square", None)),
+             (("a blue circle", None), ("", images[1])),
+             (("Find the same: ", images[1]), ("Represent it: a <image> circle", images[0]))]
+    out = tmp_path / "ce"
+    assert main(["export-model", "--model", str(tiny_models["qwen2_5_vl"]), "--role", "reranker",
+                 "--format", "sentence-transformers", "--out", str(out)]) == 0
+    reranker = Reranker.from_pretrained(tiny_models["qwen2_5_vl"], device="cpu")
+    expected = reranker.score_pairs([tuple(Item(text=t, image_path=str(p) if p else None) for t, p in pair)
+                                     for pair in pairs])
+    spec = {"model": str(out), "out": str(tmp_path / "scores.npy"),
+            "pairs": [[{"text": t, "image": str(p) if p else None} for t, p in pair] for pair in pairs]}
+    run_isolated(ST_LOADER + PREDICT, json.dumps(spec))
+    got = np.load(tmp_path / "scores.npy")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got.std() > 0    # distinct pairs, distinct scores: not a constant

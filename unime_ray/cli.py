@@ -247,8 +247,19 @@ def cmd_export_model(args) -> int:
     from .models.encode import embedder_spec_from_arguments
 
     prompts = dict(p.split("=", 1) for p in args.prompt or [])
-    embedder = embedder_spec_from_arguments(args).build()
-    print(embedder.save_pretrained(args.out, format=args.format, prompts=prompts))
+    spec = embedder_spec_from_arguments(args)
+    if args.role == "reranker":
+        from .models.budget import ImageBudget
+        from .rerank import Reranker
+
+        if prompts or spec.adapter:
+            raise SystemExit("error: --prompt and --adapter are for embedders (a reranker's instructions go in each "
+                             "pair's texts; merge its adapter first)")
+        budget = ImageBudget.from_parts(spec.image_resize, spec.min_pixels, spec.max_pixels)
+        model = Reranker.from_pretrained(spec.model, dtype=spec.dtype, image_options=budget)
+        print(model.save_pretrained(args.out, format=args.format))
+        return 0
+    print(spec.build().save_pretrained(args.out, format=args.format, prompts=prompts))
     return 0
 
 
@@ -382,11 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default=None, help="the card's license (default: the base model's, else other)")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("export-model", help="write an embedder as a folder another library loads as it is")
+    p = sub.add_parser("export-model", help="write an embedder or reranker as a folder another library loads")
     add_embedder_arguments(p)
     p.add_argument("--format", required=True, choices=["sentence-transformers"],
                    help="sentence-transformers: SentenceTransformer(OUT) encodes as unime-ray does")
     p.add_argument("--out", required=True)
+    p.add_argument("--role", default="embedder", choices=["embedder", "reranker"],
+                   help="reranker: a pairwise Yes/No reranker (or judge) as a CrossEncoder whose score is P(Yes)")
     p.add_argument("--prompt", action="append", type=_prompt_flag, metavar="NAME=INSTRUCTION",
                    help="an instruction saved as a named prompt (encode(..., prompt_name=NAME)); repeatable")
     p.set_defaults(func=cmd_export_model)
