@@ -96,6 +96,53 @@ assert sys.modules["unime_ray"] is None
 '''
 
 
+MTEB_LOCAL_TASK = r'''
+import numpy as np
+import mteb
+from datasets import Dataset
+from PIL import Image
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+from sentence_transformers import SentenceTransformer
+
+spec = json.loads(sys.argv[1])
+
+def side(records):
+    """A Dataset of id, text and (where the side has images) image: one modality layout per side."""
+    columns = {"id": [r["id"] for r in records], "text": [r["text"] for r in records]}
+    if any(r["image"] for r in records):
+        columns["image"] = [Image.open(r["image"]).convert("RGB") for r in records]
+    return Dataset.from_dict(columns)
+
+def local_task(name, data):
+    class LocalPairs(AbsTaskRetrieval):   # each query ranks its own candidates (top_ranked): MMEB's P@1
+        metadata = TaskMetadata(
+            name=name, description="eval pairs from local files", reference=None,
+            dataset={"path": "local", "revision": "0"}, type="Any2AnyRetrieval", category="it2it",
+            modalities=["text", "image"], eval_splits=["test"], eval_langs=["eng-Latn"],
+            main_score="precision_at_1", date=None, domains=None, task_subtypes=None, license=None,
+            annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation=None)
+
+        def load_data(self, num_proc=None, **kwargs):
+            self.dataset = {"default": {"test": {
+                "queries": side(data["queries"]), "corpus": side(data["corpus"]),
+                "relevant_docs": {q["id"]: {q["positive"]: 1} for q in data["queries"]},
+                "top_ranked": {q["id"]: q["candidates"] for q in data["queries"]}}}}
+            self.data_loaded = True
+    return LocalPairs()
+
+model = SentenceTransformerEncoderWrapper(SentenceTransformer(spec["model"], device="cpu"))
+# a SentenceTransformer object is taken as text-only; its sentence_bert_config lists text and image
+model.mteb_model_meta = model.mteb_model_meta.model_copy(update={"modalities": ["image", "text"]})
+tasks = [local_task(name, data) for name, data in spec["tasks"].items()]
+result = mteb.evaluate(model, tasks, cache=None, prediction_folder=spec["out"], show_progress_bar=False)
+json.dump({r.task_name: r.scores["test"][0]["precision_at_1"] for r in result.task_results},
+          open(spec["out"] + "/p_at_1.json", "w"))
+assert sys.modules["unime_ray"] is None
+'''
+
+
 def run_isolated(code: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-I", "-c", code, *args], check=False, capture_output=True, text=True,
                           cwd=cwd, timeout=600)
@@ -264,3 +311,68 @@ def test_cross_encoder_export_scores_p_yes(tiny_models, tmp_path):
     got = np.load(tmp_path / "scores.npy")
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert got.std() > 0    # distinct pairs, distinct scores: not a constant
+
+
+def test_mteb_evaluates_the_export_on_a_local_task(tiny_models, tmp_path):
+    """mteb (2.x) runs the sentence-transformers export on a retrieval task built from our eval rows (each query
+    ranks its own candidates: ``top_ranked``), in a process without unime-ray: its P@1 equals
+    ``unime_ray.evaluate``'s on the same rows, and its score of every (query, candidate) equals our cosine."""
+    pytest.importorskip("mteb")
+    from unime_ray import evaluate
+
+    def png(i: int) -> str:
+        path = tmp_path / f"img{i}.png"
+        path.write_bytes(make_png(36 + 6 * i, 40, seed=20 + i))
+        return str(path)
+
+    texts = ["a red square", "a blue circle", "a green star", "a pink heart", "a grey moon"]
+    i2t = ("Represent the given image for finding its description:", "Represent the description:")
+    t2i = ("Find a shape image that matches the description:", "Represent the given shape image:")
+    rows = []
+    for k in range(5):   # image -> description, 3 distractors each
+        negs = [(k + d) % 5 for d in (1, 2, 3)]
+        rows.append({"id": f"i2t-{k}", "task": "i2t", "query_image_path": png(k), "query_instruction": i2t[0],
+                     "pos_id": f"t{k}", "pos_text": texts[k], "pos_instruction": i2t[1],
+                     "neg_id": [f"t{j}" for j in negs], "neg_text": [texts[j] for j in negs],
+                     "neg_instruction": [i2t[1]] * 3})
+    for k in range(5):   # description -> image
+        negs = [(k + d) % 5 for d in (1, 3)]
+        rows.append({"id": f"t2i-{k}", "task": "t2i", "query_text": texts[k], "query_instruction": t2i[0],
+                     "pos_id": f"i{k}", "pos_image_path": png(k), "pos_instruction": t2i[1],
+                     "neg_id": [f"i{j}" for j in negs], "neg_text": ["", ""], "neg_image_path": [png(j) for j in negs],
+                     "neg_instruction": [t2i[1]] * 2})
+    embedder = Embedder.from_pretrained(tiny_models["qwen2_vl"], positions="mrope")
+    ours = evaluate(embedder, rows, out_dir=tmp_path / "ours", update_card=False).per_dataset
+    assert set(ours) == {"i2t", "t2i"}
+
+    def record(item: Item, item_id: str) -> dict:   # the instruction joined to the text, as format_item reads it
+        return {"id": item_id, "text": item.prompt_text(), "image": item.image_path}
+
+    tasks, expected = {}, {}
+    for row in rows:
+        query = Item(text=row.get("query_text", ""), instruction=row["query_instruction"],
+                     image_path=row.get("query_image_path"))
+        cands = [Item(text=row.get("pos_text", ""), instruction=row["pos_instruction"],
+                      image_path=row.get("pos_image_path"))]
+        cands += [Item(text=t, instruction=i, image_path=p) for t, i, p in zip(
+            row["neg_text"], row["neg_instruction"],
+            row.get("neg_image_path") or [None] * len(row["neg_id"]))]
+        ids = [row["pos_id"], *row["neg_id"]]
+        task = tasks.setdefault(f"Local{row['task']}", {"queries": [], "corpus": {}})
+        task["queries"].append({**record(query, row["id"]), "positive": ids[0], "candidates": ids})
+        task["corpus"].update({i: record(c, i) for i, c in zip(ids, cands)})
+        vectors = embedder.encode([query, *cands])
+        expected[row["id"]] = dict(zip(ids, (vectors[1:] @ vectors[0]).tolist()))
+    spec = {"model": str(embedder.save_pretrained(tmp_path / "st", format="sentence-transformers")),
+            "out": str(tmp_path / "mteb"),
+            "tasks": {name: {"queries": t["queries"], "corpus": list(t["corpus"].values())} for name, t in tasks.items()}}
+    run_isolated(ST_LOADER + MTEB_LOCAL_TASK, json.dumps(spec))
+    p_at_1 = json.loads((tmp_path / "mteb" / "p_at_1.json").read_text())
+    assert {name: round(100 * v, 6) for name, v in p_at_1.items()} == {
+        f"Local{task}": round(v, 6) for task, v in ours.items()}
+    for name in tasks:
+        predicted = json.loads((tmp_path / "mteb" / f"{name}_predictions.json").read_text())["default"]["test"]
+        for query_id, scores in predicted.items():
+            assert scores.keys() == expected[query_id].keys()
+            np.testing.assert_allclose([scores[c] for c in scores], [expected[query_id][c] for c in scores],
+                                       atol=1e-5, err_msg=query_id)
