@@ -16,6 +16,11 @@ Two settings have no sentence-transformers form, so :func:`unexpressed` names th
   M-RoPE positions from the processor's ``mm_token_type_ids`` whenever no ``position_ids`` are passed, and neither
   sentence-transformers nor the processor passes them. Text-only inputs are the same in both modes.
 * a fixed ``resize``: the Qwen-VL image processor keeps the aspect ratio within its pixel range.
+
+Where torchvision is installed, transformers picks the torchvision image processor; ``SentenceTransformer(folder,
+processor_kwargs={"backend": "pil"})`` asks for unime-ray's PIL one (not run on this project's CPU machines, which
+have no usable torchvision: the tests build the processor without its video half). The reranker's
+``CrossEncoder`` is :mod:`unime_ray.rerank.st_export`, on :func:`write_folder`.
 """
 
 from __future__ import annotations
