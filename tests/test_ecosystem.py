@@ -42,7 +42,9 @@ _auto = AutoProcessor.from_pretrained.__func__
 def _without_video(cls, path, **kwargs):
     try:
         return _auto(cls, path, **kwargs)
-    except ImportError:                  # torchvision: needed by the video processor only
+    except ImportError as exc:           # torchvision: needed by the video processor only
+        if "torchvision" not in str(exc).lower():
+            raise
         tok = AutoTokenizer.from_pretrained(path)
         kind = json.load(open(f"{path}/config.json"))["model_type"]
         proc = (Qwen2_5_VLProcessor if kind == "qwen2_5_vl" else Qwen2VLProcessor).__new__(
