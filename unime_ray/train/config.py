@@ -47,6 +47,11 @@ class TrainLoop(Section):
     freeze_vision: bool = False
     checkpoint_every: int = Field(default=10, ge=1)
     max_failures: int = Field(default=1, ge=0)
+    tracking: Literal["none", "mlflow", "tensorboard", "wandb"] = Field(
+        default="none", description="also send metrics.jsonl's records, the settings and the final eval there")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI, or the TensorBoard / W&B "
+                                     "folder; null: MLFLOW_TRACKING_URI, else a folder in the training's output")
+    tracking_project: str = Field(default="unime-ray", description="MLflow experiment / W&B project")
 
     @model_validator(mode="after")
     def _loop(self):
