@@ -36,18 +36,23 @@ class ConfigError(ValueError):
 class RayConfig(Section):
     """Where stages run: ``address: null`` starts a local Ray on this machine."""
 
-    address: str | None = None
-    num_cpus: int | None = Field(default=2, ge=1)
-    num_gpus: int | None = Field(default=None, ge=0)
-    include_dashboard: bool = True
-    env_vars: dict[str, str] = Field(default_factory=dict)
+    address: str | None = Field(default=None, description="a Ray cluster to join (else RAY_ADDRESS); null: start "
+                                "a local Ray on this machine")
+    num_cpus: int | None = Field(default=2, ge=1, description="CPUs of the local Ray (null: all of this machine's)")
+    num_gpus: int | None = Field(default=None, ge=0, description="GPUs of the local Ray (null: those Ray detects)")
+    include_dashboard: bool = Field(default=True, description="start the Ray dashboard (on 127.0.0.1) with the "
+                                    "local Ray")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment variables of every Ray worker")
 
 
 class RunConfig(Section):
-    name: str = "run"
-    run_dir: str = "runs/demo"
-    seed: int = 0
-    stages: list[str] | None = None   # None: every stage the pipeline knows, in order
+    name: str = Field(default="run", description="the run's name (its embedder training's in Ray Train and the logs)")
+    run_dir: str = Field(default="runs/demo", description="folder of the stages' outputs, the manifest and the "
+                         "report; relative paths in the config start here")
+    seed: int = Field(default=0, description="seed of the stages' random choices (retrieval, judge-fit folds, "
+                      "mining, training); data.seed: the data's")
+    stages: list[str] | None = Field(default=None, description="stages to run, in the pipeline's order; null: "
+                                     "every stage the pipeline knows")
     ray: RayConfig = Field(default_factory=RayConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -57,7 +62,8 @@ class RunConfig(Section):
     mine: MineConfig = Field(default_factory=MineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
-    judge_fit: JudgeFitConfig | None = None
+    judge_fit: JudgeFitConfig | None = Field(default=None, description="offline stand-in judges, k-fold "
+                                             "cross-fitted; null: S2 scores with the judge as it is")
     compare: CompareConfig = Field(default_factory=CompareConfig)
     reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
