@@ -476,6 +476,47 @@ def test_embed_matches_in_process(client, reference):
     assert got.dtype == np.float32 and got.shape == (3, 64)
 
 
+def test_openai_embeddings_with_the_official_client(server, reference):
+    """POST /v1/embeddings with the `openai` client: texts (its default base64 encoding and float), and vLLM's
+    multimodal messages form; the same vectors as the embedder in this process; the same auth and 4xx."""
+    import base64
+
+    import openai
+
+    api = openai.OpenAI(base_url=server["url"] + "/v1", api_key=server["key"], max_retries=0)
+    texts = ["hello world", "a red car"]
+    want = reference["embedder"].encode([Item(text=t) for t in texts])
+    for fmt in ({}, {"encoding_format": "float"}):   # by default the client asks for base64 and decodes it
+        res = api.embeddings.create(model="unime", input=texts, **fmt)
+        got = np.array([d.embedding for d in res.data], dtype=np.float32)
+        np.testing.assert_allclose(got, want, atol=TOL)
+        assert [d.index for d in res.data] == [0, 1] and res.model == "unime"
+    raw = api.embeddings.create(model="unime", input=texts, encoding_format="base64").data[0].embedding
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(raw), dtype="<f4"), want[0], atol=TOL)
+    one = api.embeddings.create(model="unime", input="hello world")
+    np.testing.assert_allclose(one.data[0].embedding, want[0], atol=TOL)
+    png = make_png(50, 30, seed=11)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    r = post(server, "/v1/embeddings", {"model": "unime", "messages": [
+        {"role": "system", "content": "Represent the given image."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+    assert r.status_code == 200, r.text
+    ref = reference["embedder"].encode([Item(text="<image>", image=png, instruction="Represent the given image.")])
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], ref[0], atol=TOL)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0).embeddings.create(
+            model="unime", input="x")
+    with pytest.raises(openai.UnprocessableEntityError, match="64-dimensional"):
+        api.embeddings.create(model="unime", input="x", dimensions=32)
+    bad = [({"input": []}, "empty list"), ({"input": "x", "messages": []}, "either input"),
+           ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                        "image_url": {"url": "http://x/a.png"}}]}]}, "data: URL"),
+           ({"input": ["x"] * 9}, "more than the limit")]
+    for payload, message in bad:
+        r = post(server, "/v1/embeddings", payload)
+        assert r.status_code in (413, 422) and message in r.json()["detail"], (payload, r.text)
+
+
 def test_auth(server):
     url = server["url"]
     payload = {"query": {"text": "a red car"}, "top_k": 2}
