@@ -34,7 +34,8 @@ def test_mlflow_records_read_back(tmp_path):
     client = MlflowClient(tracking_uri=rec["where"])
     got = {k: [(m.step, m.value) for m in client.get_metric_history(rec["run_id"], k)] for k in EXPECTED}
     assert got == EXPECTED
-    assert [(m.step, m.value) for m in client.get_metric_history(rec["run_id"], "eval/precision_at_1/shapes_i2t")] == [(2, 61.5)]
+    evaluation = client.get_metric_history(rec["run_id"], "eval/precision_at_1/shapes_i2t")
+    assert [(m.step, m.value) for m in evaluation] == [(2, 61.5)]
     run = client.get_run(rec["run_id"])
     assert run.data.params["lora.r"] == "16" and run.info.status == "FINISHED" and run.info.run_name == "demo"
 
