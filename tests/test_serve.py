@@ -585,7 +585,7 @@ def test_image_file_query_via_client(client, tmp_path, reference, built_index):
 CLI_WRAPPER = """
 import argparse, sys
 from unime_ray.serve.cli import register
-from unime_ray.utils.logs import setup_logging
+from unime_ray.utils.console import setup_logging
 setup_logging("WARNING")
 parser = argparse.ArgumentParser(prog="unime-ray")
 register(parser.add_subparsers(dest="command", required=True))

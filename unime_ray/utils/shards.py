@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .logs import Progress
+from .progress import Progress
 from .parquet import iter_batches, shard_paths, write_table_atomic
 
 logger = logging.getLogger(__name__)
