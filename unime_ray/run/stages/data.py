@@ -19,8 +19,6 @@ from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
 
-TABLES = ("train_pairs", "train_candidates", "eval_pairs", "eval_candidates")
-
 
 def run_data(ctx: Context) -> DataResult:
     d = ctx.cfg.data
