@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..schema import item_from_row, negatives_from_row
-from .records import ImageSpill, error_factory, field, image_item, official_text, pair_row
+from .records import ImageSpill, field, image_item, official_text, pair_row, record_errors
 
 
 def mmeb_train_record_to_row(rec: Mapping[str, Any], index: int, source: str, task: str,
@@ -19,11 +19,7 @@ def mmeb_train_record_to_row(rec: Mapping[str, Any], index: int, source: str, ta
     """An MMEB-train row (``qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path]``).
     ``index`` is the record's row in ``source``; ``id_index`` (default ``index``) numbers the row id, which
     runs on across the files of one subset."""
-    err = error_factory(source, index)
-    if not isinstance(rec, Mapping):
-        raise err("<row>", f"expected an object, got {type(rec).__name__}")
-    if "__invalid_json__" in rec:
-        raise err("<row>", rec["__invalid_json__"])
+    err = record_errors(rec, source, index)
     query = image_item(field(rec, "qry", err), field(rec, "qry_image_path", err, required=False))
     pos = image_item(field(rec, "pos_text", err), field(rec, "pos_image_path", err, required=False))
     neg_text = field(rec, "neg_text", err, required=False)
@@ -47,11 +43,7 @@ def row_to_mmeb_train_record(row: Mapping[str, Any], spill: ImageSpill | None = 
 
 def mmeb_eval_record_to_row(rec: Mapping[str, Any], index: int, source: str, task: str) -> dict[str, Any]:
     """An MMEB-eval row: query and candidate lists with the ground truth first."""
-    err = error_factory(source, index)
-    if not isinstance(rec, Mapping):
-        raise err("<row>", f"expected an object, got {type(rec).__name__}")
-    if "__invalid_json__" in rec:
-        raise err("<row>", rec["__invalid_json__"])
+    err = record_errors(rec, source, index)
     query = image_item(field(rec, "qry_text", err), field(rec, "qry_img_path", err, required=False))
     texts = field(rec, "tgt_text", err, types=(list, tuple))
     paths = field(rec, "tgt_img_path", err, types=(list, tuple), required=False)

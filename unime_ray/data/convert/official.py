@@ -10,17 +10,13 @@ from ...utils.files import write_json_atomic
 from ..io import iter_rows
 from ..schema import item_from_row, negatives_from_row
 from ..validate import DataError
-from .records import ImageSpill, error_factory, field, image_item, official_text, pair_row, task_from_path
+from .records import ImageSpill, field, image_item, official_text, pair_row, record_errors, task_from_path
 
 
 def official_record_to_row(rec: Mapping[str, Any], index: int, source: str, id_prefix: str = "official",
                            default_task: str = "unknown") -> dict[str, Any]:
     """One record of the official UniME-V2 training JSON -> a canonical pair row."""
-    err = error_factory(source, index)
-    if not isinstance(rec, Mapping):
-        raise err("<row>", f"expected an object, got {type(rec).__name__}")
-    if "__invalid_json__" in rec:
-        raise err("<row>", rec["__invalid_json__"])
+    err = record_errors(rec, source, index)
     q_text = field(rec, "query_text", err)
     q_img = field(rec, "query_image", err, required=False, default="")
     p_text = field(rec, "pos_text", err)

@@ -92,6 +92,16 @@ def error_factory(source: str, index: int, row_id: str | None = None) -> Callabl
     return lambda field, reason: DataError(source, index, field, reason, row_id)
 
 
+def record_errors(rec: Any, source: str, index: int) -> Callable[[str, str], DataError]:
+    """The error factory of record ``index``, once it passed what every format checks: an object, valid JSON."""
+    err = error_factory(source, index)
+    if not isinstance(rec, Mapping):
+        raise err("<row>", f"expected an object, got {type(rec).__name__}")
+    if "__invalid_json__" in rec:
+        raise err("<row>", rec["__invalid_json__"])
+    return err
+
+
 def pair_row(row_id: str, task: str, query: Item, pos: Item, pos_score: float | None,
               negatives: list[tuple[Item, float | None, str | None]]) -> dict[str, Any]:
     row = empty_row(PAIR_SCHEMA)

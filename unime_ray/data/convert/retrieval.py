@@ -22,7 +22,7 @@ import pyarrow as pa
 from ..images import ImageError, decode_image, read_image_bytes
 from ..io import write_rows
 from ..validate import DataError, Quarantine, RowAccount, _reason_kind
-from .records import error_factory, no_rows_is_an_error, read_records
+from .records import error_factory, no_rows_is_an_error, read_records, record_errors
 
 RETRIEVAL_FORMATS = ("retrieval", "sharegpt4v", "urban1k")
 RETRIEVAL_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("image", pa.binary()),
@@ -122,11 +122,7 @@ def urban1k_records(folder: str | os.PathLike, image_root: str | os.PathLike | N
 def retrieval_record_to_row(rec: Any, index: int, source: str, fmt: str, name: str) -> dict[str, Any]:
     """One record of a retrieval set -> a :data:`RETRIEVAL_SCHEMA` row (structure only; images are
     checked by :func:`validate_retrieval_row`)."""
-    err = error_factory(source, index)
-    if not isinstance(rec, Mapping):
-        raise err("<row>", f"expected an object, got {type(rec).__name__}")
-    if "__invalid_json__" in rec:
-        raise err("<row>", rec["__invalid_json__"])
+    record_errors(rec, source, index)
     rid = rec.get("id", rec.get("image_id"))
     row_id = f"{name}:{rid}" if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) \
         else f"{name}:{index:08d}"
