@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ...utils.files import write_text_atomic
 from ..io import iter_rows, write_rows
 from ..schema import SCHEMAS
 from ..validate import DataError, Quarantine, RowAccount, validate_rows
@@ -143,14 +144,7 @@ def export_pairs(pairs_path: str | os.PathLike, fmt: str, out_path: str | os.Pat
     if to_record is None:
         raise ValueError(f"cannot export to {fmt!r}; choose official, mmeb-train or mmeb-eval")
     spill = ImageSpill(image_dir)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in iter_rows(pairs_path):
-            f.write(json.dumps(to_record(row, spill), ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, out)
-    return n
+    lines = [json.dumps(to_record(row, spill), ensure_ascii=False) + "\n" for row in iter_rows(pairs_path)]
+    write_text_atomic("".join(lines), out_path)
+    return len(lines)
 
