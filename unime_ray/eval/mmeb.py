@@ -34,8 +34,8 @@ from ..data.io import iter_rows, shard_paths, write_table_atomic
 from ..data.schema import Item, item_from_row, negatives_from_row
 from ..data.validate import DataError
 from ..rerank.prompt import ANSWER_KINDS, RerankPrompt, read_listwise_answer
-from ..utils.progress import Progress
 from ..utils.pool import Pool
+from ..utils.progress import Progress
 from ..utils.tallies import drain_visual_tokens, token_tally
 from .encode import ItemEncoder, ItemRegistry
 from .metrics import TIE_RULE, gt_rank, mean_count, rank_order
