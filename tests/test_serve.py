@@ -92,7 +92,7 @@ def built_index(tiny_models, tmp_path_factory):
 def reference(tiny_models, built_index):
     """The same models, in this process."""
     from unime_ray.models import Embedder
-    from unime_ray.serve.app import RERANK_IMPL, reranker_implementation
+    from unime_ray.serve.deployments import RERANK_IMPL, reranker_implementation
 
     embedder = Embedder.from_pretrained(tiny_models["qwen2_vl"], dtype="float32")
     if reranker_implementation() == RERANK_IMPL:
@@ -392,7 +392,7 @@ def test_health_and_info(server, client):
     info = client.info()
     assert info["index"]["count"] == N_CANDIDATES and info["index"]["dim"] == 64
     assert info["index"]["partitions"] == 2 and info["auth"] is True
-    from unime_ray.serve.app import reranker_implementation
+    from unime_ray.serve.deployments import reranker_implementation
 
     assert info["reranker"]["implementation"] == reranker_implementation() and info["embedder"]["dim"] == 64
     assert (info["reranker"]["mode"], info["reranker"]["fusion_weight"]) == ("fused", FUSION_WEIGHT)
@@ -626,7 +626,7 @@ def test_image_file_query_via_client(client, tmp_path, reference, built_index):
 CLI_WRAPPER = """
 import argparse, sys
 from unime_ray.serve.cli import register
-from unime_ray.utils.logs import setup_logging
+from unime_ray.utils.console import setup_logging
 setup_logging("WARNING")
 parser = argparse.ArgumentParser(prog="unime-ray")
 register(parser.add_subparsers(dest="command", required=True))

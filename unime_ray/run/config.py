@@ -24,7 +24,7 @@ from ..models.config import ModelsConfig
 from ..retrieval.config import EmbedConfig, RetrieveConfig
 from ..serve.config import ServeConfig
 from ..train.config import BaselineConfig, CompareConfig, JudgeFitConfig, RerankerTrainConfig, TrainConfig
-from ..utils.settings import Section, commented_yaml, settings_rows
+from ..utils.settings import Section, commented_yaml, deep_merge, settings_rows
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -169,13 +169,6 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _load_extending(path: Path, source: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
     """A preset or config file; ``extends: <preset>`` makes it hold only what differs from that preset (presets
     may extend presets, e.g. paper-llava-ov-7b extends paper-qwen2vl-2b; jobs/configs/*.yaml extend presets)."""
@@ -188,7 +181,7 @@ def _load_extending(path: Path, source: str, seen: tuple[str, ...] = ()) -> tupl
     if base in seen:
         raise ConfigError(f"{path}: extends: preset {base!r} extends itself ({' -> '.join(seen + (base,))})")
     parent, _ = _load_extending(PRESET_DIR / f"{base}.yaml", f"preset {base}", seen + (base,))
-    return _deep_merge(parent, data), f"{source} (extends preset {base})"
+    return deep_merge(parent, data), f"{source} (extends preset {base})"
 
 
 def load_run_config(preset: str | None = None, config_path: str | os.PathLike | None = None,

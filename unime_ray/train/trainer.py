@@ -347,7 +347,7 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
         run_config=RunConfig(storage_path=str(out / "ray_results"), name=name,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=s.max_failures)))
-    from ..utils.logs import watch_metrics
+    from .watch import watch_metrics
 
     # Rank 0 appends a line per step to metrics.jsonl; a thread here turns it into the console's progress line.
     with watch_metrics(out / "metrics.jsonl", f"train {name}", s.max_steps, logger):
