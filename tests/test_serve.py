@@ -517,6 +517,31 @@ def test_openai_embeddings_with_the_official_client(server, reference):
         assert r.status_code in (413, 422) and message in r.json()["detail"], (payload, r.text)
 
 
+def test_rerank_endpoint_scores_documents_as_the_reranker_does(server, reference):
+    """POST /v1/rerank (Cohere/Jina shape): P(Yes) per document as the reranker in this process gives it, sorted,
+    top_n, documents echoed on request; texts or items with images; the same auth and 4xx."""
+    png = make_png(44, 44, seed=3)
+    docs = ["a photo of a black cat", "a red car", {"text": "a cat", "image": base64.b64encode(png).decode()}]
+    r = post(server, "/v1/rerank", {"model": "m", "query": "a black cat", "documents": docs, "top_n": 2,
+                                    "return_documents": True})
+    assert r.status_code == 200, r.text
+    want = reference["score_pairs"]([(Item(text="a black cat"), Item(text="a photo of a black cat")),
+                                     (Item(text="a black cat"), Item(text="a red car")),
+                                     (Item(text="a black cat"), Item(text="a cat", image=png))])
+    order = sorted(range(3), key=lambda i: (-want[i], i))[:2]
+    got = r.json()["results"]
+    assert [x["index"] for x in got] == order and r.json()["model"] == "m"
+    np.testing.assert_allclose([x["relevance_score"] for x in got], want[order], atol=TOL)
+    assert got[0]["document"]["text"] == (docs[order[0]] if isinstance(docs[order[0]], str) else "a cat")
+    assert requests.post(server["url"] + "/v1/rerank", json={"query": "q", "documents": ["d"]},
+                         timeout=30).status_code == 401
+    for payload, status, message in [({"query": "q", "documents": []}, 422, "documents"),
+                                      ({"query": "q", "documents": ["d"] * 11}, 413, "more than the limit"),
+                                      ({"query": "", "documents": ["d"]}, 422, "empty")]:
+        r = post(server, "/v1/rerank", payload)
+        assert r.status_code == status and message in r.json()["detail"], (payload, r.text)
+
+
 def test_auth(server):
     url = server["url"]
     payload = {"query": {"text": "a red car"}, "top_k": 2}

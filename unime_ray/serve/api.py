@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1"
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
-JSON_PATHS = ("/v1/search", "/v1/embed", "/v1/embeddings")   # POST bodies read as JSON whatever the Content-Type says
+JSON_PATHS = ("/v1/search", "/v1/embed", "/v1/embeddings", "/v1/rerank")   # POST bodies read as JSON whatever the Content-Type says
 
 
 class RequestError(Exception):
@@ -143,6 +143,30 @@ class EmbeddingsResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: dict[str, int] = Field(description="prompt_tokens / total_tokens: not counted here (0)")
+
+
+class RerankRequest(_In):
+    """A Cohere/Jina-style rerank request; a query or document may be a text or an item (text and/or image)."""
+
+    model: str | None = Field(default=None, description="the served reranker's name (any value is accepted)")
+    query: str | QueryIn
+    documents: list[str | QueryIn] = Field(min_length=1, description="at most limits.max_rerank_top_k")
+    top_n: int | None = Field(default=None, ge=1, description="return the best n (default: all)")
+    return_documents: bool = Field(default=False, description="echo each document's text in its result")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="the document's position in the request")
+    relevance_score: float | None = Field(description="the reranker's P(Yes) for (query, document); null: the "
+                                          "document could not be scored (see error), ranked last")
+    document: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class RerankResponse(BaseModel):
+    model: str
+    results: list[RerankResult] = Field(description="by relevance_score, highest first")
+    meta: dict[str, Any] = Field(default_factory=dict)
 
 
 class Health(BaseModel):
@@ -501,6 +525,29 @@ def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI
                 raise RequestError(413, f"{len(queries)} inputs, more than the limit of {limits.max_embed_items}")
             items = [await _to_item(q, limits, what=f"input[{i}]") for i, q in enumerate(queries)]
             return embeddings_response(await backend.embed_items(items), req)
+        return await _guarded(run)
+
+    @api.post("/v1/rerank", response_model=RerankResponse, dependencies=[Depends(bearer)], responses=errors_doc,
+              summary="score documents against a query with the pairwise reranker (Cohere/Jina shape)")
+    async def rerank(req: RerankRequest):
+        async def run():
+            if not backend.can_rerank:
+                withheld = getattr(backend, "rerank_withheld", None)
+                raise RequestError(422, "reranking is not available: this server was started without a reranker"
+                                   + (f" ({withheld})" if withheld else ""))
+            if len(req.documents) > limits.max_rerank_top_k:
+                raise RequestError(413, f"{len(req.documents)} documents, more than the limit of "
+                                        f"{limits.max_rerank_top_k}")
+            as_in = (lambda x: QueryIn(text=x) if isinstance(x, str) else x)
+            query = await _to_item(as_in(req.query), limits)
+            docs = [await _to_item(as_in(d), limits, what=f"documents[{i}]") for i, d in enumerate(req.documents)]
+            outcomes = await backend.rerank(query, docs)
+            results = [{"index": i, "relevance_score": s, "error": err,
+                        "document": {"text": docs[i].text} if req.return_documents else None}
+                       for i, (s, err) in enumerate(outcomes)]
+            results.sort(key=lambda r: (r["relevance_score"] is None, -(r["relevance_score"] or 0.0), r["index"]))
+            return {"model": req.model or backend.reranker_model, "results": results[:req.top_n],
+                    "meta": {"score": "P(Yes) of the pairwise prompt"}}
         return await _guarded(run)
 
     return api

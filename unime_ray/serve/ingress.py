@@ -226,6 +226,18 @@ class UniMEIngress:
         return {"model": self._info["embedder"]["model"], "dim": int(len(vectors[0])),
                 "embeddings": [np.asarray(v, dtype=np.float32).tolist() for v in vectors]}
 
+    @property
+    def reranker_model(self) -> str:
+        return str((self._info.get("reranker") or {}).get("model") or self.reranker_name)
+
+    async def rerank(self, query: Item, documents: list[Item]) -> list[tuple[float | None, str | None]]:
+        """(P(Yes) or None, error or None) per document, from the reranker deployment (pairwise)."""
+        deadline = self._deadline()
+        await self._ensure_ready([self.reranker_name])
+        [outcomes] = await self._await_all([(self.reranker_name, self.reranker.score.remote(query, documents))],
+                                           deadline)
+        return outcomes
+
     async def search(self, item: Item, top_k: int, n_rerank: int, include_image: bool) -> dict[str, Any]:
         from .api import rerank_order
 
