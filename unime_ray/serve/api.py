@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1"
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
-JSON_PATHS = ("/v1/search", "/v1/embed", "/v1/embeddings", "/v1/rerank")   # POST bodies read as JSON whatever the Content-Type says
+JSON_PATHS = ("/v1/search", "/v1/embed", "/v1/embeddings", "/v1/rerank")   # POST bodies: JSON, whatever the type
 
 
 class RequestError(Exception):
@@ -538,7 +538,9 @@ def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI
             if len(req.documents) > limits.max_rerank_top_k:
                 raise RequestError(413, f"{len(req.documents)} documents, more than the limit of "
                                         f"{limits.max_rerank_top_k}")
-            as_in = (lambda x: QueryIn(text=x) if isinstance(x, str) else x)
+            def as_in(x: str | QueryIn) -> QueryIn:
+                return QueryIn(text=x) if isinstance(x, str) else x
+
             query = await _to_item(as_in(req.query), limits)
             docs = [await _to_item(as_in(d), limits, what=f"documents[{i}]") for i, d in enumerate(req.documents)]
             outcomes = await backend.rerank(query, docs)
