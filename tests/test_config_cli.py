@@ -160,6 +160,22 @@ def test_settings_help_lists_every_setting_with_its_description():
     assert "embed.pool.min_actors" in out and "actors kept while the map runs" in out
 
 
+def test_every_setting_has_a_description():
+    """Help is written once, as each field's description: every setting has one, with the optional sections (null
+    by default) both unset and filled in, and an ablation's fields."""
+    from unime_ray.models.budget import ROLES
+    from unime_ray.train.config import AblationConfig
+    from unime_ray.utils.settings import settings_rows
+
+    filled = RunConfig(judge_fit={}, models={"retriever": "x", "images": {role: {} for role in ROLES}},
+                       serve={d: {"autoscaling": {}} for d in ("ingress", "embedder", "index", "reranker")})
+    rows = (settings_rows(RunConfig()) + settings_rows(filled)
+            + settings_rows(AblationConfig(name="a", objective="infonce"), "compare.ablations[]."))
+    assert {"judge_fit", "judge_fit.encoder.dim", "models.images.eval.resize", "serve.index.autoscaling.min_replicas",
+            "compare.ablations[].seeds"} <= {key for key, _, _ in rows}
+    assert [key for key, _, text in rows if not text.strip()] == []
+
+
 def test_tool_flags_come_from_the_settings_model():
     """The tool commands' pool flags are the Pool model's fields: typed, described, validated by the model."""
     import argparse

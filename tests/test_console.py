@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from unime_ray.utils import logs
-from unime_ray.utils.logs import MetricsWatcher, Progress, fmt_duration, fmt_rate, one_line_error
+from unime_ray.utils import console
+from unime_ray.train.watch import MetricsWatcher, watch_metrics
+from unime_ray.utils.console import one_line_error
+from unime_ray.utils.progress import Progress, fmt_duration, fmt_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,14 +104,14 @@ def test_progress_in_place_on_a_tty(monkeypatch):
 
 def test_console_handler_redraws_the_live_line():
     tty = Tty()
-    handler = logs.ConsoleHandler()
+    handler = console.ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     lg = logging.getLogger("unime_ray.test_console.redraw")
     lg.handlers[:] = [handler]
     lg.propagate = False
     lg.setLevel(logging.INFO)
-    old = logs._State.console
-    logs._State.console = tty
+    old = console._State.console
+    console._State.console = tty
     try:
         clock = Clock()
         p = Progress(lg, "searched", total=10, clock=clock, stream=tty, tty_every=0)
@@ -118,11 +120,11 @@ def test_console_handler_redraws_the_live_line():
         out = tty.getvalue()
         # erase the live line, write the record, draw the line again below it
         assert "\r\x1b[Ka stage line\n\rsearched: 3/10" in out
-        logs.end_live()
-        assert tty.getvalue().endswith("\n") and logs._State.live is None
+        console.end_live()
+        assert tty.getvalue().endswith("\n") and console._State.live is None
     finally:
-        logs._State.console = old
-        logs._State.live = None
+        console._State.console = old
+        console._State.live = None
 
 
 def test_metrics_watcher_turns_appended_lines_into_progress(tmp_path):
@@ -153,7 +155,7 @@ def test_metrics_watcher_turns_appended_lines_into_progress(tmp_path):
 def test_metrics_watcher_thread_finishes_the_line(tmp_path):
     lg, records = _logger("thread")
     path = tmp_path / "metrics.jsonl"
-    with logs.watch_metrics(path, "train t", 2, lg, poll=0.01):
+    with watch_metrics(path, "train t", 2, lg, poll=0.01):
         with path.open("a") as f:
             f.write(json.dumps({"step": 1, "loss": 1.5}) + "\n")
             f.write(json.dumps({"step": 2, "loss": 1.25}) + "\n")
@@ -173,7 +175,7 @@ def test_one_line_error_of_a_remote_traceback():
 _ROUTING = textwrap.dedent("""
     import logging, os, sys, warnings
     sys.path.insert(0, {repo!r})
-    from unime_ray.utils.logs import setup_logging, start_run_logging
+    from unime_ray.utils.console import setup_logging, start_run_logging
     setup_logging("INFO")
     verbose = sys.argv[2] == "verbose"
     run = start_run_logging(sys.argv[1], verbose=verbose)

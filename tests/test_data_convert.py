@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unime_ray.data.convert import export_pairs, from_canonical_text, import_pairs, to_canonical_text
+from unime_ray.data.convert import export_pairs, import_pairs
+from unime_ray.data.convert.records import from_canonical_text, to_canonical_text
 from unime_ray.data.io import ShardWriter, count_rows, iter_rows, read_table, write_rows
 from unime_ray.data.schema import CANDIDATE_SCHEMA, IMAGE_MARKER, PAIR_SCHEMA, empty_row
 from unime_ray.data.validate import DataError, validate_row
@@ -649,7 +650,7 @@ def test_prepare_cli_mmeb_train_folder_and_max_records(tmp_path, png_bytes, caps
 # ------------------------------------------------------------------------------------------ retrieval sets
 def test_official_flickr_coco_test_parquet_is_retrieval_data(tmp_path, png_bytes):
     """royokong/flickr30k_test and coco_test: ``image`` (HF Image struct) + ``text`` (list of 5 captions)."""
-    from unime_ray.data.convert import RETRIEVAL_SCHEMA
+    from unime_ray.data.convert.retrieval import RETRIEVAL_SCHEMA
     from unime_ray.eval.retrieval import load_retrieval_set
 
     caps = lambda i: [f"caption {j} of image {i}" for j in range(5)]   # noqa: E731

@@ -92,7 +92,7 @@ def built_index(tiny_models, tmp_path_factory):
 def reference(tiny_models, built_index):
     """The same models, in this process."""
     from unime_ray.models import Embedder
-    from unime_ray.serve.app import RERANK_IMPL, reranker_implementation
+    from unime_ray.serve.deployments import RERANK_IMPL, reranker_implementation
 
     embedder = Embedder.from_pretrained(tiny_models["qwen2_vl"], dtype="float32")
     if reranker_implementation() == RERANK_IMPL:
@@ -392,7 +392,7 @@ def test_health_and_info(server, client):
     info = client.info()
     assert info["index"]["count"] == N_CANDIDATES and info["index"]["dim"] == 64
     assert info["index"]["partitions"] == 2 and info["auth"] is True
-    from unime_ray.serve.app import reranker_implementation
+    from unime_ray.serve.deployments import reranker_implementation
 
     assert info["reranker"]["implementation"] == reranker_implementation() and info["embedder"]["dim"] == 64
     assert (info["reranker"]["mode"], info["reranker"]["fusion_weight"]) == ("fused", FUSION_WEIGHT)
@@ -474,6 +474,72 @@ def test_embed_matches_in_process(client, reference):
                         for it in items])
     np.testing.assert_allclose(got, reference["embedder"].encode(items), atol=TOL)
     assert got.dtype == np.float32 and got.shape == (3, 64)
+
+
+def test_openai_embeddings_with_the_official_client(server, reference):
+    """POST /v1/embeddings with the `openai` client: texts (its default base64 encoding and float), and vLLM's
+    multimodal messages form; the same vectors as the embedder in this process; the same auth and 4xx."""
+    import base64
+
+    import openai
+
+    api = openai.OpenAI(base_url=server["url"] + "/v1", api_key=server["key"], max_retries=0)
+    texts = ["hello world", "a red car"]
+    want = reference["embedder"].encode([Item(text=t) for t in texts])
+    for fmt in ({}, {"encoding_format": "float"}):   # by default the client asks for base64 and decodes it
+        res = api.embeddings.create(model="unime", input=texts, **fmt)
+        got = np.array([d.embedding for d in res.data], dtype=np.float32)
+        np.testing.assert_allclose(got, want, atol=TOL)
+        assert [d.index for d in res.data] == [0, 1] and res.model == "unime"
+    raw = api.embeddings.create(model="unime", input=texts, encoding_format="base64").data[0].embedding
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(raw), dtype="<f4"), want[0], atol=TOL)
+    one = api.embeddings.create(model="unime", input="hello world")
+    np.testing.assert_allclose(one.data[0].embedding, want[0], atol=TOL)
+    png = make_png(50, 30, seed=11)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    r = post(server, "/v1/embeddings", {"model": "unime", "messages": [
+        {"role": "system", "content": "Represent the given image."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+    assert r.status_code == 200, r.text
+    ref = reference["embedder"].encode([Item(text="<image>", image=png, instruction="Represent the given image.")])
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], ref[0], atol=TOL)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0).embeddings.create(
+            model="unime", input="x")
+    with pytest.raises(openai.UnprocessableEntityError, match="64-dimensional"):
+        api.embeddings.create(model="unime", input="x", dimensions=32)
+    bad = [({"input": []}, "empty list"), ({"input": "x", "messages": []}, "either input"),
+           ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                        "image_url": {"url": "http://x/a.png"}}]}]}, "data: URL"),
+           ({"input": ["x"] * 9}, "more than the limit")]
+    for payload, message in bad:
+        r = post(server, "/v1/embeddings", payload)
+        assert r.status_code in (413, 422) and message in r.json()["detail"], (payload, r.text)
+
+
+def test_rerank_endpoint_scores_documents_as_the_reranker_does(server, reference):
+    """POST /v1/rerank (Cohere/Jina shape): P(Yes) per document as the reranker in this process gives it, sorted,
+    top_n, documents echoed on request; texts or items with images; the same auth and 4xx."""
+    png = make_png(44, 44, seed=3)
+    docs = ["a photo of a black cat", "a red car", {"text": "a cat", "image": base64.b64encode(png).decode()}]
+    r = post(server, "/v1/rerank", {"model": "m", "query": "a black cat", "documents": docs, "top_n": 2,
+                                    "return_documents": True})
+    assert r.status_code == 200, r.text
+    want = reference["score_pairs"]([(Item(text="a black cat"), Item(text="a photo of a black cat")),
+                                     (Item(text="a black cat"), Item(text="a red car")),
+                                     (Item(text="a black cat"), Item(text="a cat", image=png))])
+    order = sorted(range(3), key=lambda i: (-want[i], i))[:2]
+    got = r.json()["results"]
+    assert [x["index"] for x in got] == order and r.json()["model"] == "m"
+    np.testing.assert_allclose([x["relevance_score"] for x in got], want[order], atol=TOL)
+    assert got[0]["document"]["text"] == (docs[order[0]] if isinstance(docs[order[0]], str) else "a cat")
+    assert requests.post(server["url"] + "/v1/rerank", json={"query": "q", "documents": ["d"]},
+                         timeout=30).status_code == 401
+    for payload, status, message in [({"query": "q", "documents": []}, 422, "documents"),
+                                      ({"query": "q", "documents": ["d"] * 11}, 413, "more than the limit"),
+                                      ({"query": "", "documents": ["d"]}, 422, "empty")]:
+        r = post(server, "/v1/rerank", payload)
+        assert r.status_code == status and message in r.json()["detail"], (payload, r.text)
 
 
 def test_auth(server):
@@ -585,7 +651,7 @@ def test_image_file_query_via_client(client, tmp_path, reference, built_index):
 CLI_WRAPPER = """
 import argparse, sys
 from unime_ray.serve.cli import register
-from unime_ray.utils.logs import setup_logging
+from unime_ray.utils.console import setup_logging
 setup_logging("WARNING")
 parser = argparse.ArgumentParser(prog="unime-ray")
 register(parser.add_subparsers(dest="command", required=True))

@@ -92,7 +92,7 @@ def test_autoscaling_cluster_only_warns():
 
 # ------------------------------------------------------------------------------------------ ingress (pure)
 def _fake_ingress(timeout_s: float = 0.3):
-    from unime_ray.serve.app import UniMEIngress
+    from unime_ray.serve.ingress import UniMEIngress
 
     # the class as written (below Serve's ASGI wrapper), without __init__: no handles, no replica context
     cls = next(k for k in UniMEIngress.func_or_class.__mro__ if "_await_all" in vars(k))
@@ -141,7 +141,7 @@ def test_deadline_names_the_late_deployment():
 
 def test_readiness_from_serve_status():
     from unime_ray.serve.api import RequestError
-    from unime_ray.serve.app import deployment_readiness
+    from unime_ray.serve.ingress import deployment_readiness
 
     dep = SimpleNamespace
     app = SimpleNamespace(deployments={

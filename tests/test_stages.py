@@ -9,7 +9,10 @@ from unime_ray.cli import commands as commands_of_cli
 from unime_ray.run.config import RunConfig, load_run_config
 from unime_ray.models.budget import ROLES
 from unime_ray.run.runner import STAGES, _stage_key, run_pipeline, stages_through
-from unime_ray.run.stage import ConfigView, Context, Manifest, Stage, StageResult, UndeclaredRead
+from unime_ray.run.results import JudgeFitResult, MineResult, RetrieveResult
+from unime_ray.run.stage import ConfigView, Context, Manifest, Section, Stage, StageResult, UndeclaredRead
+from unime_ray.run.stages.mining import report_mine
+from unime_ray.run.stages.retrieval import report_retrieve
 
 
 def test_every_stage_is_declared_once_with_a_command_and_known_config():
@@ -51,7 +54,7 @@ def test_results_are_typed_and_reruns_skip_completed_stages(tmp_path, monkeypatc
     def second(ctx: Context):
         calls.append("second")
         got = ctx.result("first", _Counted)
-        assert isinstance(got, _Counted) and got.rows == 3 and got.get("path").endswith("first/x")
+        assert isinstance(got, _Counted) and got.rows == 3 and got.model_extra["path"].endswith("first/x")
         return _Counted(rows=got.rows + 1)
 
     stages = [Stage("first", "", first, reads=("data",), result=_Counted),
@@ -77,6 +80,23 @@ def test_results_are_typed_and_reruns_skip_completed_stages(tmp_path, monkeypatc
         Context(cfg, Manifest(tmp_path / "elsewhere"), "second").result("first", _Counted)
 
 
+def test_reports_read_declared_fields_and_older_results_still_load(tmp_path):
+    """A report section reads its result's declared fields; a result recorded before a field was declared loads with
+    the field's default, and extra fields (kept for people) still load."""
+    mined = {"training_table": "t", "queries": 7, "mined": 6, "quarantined": 1, "false_negatives": 3, "fallbacks": 2,
+             "repeated_fill": 1, "mean_positive_score": 0.75, "mean_negative_score": 0.25, "no_candidates": 0,
+             "settings": {"num_negatives": 4, "beta": 0.01, "interval": 5}}
+    text = "\n".join(report_mine(Section(MineResult.model_validate(mined), {}, tmp_path)))
+    assert "| 7 | 6 | 1 | 3 | 2 | 1 | 0.75 | 0.25 |" in text and "num_negatives 4, beta 0.01, interval 5" in text
+    retrieved = {"queries": 5, "mean_candidates": 2.5, "queries_without_candidates": 1, "mean_dropped_by_delta": 0.5,
+                 "pools": 2, "search": {"rows_per_s": 100.0}}
+    text = "\n".join(report_retrieve(Section(RetrieveResult.model_validate(retrieved), {}, tmp_path)))
+    assert "| 5 | 2.50 | 1 | 0.50 | 2 | 100.00 |" in text
+    older = JudgeFitResult.model_validate({"enabled": True, "folds": {}, "num_folds": 2, "note": "kept"})
+    assert older.text_tower == {} and older.feature_items is None and older.model_extra == {"note": "kept"}
+    assert MineResult.model_validate({"training_table": "t"}).queries is None
+
+
 def test_a_stage_reads_only_what_it_declares(tmp_path):
     """The key covers every setting a stage can read: reading one it does not list fails, naming both."""
     cfg = load_run_config(preset="synthetic", overrides=[f"run_dir={tmp_path}"])
@@ -97,7 +117,7 @@ def test_a_stage_reads_only_what_it_declares(tmp_path):
     with pytest.raises(UndeclaredRead, match="'seed'"):
         Stage("s", "", reads_the_seed).execute(Context(ConfigView(cfg, (), "s"), Manifest(tmp_path), "s"))
     assert Stage("s", "", reads_the_seed).execute(
-        Context(ConfigView(cfg, ("seed",), "s"), Manifest(tmp_path), "s")).get("seed") == cfg.seed
+        Context(ConfigView(cfg, ("seed",), "s"), Manifest(tmp_path), "s")).model_extra["seed"] == cfg.seed
 
 
 def _keys(cfg: RunConfig) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -158,13 +159,22 @@ def test_killed_worker_resumes_from_checkpoint(tiny_models, ray_local, table, tm
     from unime_ray.train.trainer import fit
 
     s = TrainJob(TrainConfig(max_steps=8, micro_batch_size=4, num_negatives=4, zero_stage=2, lr=5e-3,
-                             checkpoint_every=3, max_failures=1),
+                             checkpoint_every=3, max_failures=1, tracking="mlflow"),
                  model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"), fail_at_step=5)
     out = fit(table, s, name="resume")
-    steps = [x["step"] for x in _metrics(out["metrics"])]
+    m = _metrics(out["metrics"])
+    steps = [x["step"] for x in m]
     # steps 1-4 ran, the worker died at 5, the group restarted from the step-3 checkpoint: 4, 5, ... 8 again
     assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]
     assert out["steps"] == 8 and (tmp_path / "run" / ".failed_at_5").exists()
+    # train.tracking: rank 0 logged every record to MLflow from inside the loop; the restarted group went on in
+    # the same run (its step 4 logged twice, as in metrics.jsonl)
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # the local store the trainer wrote (tracking.py)
+    rec = json.loads((tmp_path / "run" / "tracking.json").read_text())
+    history = MlflowClient(tracking_uri=rec["where"]).get_metric_history(rec["run_id"], "loss")
+    assert sorted((h.step, h.value) for h in history) == sorted((x["step"], x["loss"]) for x in m)
 
 
 

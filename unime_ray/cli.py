@@ -76,7 +76,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _run_logged(args, cfg, only: list[str] | None):
     """run_pipeline with the run's console set-up: (manifest, 0), or (None, exit code) after one error line."""
     from .run.runner import Manifest, failed_stage, run_pipeline
-    from .utils.logs import console, log_only, one_line_error, start_run_logging
+    from .utils.console import console, log_only, one_line_error, start_run_logging
 
     run_dir = Path(cfg.run_dir).resolve()
     run_log = start_run_logging(run_dir, verbose=args.verbose, level=args.log_level)
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     from .utils.ray_utils import job_working_dir_warning, prepare_job_environment
 
     job = prepare_job_environment()   # first: before anything loads torch or an OpenMP runtime
-    from .utils.logs import console, setup_logging
+    from .utils.console import console, setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

@@ -2,7 +2,8 @@
 
 ``README.md`` in the model folder, as on the Hugging Face hub: the Hub's metadata (``library_name``,
 ``pipeline_tag``, ``license``, ``base_model``, ``datasets``, ``tags``, and ``model-index`` with the evaluation
-results measured here, written with ``huggingface_hub.ModelCardData`` so the Hub parses it) and sections for the recipe (objective, steps, batch, learning rate, adapter), the training data and the
+results measured here, written with ``huggingface_hub.ModelCardData`` so the Hub parses it) and sections for
+the recipe (objective, steps, batch, learning rate, adapter), the training data and the
 evaluation results. The same facts are kept machine-readable in ``unime_card.json``, so that a later step
 (evaluation) adds its results and the card is written again without losing what training recorded.
 """

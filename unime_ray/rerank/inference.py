@@ -99,9 +99,6 @@ class Reranker:
         return self.judge.score_or_errors(list(pairs))
 
     # ---------------------------------------------------------------------------------------- listwise
-    def generate_listwise(self, query: Item, candidates: Sequence[Item]) -> str:
-        return self.choose_many([query], [candidates])[0].raw
-
     def choose_many(self, queries: Sequence[Item], candidate_lists: Sequence[Sequence[Item]]) -> list[ListwiseChoice]:
         """One listwise choice per query (batched greedy decoding)."""
         if len(queries) != len(candidate_lists):

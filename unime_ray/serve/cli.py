@@ -141,9 +141,10 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from ..utils.ray_utils import init_ray
-    from .app import build_application, cluster_capacity, fit_to_cluster, wait_until_ready
+    from .app import build_application, cluster_capacity, fit_to_cluster
     from .config import ResourceFitError, read_api_key
     from .index import load_manifest
+    from .ingress import wait_until_ready
 
     try:   # fail fast, before Ray starts
         load_manifest(args.index)

@@ -216,6 +216,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     table = ray.get(config["table"])
     plan = BatchPlan(table.num_rows, s.micro_batch_size, s.grad_accum, world, job.seed)
     metrics_path = Path(job.output_dir) / "metrics.jsonl"
+    tracker = None
+    if rank == 0 and s.tracking != "none":   # a restarted group goes on in the run it started
+        from .tracking import resume_tracking, start_tracking
+
+        tracker = resume_tracking(job.output_dir) or start_tracking(
+            s.tracking, job.output_dir, Path(job.output_dir).name, job.to_dict(), s.tracking_uri, s.tracking_project)
     t0, seen = time.perf_counter(), 0
     while step < s.max_steps:
         losses: list[float] = []
@@ -252,12 +258,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with metrics_path.open("a") as f:
                 f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+            if tracker is not None:
+                tracker.log(metrics, step)
         # ray.train.report synchronises every worker with the controller (about 2 s a call here), so it
         # goes with checkpoints only; per-step metrics are in metrics.jsonl.
         if step % s.checkpoint_every == 0 or step == s.max_steps:
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="ckpt", client_state={"step": step})
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+    if tracker is not None:
+        tracker.close()
 
 
 def gather_visual_tokens(processor) -> dict[str, Any] | None:
@@ -337,7 +347,7 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
         run_config=RunConfig(storage_path=str(out / "ray_results"), name=name,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=s.max_failures)))
-    from ..utils.logs import watch_metrics
+    from .watch import watch_metrics
 
     # Rank 0 appends a line per step to metrics.jsonl; a thread here turns it into the console's progress line.
     with watch_metrics(out / "metrics.jsonl", f"train {name}", s.max_steps, logger):

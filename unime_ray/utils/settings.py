@@ -89,3 +89,11 @@ def from_flags(model: type[BaseModel], args: argparse.Namespace, fields: typing.
     except ValidationError as exc:
         raise FlagError("; ".join(f"--{prefix}{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else
                                   e["msg"] for e in exc.errors())) from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on top, mappings merged key by key (how an override or ``extends:`` applies)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
