@@ -19,9 +19,9 @@ import unime_ray
 from unime_ray.data.io import read_table
 from unime_ray.data.schema import Item
 
-from .conftest import make_png
+from ..conftest import make_png
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ inputs

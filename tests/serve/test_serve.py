@@ -252,7 +252,7 @@ def test_serve_config_yaml_is_valid_for_ray():
 
     from unime_ray.serve.app import AppArgs
 
-    path = Path(__file__).resolve().parents[1] / "unime_ray" / "serve" / "serve_config.yaml"
+    path = Path(__file__).resolve().parents[2] / "unime_ray" / "serve" / "serve_config.yaml"
     raw = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(raw)
     assert schema.http_options.host == "127.0.0.1"
@@ -681,7 +681,7 @@ def test_serve_command_end_to_end(built_index, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CLI_WRAPPER, "serve", "--index", str(built_index["index"]),
                              "--config", str(cfg), "--port", str(port), "--api-key-file", str(keyfile),
                              "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen = []

@@ -16,7 +16,7 @@ from unime_ray.data.schema import PAIR_SCHEMA, Item, empty_row
 from unime_ray.train.config import TrainConfig
 from unime_ray.train.trainer import BatchPlan, TrainJob, epoch_order
 
-from .conftest import make_png
+from ..conftest import make_png
 
 
 def test_batch_plan_reshuffles_every_epoch_and_splits_global_batches():
@@ -218,7 +218,7 @@ def test_gradient_accumulation_trains_as_one_large_batch_schedule_included(tiny_
     from unime_ray.train.embedder import batch_loss, examples_from_rows
     from unime_ray.train.trainer import fit
 
-    from .test_train_embedder import training_rows
+    from ..train.test_train_embedder import training_rows
 
     rows, steps = training_rows(16, 4), 6
     write_rows(rows, tmp_path / "pairs", PAIR_SCHEMA)

@@ -19,7 +19,7 @@ from unime_ray.train.watch import MetricsWatcher, watch_metrics
 from unime_ray.utils.console import one_line_error
 from unime_ray.utils.progress import Progress, fmt_duration, fmt_rate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Clock:

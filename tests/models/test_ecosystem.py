@@ -29,8 +29,8 @@ from unime_ray.models.st_export import CHAT_TEMPLATES
 from unime_ray.rerank import Reranker
 from unime_ray.rerank.st_export import pair_template
 
-from .conftest import make_png
-from .test_readme_commands import REPO, VENV, bash_blocks, run_script
+from ..conftest import make_png
+from ..ops.test_readme_commands import REPO, VENV, bash_blocks, run_script
 
 ST_LOADER = r'''
 import json, sys

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_image_budget import real_size_png, smart_tokens
-from tests.test_paper_recipe import (EMBEDDER, EMBEDDER_GLOBAL_BATCH, OFFICIAL_ROWS, PX, RERANKER,
+from tests.models.test_image_budget import real_size_png, smart_tokens
+from tests.run.test_paper_recipe import (EMBEDDER, EMBEDDER_GLOBAL_BATCH, OFFICIAL_ROWS, PX, RERANKER,
                                      RERANKER_GLOBAL_BATCH)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IMAGE_W, IMAGE_H = 1000, 800          # real-size images (MMEB-train photos are of this order)
 
 # ------------------------------------------------------------------------------------------------ overrides
@@ -248,7 +248,7 @@ def test_the_overrides_are_exactly_the_listed_ones(paper_run):
 
 def test_without_the_overrides_the_job_runs_the_paper_recipe(tmp_path):
     """What the overrides changed is the paper's in the job as it is: steps, batches, GPUs, the vLLM judge."""
-    from tests.test_paper_recipe import _settings
+    from tests.run.test_paper_recipe import _settings
 
     job = job_config()
     emb, rer = _settings(job, job.train, "embedder", tmp_path), _settings(job, job.reranker, "reranker", tmp_path)

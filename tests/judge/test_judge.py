@@ -15,7 +15,7 @@ from unime_ray.judge.prompt import (PAIRWISE_INSTRUCTION, JudgePrompt, answer_to
 from unime_ray.judge.stage import JudgeSpec, expand_pairs, run_judge
 from unime_ray.utils.pool import Pool
 
-from .conftest import make_png
+from ..conftest import make_png
 
 QUERIES = [Item(text="<image> What is shown?", image=make_png(60, 40, seed=1)),
            Item(text="a small red circle", instruction="Find an image:")]

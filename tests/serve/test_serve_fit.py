@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from tests.test_serve import built_index, candidate_rows, free_port  # noqa: F401 (built_index: a fixture, reused)
+from tests.serve.test_serve import built_index, candidate_rows, free_port  # noqa: F401 (built_index: a fixture, reused)
 from unime_ray.data.io import rows_to_table, write_table_atomic
 from unime_ray.data.schema import CANDIDATE_SCHEMA
 from unime_ray.serve.config import (ClusterCapacity, ResourceFitError, ServeConfig, fit_resources,

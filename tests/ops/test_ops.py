@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
 JOB_CONFIGS = sorted((JOBS / "configs").glob("*.yaml"))
 CLUSTER = REPO / "cluster"

@@ -24,7 +24,7 @@ from unime_ray.eval.retrieval import IMAGE_PROMPT
 from unime_ray.models.encode import EmbedderSpec
 from unime_ray.utils.pool import Pool
 
-from .conftest import make_png
+from ..conftest import make_png
 
 
 # ============================================================================ pure metrics
@@ -565,7 +565,7 @@ def test_real_reranker_wiring(tiny_models, small_table, tmp_path):
 @pytest.mark.slow
 def test_demo_eval_table_if_present(tmp_path):
     """The demo's prepared eval table (runs/demo, built by `unime-ray pipeline`), a few rows per task."""
-    demo = Path(__file__).resolve().parents[1] / "runs" / "demo"
+    demo = Path(__file__).resolve().parents[2] / "runs" / "demo"
     if not (demo / "prepare" / "eval_pairs").is_dir():
         pytest.skip("no demo run at runs/demo")
     spec = EmbedderSpec(model=str(demo / "models" / "tiny-qwen2-vl"), dtype="float32")

@@ -15,7 +15,7 @@ from unime_ray.train.config import TrainConfig
 from unime_ray.train.embedder import batch_loss, examples_from_rows
 from unime_ray.train.trainer import TrainJob
 
-from .conftest import make_png
+from ..conftest import make_png
 
 
 def training_rows(n=16, k=4, seed=0):

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import make_png
-from tests.test_serve import built_index, running_app  # noqa: F401  (built_index: a module fixture, reused)
+from tests.serve.test_serve import built_index, running_app  # noqa: F401  (built_index: a module fixture, reused)
 
 pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 

@@ -227,7 +227,7 @@ def test_vllm_judge_applies_the_budget_and_counts_tokens(tiny_models):
     """The vLLM judge resizes before vLLM and records the tokens vLLM expands each image to (no vLLM needed)."""
     from transformers import AutoTokenizer
 
-    from tests.test_judge_vllm import _FakeLLM
+    from tests.judge.test_judge_vllm import _FakeLLM
     from unime_ray.data.schema import Item
     from unime_ray.judge.prompt import JudgePrompt, answer_token_ids
     from unime_ray.judge.stage import JudgeSpec

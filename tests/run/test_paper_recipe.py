@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PX = 28 * 28                     # one merged Qwen-VL visual token
 OFFICIAL_ROWS = 662_000          # ~662K rows in train_data_Qwen25VL_7B_scores.json (reference 2)
 

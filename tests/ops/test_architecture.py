@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "unime_ray"
+ROOT = Path(__file__).resolve().parents[2] / "unime_ray"
 # bottom to top: a library package may import the packages before it (and utils), never one after it
 LIBRARY = ["data", "models", "retrieval", "judge", "mining", "rerank", "train", "eval", "serve", "demo"]
 
@@ -148,9 +148,9 @@ def _defined(module: str) -> set[str]:
 def test_every_project_import_resolves():
     """Function-local imports run only when their branch does: a moved module or name must fail here, not in a
     user's run. Every ``from unime_ray...`` / relative import names an existing module and a name defined in it."""
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     missing = []
-    for path in [*MODULES.values(), *tests.glob("*.py"), *(tests.parent / "benchmarks").glob("*.py")]:
+    for path in [*MODULES.values(), *tests.rglob("*.py"), *(tests.parent / "benchmarks").glob("*.py")]:
         parts = path.relative_to(tests.parent).with_suffix("").parts
         package = ".".join(parts[:-1])
         for node in ast.walk(ast.parse(path.read_text())):
@@ -186,3 +186,14 @@ def test_every_lazily_exported_name_resolves():
         package = importlib.import_module(name)
         missing += [f"{name}.{n}" for n in package._EXPORTS if not hasattr(package, n)]
     assert missing == []
+
+
+def test_tests_mirror_the_packages():
+    """A package's unit tests sit in tests/<package>/, pipeline scenarios in tests/run/, operations (commands,
+    README, deployment, this rule) in tests/ops/: nothing at the top but the shared fixtures."""
+    tests = Path(__file__).resolve().parents[1]
+    allowed = set(LIBRARY) | {"utils", "run", "ops"}
+    assert not sorted(p.name for p in tests.glob("test_*.py"))
+    folders = {p.parent.name for p in tests.rglob("test_*.py")}
+    assert folders <= allowed, folders - allowed
+    assert all((tests / d / "__init__.py").is_file() for d in folders)

@@ -16,7 +16,7 @@ from unime_ray.judge.encoder.backend import (Calibration, EncoderJudge, Featuriz
 from unime_ray.judge.encoder.fit import EncoderFitSettings, FitExample, fit_encoder_judge, paired_auc
 from unime_ray.judge.encoder.towers import FeatureStore, MissingPretrainedError, TowerSpec, require
 
-from .conftest import make_png
+from ..conftest import make_png
 
 IMG_DIM, TXT_DIM, LATENT = 32, 24, 6
 # towers that are never built in the synthetic tests (every feature is cached); the path does not exist

@@ -16,7 +16,7 @@ from unime_ray.rerank import (ListwiseChoice, RerankPrompt, RerankStats, apply_l
 from unime_ray.rerank.encoding import IGNORE_INDEX, collate, encode_conversation
 from unime_ray.rerank.examples import conversations, example_from_row, examples_from_rows, ranked_negatives
 
-from .test_train_embedder import training_rows
+from ..train.test_train_embedder import training_rows
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_reranker_trains_on_ray_with_zero3_and_mixed_batches(tiny_models, ray_lo
     from unime_ray.train.config import RerankerTrainConfig
     from unime_ray.train.trainer import BatchPlan, TrainJob, fit
 
-    from .test_train_embedder import mixed_rows, one_rank_text_only
+    from ..train.test_train_embedder import mixed_rows, one_rank_text_only
 
     table, rows = tmp_path / "table", mixed_rows(16, 4)
     write_rows(rows, table, PAIR_SCHEMA)
@@ -257,7 +257,7 @@ def test_pairwise_training_encoding_is_what_pairwise_inference_scores(tiny_model
     from unime_ray.rerank.examples import Conversation
     from unime_ray.rerank.prompt import END_OF_TURN
 
-    from .conftest import make_png
+    from ..conftest import make_png
 
     _, proc = rr_model
     judge = TransformersJudge(tiny_models["qwen2_5_vl"], dtype="float32")

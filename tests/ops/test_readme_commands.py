@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
 
 # line as written -> (what runs instead, why)
@@ -195,7 +195,7 @@ def _port_in_use(port: int) -> bool:
 
 def _stop_cluster_of_session(session_dir: str) -> None:
     """What ``ray stop`` does, for this cluster only: its processes, and the file that points ``ray.init()`` at it."""
-    from tests.test_ops import _stop_local_cluster
+    from tests.ops.test_ops import _stop_local_cluster
 
     _stop_local_cluster(session_dir, 6379)
     current = Path(session_dir).parent / "ray_current_cluster"

@@ -17,7 +17,7 @@ from unime_ray.models.backbone import SHIPPED_CONFIGS
 from unime_ray.models.embedder import last_token_pool
 from unime_ray.models.processor import IMAGE_PAD
 
-from .conftest import make_png
+from ..conftest import make_png
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
 

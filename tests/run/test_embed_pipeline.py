@@ -13,7 +13,7 @@ from unime_ray.data.schema import CANDIDATE_SCHEMA
 from unime_ray.models.encode import EmbedderSpec, embed_table, read_embeddings
 from unime_ray.utils.pool import Pool
 
-from .conftest import make_png
+from ..conftest import make_png
 
 
 @pytest.fixture(scope="module")

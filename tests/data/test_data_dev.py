@@ -7,7 +7,7 @@ from __future__ import annotations
 from unime_ray.data.dev import dev_pairs, group_key, in_dev, split_dev
 from unime_ray.data.schema import PAIR_SCHEMA, empty_row, item_from_row, negatives_from_row
 
-from .conftest import make_png
+from ..conftest import make_png
 
 
 def _rows(n=60):
