@@ -127,6 +127,9 @@ class RerankerTrainConfig(TrainLoop):
     list_negatives: int = Field(default=4, ge=1)      # x: the list is the positive and the top-x negatives
     pair_weight: float = Field(default=1.0, ge=0)
     list_weight: float = Field(default=1.0, ge=0)
+    # each conversation's CE: "decision" = the paper's CE(YES), CE(NO), CE(I) (the decision's tokens in full, plus
+    # the mean CE of the answer's fixed tokens); "all_tokens" = the mean over all answer tokens (the released code's)
+    answer_loss: Literal["decision", "all_tokens"] = "decision"
     # the pairwise "No" example: the top judge-scored negative, or one sampled from the top-x
     pair_negative: Literal["hardest", "sampled"] = "hardest"
     lr: float = Field(default=2e-5, gt=0)
