@@ -384,9 +384,9 @@ def export_model(checkpoint_dir: str | os.PathLike, job: TrainJob, out_dir: str 
     if unexpected or trainable_missing:
         raise RuntimeError(f"checkpoint does not match the model: unexpected {unexpected[:5]}, "
                            f"missing {trainable_missing[:5]}")
-    processor = load_processor(job.model)
-    # Embedder.save writes the backbone (adapters merged) with its tokenizer and image processor: the same
-    # folder layout for an embedder and a reranker.
+    processor = load_processor(job.model, image_options=job.images)
+    # Embedder.save writes the backbone (adapters merged) with its tokenizer and image processor (at the training
+    # budget's pixel range): the same folder layout for an embedder and a reranker.
     return Embedder(model.eval(), processor, job.input_format).save(out_dir)
 
 
