@@ -405,8 +405,58 @@ def test_vision_limits_from_the_checkpoint_config(tmp_path):
 
 # --- GPU: vLLM against an independent transformers forward ------------------------------------------
 
+def _reference_pairs() -> list[tuple[Item, Item]]:
+    """Text pairs, an instruction, an image marker inside a text, and images on both sides."""
+    return [(Item(text="a red car"), Item(text="a photo of a red car.")),
+            (Item(text="a red car"), Item(text="a small blue circle.")),
+            (Item(text="Find an emoji image that matches the name:", instruction="smile"),
+             Item(text="a yellow triangle.")),
+            (Item(text="<image> Represent the given image.", image=make_png(56, 56, seed=6)),
+             Item(text="a large green square.", image=make_png(84, 56, seed=7))),
+            (Item(text="which one? <image> the second", image=make_png(56, 84, seed=8)), Item(text="a cat"))]
+
+
+def _documented_parts(item: Item) -> list[dict]:
+    """An item as chat content parts, written from the judge prompt's documentation: the image where the item's
+    ``<image>`` marker is (else first), then its text (instruction, a space, text)."""
+    text = f"{item.instruction} {item.text}".strip() if item.instruction else item.text
+    before, _, after = text.partition("<image>") if "<image>" in text else ("", "", text)
+    parts = [{"type": "text", "text": before.strip() + " "}] if before.strip() else []
+    parts += [{"type": "image"}] if item.has_image else []
+    return parts + ([{"type": "text", "text": after.strip()}] if after.strip() else [])
+
+
+def test_vllm_request_ids_are_the_documented_prompt_through_the_chat_template(tiny_models):
+    """build_request's ids = the documented judge prompt (system prompt, one user turn "<instruction> Query:
+    <query>, Candidate: <candidate>.", the assistant header) rendered by the tokenizer's own chat template and
+    tokenized whole, one <|image_pad|> per image; and = the transformers backend's ids with each image's pads
+    collapsed to one (what vLLM expands again)."""
+    from transformers import AutoTokenizer
+
+    from unime_ray.judge.hf_backend import TransformersJudge
+    from unime_ray.judge.prompt import PAIRWISE_INSTRUCTION, collapse_image_pads
+
+    folder = tiny_models["qwen2_5_vl"]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    hf = TransformersJudge(folder, dtype="float32", device="cpu")
+    for query, cand in _reference_pairs():
+        content = ([{"type": "text", "text": f"{PAIRWISE_INSTRUCTION} Query: "}] + _documented_parts(query)
+                   + [{"type": "text", "text": ", Candidate: "}] + _documented_parts(cand)
+                   + [{"type": "text", "text": "."}])
+        messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": content}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        request = build_request(tokenizer, query, cand)
+        assert request["prompt_token_ids"] == expected, text
+        assert len(request.get("multi_modal_data", {}).get("image", [])) == query.has_image + cand.has_image
+        enc = hf.encode(query, cand)
+        assert collapse_image_pads(enc.prefix_ids + enc.suffix_ids, hf.processor.image_pad_id) == expected
+
+
 @pytest.mark.gpu
 def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
+    """vLLM's P(Yes) against the transformers backend's (its own prompt building, image processing and forward)
+    on the same checkpoint, text and image pairs."""
     if not HAS_VLLM:
         pytest.skip("vLLM is not installed")
     import torch
@@ -414,7 +464,8 @@ def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     from unime_ray.demo.tiny import make_tiny_models
-    from unime_ray.models import TinyModelConfig, load_backbone
+    from unime_ray.judge.hf_backend import TransformersJudge
+    from unime_ray.models import TinyModelConfig
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: simpler under pytest
     # head_dim 64 for text and vision: vLLM's attention kernels do not take the default tiny head_dim 16 / 8
@@ -423,23 +474,12 @@ def test_vllm_judge_matches_transformers(tmp_path, monkeypatch):
     folder = make_tiny_models(tmp_path, spec=spec, archs=("qwen2_5_vl",))["qwen2_5_vl"]
     judge = VLLMJudge(str(folder), VLLMConfig(dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
                                               extra_engine_kwargs={"enforce_eager": True}))
-    text_pairs = [(Item(text="a red car"), Item(text="a photo of a red car.")),
-                  (Item(text="a red car"), Item(text="a small blue circle.")),
-                  (Item(text="Find an emoji image that matches the name:", instruction="smile"),
-                   Item(text="a yellow triangle."))]
-    image_pair = (Item(text="<image> Represent the given image.", image=make_png(56, 56, seed=6)),
-                  Item(text="a large green square.", image=make_png(84, 56, seed=7)))
-    scores = judge.score(text_pairs + [image_pair])
-    assert scores.shape == (4,) and np.all((scores > 0) & (scores < 1))
-
-    model = load_backbone(folder, dtype="float32", device="cuda")
-    yes, no = judge.yes_id, judge.no_id
-    for (query, cand), got in zip(text_pairs, scores):
-        ids = build_request(judge.tokenizer, query, cand)["prompt_token_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].double()
-        ref = torch.softmax(logits[[yes, no]], dim=0)[0].item()
-        assert got == pytest.approx(ref, abs=1e-3)
+    pairs = _reference_pairs()
+    scores = judge.score(pairs)
+    assert scores.shape == (len(pairs),) and np.all((scores > 0) & (scores < 1))
+    reference = TransformersJudge(folder, dtype="float32", device="cuda", prefix_reuse=False).score(pairs)
+    np.testing.assert_allclose(scores, reference, atol=1e-3)
+    assert np.ptp(reference) > 1e-4      # the pairs score differently: a constant could not pass
 
 
 def test_vllm_backend_refuses_non_qwen_backbones(tmp_path):

@@ -12,6 +12,7 @@ import io
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,34 @@ def test_processor_records_visual_tokens(tiny_models, png_bytes):
                                                                 default_max=12544): 2}
     assert int((out["input_ids"] == proc.image_pad_id).sum()) == 48
 
+
+def test_exported_folder_sizes_images_as_trained_in_plain_transformers(tiny_models, tmp_path):
+    """``Embedder.save_pretrained`` (what ``export_model`` writes every trained model with, at the job's budget)
+    stores the processor's pixel range in ``preprocessor_config.json``: transformers' own image processor loaded
+    from the exported folder (``AutoImageProcessor``: ``AutoProcessor`` reads the same file, but needs torchvision
+    for its video half) gives the training budget's grid, not the base checkpoint's; without a budget the base
+    checkpoint's range is kept."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from unime_ray.models import Embedder
+
+    budget = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 24}
+    base = tiny_models["qwen2_vl"]
+    trained = Embedder.from_pretrained(base, dtype="float32", device="cpu", image_options=ImageBudget(**budget))
+    folder = trained.save_pretrained(tmp_path / "trained")
+    im = Image.open(io.BytesIO(real_size_png(1))).convert("RGB")
+
+    def tokens(path) -> int:
+        return int(AutoImageProcessor.from_pretrained(str(path))(images=[im], return_tensors="pt")["image_grid_thw"]
+                   .prod()) // 4
+
+    native = json.loads((base / "preprocessor_config.json").read_text())["size"]
+    assert tokens(folder) == smart_tokens(IMAGE_W, IMAGE_H, budget, default_min=0, default_max=0) == 20
+    assert tokens(base) == smart_tokens(IMAGE_W, IMAGE_H, {}, default_min=native["shortest_edge"],
+                                        default_max=native["longest_edge"]) != 20
+    untouched = Embedder.from_pretrained(base, dtype="float32", device="cpu").save_pretrained(tmp_path / "as-is")
+    assert json.loads((untouched / "preprocessor_config.json").read_text())["size"] == native
 
 def test_role_budgets_in_the_config():
     cfg = load_run_config(preset="demo")
@@ -218,6 +247,10 @@ def test_every_stage_records_the_tokens_of_its_budget(tiny_models, ray_local, tm
     # every image of the stage was counted: e.g. retrieval embeds each query and each pool item once
     assert manifest.outputs("retrieve")["visual_tokens"]["retriever"]["images"] == 12
     assert manifest.outputs("judge")["visual_tokens"]["judge"]["images"] >= 6 * 4   # a candidate image per pair
+    for stage, role in (("train", "embedder"), ("rerank", "reranker")):   # exported at the training budget's range
+        folder = manifest.outputs(stage)["model"]
+        size = json.loads((Path(folder) / "preprocessor_config.json").read_text())["size"]
+        assert size == {"shortest_edge": tiny["size"]["shortest_edge"], "longest_edge": BUDGETS[role]["max_pixels"]}
     report = (run / "report.md").read_text()
     assert "## Images: visual tokens per image" in report
     assert "| judge | judge | 224x224, default-50176 px |" in report

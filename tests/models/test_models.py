@@ -399,8 +399,8 @@ def test_llava_reranker_trains_and_decodes(tiny_llava):
     q, c = _llava_pairs()[3]
     model = apply_lora(load_backbone(tiny_llava, dtype="float32"), LoraSettings(r=4, alpha=8, dropout=0.0))
     proc = load_processor(tiny_llava, backend="manual")
-    encs = [encode_conversation(proc, pairwise_text(q, c), [q, c], "Yes"),
-            encode_conversation(proc, listwise_text(q, [c, Item(text="none")]), [q, c], "Ans: (1)")]
+    encs = [encode_conversation(proc, pairwise_text(q, c), [q, c], "Yes", decision=(0, 3)),
+            encode_conversation(proc, listwise_text(q, [c, Item(text="none")]), [q, c], "Ans: (1)", decision=(6, 7))]
     losses = answer_token_losses(model.train(), proc, encs)
     assert losses.shape == (2,) and torch.isfinite(losses).all()
     losses.mean().backward()

@@ -14,7 +14,8 @@ from unime_ray.data.schema import Item, item_from_row
 from unime_ray.rerank import (ListwiseChoice, RerankPrompt, RerankStats, apply_listwise_choice, apply_pairwise_scores,
                               listwise_text, parse_listwise_answer, read_listwise_answer)
 from unime_ray.rerank.encoding import IGNORE_INDEX, collate, encode_conversation
-from unime_ray.rerank.examples import conversations, example_from_row, examples_from_rows, ranked_negatives
+from unime_ray.rerank.examples import (Conversation, conversations, example_from_row, examples_from_rows,
+                                      ranked_negatives)
 
 from ..train.test_train_embedder import training_rows
 
@@ -122,19 +123,20 @@ def test_listwise_answers_are_read_as_the_official_parser_does_and_counted_by_ki
 
 
 def test_only_answer_tokens_carry_loss(rr_model):
-    """Per-conversation loss = Hugging Face's own causal-LM loss with every non-answer label masked."""
+    """Per-conversation loss with ``all_tokens`` (the token mean the reranker trained on before ``decision``) =
+    Hugging Face's own causal-LM loss with every non-answer label masked."""
     from unime_ray.rerank.model import answer_token_losses
 
     model, proc = rr_model
     ex = example_from_row(training_rows(1, 4)[0], 3)
     convs = conversations(ex)
-    encs = [encode_conversation(proc, c.prompt, c.images, c.answer) for c in convs]
+    encs = [encode_conversation(proc, c.prompt, c.images, c.answer, decision=c.decision) for c in convs]
     for enc, conv in zip(encs, convs):
         labels = collate([enc], proc.pad_id)["labels"][0]
         supervised = labels[labels != IGNORE_INDEX].tolist()
         assert proc.tokenizer.decode(supervised) == conv.answer + "<|im_end|>"
         assert "assistant" not in proc.tokenizer.decode(supervised)
-    ours = answer_token_losses(model, proc, encs)     # one right-padded batch
+    ours = answer_token_losses(model, proc, encs, answer_loss="all_tokens")     # one right-padded batch
     for enc, value in zip(encs, ours):
         b = collate([enc], proc.pad_id)
         kw = {}
@@ -145,6 +147,49 @@ def test_only_answer_tokens_carry_loss(rr_model):
             ref = model(input_ids=ids, attention_mask=b["attention_mask"], labels=b["labels"],
                         mm_token_type_ids=(ids == proc.image_pad_id).long(), **kw).loss
         assert float(value.detach()) == pytest.approx(float(ref), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("answer_loss", ["decision", "all_tokens"])
+def test_answer_loss_equals_log_softmax_of_a_plain_forward(rr_model, answer_loss):
+    """Per conversation, in float64: decision = -sum log p(decision tokens) + mean(-log p(the other answer
+    tokens)); all_tokens = mean(-log p) over every answer token. The reference runs the HF model on each
+    conversation alone (full logits, log-softmax in torch) and finds the decision tokens by decoding: the tokens
+    whose characters fall inside ``Yes``/``No`` or the digits of ``(i)``; one-digit and two-digit indices."""
+    import copy
+    import re
+
+    from unime_ray.rerank.model import answer_token_losses
+    from unime_ray.rerank.prompt import listwise_answer, listwise_decision
+
+    model, proc = rr_model
+    model = copy.deepcopy(model).double()
+    convs = [c for ex in examples_from_rows(training_rows(2, 4), 3, seed=1) for c in conversations(ex)]
+    query, cands = example_from_row(training_rows(1, 4)[0]).query, [Item(text=f"option {j}") for j in range(12)]
+    convs.append(Conversation("list", listwise_text(query, cands), [query], listwise_answer(10), listwise_decision(10)))
+    assert convs[-1].answer == "Ans: (11)"
+    encs = [encode_conversation(proc, c.prompt, c.images, c.answer, decision=c.decision) for c in convs]
+    with torch.no_grad():
+        ours = answer_token_losses(model, proc, encs, answer_loss=answer_loss).tolist()   # one right-padded batch
+    tok = proc.tokenizer
+    for enc, conv, value in zip(encs, convs, ours):
+        ids = torch.tensor([enc.ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.cat(enc.pixel_values),
+                           image_grid_thw=torch.stack(enc.grids), mm_token_type_ids=(ids == proc.image_pad_id).long()).logits
+        logp = torch.log_softmax(logits[0].double(), dim=-1)
+        answer = enc.ids[enc.answer_start:]
+        nll = [-float(logp[enc.answer_start + j - 1, t]) for j, t in enumerate(answer)]
+        ends = [len(tok.decode(answer[:j + 1])) for j in range(len(answer))]
+        m = re.fullmatch(r"Ans: \((\d+)\)", conv.answer)
+        lo, hi = m.span(1) if m else (0, len(conv.answer))
+        decision = [lo <= start < end <= hi for start, end in zip([0] + ends[:-1], ends)]
+        assert sum(decision) == (hi - lo if m else 1)              # one token per digit; Yes / No one token each
+        fixed = [x for x, d in zip(nll, decision) if not d]
+        expected = (sum(x for x, d in zip(nll, decision) if d) + sum(fixed) / len(fixed)
+                    if answer_loss == "decision" else sum(nll) / len(nll))
+        assert value == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match=r"conversations \[0\] were encoded without one"):
+        answer_token_losses(model, proc, [encode_conversation(proc, convs[0].prompt, convs[0].images, "Yes")])
 
 
 def test_batched_greedy_decoding_equals_naive_decoding(rr_model):
@@ -254,7 +299,6 @@ def test_pairwise_training_encoding_is_what_pairwise_inference_scores(tiny_model
     inference reads."""
     from unime_ray.judge.hf_backend import TransformersJudge
     from unime_ray.rerank import pairwise_text
-    from unime_ray.rerank.examples import Conversation
     from unime_ray.rerank.prompt import END_OF_TURN
 
     from ..conftest import make_png
@@ -269,7 +313,7 @@ def test_pairwise_training_encoding_is_what_pairwise_inference_scores(tiny_model
     for query in (ex.query, Item(text="Where? (2)")):
         for cand in extra:
             images = [i for i in (query, cand) if i.has_image]
-            convs.append((query, cand, Conversation("pair_pos", pairwise_text(query, cand), images, "Yes")))
+            convs.append((query, cand, Conversation("pair_pos", pairwise_text(query, cand), images, "Yes", (0, 3))))
     tok, pad, merge = proc.tokenizer, proc.image_pad_id, proc.image_processor.merge_size ** 2
     for query, cand, conv in convs:
         enc = encode_conversation(proc, conv.prompt, conv.images, conv.answer)
@@ -346,9 +390,10 @@ def test_rerank_modes_measures_every_mode_with_one_scoring_pass():
 
 
 
-def test_reranker_loss_weighs_pair_and_list_as_configured(rr_model):
-    """L = pair_weight * L_pair + list_weight * L_list, each the sum over its conversations of the mean
-    answer-token cross-entropy, divided by the rows; recomputed one conversation at a time."""
+@pytest.mark.parametrize("answer_loss", ["decision", "all_tokens"])
+def test_reranker_loss_weighs_pair_and_list_as_configured(rr_model, answer_loss):
+    """L = pair_weight * L_pair + list_weight * L_list, each the sum over its conversations of their answer loss
+    (``answer_loss``), divided by the rows; recomputed one conversation at a time."""
     from unime_ray.rerank.model import answer_token_losses
     from unime_ray.rerank.prompt import RerankPrompt
     from unime_ray.train.config import RerankerTrainConfig
@@ -357,14 +402,15 @@ def test_reranker_loss_weighs_pair_and_list_as_configured(rr_model):
 
     model, proc = rr_model
     rows = training_rows(2, 4)
-    job = TrainJob(RerankerTrainConfig(list_negatives=3, pair_weight=0.3, list_weight=2.0), model="unused",
-                   output_dir="unused")
+    job = TrainJob(RerankerTrainConfig(list_negatives=3, pair_weight=0.3, list_weight=2.0, answer_loss=answer_loss),
+                   model="unused", output_dir="unused")
     with torch.no_grad():
         loss, info = reranker_loss(model, proc, rows, job)
         examples = examples_from_rows(rows, 3, job.seed, 0, "hardest")
         convs = [c for ex in examples for c in conversations(ex, RerankPrompt())]
-        alone = {c.kind + str(i): float(answer_token_losses(model, proc, [encode_conversation(proc, c.prompt, c.images,
-                                                                                               c.answer)])[0])
+        alone = {c.kind + str(i): float(answer_token_losses(
+                     model, proc, [encode_conversation(proc, c.prompt, c.images, c.answer, decision=c.decision)],
+                     answer_loss=answer_loss)[0])
                  for i, c in enumerate(convs)}
     pair = sum(v for k, v in alone.items() if not k.startswith("list")) / len(rows)
     listwise = sum(v for k, v in alone.items() if k.startswith("list")) / len(rows)

@@ -24,7 +24,7 @@ EMBEDDER_GLOBAL_BATCH = 512      # [C] 64 x 8 GPUs; the paper says 1024
 # reference 4 (Tab. 8 and Rerank/scripts)
 RERANKER = dict(lr=2e-5, max_steps=None, epochs=1.0, lr_schedule="cosine", warmup_ratio=0.03, warmup_steps=0,
                 lora_r=128, lora_alpha=256, lora_dropout=0.05, use_dora=False, freeze_vision=True, zero_stage=2,
-                weight_decay=0.0)
+                weight_decay=0.0, answer_loss="decision")   # [P] L = CE(YES) + CE(NO) + CE(I), not a token mean
 RERANKER_GLOBAL_BATCH = 64       # [P] Tab. 8; the code's is 32 (1 x grad-accum 4 x 8 GPUs)
 
 

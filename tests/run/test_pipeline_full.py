@@ -67,10 +67,59 @@ def test_whole_method_runs_and_reports(whole_method_run):
         assert text in report, text
     assert (run / "report_comparison.png").is_file()
 
+    _check_row_accounting(manifest)
+    _check_eval_p_at_1(manifest)
+
     # a rerun skips every completed stage
     proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "stage eval     complete (skipped)" in proc.stderr, proc.stderr[-2000:]
+
+
+def _check_row_accounting(manifest):
+    """From the written tables: every prepared training query is mined or quarantined by mining (by id, once),
+    prepare's rows are out + quarantined + held out, and each mined row has the configured negatives."""
+    prepared = manifest["prepare"]["outputs"]["tables"]
+    train = prepared["train_pairs"]
+    assert train["rows_in"] == train["rows_out"] + train["rows_quarantined"] + train["rows_held_out"]
+    assert prepared["dev_pairs"]["rows_in"] == train["rows_held_out"]
+    mine = manifest["mine"]["outputs"]
+    queries = read_table(train["path"]).column("id").to_pylist()
+    mined = read_table(mine["training_table"]).to_pylist()
+    quarantined = read_table(Path(mine["training_table"]).parent / "quarantine").column("query_id").to_pylist()
+    assert len({r["id"] for r in mined}) == len(mined)
+    assert sorted([r["id"] for r in mined] + quarantined) == sorted(queries)
+    assert (len(queries), len(mined), len(quarantined)) == (mine["queries"], mine["mined"], mine["quarantined"])
+    assert all(len(r["neg_text"]) == mine["settings"]["num_negatives"] for r in mined)
+
+
+def _check_eval_p_at_1(manifest):
+    """Each evaluated model's P@1 recomputed here: the model folder loaded afresh, every eval row's query, ground
+    truth and distractors encoded one row at a time, a hit when the ground truth's cosine beats every distractor's
+    (numpy). A row whose margin is below 1e-4 may go either way between batchings, and may move P@1 by one row."""
+    import numpy as np
+
+    from unime_ray.data.schema import item_from_row, negatives_from_row
+    from unime_ray.models import Embedder
+
+    prepared = manifest["prepare"]["outputs"]
+    rows = read_table(prepared["tables"]["eval_pairs"]["path"]).to_pylist()
+    for label, result in manifest["eval"]["outputs"]["models"].items():
+        embedder = Embedder.from_pretrained(result["model"], dtype="float32", device="cpu",
+                                            image_root=prepared["image_root"])
+        hits: dict[str, list[bool]] = {}
+        near: dict[str, int] = {}
+        for row in rows:
+            pos = item_from_row(row, "pos_")
+            negs = [it for it, _, _ in negatives_from_row(row) if it.content_key() != pos.content_key()]
+            v = embedder.encode([item_from_row(row, "query_"), pos, *negs]).astype(np.float64)
+            scores = v[1:] @ v[0]
+            hits.setdefault(row["task"], []).append(bool(scores[0] > scores[1:].max()))
+            near[row["task"]] = near.get(row["task"], 0) + int(abs(scores[0] - scores[1:].max()) < 1e-4)
+        assert set(hits) == set(result["per_dataset"]), label
+        for task, h in hits.items():
+            assert abs(100 * np.mean(h) - result["per_dataset"][task]) <= 100 * near[task] / len(h) + 0.01, (label,
+                                                                                                           task)
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -350,6 +350,37 @@ def test_judge_and_mining_settings(paper_run):
     for r in rows:
         assert len(r["neg_score"]) == 10                              # always 10, cycled when fewer survive
         assert all(x <= r["pos_score"] - 0.01 for x in r["neg_score"]) or r["neg_score"] == [1.0] * 10
+    assert _check_mining_rule(judge, _outputs(paper_run, "retrieve"), mine) >= 1   # 5 rows from survivors here
+
+
+def _check_mining_rule(judge, retrieve, mine) -> int:
+    """The training table recomputed from the written judge scores and retrieval candidates with the S3 rule as
+    the method reference states it: survivors = candidates (retrieval order) scoring <= s_pos - beta, visited
+    0, i, 2i, ..., 1, 1+i, ... (i = interval), the first k taken (cycled when fewer); none: k fallback-scored
+    candidates of the query's own list."""
+    from unime_ray.data.io import read_table
+
+    scores, positive = {}, {}
+    for r in read_table(judge["scores_table"]).to_pylist():
+        scores[(r["query_id"], r["cand_id"])] = r["score"]
+        if r["is_positive"]:
+            positive[r["query_id"]] = r["score"]
+    candidates = {r["query_id"]: r["cand_ids"] for r in read_table(retrieve["candidates_table"]).to_pylist()}
+    s = mine["settings"]
+    k, beta, step = s["num_negatives"], s["beta"], s["interval"]
+    rows = read_table(mine["training_table"]).to_pylist()
+    for row in rows:
+        qid, cands = row["id"], candidates[row["id"]]
+        assert row["pos_score"] == pytest.approx(positive[qid])
+        survivors = [c for c in cands if scores[(qid, c)] <= positive[qid] - beta]
+        if survivors:
+            visit = [survivors[p] for start in range(step) for p in range(start, len(survivors), step)]
+            expected = [visit[j % len(visit)] for j in range(k)]
+            assert row["neg_id"] == expected, qid
+            assert row["neg_score"] == pytest.approx([scores[(qid, c)] for c in expected])
+        else:
+            assert row["neg_score"] == [s["fallback_score"]] * k and set(row["neg_id"]) <= set(cands), qid
+    return sum(row["neg_score"] != [s["fallback_score"]] * k for row in rows)   # rows mined from survivors
 
 
 def _metrics(out):

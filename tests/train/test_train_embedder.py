@@ -156,17 +156,32 @@ def test_zero_training_learns_and_exports(tiny_models, ray_local, table, tmp_pat
 
 
 def test_killed_worker_resumes_from_checkpoint(tiny_models, ray_local, table, tmp_path):
+    """A worker killed at step 5 restarts the group from the step-3 checkpoint, and every step trains on the rows a
+    run without a kill trains on (recorded per step in metrics.jsonl, every rank's): each epoch a fresh
+    permutation of the table keyed by (seed, epoch), computed here with numpy, split into global batches, so
+    every row of an epoch is trained on exactly once and none is lost or repeated across the kill."""
     from unime_ray.train.trainer import fit
 
-    s = TrainJob(TrainConfig(max_steps=8, micro_batch_size=4, num_negatives=4, zero_stage=2, lr=5e-3,
-                             checkpoint_every=3, max_failures=1, tracking="mlflow"),
-                 model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"), fail_at_step=5)
+    s = TrainJob(TrainConfig(max_steps=8, micro_batch_size=2, grad_accum=2, num_negatives=4, zero_stage=2,
+                             lr=5e-3, checkpoint_every=3, max_failures=1, tracking="mlflow"),
+                 model=str(tiny_models["qwen2_vl"]), output_dir=str(tmp_path / "run"), fail_at_step=5, seed=7)
     out = fit(table, s, name="resume")
-    m = _metrics(out["metrics"])
-    steps = [x["step"] for x in m]
+    records = _metrics(out["metrics"])
     # steps 1-4 ran, the worker died at 5, the group restarted from the step-3 checkpoint: 4, 5, ... 8 again
-    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]
+    assert [x["step"] for x in records] == [1, 2, 3, 4, 4, 5, 6, 7, 8]
     assert out["steps"] == 8 and (tmp_path / "run" / ".failed_at_5").exists()
+    n, batch = 16, 2 * 2 * 2                                  # table rows; micro x accum x workers
+    per_epoch = n // batch
+    expected = {step: np.random.default_rng([7, (step - 1) // per_epoch]).permutation(n)
+                [(step - 1) % per_epoch * batch:][:batch].tolist() for step in range(1, 9)}
+    assert records[3]["rows"] == records[4]["rows"] == expected[4]     # step 4 before and after the kill
+    kept = {x["step"]: x["rows"] for x in records}                      # the run's steps, as resumed
+    assert kept == expected
+    for epoch in range(8 // per_epoch):
+        seen = [r for step in range(epoch * per_epoch + 1, (epoch + 1) * per_epoch + 1) for r in kept[step]]
+        assert sorted(seen) == list(range(n))                          # each row once per epoch
+    assert kept[1] + kept[2] != kept[3] + kept[4]                       # each epoch its own order
+    assert "rows" not in out["final"]                                   # the file keeps them, the summary does not
     # train.tracking: rank 0 logged every record to MLflow from inside the loop; the restarted group went on in
     # the same run (its step 4 logged twice, as in metrics.jsonl)
     from mlflow import MlflowClient
@@ -174,7 +189,7 @@ def test_killed_worker_resumes_from_checkpoint(tiny_models, ray_local, table, tm
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # the local store the trainer wrote (tracking.py)
     rec = json.loads((tmp_path / "run" / "tracking.json").read_text())
     history = MlflowClient(tracking_uri=rec["where"]).get_metric_history(rec["run_id"], "loss")
-    assert sorted((h.step, h.value) for h in history) == sorted((x["step"], x["loss"]) for x in m)
+    assert sorted((h.step, h.value) for h in history) == sorted((x["step"], x["loss"]) for x in records)
 
 
 

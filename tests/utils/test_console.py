@@ -136,7 +136,8 @@ def test_metrics_watcher_turns_appended_lines_into_progress(tmp_path):
     assert p.done == p.initial == 3 and w.poll_once() == 0
     with path.open("a") as f:
         for step in (4, 5):
-            f.write(json.dumps({"step": step, "loss": 1.0 / step, "samples_per_s": 8.0, "lr": 1e-4}) + "\n")
+            f.write(json.dumps({"step": step, "loss": 1.0 / step, "samples_per_s": 8.0, "lr": 1e-4,
+                                "rows": list(range(8))}) + "\n")     # the trainer's rows: not shown
         f.write('{"step": 6, "lo')    # a line still being written
     clock.t += 2
     assert w.poll_once() == 2 and p.done == 5

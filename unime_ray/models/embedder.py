@@ -217,11 +217,16 @@ class Embedder:
                         format: str = "hf", prompts: Mapping[str, str] | None = None) -> Path:
         """Save the model (adapter merged) with its tokenizer and image processor as an ordinary Hugging Face
         folder that :meth:`from_pretrained` (and ``transformers``) load; ``card``: what to write in its model
-        card (``README.md``: base model, recipe, data, eval results; see :mod:`unime_ray.models.card`).
+        card (``README.md``: base model, recipe, data, eval results; see :mod:`unime_ray.models.card`). The image
+        processor is saved with the pixel range this embedder's processor uses (a trained model's: its training
+        budget), so ``AutoProcessor.from_pretrained(path)`` sizes images as it was trained; a fixed ``resize``,
+        which the Hugging Face Qwen-VL processor cannot express, is in the card only.
 
         ``format="sentence-transformers"`` adds what ``sentence_transformers.SentenceTransformer(path)`` needs to
         encode as :meth:`encode` does, with ``prompts`` (name -> instruction) for its ``prompt_name``; what it
         cannot carry is logged (see :mod:`unime_ray.models.st_export`)."""
+        import copy
+
         from .lora import merged
 
         if format not in ("hf", "sentence-transformers"):
@@ -232,7 +237,12 @@ class Embedder:
         path = Path(path)
         merged(self.model).save_pretrained(path)
         self.processor.tokenizer.save_pretrained(path)
-        self.processor.image_processor.save_pretrained(path)
+        image_processor = self.processor.image_processor
+        size = self.processor.image_options.size_kwargs(image_processor)
+        if size:
+            image_processor = copy.deepcopy(image_processor)
+            image_processor.size = size["size"]
+        image_processor.save_pretrained(path)
         if card is not None:
             from .card import write_model_card
 

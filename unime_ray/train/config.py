@@ -149,6 +149,10 @@ class RerankerTrainConfig(TrainLoop):
     pair_weight: float = Field(default=1.0, ge=0, description="weight of the pairwise Yes/No loss")
     list_weight: float = Field(default=1.0, ge=0, description="weight of the listwise loss (name the positive's "
                                "place in the list)")
+    answer_loss: Literal["decision", "all_tokens"] = Field(
+        default="decision", description="each conversation's CE: decision = the paper's CE(YES), CE(NO), CE(I) "
+        "(the decision's tokens in full, plus the mean CE of the answer's fixed tokens); all_tokens = the mean over "
+        "all answer tokens (the released code's)")
     pair_negative: Literal["hardest", "sampled"] = Field(default="hardest", description="the pairwise \"No\" "
                                                          "example: the top judge-scored negative, or one sampled "
                                                          "from the top-x")
