@@ -35,7 +35,7 @@ class VLLMConfig(Section):
 class JudgePool(Pool):
     """The judge's actor pool: one actor unless raised, a query's ~51 pairs handed over together."""
 
-    max_actors: int = Field(default=1, ge=1, description="actors the pool may grow to while work is queued")
+    max_actors: int = Field(default=1, ge=1)
     batch_size: int = Field(default=64, ge=1, description="pairs handed to an actor per call")
 
 

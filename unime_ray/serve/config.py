@@ -111,7 +111,7 @@ class DeploymentSettings(Section):
 class IngressSettings(DeploymentSettings):
     """The FastAPI ingress: async, I/O bound (awaits the other deployments)."""
 
-    num_cpus: float = Field(default=0.25, ge=0, description="CPUs each replica reserves")
+    num_cpus: float = Field(default=0.25, ge=0)
     max_ongoing_requests: int | None = Field(default=256, ge=1, description="requests one replica works on at "
                                              "once")
 
@@ -159,8 +159,7 @@ class RerankerSettings(_ModelSettings):
     """The pairwise reranker; ``max_batch_size`` counts search requests, ``pair_batch_size`` pairs per forward."""
 
     max_batch_size: int = Field(default=4, ge=1, description="search requests batched together")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="seconds a batch waits to fill before it "
-                                        "runs")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     pair_batch_size: int = Field(default=32, ge=1, description="pairs per forward")
     max_pixels: int | None = Field(default=None, ge=1, description="processor's pixel cap per image (paper: "
                                    "235200 = 300*28*28); null: a run config's models.images.reranker (serve "
@@ -189,7 +188,7 @@ class IndexSettings(DeploymentSettings):
     saved FAISS shards, searched in parallel and merged exactly); ``auto`` makes one partition per
     ``max_vectors_per_partition`` vectors, at most one per saved shard."""
 
-    num_cpus: float = Field(default=0.5, ge=0, description="CPUs each replica reserves")
+    num_cpus: float = Field(default=0.5, ge=0)
     partitions: int | Literal["auto"] = Field(default="auto", description="index deployments, each a slice of the "
                                               "saved shards; auto: one per max_vectors_per_partition vectors")
     max_vectors_per_partition: int = Field(default=5_000_000, ge=1, description="vectors per partition under "

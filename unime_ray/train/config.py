@@ -156,21 +156,19 @@ class RerankerTrainConfig(TrainLoop):
     pair_negative: Literal["hardest", "sampled"] = Field(default="hardest", description="the pairwise \"No\" "
                                                          "example: the top judge-scored negative, or one sampled "
                                                          "from the top-x")
-    lr: float = Field(default=2e-5, gt=0, description="peak learning rate (AdamW)")
-    lr_schedule: Literal["linear", "cosine"] = Field(default="cosine", description="decay to 0 after the warm-up")
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="warm-up as a share of the steps (with "
-                                "warmup_steps 0)")
+    lr: float = Field(default=2e-5, gt=0)
+    lr_schedule: Literal["linear", "cosine"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; null: one pass (epochs) over "
                                   "the training table")
-    lora_r: int = Field(default=128, ge=1, description="rank of the adapters")
-    lora_alpha: int = Field(default=256, ge=1, description="scale of the adapters' update (alpha / r)")
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout on the adapters' input")
-    use_dora: bool = Field(default=False, description="DoRA (weight-decomposed) adapters; not under ZeRO-3")
+    lora_r: int = Field(default=128, ge=1)
+    lora_alpha: int = Field(default=256, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    use_dora: bool = False
     lora_init: Literal["gaussian", "kaiming"] = Field(default="kaiming", description="the adapters' A init: "
                                                       "kaiming (PEFT's default: the official reranker's) or "
                                                       "gaussian (the official embedder's)")
-    freeze_vision: bool = Field(default=True, description="freeze the vision tower and its projector (no adapters "
-                                "there)")
+    freeze_vision: bool = True
 
     @model_validator(mode="after")
     def _weights(self):
@@ -196,13 +194,10 @@ class JudgeFitConfig(RerankerTrainConfig):
     negatives_per_query: int = Field(default=8, ge=1, description="retrieved candidates kept as \"No\" examples")
     list_weight: float = Field(default=0.0, ge=0, description="weight of the listwise loss; 0: pairwise only, the "
                                "judge answers Yes/No")
-    pair_negative: Literal["hardest", "sampled"] = Field(default="sampled", description="the pairwise \"No\" "
-                                                         "example: the top judge-scored negative, or one sampled "
-                                                         "from the top-x")
+    pair_negative: Literal["hardest", "sampled"] = "sampled"
     lr_schedule: Literal["linear", "cosine"] = Field(default="linear", description="decay to 0 after the warm-up "
                                                      "(a short fit, not the reranker's recipe)")
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="warm-up as a share of the steps (with "
-                                "warmup_steps 0)")
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     max_steps: int | None = Field(default=30, ge=1, description="optimizer steps of each fold's judge; null: "
                                   "epochs over its table")
     init: Literal["judge"] = Field(default="judge",  # type: ignore[assignment]

@@ -19,6 +19,15 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """A field a subclass overrides (a new default) keeps its parent's description unless it gives its own."""
+        super().__pydantic_init_subclass__(**kwargs)
+        for name, info in cls.model_fields.items():
+            if info.description is None:
+                info.description = next((b.model_fields[name].description for b in cls.__mro__[1:]
+                                         if name in getattr(b, "model_fields", {})), None)
+
 
 class FlagError(ValueError):
     """A command-line flag with a value its setting refuses (the message names the flag)."""
