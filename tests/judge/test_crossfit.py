@@ -54,3 +54,26 @@ def test_positive_auc_counts_wins_and_half_ties(tmp_path):
     summary = score_summary(tmp_path / "scores")
     assert summary["mean_score_positive"] == pytest.approx((0.9 + 0.2) / 2)
     assert summary["mean_score_candidates"] == pytest.approx((0.5 + 0.9 + 0.95 + 0.1 + 0.1) / 5)
+
+
+def test_the_public_api_cross_fits_with_fold_judges(tiny_models, tmp_path):
+    """mine_hard_negatives(judge=[fold 0's judge, fold 1's judge]): each query is scored by the other fold's judge,
+    exactly as that judge alone scores it (checked against two single-judge runs)."""
+    import unime_ray
+    from unime_ray.judge.crossfit import query_folds
+
+    pairs = [{"query": f"a {c} {s}", "positive": f"{c} {s}", "task": "shapes"}
+             for c in ("red", "blue", "green", "black") for s in ("circle", "square", "star")]
+    judges = [str(tiny_models["qwen2_5_vl"]), str(tiny_models["qwen2_vl"])]   # two different judges
+    kw = dict(retriever=str(tiny_models["qwen2_vl"]), top_k=3, num_negatives=2, delta=None)
+    alone = [{r["id"]: r["pos_score"] for r in unime_ray.mine_hard_negatives(
+        pairs, judge=j, out_dir=tmp_path / f"alone{i}", **kw).table.to_pylist()} for i, j in enumerate(judges)]
+    crossed = unime_ray.mine_hard_negatives(pairs, judge=judges, out_dir=tmp_path / "crossed", **kw)
+    folds = query_folds(tmp_path / "crossed" / "pairs", 2)
+    assert set(folds.values()) == {0, 1}
+    rows = crossed.table.to_pylist()
+    assert len(rows) == len(pairs)
+    for r in rows:
+        assert r["pos_score"] == pytest.approx(alone[scoring_judge(folds[r["id"]], 2)][r["id"]], abs=1e-6)
+    assert any(abs(alone[0][i] - alone[1][i]) > 1e-4 for i in alone[0])   # the two judges tell apart
+    assert crossed.stats["pairs_judged"] == sum(1 for _ in rows) * 4      # positive + 3 candidates per query

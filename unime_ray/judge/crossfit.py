@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,3 +122,30 @@ def score_summary(scores_table: str | os.PathLike) -> dict[str, float | None]:
 
 def positive_auc(scores_table: str | os.PathLike) -> float | None:
     return score_summary(scores_table)["positive_auc"]
+
+
+def judge_crossfit(candidates_table: str | os.PathLike, pairs_table: str | os.PathLike,
+                   pool_table: str | os.PathLike, out_dir: str | os.PathLike, judges: Sequence[Any],
+                   pool=None, seed: int = 0, scorers: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Cross-fitted scoring: ``judges[f]`` is the judge fitted on fold ``f`` (of ``len(judges)``, folds of
+    :func:`query_folds`), and the queries of fold f are scored by judge :func:`scoring_judge`, so no query is
+    scored by a judge that saw it. ``judges``: :class:`~unime_ray.judge.stage.JudgeSpec` (``scorers``: the same
+    judges loaded in this process, or None to build them where ``pool`` runs). Returns :func:`run_judge`'s
+    summary over all folds, with ``folds`` (each fold's) and the merged ``scores_table``."""
+    from .stage import run_judge
+
+    k = len(judges)
+    if k < 2:
+        raise ValueError(f"cross-fitting needs at least 2 fold judges, got {k}")
+    out_dir = Path(out_dir)
+    split = split_candidates(candidates_table, query_folds(pairs_table, k, seed), k, out_dir / "candidates")
+    per_fold = {}
+    for f in range(k):
+        j = scoring_judge(f, k)
+        out = run_judge(split[f], pairs_table, pool_table, out_dir / f"fold{f}", judges[j], pool,
+                        scorer=scorers[j] if scorers else None)
+        per_fold[str(f)] = {**out, "judge_fold": j}
+    scores = merge_score_tables([o["scores_table"] for o in per_fold.values()], out_dir / "scores" / "crossfit")
+    total = {key: sum(o[key] for o in per_fold.values()) for key in ("pairs", "scored", "quarantined", "seconds")}
+    return {**total, "crossfit": True, "folds": per_fold, "scores_table": scores, "seconds": round(total["seconds"], 2),
+            "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]), **score_summary(scores)}

@@ -84,7 +84,9 @@ def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: A
     ``pairs``/``candidates``: a datasets.Dataset, pyarrow Table, pandas DataFrame, list of dicts or a path (see
     :mod:`unime_ray.data.inputs`; ``columns`` maps other column names). ``candidates`` None: the positives of
     all pairs are the pool (per task, as MMEB-train). ``retriever``: an :class:`~unime_ray.Embedder` or a
-    model name/folder; ``judge``: a :class:`~unime_ray.Judge` or a model name/folder. ``delta``: drop
+    model name/folder; ``judge``: a :class:`~unime_ray.Judge` or a model name/folder, or a list of k of them,
+    the judge fitted on each fold of :func:`~unime_ray.judge.crossfit.query_folds` ``(pairs, k, seed)``: then
+    scoring is cross-fitted (a fold's queries scored by another fold's judge, as the pipeline's stand-in judges). ``delta``: drop
     candidates at or above the query's similarity to its positive (``"positive"``), a number, or None; ``fill``:
     search deeper so that ``top_k`` remain after that drop (the paper's Rank_50 over x < delta) instead of
     filtering the first ``top_k``.
@@ -100,6 +102,7 @@ def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: A
     """
     from ..data.inputs import load_table
     from ..data.io import read_table
+    from ..judge.crossfit import judge_crossfit
     from ..judge.stage import run_judge
     from ..retrieval.config import RetrieveConfig
     from ..retrieval.stage import run_retrieval
@@ -119,13 +122,18 @@ def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: A
     if not account.rows_out:
         raise ValueError(f"no valid pairs to mine ({account.summary()}); see {quarantine[0]}")
     on_ray = pool is not None and pool.ray
-    spec, scorer = _judge(judge, image_root, on_ray)
-    if image_root is not None and spec.image_root is None:
-        spec = spec.model_copy(update={"image_root": str(image_root)})
+    folds = list(judge) if isinstance(judge, (list, tuple)) else None
+    specs, scorers = zip(*[_judge(j, image_root, on_ray) for j in (folds or [judge])])
+    if image_root is not None:
+        specs = [s if s.image_root else s.model_copy(update={"image_root": str(image_root)}) for s in specs]
     retrieved = run_retrieval(pairs_table, cand_table, out / "retrieve", _retriever_spec(retriever, image_root),
                               search, pool=pool, seed=seed)
-    judged = run_judge(retrieved["candidates_table"], pairs_table, retrieved["candidate_pool"], out / "judge", spec,
-                       pool=pool if on_ray else None, scorer=scorer)
+    args = (retrieved["candidates_table"], pairs_table, retrieved["candidate_pool"], out / "judge")
+    if folds:   # cross-fitted: each fold's queries scored by a judge fitted without them
+        judged = judge_crossfit(*args, specs, pool if on_ray else None, seed=seed,
+                                scorers=None if on_ray else scorers)
+    else:
+        judged = run_judge(*args, specs[0], pool=pool if on_ray else None, scorer=scorers[0])
     mined = run_mining(retrieved["candidates_table"], judged["scores_table"], pairs_table,
                        retrieved["candidate_pool"], out / "mine", settings, seed=seed, image_root=image_root)
     quarantine += [str(out / "judge" / "quarantine.parquet"), str(out / "mine" / "quarantine")]

@@ -85,7 +85,7 @@ def _fit_encoder_judges(ctx: Context, tables: dict[int, dict[str, Any]], prepare
 
 
 def run_judge_stage(ctx: Context) -> dict[str, Any]:
-    from ...judge.crossfit import merge_score_tables, query_folds, score_summary, scoring_judge, split_candidates
+    from ...judge.crossfit import judge_crossfit, score_summary
     from ...judge.stage import run_judge
 
     cfg = ctx.cfg
@@ -103,27 +103,17 @@ def run_judge_stage(ctx: Context) -> dict[str, Any]:
                     out["pairs_per_s"])
         return {**out, "positive_auc": score_summary(out["scores_table"])["positive_auc"],
                 "visual_tokens": ctx.visual_tokens(judge=out.get("visual_tokens"))}
-    k = fitted.num_folds
-    root = ctx.dir
-    assignment = query_folds(pairs, k, seed=cfg.seed)
-    split = split_candidates(retrieved.candidates_table, assignment, k, root / "candidates")
-    per_fold, score_dirs = {}, []
-    for f in range(k):
-        out = run_judge(split[f], pairs, retrieved.candidate_pool, root / f"fold{f}",
-                        judge_spec(ctx, image_root, fitted, scoring_judge(f, k)), pool)
-        per_fold[str(f)] = {**out, "judge_fold": scoring_judge(f, k)}
-        score_dirs.append(out["scores_table"])
-        logger.info("judge fold %d (judge of fold %d): %d pairs, %.1f pairs/s", f, scoring_judge(f, k), out["scored"],
-                    out["pairs_per_s"])
-    scores = merge_score_tables(score_dirs, root / "scores" / "crossfit")
-    total = {key: sum(o[key] for o in per_fold.values()) for key in ("pairs", "scored", "quarantined", "seconds")}
-    return {"crossfit": True, "folds": per_fold, "scores_table": scores, **total, "seconds": round(total["seconds"], 2),
-            "pairs_per_s": total["scored"] / max(1e-9, total["seconds"]),
-            "judge": "cross-fitted " + ("dual-encoder judges" if fitted.kind == "dual_encoder" else "stand-in judges"),
+    specs = [judge_spec(ctx, image_root, fitted, f) for f in range(fitted.num_folds)]
+    out = judge_crossfit(retrieved.candidates_table, pairs, retrieved.candidate_pool, ctx.dir, specs, pool,
+                         seed=cfg.seed)
+    for f, o in out["folds"].items():
+        logger.info("judge fold %s (judge of fold %d): %d pairs, %.1f pairs/s", f, o["judge_fold"], o["scored"],
+                    o["pairs_per_s"])
+    return {**out, "judge": "cross-fitted " + ("dual-encoder judges" if fitted.kind == "dual_encoder" else
+                                               "stand-in judges"),
             "backend": fitted.backend or "transformers",
-            "prompt_version": next((o.get("prompt_version") for o in per_fold.values()), None),
-            **score_summary(scores),
-            "visual_tokens": ctx.visual_tokens(judge=[o.get("visual_tokens") for o in per_fold.values()])}
+            "prompt_version": next((o.get("prompt_version") for o in out["folds"].values()), None),
+            "visual_tokens": ctx.visual_tokens(judge=[o.get("visual_tokens") for o in out["folds"].values()])}
 
 
 def report_judge_fit(s: Section) -> list[str]:
