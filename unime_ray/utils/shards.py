@@ -150,24 +150,29 @@ def map_shards_ray(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLike, 
             write_table_atomic(build_table({}), outputs[name])
             del expected[name]
     if expected:
-        ds = ray.data.read_parquet([str(s) for s, _ in todo if s.name in expected], columns=columns,
-                                   include_paths=True)
+        files = [str(s) for s, _ in todo if s.name in expected]
+        # a read task per shard: small shards would otherwise merge into one block, leaving all but one actor idle
+        ds = ray.data.read_parquet(files, columns=columns, include_paths=True, override_num_blocks=len(files))
         mapped = ds.map_batches(_WithPath, fn_constructor_kwargs={"fn_cls": fn_cls, "fn_kwargs": fn_kwargs},
                                 batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus,
                                 compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors))
+        # per shard: the output batches' slices (arrays, not per-row Python objects) and the rows they hold
         buffers: dict[str, dict[str, list]] = {}
+        done: Counter = Counter()
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
             names = batch.pop("__shard__")
             _add_visual_tokens(tokens, batch.pop(VISUAL_TOKENS_COLUMN, None))
             for name in np.unique(names):
+                name = str(name)
                 idx = np.nonzero(names == name)[0]
-                buf = buffers.setdefault(str(name), defaultdict(list))
+                buf = buffers.setdefault(name, defaultdict(list))
                 for k, v in batch.items():
-                    buf[k].extend(v[i] for i in idx)
+                    buf[k].append(v[idx])
+                done[name] += len(idx)
                 progress.update(len(idx))
-                n_done = len(next(iter(buf.values())))
-                if n_done == expected[str(name)]:
-                    _write_shard(build_table(dict(buffers.pop(str(name)))), outputs[str(name)], what)
+                if done[name] == expected[name]:
+                    cols = {k: list(np.concatenate(parts)) for k, parts in buffers.pop(name).items()}
+                    _write_shard(build_table(cols), outputs[name], what)
         if buffers:
             raise RuntimeError(f"incomplete output for shards {sorted(buffers)}")
     return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
