@@ -194,18 +194,17 @@ def retrieve(out: Path, n: int, k: int, ivf_above: int, seed: int) -> dict:
 
 def judge(out: Path, actors: int, batch: int, seconds_per_batch: float) -> dict:
     from unime_ray.judge.stage import _scores_table, expand_pairs, score_means, write_quarantine
-    from unime_ray.utils.pool import Pool
+    from unime_ray.utils.shards import map_shards_actors
 
     spec = JudgeSpec(model="benchmark-cosine-scorer")
     t0 = time.perf_counter()
     expanded = expand_pairs(out / "candidates", out / "pairs", out / "pool", out / "judge" / "pairs")
     expand_s = time.perf_counter() - t0
-    pool = Pool(min_actors=actors, max_actors=actors, batch_size=batch)
     kwargs = {"spec": spec.model_dump(), "content": expanded["content"], "vectors": str(out / "vectors"),
               "seconds_per_batch": seconds_per_batch}
     scores = out / "judge" / "scores" / spec.identity()
-    stats = pool.map_shards(CosineJudgeActor, kwargs, out / "judge" / "pairs", scores, _scores_table,
-                            what="judged pairs")
+    stats = map_shards_actors(CosineJudgeActor, kwargs, out / "judge" / "pairs", scores, _scores_table,
+                              batch_size=batch, max_actors=actors, what="judged pairs")
     quarantined = write_quarantine(scores, out / "judge" / "quarantine.parquet")
     return {**stats, "pairs": expanded["pairs"], "expand_seconds": round(expand_s, 2), "quarantined": quarantined,
             **score_means(scores), "scores_table": str(scores), "pair_shards": len(shard_paths(out / "judge" /
@@ -238,9 +237,47 @@ def read_training(table: Path, micro: int = 64) -> dict:
     return {"rows": ray.get(epoch.remote(ray.put(t), t.num_rows)), "table_mib": round(t.nbytes / 2 ** 20, 1)}
 
 
+def report(paths: list[Path], png: Path) -> str:
+    """A Markdown table of seconds and peak RSS per stage against N, with the fitted log-log growth exponent
+    (slope of log seconds / log peak RSS on log N), and the plot of both."""
+    from unime_ray.utils.plots import pyplot
+
+    runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["queries"])
+    ns = np.array([r["queries"] for r in runs], dtype=float)
+    stages = [k for k in runs[0]["stages"] if k != "generate"]
+    head = ["stage", *(f"N={int(n):,}: s / rows/s / peak RSS GiB (driver, largest worker)" for n in ns),
+            "exponent: seconds", "exponent: peak RSS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4)) if plt else (None, [None, None])
+    for stage in stages:
+        sec = np.array([r["stages"][stage]["seconds"] for r in runs])
+        rss = np.array([max(r["stages"][stage]["peak"].get("driver", 0), r["stages"][stage]["peak"].get("worker", 0))
+                        for r in runs]) / GIB
+        cells = [f"{r['stages'][stage]['seconds']:,.1f} / {r['stages'][stage]['rows_per_s']:,.0f} / "
+                 f"{r['stages'][stage]['peak'].get('driver', 0) / GIB:.2f}, "
+                 f"{r['stages'][stage]['peak'].get('worker', 0) / GIB:.2f}" for r in runs]
+        slope = [f"{np.polyfit(np.log(ns), np.log(np.maximum(v, 1e-3)), 1)[0]:.2f}" if len(ns) > 1 else "-"
+                 for v in (sec, rss)]
+        lines.append("| " + " | ".join([stage, *cells, *slope]) + " |")
+        if plt:
+            axes[0].loglog(ns, sec, "o-", label=stage)
+            axes[1].loglog(ns, rss, "o-", label=stage)
+    if plt:
+        axes[0].set(xlabel="queries N", ylabel="seconds", title="time per stage")
+        axes[1].set(xlabel="queries N", ylabel="peak RSS, GiB (max of driver, largest worker)",
+                    title="peak memory per stage")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--queries", type=int, required=True)
+    ap.add_argument("--queries", type=int)
+    ap.add_argument("--report", type=Path, nargs="+", help="results.json files: print the table, write --png")
+    ap.add_argument("--png", type=Path, default=Path(__file__).with_name("scale.png"))
     ap.add_argument("--candidates-per-query", type=int, default=50)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--rows-per-shard", type=int, default=2000, help="queries per shard (x51 judged pairs)")
@@ -251,6 +288,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="working folder (rerun with it to resume)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    if a.report:
+        print(report(a.report, a.png))
+        return
+    if a.queries is None:
+        ap.error("--queries is required (or --report)")
     out = (a.out or Path(f"/tmp/unime_scale_{a.queries}")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.pop("RAY_ADDRESS", None)

@@ -213,6 +213,12 @@ def score_pairs(pairs_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: 
     if scorer is not None and pool.ray:
         raise ValueError("a Ray pool builds the judge in its actors from the spec: pass no loaded scorer")
     kwargs = {"spec": spec.model_dump(), "content": content}
+    if pool.ray:   # whole shards per actor: each scores shard is on disk as soon as it is judged
+        from ..utils.shards import map_shards_actors
+
+        return map_shards_actors(JudgeActor, kwargs, pairs_dir, out_dir, _scores_table, batch_size=pool.batch_size,
+                                 max_actors=pool.max_actors, num_cpus=pool.num_cpus_per_actor,
+                                 num_gpus=pool.num_gpus_per_actor, what="judged pairs")
     actor = JudgeActor(**kwargs, backend=scorer) if scorer is not None else None
     return pool.map_shards(JudgeActor, kwargs, pairs_dir, out_dir, _scores_table, what="judged pairs", actor=actor)
 
