@@ -307,7 +307,7 @@ def main() -> None:
         sampler.sample()
         s = time.perf_counter() - t0
         timings[name] = {"seconds": round(s, 2), "rows": rows_of(res), "rows_per_s": round(rows_of(res) / s, 1),
-                         "result": res}
+                         "load_average_1min": os.getloadavg()[0], "result": res}   # the machine is shared
         print(f"{name}: {json.dumps(timings[name], default=str)}", flush=True)
         return res
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 
-from ..utils.files import write_json_atomic
+from ..utils.files import write_json_list_atomic
 from .images import ImageError, decode_image, read_image_bytes
 from .io import iter_rows, write_rows
 from .schema import (IMAGE_MARKER, PAIR_SCHEMA, SCHEMAS, Item, empty_row, item_from_row, item_to_columns,
@@ -216,9 +216,7 @@ def export_official_json(pairs: str | os.PathLike | Iterable[Mapping[str, Any]],
     """Write a canonical pair table as the official training JSON; inline images go under ``image_dir``."""
     rows = iter_rows(pairs) if isinstance(pairs, (str, os.PathLike)) else pairs
     spill = _ImageSpill(image_dir)
-    records = [row_to_official_record(r, spill) for r in rows]
-    write_json_atomic(records, out_json, ensure_ascii=False)
-    return len(records)
+    return write_json_list_atomic((row_to_official_record(r, spill) for r in rows), out_json, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------- MMEB
