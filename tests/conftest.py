@@ -50,11 +50,11 @@ def png_bytes():
     return make_png
 
 
-# The whole method on the synthetic data, every stage small: used by tests/test_pipeline_full.py (which checks
-# it) and by tests/test_readme_commands.py (which runs the README's commands on it in place of `make demo`).
+# The whole method on the synthetic data, every stage small: used by tests/run/test_pipeline_full.py (which checks
+# it) and by tests/ops/test_readme_commands.py (which runs the README's commands on it in place of `make demo`).
 WHOLE_METHOD_OVERRIDES = [
     "data.max_items=24", "data.rows_per_shard=16", "data.dev_fraction=0.25", "models.tiny.vocab_size=512",
-    "embed.tables=[]", "embed.pool.ray=false", "judge.pool.ray=false",   # pools on Ray: tests/test_*_pipeline.py
+    "embed.tables=[]", "embed.pool.ray=false", "judge.pool.ray=false",   # pools on Ray: tests/run/test_*pipeline*.py
     "retrieve.top_k=6", "mine.num_negatives=4", "train.num_negatives=4", "judge.pool.batch_size=16",
     "baseline.enabled=true", "baseline.max_steps=3", "baseline.micro_batch_size=4", "baseline.lora=false",
     "baseline.checkpoint_every=3",

@@ -13,6 +13,9 @@ logger = logging.getLogger("unime_ray.cli")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    from .run.config import settings_help
+
+    p.epilog, p.formatter_class = settings_help(), argparse.RawDescriptionHelpFormatter
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", default=None, help="a preset name (see `unime-ray config list`)"
                    + (f"; default {default_preset}" if default_preset else ""))
@@ -65,13 +68,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models.backbone import ModelNotFoundError, UnsupportedArchitectureError
     from .run.config import ConfigError
 
-    return ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError
+    from .utils.settings import FlagError
+
+    return ConfigError, DataError, ModelNotFoundError, UnsupportedArchitectureError, FileNotFoundError, FlagError
 
 
 def _run_logged(args, cfg, only: list[str] | None):
     """run_pipeline with the run's console set-up: (manifest, 0), or (None, exit code) after one error line."""
     from .run.runner import Manifest, failed_stage, run_pipeline
-    from .utils.logs import console, log_only, one_line_error, start_run_logging
+    from .utils.console import console, log_only, one_line_error, start_run_logging
 
     run_dir = Path(cfg.run_dir).resolve()
     run_log = start_run_logging(run_dir, verbose=args.verbose, level=args.log_level)
@@ -154,17 +159,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .models.budget import budget_from_arguments
-    from .models.encode import EmbedderSpec, embed_table
+    from .models.encode import embed_table, embedder_spec_from_arguments
     from .utils.pool import Pool
+    from .utils.settings import from_flags
 
-    budget = budget_from_arguments(args, args.model)
-    spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
-                        max_pixels=budget.max_pixels)
+    spec = embedder_spec_from_arguments(args)
     prefix = args.prefix if args.prefix is not None else ("query_" if _is_pair_table(args.table) else "")
-    pool = Pool(ray=not args.no_ray, batch_size=args.batch_size, min_actors=args.min_actors,
-                max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor)
+    pool = from_flags(Pool, args, Pool.FLAGS)
     if pool.ray:
         from .utils.ray_utils import init_ray
 
@@ -227,6 +228,41 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from .models.card import push_to_hub
+
+    try:
+        url = push_to_hub(args.model, args.repo, private=args.private, datasets=args.dataset or None,
+                          license=args.license, token=os.environ.get("HF_TOKEN"))
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
+        print(f"error: push to {args.repo} failed: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
+def cmd_export_model(args) -> int:
+    from .models.encode import embedder_spec_from_arguments
+
+    prompts = dict(p.split("=", 1) for p in args.prompt or [])
+    spec = embedder_spec_from_arguments(args)
+    if args.role == "reranker":
+        from .models.budget import ImageBudget
+        from .rerank import Reranker
+
+        if prompts or spec.adapter:
+            raise SystemExit("error: --prompt and --adapter are for embedders (a reranker's instructions go in each "
+                             "pair's texts; merge its adapter first)")
+        budget = ImageBudget.from_parts(spec.image_resize, spec.min_pixels, spec.max_pixels)
+        model = Reranker.from_pretrained(spec.model, dtype=spec.dtype, image_options=budget)
+        print(model.save_pretrained(args.out, format=args.format))
+        return 0
+    print(spec.build().save_pretrained(args.out, format=args.format, prompts=prompts))
+    return 0
+
+
 def cmd_model_info(args) -> int:
     from .models.backbone import SHIPPED_CONFIGS, architecture_of, build_random_backbone, count_parameters
 
@@ -249,8 +285,16 @@ def cmd_model_info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
+def _prompt_flag(value: str) -> str:
+    if "=" not in value or not value.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected NAME=INSTRUCTION, got {value!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .models.budget import add_budget_arguments
+    from .models.encode import add_embedder_arguments
+    from .utils.pool import Pool
+    from .utils.settings import add_flags
 
     parser = argparse.ArgumentParser(prog="unime-ray", description="UniME-V2 universal multimodal embeddings on Ray.")
     parser.add_argument("--log-level", default=os.environ.get("UNIME_LOG_LEVEL", "INFO"))
@@ -302,21 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("embed", help="encode a canonical table with an embedder (Ray Data actor pool)")
-    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    add_embedder_arguments(p)
     p.add_argument("--table", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", default=None, help="item columns prefix (default: query_ for pair tables)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder")
-    p.add_argument("--input-format", default="official", choices=["official", "chat"])
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--image-root", default=None)
-    add_budget_arguments(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--min-actors", type=int, default=1)
-    p.add_argument("--max-actors", type=int, default=2)
-    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    add_flags(p, Pool, Pool.FLAGS)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
-    p.add_argument("--no-ray", action="store_true", help="encode in this process")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("make-tiny-models", help="write tiny Qwen2-VL / Qwen2.5-VL checkpoints (offline)")
@@ -349,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_eval(sub)
     register_serve(sub)
+
+    p = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub (token: HF_TOKEN or a login)")
+    p.add_argument("--model", required=True, help="a model folder saved by unime-ray (weights + model card)")
+    p.add_argument("--repo", required=True, help="the Hub repository id, e.g. you/unime-v2-qwen2vl-2b")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dataset", action="append", help="a Hub dataset id it was trained on (repeatable; card)")
+    p.add_argument("--license", default=None, help="the card's license (default: the base model's, else other)")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("export-model", help="write an embedder or reranker as a folder another library loads")
+    add_embedder_arguments(p)
+    p.add_argument("--format", required=True, choices=["sentence-transformers"],
+                   help="sentence-transformers: SentenceTransformer(OUT) encodes as unime-ray does")
+    p.add_argument("--out", required=True)
+    p.add_argument("--role", default="embedder", choices=["embedder", "reranker"],
+                   help="reranker: a pairwise Yes/No reranker (or judge) as a CrossEncoder whose score is P(Yes)")
+    p.add_argument("--prompt", action="append", type=_prompt_flag, metavar="NAME=INSTRUCTION",
+                   help="an instruction saved as a named prompt (encode(..., prompt_name=NAME)); repeatable")
+    p.set_defaults(func=cmd_export_model)
 
     p = sub.add_parser("model-info", help="architecture and size of a model (shipped configs build on meta)")
     p.add_argument("name", help="a hub id with a shipped config (e.g. Qwen/Qwen2-VL-2B-Instruct) or a folder")
@@ -385,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     from .utils.ray_utils import job_working_dir_warning, prepare_job_environment
 
     job = prepare_job_environment()   # first: before anything loads torch or an OpenMP runtime
-    from .utils.logs import console, setup_logging
+    from .utils.console import console, setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

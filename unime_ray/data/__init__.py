@@ -6,8 +6,8 @@ Names are imported lazily, so ``unime_ray.data.config`` (pydantic only) stays ch
 from ..utils.lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["FORMATS", "export_pairs", "import_pairs", "import_table", "from_canonical_text",
-                     "to_canonical_text"], "convert"),
+    **dict.fromkeys(["FORMATS", "export_pairs", "import_pairs", "import_table"], "convert"),
+    **dict.fromkeys(["from_canonical_text", "to_canonical_text"], "convert.records"),
     "ImageError": "images", "load_image": "images",
     **dict.fromkeys(["ShardWriter", "count_rows", "iter_batches", "iter_rows", "read_table", "write_rows"], "io"),
     **dict.fromkeys(["CANDIDATE_SCHEMA", "IMAGE_MARKER", "PAIR_SCHEMA", "Item", "item_from_row",

@@ -20,14 +20,12 @@ Same seed -> same item set, split, ids, byte-identical Parquet shards and PNGs.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -480,30 +478,3 @@ def make_demo_data(out_dir, source: str = "emoji", seed: int = 0, eval_fraction:
                 summary["items"]["total"], summary["items"]["train"], summary["items"]["eval"],
                 time.perf_counter() - t0)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m unime_ray.demo.data OUT_DIR [--synthetic]``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--synthetic", action="store_true", help="shapes dataset; needs no system packages")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-fraction", type=float, default=0.2)
-    p.add_argument("--max-items", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        summary = make_demo_data(a.out_dir, source="synthetic" if a.synthetic else "emoji", seed=a.seed,
-                                 eval_fraction=a.eval_fraction, max_items=a.max_items, image_size=a.image_size,
-                                 progress=not a.quiet)
-    except MissingSystemPackages as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary["items"]))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,41 +6,42 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..models.budget import add_budget_arguments
+from ..models.encode import add_embedder_arguments
+from ..utils.pool import Pool
+from ..utils.settings import add_flags, from_flags
+from .config import RerankSettings
+
+RERANK_FLAGS = ("top_k", "batch_size")   # of RerankSettings, as --rerank-top-k, --rerank-batch-size
 
 
 def cmd_eval(args) -> int:
     from ..models.budget import budget_from_arguments
-    from ..models.encode import EmbedderSpec
-    from ..utils.pool import Pool
+    from ..models.encode import embedder_spec_from_arguments
     from .encode import ItemEncoder
     from .rerank import load_reranker
 
     if not (args.table or args.mmeb_dir or args.retrieval or args.compositional):
         print("error: give --table or --mmeb-dir (and/or --retrieval / --compositional)", file=sys.stderr)
         return 2
-    if args.rerank_top_k <= 0 or args.top_k_dump <= 0 or args.batch_size <= 0:
-        print("error: --rerank-top-k, --top-k-dump and --batch-size must be positive", file=sys.stderr)
+    if args.top_k_dump <= 0:
+        print("error: --top-k-dump must be positive", file=sys.stderr)
         return 2
-    pool = Pool(ray=not args.no_ray, min_actors=args.min_actors, max_actors=args.max_actors,
-                num_gpus_per_actor=args.num_gpus_per_actor, batch_size=args.batch_size)
+    pool = from_flags(Pool, args, Pool.FLAGS)
+    rerank = from_flags(RerankSettings, args, RERANK_FLAGS, prefix="rerank-")
     if pool.ray:
         from ..utils.ray_utils import init_ray
 
         init_ray(num_cpus=args.num_cpus)
     out = Path(args.out)
     # the eval budget (paper: --image-resize 1344 1344, 1280*28*28 cap); none given: the model's training budget
-    budget = budget_from_arguments(args, args.model)
-    spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=args.image_root, image_resize=budget.resize, min_pixels=budget.min_pixels,
-                        max_pixels=budget.max_pixels)
+    spec = embedder_spec_from_arguments(args)
     encoder = ItemEncoder(spec, image_root=args.image_root, pool=pool, work_dir=out)
     rerank_budget = budget_from_arguments(args, args.reranker, ("rerank_resize", "rerank_min_pixels",
                                                                  "rerank_max_pixels"))
-    reranker = load_reranker(args.reranker, image_root=args.image_root, batch_size=args.rerank_batch_size,
+    reranker = load_reranker(args.reranker, image_root=args.image_root, batch_size=rerank.batch_size,
                              image_options=rerank_budget)
     subsets = [s for s in args.subsets.split(",") if s] if args.subsets else None
-    common = dict(reranker=reranker, rerank_top_k=args.rerank_top_k, label=args.label)
+    common = dict(reranker=reranker, rerank_top_k=rerank.top_k, label=args.label)
     written = []
     if args.table or args.mmeb_dir:
         from .mmeb import evaluate_mmeb_dir, evaluate_pairs_table
@@ -89,17 +90,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``compare`` to the main parser's subcommands (each sets ``func``)."""
     p = subparsers.add_parser("eval", help="evaluate an embedder (MMEB-form table or MMEB-eval folder, "
                                            "retrieval, compositional pairs), optionally with a reranker")
-    p.add_argument("--model", required=True, help="embedder checkpoint folder or hub id")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder")
-    p.add_argument("--input-format", default="official", choices=["official", "chat"])
-    p.add_argument("--dtype", default="auto")
+    add_embedder_arguments(p)
     p.add_argument("--label", default=None, help="name of the model in the results (default: the model path)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--table", default=None, help="canonical pair table in MMEB-eval form (task = dataset)")
     src.add_argument("--mmeb-dir", default=None, help="MMEB-eval download: one folder of Parquet/JSONL per subset")
     p.add_argument("--subsets", default=None, help="comma-separated datasets/subsets to evaluate (default: all)")
-    p.add_argument("--image-root", default=None, help="folder that image paths are relative to")
-    add_budget_arguments(p, "the embedder's images")
     p.add_argument("--retrieval", action="append", default=[], metavar="PATH",
                    help="a retrieval set {image_path, caption|captions} (JSONL/JSON/Parquet; repeatable)")
     p.add_argument("--captions-per-image", type=int, default=None,
@@ -108,20 +104,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder for results.json / results.md / results.png")
     p.add_argument("--reranker", default=None, help="reranker folder: listwise rerank of the top-K (pairwise for "
                                                     "compositional pairs)")
-    p.add_argument("--rerank-top-k", type=int, default=5)
-    p.add_argument("--rerank-batch-size", type=int, default=16)
+    add_flags(p, RerankSettings, RERANK_FLAGS, prefix="rerank-")
     p.add_argument("--rerank-min-pixels", type=int, default=None,
                    help="reranker pixel floor per image (default: the checkpoint's; paper: 3136 = 4*28*28)")
     p.add_argument("--rerank-max-pixels", type=int, default=None,
                    help="reranker pixel cap per image (default: the checkpoint's; paper: 235200 = 300*28*28)")
     p.add_argument("--top-k-dump", type=int, default=10, help="embedder top-K per query written to topk.parquet")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-rows", type=int, default=None, help="first N rows per dataset (images per retrieval set)")
     p.add_argument("--no-check-images", action="store_true", help="skip checking that image files exist/decode")
-    p.add_argument("--no-ray", action="store_true", help="encode in this process")
-    p.add_argument("--min-actors", type=int, default=1)
-    p.add_argument("--max-actors", type=int, default=2)
-    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    add_flags(p, Pool, Pool.FLAGS)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
     p.set_defaults(func=cmd_eval)
 

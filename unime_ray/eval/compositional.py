@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..data.convert import read_records
+from ..data.convert.records import read_records
 from ..data.images import resolve_image_path
 from ..data.schema import Item
 from ..data.validate import DataError

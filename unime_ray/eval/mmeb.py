@@ -28,13 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.convert import data_files, import_table
+from ..data.convert import import_table
+from ..data.convert.folders import data_files, subset_folders
 from ..data.io import iter_rows, shard_paths, write_table_atomic
 from ..data.schema import Item, item_from_row, negatives_from_row
 from ..data.validate import DataError
 from ..rerank.prompt import ANSWER_KINDS, RerankPrompt, read_listwise_answer
-from ..utils.logs import Progress
 from ..utils.pool import Pool
+from ..utils.progress import Progress
 from ..utils.tallies import drain_visual_tokens, token_tally
 from .encode import ItemEncoder, ItemRegistry
 from .metrics import TIE_RULE, gt_rank, mean_count, rank_order
@@ -411,14 +412,6 @@ def pair_metrics(results: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------------------ MMEB-eval folders
-def mmeb_subsets(mmeb_dir: str | os.PathLike) -> list[str]:
-    """Subset folders of an MMEB-eval download: sub-folders holding Parquet/JSONL rows (image folders skipped)."""
-    root = Path(mmeb_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"MMEB-eval folder not found: {root}")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and data_files(p))
-
-
 def prepare_mmeb_dir(mmeb_dir: str | os.PathLike, tables_dir: str | os.PathLike, *,
                      image_root: str | os.PathLike | None = None, subsets: Sequence[str] | None = None,
                      check_images: bool = True) -> list[Path]:
@@ -429,7 +422,9 @@ def prepare_mmeb_dir(mmeb_dir: str | os.PathLike, tables_dir: str | os.PathLike,
     Any rejected row is an error: an evaluation set that silently lost rows would report wrong numbers.
     """
     root = Path(mmeb_dir)
-    found = mmeb_subsets(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MMEB-eval folder not found: {root}")
+    found = [d.name for d in subset_folders(root)]
     if subsets is None:
         subsets = found
         if not subsets:

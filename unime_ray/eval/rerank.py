@@ -24,7 +24,7 @@ import numpy as np
 
 from ..data.schema import Item
 from ..rerank.inference import move_choice_first as apply_listwise_choice  # noqa: F401 (the one reorder rule)
-from ..utils.logs import Progress
+from ..utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..data.convert import read_records
+from ..data.convert.records import read_records
 from ..data.images import resolve_image_path
 from ..data.schema import IMAGE_MARKER, Item
 from ..data.validate import DataError

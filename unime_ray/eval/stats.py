@@ -10,7 +10,7 @@ is evaluated on the same queries; so two variants' results pair up twice over: b
   so covers both the training noise (another seed) and the eval sample (other queries of the same kind). With
   one seed it covers the eval sample only; with two or three it still underestimates the seed spread (a
   bootstrap over n draws has variance (n-1)/n of the truth), which the report says; the seed-by-query noise
-  is counted in both margins, which errs wide (tests/test_report_stats.py measures its coverage);
+  is counted in both margins, which errs wide (tests/eval/test_report_stats.py measures its coverage);
 * a difference is *resolved* when its interval excludes 0, and *not resolvable at this n* otherwise: no verdict
   is read off a mean whose interval straddles 0;
 * the paper's order (Table 4: in-batch InfoNCE < mined negatives with hard labels < judge-score alignment)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..data.convert import export_official_json
+from ..data.convert.official import export_official_json
 from ..data.io import iter_rows, read_table, rows_to_table, shard_paths, write_table_atomic
 from ..data.lookup import RowLookup, build_lookup
 from ..data.schema import PAIR_SCHEMA, empty_row, item_from_row, item_to_columns, negatives_to_columns

@@ -31,9 +31,12 @@ class ImageBudget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    resize: tuple[int, int] | None = None
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
+    resize: tuple[int, int] | None = Field(default=None, description="(width, height) images are resized to "
+                                           "first (bicubic; one number: a square); null: the image's own size")
+    min_pixels: int | None = Field(default=None, ge=1, description="processor's pixel floor per image, e.g. "
+                                   "200704 = 256*28*28; null: the checkpoint's")
+    max_pixels: int | None = Field(default=None, ge=1, description="processor's pixel cap per image, e.g. "
+                                   "1003520 = 1280*28*28; null: the checkpoint's")
 
     @field_validator("resize", mode="before")
     @classmethod

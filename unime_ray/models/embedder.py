@@ -213,20 +213,48 @@ class Embedder:
         """Cosine similarity matrix [len(a), len(b)] of two batches of unit vectors (a dot product)."""
         return np.asarray(a, dtype=np.float32) @ np.asarray(b, dtype=np.float32).T
 
-    def save_pretrained(self, path: str | os.PathLike, card: Mapping[str, Any] | None = None) -> Path:
+    def save_pretrained(self, path: str | os.PathLike, card: Mapping[str, Any] | None = None, *,
+                        format: str = "hf", prompts: Mapping[str, str] | None = None) -> Path:
         """Save the model (adapter merged) with its tokenizer and image processor as an ordinary Hugging Face
         folder that :meth:`from_pretrained` (and ``transformers``) load; ``card``: what to write in its model
-        card (``README.md``: base model, recipe, data, eval results; see :mod:`unime_ray.models.card`)."""
+        card (``README.md``: base model, recipe, data, eval results; see :mod:`unime_ray.models.card`). The image
+        processor is saved with the pixel range this embedder's processor uses (a trained model's: its training
+        budget), so ``AutoProcessor.from_pretrained(path)`` sizes images as it was trained; a fixed ``resize``,
+        which the Hugging Face Qwen-VL processor cannot express, is in the card only.
+
+        ``format="sentence-transformers"`` adds what ``sentence_transformers.SentenceTransformer(path)`` needs to
+        encode as :meth:`encode` does, with ``prompts`` (name -> instruction) for its ``prompt_name``; what it
+        cannot carry is logged (see :mod:`unime_ray.models.st_export`)."""
+        import copy
+
         from .lora import merged
 
+        if format not in ("hf", "sentence-transformers"):
+            raise ValueError(f"format must be 'hf' or 'sentence-transformers', not {format!r}")
+        if format == "sentence-transformers" and self.processor.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"the sentence-transformers export covers Qwen2-VL and Qwen2.5-VL, not "
+                             f"{self.processor.model_type}")
         path = Path(path)
         merged(self.model).save_pretrained(path)
         self.processor.tokenizer.save_pretrained(path)
-        self.processor.image_processor.save_pretrained(path)
+        image_processor = self.processor.image_processor
+        size = self.processor.image_options.size_kwargs(image_processor)
+        if size:
+            image_processor = copy.deepcopy(image_processor)
+            image_processor.size = size["size"]
+        image_processor.save_pretrained(path)
         if card is not None:
             from .card import write_model_card
 
             write_model_card(path, **card)
+        if format == "sentence-transformers":
+            from .st_export import unexpressed, write_sentence_transformers
+
+            budget = self.processor.image_options
+            for what in unexpressed(self.input_format, self.positions, budget):
+                logger.warning("sentence-transformers export of %s: not carried: %s", path, what)
+            write_sentence_transformers(path, dim=self.dim, input_format=self.input_format, budget=budget,
+                                        image_processor=self.processor.image_processor, prompts=prompts)
         return path
 
     save = save_pretrained

@@ -53,6 +53,31 @@ class EmbedderSpec:
                                         positions=self.positions)
 
 
+def add_embedder_arguments(parser, image_root_help: str = "folder that image paths are relative to") -> None:
+    """The flags of an :class:`EmbedderSpec` and its image budget, shared by the tool commands."""
+    from .budget import add_budget_arguments
+
+    parser.add_argument("--model", required=True, help="embedder checkpoint folder or hub id")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (or hub id) on --model")
+    parser.add_argument("--input-format", default="official", choices=["official", "chat"],
+                        help="official: the paper's raw Qwen text format; chat: the chat template")
+    parser.add_argument("--positions", default="auto", choices=["auto", "mrope", "sequential"],
+                        help="position ids: the checkpoint's (auto), M-RoPE, or 1-D")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--image-root", default=None, help=image_root_help)
+    add_budget_arguments(parser, "the embedder's images")
+
+
+def embedder_spec_from_arguments(args, image_root: str | None = None) -> EmbedderSpec:
+    """The spec the flags of :func:`add_embedder_arguments` give (no budget flag: the model's training budget)."""
+    from .budget import budget_from_arguments
+
+    budget = budget_from_arguments(args, args.model)
+    return EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
+                        image_root=image_root or args.image_root, positions=args.positions,
+                        image_resize=budget.resize, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+
+
 def item_columns(prefix: str) -> list[str]:
     return ["id"] + [f"{prefix}{n}" for n in ("instruction", "text", "image", "image_path")]
 

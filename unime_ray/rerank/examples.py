@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..data.schema import Item, item_from_row, negatives_from_row
-from .prompt import RerankPrompt, listwise_answer, listwise_text, pairwise_answer, pairwise_text
+from .prompt import RerankPrompt, listwise_answer, listwise_decision, listwise_text, pairwise_answer, pairwise_text
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Conversation:
     prompt: str               # the chat prompt up to the assistant header
     images: list[Item]        # the items whose images the prompt shows, in order
     answer: str
+    decision: tuple[int, int]  # the characters of the answer that are its decision (Yes/No, the index)
 
 
 @dataclass
@@ -91,13 +92,15 @@ def conversations(ex: RerankExample, prompt: RerankPrompt = RerankPrompt()) -> l
     def images(*items: Item) -> list[Item]:
         return [it for it in items if it.has_image]
 
+    yes, no = pairwise_answer(True, prompt), pairwise_answer(False, prompt)
     return [
         Conversation("pair_pos", pairwise_text(ex.query, ex.positive, prompt), images(ex.query, ex.positive),
-                     pairwise_answer(True, prompt)),
+                     yes, (0, len(yes))),
         Conversation("pair_neg", pairwise_text(ex.query, ex.hardest_negative, prompt),
-                     images(ex.query, ex.hardest_negative), pairwise_answer(False, prompt)),
+                     images(ex.query, ex.hardest_negative), no, (0, len(no))),
         Conversation("list", listwise_text(ex.query, ex.list_candidates, prompt),
-                     images(ex.query, *ex.list_candidates), listwise_answer(ex.answer_index, prompt)),
+                     images(ex.query, *ex.list_candidates), listwise_answer(ex.answer_index, prompt),
+                     listwise_decision(ex.answer_index, prompt)),
     ]
 
 

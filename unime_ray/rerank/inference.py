@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,6 +67,29 @@ class Reranker:
     def from_pretrained(cls, model: str | os.PathLike, **kwargs) -> "Reranker":
         return cls(model, **kwargs)
 
+    def save_pretrained(self, path: str | os.PathLike, *, format: str = "hf") -> Path:
+        """The checkpoint as an ordinary Hugging Face folder (adapter merged); ``format="sentence-transformers"``
+        adds what ``sentence_transformers.CrossEncoder(path).predict`` needs to give :meth:`score_pairs`' P(Yes)
+        (see :mod:`unime_ray.rerank.st_export`)."""
+        from ..models.lora import merged
+
+        if format not in ("hf", "sentence-transformers"):
+            raise ValueError(f"format must be 'hf' or 'sentence-transformers', not {format!r}")
+        path = Path(path)
+        merged(self.model).save_pretrained(path)
+        self.processor.tokenizer.save_pretrained(path)
+        self.processor.image_processor.save_pretrained(path)
+        if format == "sentence-transformers":
+            from .st_export import write_cross_encoder
+
+            budget = self.processor.image_options
+            if budget.resize is not None:
+                logger.warning("sentence-transformers export of %s: not carried: the fixed resize to %dx%d", path,
+                               *budget.resize)
+            write_cross_encoder(path, tokenizer=self.processor.tokenizer, prompt=self.prompt.pairwise, budget=budget,
+                                image_processor=self.processor.image_processor)
+        return path
+
     # ---------------------------------------------------------------------------------------- pairwise
     def score_pairs(self, pairs: Sequence[tuple[Item, Item]]) -> np.ndarray:
         """P(Yes) per (query, candidate); NaN where a pair cannot be scored (see :meth:`score_or_errors`)."""
@@ -75,9 +99,6 @@ class Reranker:
         return self.judge.score_or_errors(list(pairs))
 
     # ---------------------------------------------------------------------------------------- listwise
-    def generate_listwise(self, query: Item, candidates: Sequence[Item]) -> str:
-        return self.choose_many([query], [candidates])[0].raw
-
     def choose_many(self, queries: Sequence[Item], candidate_lists: Sequence[Sequence[Item]]) -> list[ListwiseChoice]:
         """One listwise choice per query (batched greedy decoding)."""
         if len(queries) != len(candidate_lists):

@@ -17,10 +17,22 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], device=None) -> torch.Tensor:
-    """Per conversation, the mean cross-entropy of its answer tokens (answer + end of turn) given everything
-    before them. Prompt, role headers and padding carry no loss. Logits are computed for answer positions
-    only (the LM head over a 150k vocabulary on every token would dominate memory)."""
+def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], device=None,
+                        answer_loss: str = "decision") -> torch.Tensor:
+    """Per conversation, the cross-entropy of its answer tokens (answer + end of turn) given everything before
+    them. ``decision`` (the paper's CE(YES), CE(NO), CE(I)): the full CE of the decision's tokens (their sum,
+    -log P(decision)) plus the mean CE of the answer's fixed tokens (``Ans: (``, ``)``, end of turn), one term at
+    the weight of one decision whatever the template's length, so greedy decoding still writes the trained form;
+    ``all_tokens``: the mean CE over all answer tokens (the released code's token-mean). Prompt, role headers and
+    padding carry no loss. Logits are computed for answer positions only (the LM head over a 150k vocabulary on
+    every token would dominate memory)."""
+    if answer_loss not in ("decision", "all_tokens"):
+        raise ValueError(f"answer_loss must be 'decision' or 'all_tokens', not {answer_loss!r}")
+    if answer_loss == "decision":
+        missing = [i for i, e in enumerate(encs) if e.decision is None]
+        if missing:
+            raise ValueError(f"answer_loss 'decision' needs the decision span of every conversation; "
+                             f"conversations {missing} were encoded without one")
     device = device or next(model.parameters()).device
     batch = collate(encs, processor.pad_id, side="right")
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -33,12 +45,19 @@ def answer_token_losses(model, processor: VLProcessor, encs: Sequence[Encoded], 
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
     if len(rows) == 0:
         raise ValueError("no answer tokens in the batch")
-    logits = _base(model).lm_head(hidden[rows, cols]).float()
+    logits = _base(model).lm_head(hidden[rows, cols])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     token_loss = F.cross_entropy(logits, target[rows, cols], reduction="none")
+    is_decision = batch["decision"][:, 1:].to(device)[rows, cols]
+    if answer_loss == "all_tokens":
+        is_decision = torch.zeros_like(is_decision)
     n_seq = len(encs)
-    sums = torch.zeros(n_seq, device=device).index_add(0, rows, token_loss)
-    counts = torch.zeros(n_seq, device=device).index_add(0, rows, torch.ones_like(token_loss))
-    return sums / counts.clamp(min=1)
+
+    def per_conv(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_seq, device=device, dtype=values.dtype).index_add(0, rows[keep], values[keep])
+
+    fixed_mean = per_conv(~is_decision, token_loss) / per_conv(~is_decision, torch.ones_like(token_loss)).clamp(min=1)
+    return per_conv(is_decision, token_loss) + fixed_mean
 
 
 @torch.inference_mode()

@@ -65,6 +65,12 @@ def listwise_answer(index: int, prompt: RerankPrompt = RerankPrompt()) -> str:
     return prompt.answer_template.format(index=index + 1)
 
 
+def listwise_decision(index: int, prompt: RerankPrompt = RerankPrompt()) -> tuple[int, int]:
+    """The characters [start, end) of the index in :func:`listwise_answer` (``3`` in ``Ans: (3)``)."""
+    start = prompt.answer_template.index("{index}")
+    return start, start + len(str(index + 1))
+
+
 def _answer_patterns(prompt: RerankPrompt) -> tuple[re.Pattern, re.Pattern]:
     """(the whole answer as trained, ``<lead-in> <open>N<close>`` with the lead-in ``Ans:`` optional; one choice
     ``<open>N<close>`` anywhere) from the template (``Ans: (`` + N + ``)``)."""

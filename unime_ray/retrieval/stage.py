@@ -205,7 +205,7 @@ def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.Path
     each candidates shard next to the inputs (the run directory is on shared storage on a cluster). Search is
     CPU-bound faiss work, so whole shards per call keep Ray's overhead to one round trip per shard.
     """
-    from ..utils.logs import Progress
+    from ..utils.progress import Progress
     from ..utils.shards import pending_shards, shard_rows
 
     on_ray = pool is not None and pool.ray

@@ -7,6 +7,7 @@ Unknown keys are errors, with the dotted path of the key in the message.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..models.config import ModelsConfig
 from ..retrieval.config import EmbedConfig, RetrieveConfig
 from ..serve.config import ServeConfig
 from ..train.config import BaselineConfig, CompareConfig, JudgeFitConfig, RerankerTrainConfig, TrainConfig
-from ..utils.settings import Section
+from ..utils.settings import Section, commented_yaml, deep_merge, settings_rows
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -35,18 +36,23 @@ class ConfigError(ValueError):
 class RayConfig(Section):
     """Where stages run: ``address: null`` starts a local Ray on this machine."""
 
-    address: str | None = None
-    num_cpus: int | None = Field(default=2, ge=1)
-    num_gpus: int | None = Field(default=None, ge=0)
-    include_dashboard: bool = True
-    env_vars: dict[str, str] = Field(default_factory=dict)
+    address: str | None = Field(default=None, description="a Ray cluster to join (else RAY_ADDRESS); null: start "
+                                "a local Ray on this machine")
+    num_cpus: int | None = Field(default=2, ge=1, description="CPUs of the local Ray (null: all of this machine's)")
+    num_gpus: int | None = Field(default=None, ge=0, description="GPUs of the local Ray (null: those Ray detects)")
+    include_dashboard: bool = Field(default=True, description="start the Ray dashboard (on 127.0.0.1) with the "
+                                    "local Ray")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment variables of every Ray worker")
 
 
 class RunConfig(Section):
-    name: str = "run"
-    run_dir: str = "runs/demo"
-    seed: int = 0
-    stages: list[str] | None = None   # None: every stage the pipeline knows, in order
+    name: str = Field(default="run", description="the run's name (its embedder training's in Ray Train and the logs)")
+    run_dir: str = Field(default="runs/demo", description="folder of the stages' outputs, the manifest and the "
+                         "report; relative paths in the config start here")
+    seed: int = Field(default=0, description="seed of the stages' random choices (retrieval, judge-fit folds, "
+                      "mining, training); data.seed: the data's")
+    stages: list[str] | None = Field(default=None, description="stages to run, in the pipeline's order; null: "
+                                     "every stage the pipeline knows")
     ray: RayConfig = Field(default_factory=RayConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -56,7 +62,8 @@ class RunConfig(Section):
     mine: MineConfig = Field(default_factory=MineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
-    judge_fit: JudgeFitConfig | None = None
+    judge_fit: JudgeFitConfig | None = Field(default=None, description="offline stand-in judges, k-fold "
+                                             "cross-fitted; null: S2 scores with the judge as it is")
     compare: CompareConfig = Field(default_factory=CompareConfig)
     reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -105,7 +112,17 @@ class RunConfig(Section):
         return getattr(self.models.images, role) or ImageBudget()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML that loads back to it, every setting followed by its description."""
+        return commented_yaml(self) + "\n"
+
+
+def settings_help(config: RunConfig | None = None) -> str:
+    """Every ``-o KEY=VALUE`` setting with its default and description (``--help`` of the config commands)."""
+    rows = settings_rows(config or RunConfig())
+    width = max(len(key) for key, _, _ in rows)
+    return "settings (-o KEY=VALUE; `unime-ray config show` prints a preset's values):\n" + "\n".join(
+        f"  {key:<{width}}  {json.dumps(value, default=str)}" + (f"  {text}" if text else "")
+        for key, value, text in rows)
 
 
 def list_presets() -> list[str]:
@@ -152,13 +169,6 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _load_extending(path: Path, source: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
     """A preset or config file; ``extends: <preset>`` makes it hold only what differs from that preset (presets
     may extend presets, e.g. paper-llava-ov-7b extends paper-qwen2vl-2b; jobs/configs/*.yaml extend presets)."""
@@ -171,7 +181,7 @@ def _load_extending(path: Path, source: str, seen: tuple[str, ...] = ()) -> tupl
     if base in seen:
         raise ConfigError(f"{path}: extends: preset {base!r} extends itself ({' -> '.join(seen + (base,))})")
     parent, _ = _load_extending(PRESET_DIR / f"{base}.yaml", f"preset {base}", seen + (base,))
-    return _deep_merge(parent, data), f"{source} (extends preset {base})"
+    return deep_merge(parent, data), f"{source} (extends preset {base})"
 
 
 def load_run_config(preset: str | None = None, config_path: str | os.PathLike | None = None,

@@ -34,6 +34,11 @@ class ModelsResult(StageResult):
     tokenizer_corpus_texts: int | None = None
 
 
+class EmbedResult(StageResult):
+    tables: dict[str, dict[str, Any]] = {}    # table name -> embed_table's stats + "path"
+    embedder: str | None = None
+
+
 class RetrieveResult(StageResult):
     imported: bool = False
     candidates_table: str | None = None   # per query: retrieved candidate ids and similarities
@@ -41,6 +46,10 @@ class RetrieveResult(StageResult):
     embedder: str | None = None           # the model S1 embedded with
     queries: int | None = None            # queries searched (None: imported)
     search: dict[str, Any] | None = None  # search throughput (the report prints rows/s)
+    mean_candidates: float | None = None
+    queries_without_candidates: int | None = None
+    mean_dropped_by_delta: float | None = None   # candidates above delta (likely false negatives), per query
+    pools: int | None = None              # candidate pools (one per task)
 
 
 class JudgeFitResult(StageResult):
@@ -50,6 +59,11 @@ class JudgeFitResult(StageResult):
     num_folds: int | None = None
     folds: dict[str, dict[str, Any]] = {}   # fold -> its judge ("model": checkpoint or folder) and fit record
     feature_cache: str | None = None      # dual encoder: the tower features the judge stage reads too
+    feature_items: int | None = None      # dual encoder: distinct items encoded by the towers
+    feature_seconds: float | None = None
+    method: str | None = None             # dual encoder: how the heads were fitted
+    text_tower: dict[str, Any] = {}
+    image_tower: dict[str, Any] = {}
 
 
 class JudgeResult(StageResult):
@@ -71,8 +85,20 @@ class MineResult(StageResult):
     training_table: str                   # what the embedder and the reranker train on
     imported: bool = False
     official_json: str | None = None
+    imported_from: str | None = None      # imported: the input file the training pairs came from
+    format: str | None = None             # imported: its format
+    rows: int | None = None               # imported: training rows
     min_negatives: int | None = None      # imported: the fewest negatives of a row (training checks it against k)
+    max_negatives: int | None = None
     settings: dict[str, Any] | None = None  # the mine section and seed it ran with (the report prints them)
+    queries: int | None = None            # mined: queries read (= mined + quarantined)
+    mined: int | None = None
+    quarantined: int | None = None
+    false_negatives: int | None = None    # candidates dropped above the positive's score - beta
+    fallbacks: int | None = None          # queries with no surviving candidate
+    repeated_fill: int | None = None      # queries with fewer than k survivors, filled cyclically
+    mean_positive_score: float | None = None
+    mean_negative_score: float | None = None
     histogram: str | None = None          # the judge-score histogram plot
 
 
@@ -85,6 +111,8 @@ class TrainStageResult(StageResult):
     steps: int | None = None
     final: dict[str, Any] = {}
     init: str | None = None               # rerank: the weights it started from
+    global_batch: int | None = None
+    plot: str | None = None               # the training curve
     visual_tokens: dict[str, Any] = {}
 
 
@@ -102,6 +130,7 @@ class VariantRun(BaseModel):
 class AblationsResult(StageResult):
     variants: dict[str, dict[str, VariantRun]] = {}   # variant name -> seed (as a string) -> its run
     init: str | None = None
+    visual_tokens: dict[str, Any] = {}
 
 
 class ModelEval(BaseModel):

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..utils.logs import end_live, fmt_duration
+from ..utils.console import end_live
+from ..utils.progress import fmt_duration
 from .config import RunConfig
 from .report import write_run_report
 from .stage import ConfigView, Context, Manifest, Stage

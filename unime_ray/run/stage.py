@@ -29,14 +29,10 @@ if TYPE_CHECKING:
 
 class StageResult(BaseModel):
     """What a stage returns and the manifest keeps. Subclasses declare the fields other stages and the report
-    read; details a stage records for people (counts, timings) may ride along as extra fields."""
+    read (read as attributes; a field added later has a default, so older manifests still load); details kept only
+    for people (counts, timings) may ride along as extra fields, which nothing reads."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Dict-style access to declared and extra fields (a missing one gives ``default``)."""
-        value = getattr(self, key, None)   # extra fields are attributes too (extra="allow")
-        return default if value is None else value
 
     def as_dict(self) -> dict[str, Any]:
         """As the manifest stores it (JSON types; anything else as its string, e.g. paths)."""

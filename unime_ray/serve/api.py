@@ -2,7 +2,8 @@
 
 The app is built per ingress replica by :func:`create_api` around a *backend* (the ingress deployment),
 which provides ``embed_items``, ``search``, ``info`` and ``health`` coroutines. Everything a client can
-send wrong is answered with a 4xx and a message in ``detail``:
+send wrong is answered with a 4xx and a message in ``detail`` (and in ``error.message``, where OpenAI's clients
+look):
 
 * 400 - the body is not JSON; 401 - missing or wrong API key;
 * 413 - body larger than ``limits.max_body_bytes``, an image over ``max_image_bytes`` or ``max_image_pixels``;
@@ -21,7 +22,7 @@ import base64
 import binascii
 import io
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1"
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
-JSON_PATHS = ("/v1/search", "/v1/embed")   # POST bodies read as JSON whatever the Content-Type says
+JSON_PATHS = ("/v1/search", "/v1/embed", "/v1/embeddings", "/v1/rerank")   # POST bodies: JSON, whatever the type
 
 
 class RequestError(Exception):
@@ -102,6 +103,70 @@ class EmbedResponse(BaseModel):
     model: str
     dim: int
     embeddings: list[list[float]] = Field(description="unit-norm float32 vectors, one per item, in order")
+
+
+class ContentPart(_In):
+    """A part of a chat message's content, as OpenAI and vLLM write it."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: dict[str, str] | None = Field(default=None, description="{'url': 'data:image/png;base64,...'}")
+
+
+class ChatMessage(_In):
+    role: Literal["system", "user"] = Field(description="system: the instruction; user: the item")
+    content: str | list[ContentPart]
+
+
+class EmbeddingsRequest(_In):
+    """OpenAI's embeddings request (``input``: texts), or vLLM's multimodal form (``messages``: one item, its
+    images as data: URLs; a system message is the item's instruction)."""
+
+    model: str | None = Field(default=None, description="the served embedder's name or id (any value is accepted)")
+    input: str | list[str] | None = Field(default=None, description="a text or a list of texts")
+    messages: list[ChatMessage] | None = Field(default=None, description="one multimodal item as chat messages")
+    encoding_format: Literal["float", "base64"] = Field(default="float", description="base64: little-endian "
+                                                        "float32 bytes of each vector, base64-encoded")
+    dimensions: int | None = Field(default=None, ge=1, description="must equal the model's dimension (the "
+                                   "vectors are not trained to be truncated)")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: dict[str, int] = Field(description="prompt_tokens / total_tokens: not counted here (0)")
+
+
+class RerankRequest(_In):
+    """A Cohere/Jina-style rerank request; a query or document may be a text or an item (text and/or image)."""
+
+    model: str | None = Field(default=None, description="the served reranker's name (any value is accepted)")
+    query: str | QueryIn
+    documents: list[str | QueryIn] = Field(min_length=1, description="at most limits.max_rerank_top_k")
+    top_n: int | None = Field(default=None, ge=1, description="return the best n (default: all)")
+    return_documents: bool = Field(default=False, description="echo each document's text in its result")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="the document's position in the request")
+    relevance_score: float | None = Field(description="the reranker's P(Yes) for (query, document); null: the "
+                                          "document could not be scored (see error), ranked last")
+    document: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class RerankResponse(BaseModel):
+    model: str
+    results: list[RerankResult] = Field(description="by relevance_score, highest first")
+    meta: dict[str, Any] = Field(default_factory=dict)
 
 
 class Health(BaseModel):
@@ -240,7 +305,7 @@ class GuardMiddleware:
     async def _reply(send, status: int, detail: str, extra_headers: list | None = None) -> None:
         import json
 
-        body = json.dumps({"detail": detail}).encode()
+        body = json.dumps(error_body(status, detail)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
         await send({"type": "http.response.body", "body": body})
@@ -298,11 +363,66 @@ def _loc(loc) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
 
+def items_of_embeddings_request(req: EmbeddingsRequest) -> list[QueryIn]:
+    """The items an OpenAI/vLLM embeddings request asks for, as the native API's items."""
+    if (req.input is None) == (req.messages is None):
+        raise RequestError(422, "give either input (texts) or messages (one multimodal item)")
+    if req.input is not None:
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts:
+            raise RequestError(422, "input is an empty list")
+        return [QueryIn(text=t) for t in texts]
+    texts, images, instruction = [], [], []
+    for i, m in enumerate(req.messages):
+        parts = [ContentPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        for j, part in enumerate(parts):
+            if part.type == "text":
+                (instruction if m.role == "system" else texts).append(part.text or "")
+                continue
+            url = (part.image_url or {}).get("url", "")
+            if m.role == "system" or not url.startswith("data:"):
+                raise RequestError(422, f"messages[{i}].content[{j}]: images go in a user message as a data: URL "
+                                        "(the server fetches no remote URL)")
+            images.append(url)
+    if len(images) > 1:
+        raise RequestError(422, f"messages hold {len(images)} images; an item has at most one")
+    text = " ".join(t for t in texts if t)
+    if images and "<image>" not in text:   # the image goes first, as in the paper's query format
+        text = ("<image> " + text).strip()
+    return [QueryIn(text=text, instruction=" ".join(instruction) or None, image=images[0] if images else None)]
+
+
+def embeddings_response(out: dict[str, Any], req: EmbeddingsRequest) -> dict[str, Any]:
+    """OpenAI's response shape around the embedder's vectors."""
+    import numpy as np
+
+    if req.dimensions is not None and req.dimensions != out["dim"]:
+        raise RequestError(422, f"dimensions {req.dimensions}: this model gives {out['dim']}-dimensional vectors "
+                                "only")
+    data = []
+    for i, v in enumerate(out["embeddings"]):
+        vec = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if req.encoding_format == "base64" \
+            else v
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    return {"object": "list", "data": data, "model": req.model or out["model"],
+            "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+
+def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    """An error's body: the message in ``detail`` and, for OpenAI-style clients, in ``error.message``."""
+    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
+    return {"detail": message, "error": {"message": message, "type": kind, "code": status}, **extra}
+
+
+def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse(error_body(status, message, **extra), status_code=status)
+
+
 async def _guarded(fn: Callable[[], Awaitable[Any]]) -> Any:
     try:
         return await fn()
     except RequestError as exc:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        return error_response(exc.status, exc.message)
     except Exception as exc:  # never let a request take the replica down
         from ray.exceptions import RayActorError
 
@@ -313,11 +433,9 @@ async def _guarded(fn: Callable[[], Awaitable[Any]]) -> Any:
             unavailable = (RayActorError,)
         if isinstance(exc, unavailable):
             logger.warning("backend unavailable: %s", exc)
-            return JSONResponse({"detail": f"a backend deployment is unavailable: {type(exc).__name__}"},
-                                status_code=503)
+            return error_response(503, f"a backend deployment is unavailable: {type(exc).__name__}")
         logger.exception("internal error")   # details go to the replica log, not to the client
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
-                            status_code=500)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 async def _to_item(q: QueryIn, limits: LimitsConfig, what: str = "query") -> Item:
@@ -347,9 +465,9 @@ def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         if any(e["type"] == "json_invalid" for e in errors):
-            return JSONResponse({"detail": "request body is not valid JSON", "errors": errors}, status_code=400)
+            return error_response(400, "request body is not valid JSON", errors=errors)
         msg = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
-        return JSONResponse({"detail": f"invalid request: {msg}", "errors": errors}, status_code=422)
+        return error_response(422, f"invalid request: {msg}", errors=errors)
 
     errors_doc = {401: {"description": "missing or invalid API key"},
                   413: {"description": "body or image over a limit"},
@@ -395,6 +513,43 @@ def create_api(backend, limits: LimitsConfig, key_digest: str | None) -> FastAPI
                 raise RequestError(413, f"{len(req.items)} items, more than the limit of {limits.max_embed_items}")
             items = [await _to_item(q, limits, what=f"items[{i}]") for i, q in enumerate(req.items)]
             return await backend.embed_items(items)
+        return await _guarded(run)
+
+    @api.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=[Depends(bearer)],
+              summary="embed items, OpenAI's request and response (texts), or vLLM's multimodal messages",
+              responses=errors_doc)
+    async def embeddings(req: EmbeddingsRequest):
+        async def run():
+            queries = items_of_embeddings_request(req)
+            if len(queries) > limits.max_embed_items:
+                raise RequestError(413, f"{len(queries)} inputs, more than the limit of {limits.max_embed_items}")
+            items = [await _to_item(q, limits, what=f"input[{i}]") for i, q in enumerate(queries)]
+            return embeddings_response(await backend.embed_items(items), req)
+        return await _guarded(run)
+
+    @api.post("/v1/rerank", response_model=RerankResponse, dependencies=[Depends(bearer)], responses=errors_doc,
+              summary="score documents against a query with the pairwise reranker (Cohere/Jina shape)")
+    async def rerank(req: RerankRequest):
+        async def run():
+            if not backend.can_rerank:
+                withheld = getattr(backend, "rerank_withheld", None)
+                raise RequestError(422, "reranking is not available: this server was started without a reranker"
+                                   + (f" ({withheld})" if withheld else ""))
+            if len(req.documents) > limits.max_rerank_top_k:
+                raise RequestError(413, f"{len(req.documents)} documents, more than the limit of "
+                                        f"{limits.max_rerank_top_k}")
+            def as_in(x: str | QueryIn) -> QueryIn:
+                return QueryIn(text=x) if isinstance(x, str) else x
+
+            query = await _to_item(as_in(req.query), limits)
+            docs = [await _to_item(as_in(d), limits, what=f"documents[{i}]") for i, d in enumerate(req.documents)]
+            outcomes = await backend.rerank(query, docs)
+            results = [{"index": i, "relevance_score": s, "error": err,
+                        "document": {"text": docs[i].text} if req.return_documents else None}
+                       for i, (s, err) in enumerate(outcomes)]
+            results.sort(key=lambda r: (r["relevance_score"] is None, -(r["relevance_score"] or 0.0), r["index"]))
+            return {"model": req.model or backend.reranker_model, "results": results[:req.top_n],
+                    "meta": {"score": "P(Yes) of the pairwise prompt"}}
         return await _guarded(run)
 
     return api

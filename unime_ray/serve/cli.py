@@ -42,8 +42,9 @@ def _one_line(exc: BaseException) -> str:
 
 def cmd_index(args) -> int:
     from ..models.backbone import ModelNotFoundError, load_config
-    from ..models.encode import EmbedderSpec
+    from ..models.encode import embedder_spec_from_arguments
     from ..utils.pool import Pool
+    from ..utils.settings import from_flags
     from .index import IndexFormatError, build_serving_index, recorded_image_root
 
     image_root = args.image_root
@@ -59,14 +60,8 @@ def cmd_index(args) -> int:
     except (ModelNotFoundError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from ..models.budget import budget_from_arguments
-
-    budget = budget_from_arguments(args, args.model)
-    spec = EmbedderSpec(model=args.model, input_format=args.input_format, dtype=args.dtype, adapter=args.adapter,
-                        image_root=image_root, positions=args.positions, image_resize=budget.resize,
-                        min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
-    pool = Pool(ray=not args.no_ray, batch_size=args.batch_size, min_actors=args.min_actors,
-                max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor)
+    spec = embedder_spec_from_arguments(args, image_root)
+    pool = from_flags(Pool, args, Pool.FLAGS)
 
     def start_ray():
         from ..utils.ray_utils import init_ray
@@ -146,9 +141,10 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from ..utils.ray_utils import init_ray
-    from .app import build_application, cluster_capacity, fit_to_cluster, wait_until_ready
+    from .app import build_application, cluster_capacity, fit_to_cluster
     from .config import ResourceFitError, read_api_key
     from .index import load_manifest
+    from .ingress import wait_until_ready
 
     try:   # fail fast, before Ray starts
         load_manifest(args.index)
@@ -218,36 +214,28 @@ def cmd_serve(args) -> int:
 # ------------------------------------------------------------------------------------------- register
 def register(subparsers) -> None:
     """Add ``index`` and ``serve`` to the main CLI's subparsers (each sets ``func``)."""
+    from ..models.encode import add_embedder_arguments
+    from ..utils.pool import Pool
+    from ..utils.settings import add_flags
+
     p = subparsers.add_parser("index", help="build a serving index from a candidate table with a trained embedder")
-    p.add_argument("--model", required=True, help="embedder checkpoint folder or hub id")
+    add_embedder_arguments(p, "folder that candidate image paths are relative to (default: the image root "
+                              "recorded by the run that prepared the candidate table, if any)")
     p.add_argument("--candidates", required=True, help="candidate table (CANDIDATE_SCHEMA Parquet file or folder)")
     p.add_argument("--out", required=True, help="output folder (the serving index)")
     p.add_argument("--kind", default="flat", choices=["flat", "ivf"], help="flat: exact; ivf: approximate, large pools")
-    p.add_argument("--num-shards", type=int, default=1, help="FAISS shards (a large index serves as partitions of them)")
+    p.add_argument("--num-shards", type=int, default=1, help="FAISS shards (a large index serves as parts of them)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists per shard (default ~4*sqrt(shard size))")
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query")
-    p.add_argument("--image-root", default=None, help="folder that candidate image paths are relative to "
-                   "(default: the image root recorded by the run that prepared the candidate table, if any)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder")
-    p.add_argument("--input-format", default="official", choices=["official", "chat"])
-    p.add_argument("--positions", default="auto", choices=["auto", "mrope", "sequential"])
-    p.add_argument("--image-resize", type=int, nargs=2, default=None, metavar=("W", "H"))
-    p.add_argument("--min-pixels", type=int, default=None)
-    p.add_argument("--max-pixels", type=int, default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-store-images", action="store_true",
                    help="do not copy inline candidate images into the index (no reranking/returning of them)")
     p.add_argument("--overwrite", action="store_true", help="discard embeddings of a previous build in --out")
     p.add_argument("--no-check-images", action="store_true",
                    help="do not decode every candidate image before embedding (faster on large pools; an "
                         "unreadable image then fails the build instead of being quarantined)")
-    p.add_argument("--no-ray", action="store_true", help="embed in this process instead of a Ray actor pool")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
-    p.add_argument("--min-actors", type=int, default=1)
-    p.add_argument("--max-actors", type=int, default=2)
-    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    add_flags(p, Pool, Pool.FLAGS)
     p.set_defaults(func=cmd_index)
 
     p = subparsers.add_parser("serve", help="serve search/embed/rerank over HTTP with Ray Serve (Ctrl-C stops)")

@@ -50,14 +50,18 @@ from ..utils.settings import Section
 class AutoscalingSettings(Section):
     """A subset of Ray Serve's ``autoscaling_config`` (names and meanings as in Ray)."""
 
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=2, ge=1)
-    initial_replicas: int | None = Field(default=None, ge=0)
-    target_ongoing_requests: float = Field(default=2.0, gt=0)
-    upscale_delay_s: float = Field(default=30.0, ge=0)
-    downscale_delay_s: float = Field(default=600.0, ge=0)
-    metrics_interval_s: float = Field(default=10.0, gt=0)
-    look_back_period_s: float = Field(default=30.0, gt=0)
+    min_replicas: int = Field(default=1, ge=0, description="replicas kept however idle")
+    max_replicas: int = Field(default=2, ge=1, description="replicas it may grow to")
+    initial_replicas: int | None = Field(default=None, ge=0, description="replicas at start; null: min_replicas")
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="requests per replica the scaling aims "
+                                           "for")
+    upscale_delay_s: float = Field(default=30.0, ge=0, description="seconds the load stays above target before "
+                                   "replicas are added")
+    downscale_delay_s: float = Field(default=600.0, ge=0, description="seconds the load stays below target "
+                                     "before replicas are removed")
+    metrics_interval_s: float = Field(default=10.0, gt=0, description="seconds between the replicas' load "
+                                      "reports")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="seconds of load averaged for a decision")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -72,16 +76,18 @@ class AutoscalingSettings(Section):
 class DeploymentSettings(Section):
     """Replicas and resources of one deployment. ``autoscaling`` set: ``num_replicas`` is ignored."""
 
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    autoscaling: AutoscalingSettings | None = None
-    # Requests one replica works on at once; None: a default suited to the deployment (see each class).
-    max_ongoing_requests: int | None = Field(default=None, ge=1)
-    # Requests queued by callers before they get "back-pressure" errors; -1: unbounded (Ray's default).
-    max_queued_requests: int = Field(default=-1, ge=-1)
-    # How long a stopping replica may finish its requests before it is killed; None: Ray's default (20 s).
-    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+    num_replicas: int = Field(default=1, ge=1, description="replicas (without autoscaling)")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs each replica reserves")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs each replica reserves (fractions share one)")
+    autoscaling: AutoscalingSettings | None = Field(default=None, description="Ray Serve autoscaling; null: "
+                                                    "num_replicas, fixed")
+    max_ongoing_requests: int | None = Field(default=None, ge=1, description="requests one replica works on at "
+                                             "once; null: a default suited to the deployment")
+    max_queued_requests: int = Field(default=-1, ge=-1, description="requests queued by callers before they get "
+                                     "back-pressure errors; -1: unbounded (Ray's default)")
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0, description="seconds a stopping replica "
+                                                      "may finish its requests before it is killed; null: Ray's "
+                                                      "default (20 s)")
 
     def default_max_ongoing(self) -> int:
         return 100
@@ -105,16 +111,22 @@ class DeploymentSettings(Section):
 class IngressSettings(DeploymentSettings):
     """The FastAPI ingress: async, I/O bound (awaits the other deployments)."""
 
-    num_cpus: float = Field(default=0.25, ge=0)
-    max_ongoing_requests: int | None = Field(default=256, ge=1)
+    num_cpus: float = Field(default=0.25, ge=0, description="CPUs each replica reserves")
+    max_ongoing_requests: int | None = Field(default=256, ge=1, description="requests one replica works on at "
+                                             "once")
 
 
 class _ModelSettings(DeploymentSettings):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str | None = None              # None: cuda when the replica sees a GPU, else cpu
-    torch_threads: int | None = Field(default=None, ge=1)   # None: Ray's OMP_NUM_THREADS for the replica
-    max_batch_size: int = Field(default=16, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="the model's "
+                                                                     "dtype; auto: the index's (embedder), else "
+                                                                     "bfloat16 on GPU, float32 on CPU")
+    device: str | None = Field(default=None, description="torch device; null: cuda when the replica sees a GPU, "
+                               "else cpu")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch threads of a replica; null: Ray's "
+                                      "OMP_NUM_THREADS for the replica")
+    max_batch_size: int = Field(default=16, ge=1, description="queries batched into one forward")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="seconds a batch waits to fill before it "
+                                        "runs")
 
     def default_max_ongoing(self) -> int:
         # A replica must hold at least a full batch of requests, or batches never fill.
@@ -128,33 +140,48 @@ class EmbedderSettings(_ModelSettings):
     queries must be embedded the way the candidates were.
     """
 
-    input_format: Literal["official", "chat"] | None = None
-    positions: Literal["auto", "mrope", "sequential"] | None = None
-    image_resize: tuple[int, int] | None = None
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
-    processor_backend: Literal["auto", "hf", "manual"] = "auto"
+    input_format: Literal["official", "chat"] | None = Field(default=None, description="text format (as "
+                                                             "models.input_format); null: the index's")
+    positions: Literal["auto", "mrope", "sequential"] | None = Field(default=None, description="image-token "
+                                                                     "positions (as models.positions); null: the "
+                                                                     "index's")
+    image_resize: tuple[int, int] | None = Field(default=None, description="(width, height) query images are "
+                                                 "resized to first; null: the index's")
+    min_pixels: int | None = Field(default=None, ge=1, description="processor's pixel floor per image; null: the "
+                                   "index's")
+    max_pixels: int | None = Field(default=None, ge=1, description="processor's pixel cap per image; null: the "
+                                   "index's")
+    processor_backend: Literal["auto", "hf", "manual"] = Field(default="auto", description="processor (as "
+                                                               "models.processor_backend); auto: the index's")
 
 
 class RerankerSettings(_ModelSettings):
     """The pairwise reranker; ``max_batch_size`` counts search requests, ``pair_batch_size`` pairs per forward."""
 
-    max_batch_size: int = Field(default=4, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
-    pair_batch_size: int = Field(default=32, ge=1)
-    # the reranker's image budget (models.budget.ImageBudget; paper: 3136 .. 235200 = 300*28*28 pixels per
-    # image); None: the checkpoint's, or a run config's models.images.reranker (serve --config)
-    max_pixels: int | None = Field(default=None, ge=1)
-    min_pixels: int | None = Field(default=None, ge=1)
-    image_resize: tuple[int, int] | None = None
-    # auto: unime_ray.rerank.Reranker when installed, else the judge's TransformersJudge (same prompt)
-    implementation: Literal["auto", "rerank", "judge"] = "auto"
-    # how the top hits are reordered (the rule the eval measured, rerank.inference.reorder); auto: the mode the
-    # reranker folder's validation recorded (rerank_validation.json, written by the pipeline's eval), else pairwise
-    mode: Literal["auto", "listwise", "pairwise", "fused"] = "auto"
-    fusion_weight: float | None = Field(default=None, ge=0, le=1)   # fused: null = the recorded weight, else 0.5
-    # serve a reranker only when its folder records that it beat the embedder alone on the dev split
-    require_validation: bool = True
+    max_batch_size: int = Field(default=4, ge=1, description="search requests batched together")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="seconds a batch waits to fill before it "
+                                        "runs")
+    pair_batch_size: int = Field(default=32, ge=1, description="pairs per forward")
+    max_pixels: int | None = Field(default=None, ge=1, description="processor's pixel cap per image (paper: "
+                                   "235200 = 300*28*28); null: a run config's models.images.reranker (serve "
+                                   "--config), else the checkpoint's")
+    min_pixels: int | None = Field(default=None, ge=1, description="processor's pixel floor per image (paper: "
+                                   "3136 = 4*28*28); null: as for max_pixels")
+    image_resize: tuple[int, int] | None = Field(default=None, description="(width, height) images are resized "
+                                                 "to first; null: as for max_pixels")
+    implementation: Literal["auto", "rerank", "judge"] = Field(default="auto", description="auto: "
+                                                               "unime_ray.rerank.Reranker when installed, else the "
+                                                               "judge's TransformersJudge (same prompt)")
+    mode: Literal["auto", "listwise", "pairwise", "fused"] = Field(default="auto", description="how the top hits "
+                                                                   "are reordered (the rule the eval measured, "
+                                                                   "rerank.inference.reorder); auto: the mode the "
+                                                                   "reranker folder's validation recorded "
+                                                                   "(rerank_validation.json, written by the "
+                                                                   "pipeline's eval), else pairwise")
+    fusion_weight: float | None = Field(default=None, ge=0, le=1, description="fused: w of (1 - w) * cosine + w * "
+                                        "P(Yes); null: the recorded weight, else 0.5")
+    require_validation: bool = Field(default=True, description="serve a reranker only when its folder records that "
+                                     "it beat the embedder alone on the dev split")
 
 
 class IndexSettings(DeploymentSettings):
@@ -162,12 +189,16 @@ class IndexSettings(DeploymentSettings):
     saved FAISS shards, searched in parallel and merged exactly); ``auto`` makes one partition per
     ``max_vectors_per_partition`` vectors, at most one per saved shard."""
 
-    num_cpus: float = Field(default=0.5, ge=0)
-    partitions: int | Literal["auto"] = "auto"
-    max_vectors_per_partition: int = Field(default=5_000_000, ge=1)
-    use_gpu: bool | None = False           # faiss on GPU (faiss-gpu and num_gpus > 0); None: when available
-    nprobe: int | None = Field(default=None, ge=1)   # IVF only; None: as saved
-    faiss_threads: int | None = Field(default=None, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0, description="CPUs each replica reserves")
+    partitions: int | Literal["auto"] = Field(default="auto", description="index deployments, each a slice of the "
+                                              "saved shards; auto: one per max_vectors_per_partition vectors")
+    max_vectors_per_partition: int = Field(default=5_000_000, ge=1, description="vectors per partition under "
+                                           "partitions: auto")
+    use_gpu: bool | None = Field(default=False, description="faiss on GPU (faiss-gpu and num_gpus > 0); null: "
+                                 "when available")
+    nprobe: int | None = Field(default=None, ge=1, description="IVF lists visited per query; null: as saved")
+    faiss_threads: int | None = Field(default=None, ge=1, description="faiss's OpenMP threads; null: faiss's "
+                                      "default")
 
     @model_validator(mode="after")
     def _partitions(self):
@@ -184,40 +215,48 @@ class IndexSettings(DeploymentSettings):
 class LimitsConfig(Section):
     """Request limits: over a size limit -> 413; otherwise invalid -> 422 (always with a message)."""
 
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(default=4096 * 4096, ge=1)   # width * height of a decoded image
-    max_image_aspect_ratio: float = Field(default=200.0, ge=1)  # Qwen-VL's processors refuse more than 200
-    max_text_chars: int = Field(default=8192, ge=1)             # per text / instruction
-    max_top_k: int = Field(default=100, ge=1)
-    max_rerank_top_k: int = Field(default=50, ge=1)
-    max_embed_items: int = Field(default=64, ge=1)
-    # Every request's deadline: the ingress answers 504 (naming the deployment) when a deployment has not
-    # answered by then, and 503 at once when a deployment it needs is not running. The HTTP proxy's own
-    # timeout is set a little above it. None: no deadline.
-    request_timeout_s: float | None = Field(default=30.0, gt=0)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="largest request body, in bytes")
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="largest image, in bytes")
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="width * height of a decoded image")
+    max_image_aspect_ratio: float = Field(default=200.0, ge=1, description="longest over shortest side; Qwen-VL's "
+                                          "processors refuse more than 200")
+    max_text_chars: int = Field(default=8192, ge=1, description="characters per text / instruction")
+    max_top_k: int = Field(default=100, ge=1, description="largest top_k of a search")
+    max_rerank_top_k: int = Field(default=50, ge=1, description="largest rerank_top_k of a search")
+    max_embed_items: int = Field(default=64, ge=1, description="items per embed request")
+    request_timeout_s: float | None = Field(default=30.0, gt=0, description="every request's deadline: the "
+                                            "ingress answers 504 (naming the deployment) when a deployment has "
+                                            "not answered by then, and 503 at once when a deployment it needs is "
+                                            "not running; the HTTP proxy's own timeout is a little above it; "
+                                            "null: no deadline")
 
 
 class ServeConfig(Section):
     """The whole serving application: HTTP binding, API key, limits, and one block per deployment."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    app_name: str = "unime"
-    route_prefix: str = "/"
-    # Authorization: Bearer <key>, the key read from this environment variable or file (never stored here).
-    api_key_env: str | None = None
-    api_key_file: str | None = None
-    # Images of candidates stored by path are read from here (None: the root recorded when the index was built).
-    image_root: str | None = None
+    host: str = Field(default="127.0.0.1", description="address the HTTP server binds (loopback by default; "
+                      "expose deliberately, and with an API key)")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
+    app_name: str = Field(default="unime", description="the Ray Serve application's name")
+    route_prefix: str = Field(default="/", description="URL path the application is served under")
+    api_key_env: str | None = Field(default=None, description="Authorization: Bearer <key>, the key read from "
+                                    "this environment variable (never stored here); null: no auth unless "
+                                    "api_key_file")
+    api_key_file: str | None = Field(default=None, description="a file holding the API key (read when "
+                                     "api_key_env is unset or empty)")
+    image_root: str | None = Field(default=None, description="folder of the candidates' images stored by path; "
+                                   "null: the root recorded when the index was built")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
-    # Sizing the deployments to the cluster (see the module docstring).
-    fit: Literal["auto", "strict", "off"] = "auto"
-    cluster_autoscales: bool | None = None
+    fit: Literal["auto", "strict", "off"] = Field(default="auto", description="sizing the deployments to the "
+                                                  "cluster: auto scales default CPU requests down to fit, strict "
+                                                  "refuses a misfit, off does not check")
+    cluster_autoscales: bool | None = Field(default=None, description="whether the cluster can grow (a misfit "
+                                            "then only warns); null: a cluster joined by address may, the local "
+                                            "Ray of serve cannot")
 
     @model_validator(mode="after")
     def _checks(self):

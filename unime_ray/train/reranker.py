@@ -4,10 +4,11 @@
     L_pair = mean over queries of [CE(Yes | query, positive) + CE(No | query, hardest negative)]
     L_list = mean over queries of CE("Ans: (i*)" | query, shuffled positive + top-x negatives)
 
-Each CE is the mean over the answer's tokens (answer and end of turn); the prompt and role headers carry
-no loss. The weights are explicit (the released code mixed everything in one token-mean, so the balance
-depended on token counts). Recipe defaults (paper): LoRA r 128 / alpha 256 on every LLM linear layer, the
-vision tower frozen, ZeRO-2.
+Each CE is, with ``answer_loss: decision`` (the paper's), the full CE of the decision (Yes/No, the index i)
+plus the mean CE of the answer's fixed tokens, or with ``all_tokens`` the mean over the answer's tokens (answer
+and end of turn); the prompt and role headers carry no loss. The weights are explicit (the released code mixed
+everything in one token-mean, so the balance depended on token counts). Recipe defaults (paper): LoRA r 128 /
+alpha 256 on every LLM linear layer, the vision tower frozen, ZeRO-2.
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ def reranker_loss(model, processor, rows: list[dict[str, Any]], job: TrainJob, e
     convs = [c for ex in examples for c in conversations(ex, prompt)]
     if s.list_weight == 0:   # pairwise only (a stand-in judge): skip the listwise forward altogether
         convs = [c for c in convs if c.kind != "list"]
-    encs = [encode_conversation(processor, c.prompt, c.images, c.answer, job.image_root) for c in convs]
+    encs = [encode_conversation(processor, c.prompt, c.images, c.answer, job.image_root, decision=c.decision)
+            for c in convs]
     # data parallel: a batch without an image runs the vision tower on a probe row anyway (its loss kept at weight
     # 0), so every rank runs the same modules and gives every parameter a gradient (see Embedder.embed_items)
     probe = dist.is_initialized() and dist.get_world_size() > 1 and not any(e.pixel_values for e in encs)
     if probe:
         query = vision_probe()
-        encs.append(encode_conversation(processor, pairwise_text(query, Item(text="a"), prompt), [query],
-                                        pairwise_answer(True, prompt)))
-    per_conv = answer_token_losses(model, processor, encs, device=device)
+        yes = pairwise_answer(True, prompt)
+        encs.append(encode_conversation(processor, pairwise_text(query, Item(text="a"), prompt), [query], yes,
+                                        decision=(0, len(yes))))
+    per_conv = answer_token_losses(model, processor, encs, device=device, answer_loss=s.answer_loss)
     if probe:
         per_conv = per_conv[:-1] + 0.0 * per_conv[-1]
     kinds = [c.kind for c in convs]
@@ -54,7 +57,8 @@ def reranker_loss(model, processor, rows: list[dict[str, Any]], job: TrainJob, e
     with torch.no_grad():
         p = per_conv.detach()
         info = {"loss_pair": float(l_pair), "loss_list": float(l_list),
-                # exp(-mean token CE): the geometric-mean probability of the right answer's tokens
+                # exp(-loss): all_tokens, the geometric-mean probability of the right answer's tokens; decision,
+                # P(right decision) x that of the fixed tokens
                 "answer_p_pair_pos": float(torch.exp(-p[[i for i, k in enumerate(kinds) if k == "pair_pos"]]).mean()),
                 "answer_p_pair_neg": float(torch.exp(-p[[i for i, k in enumerate(kinds) if k == "pair_neg"]]).mean()),
                 "answer_p_list": float(torch.exp(-p[[i for i, k in enumerate(kinds) if k == "list"]]).mean())

@@ -161,6 +161,19 @@ def mean_over_ranks(values: list[float]) -> float:
     return float(total[0] / total[1])
 
 
+def rows_over_ranks(micro_rows: list[np.ndarray]) -> list[int]:
+    """The table rows every rank trained on in this step (a collective), in the plan's global-batch order
+    (micro-batch, then rank): what ``metrics.jsonl`` records per step, so a resumed run can be checked row by row."""
+    import torch.distributed as dist
+
+    mine = [[int(i) for i in rows] for rows in micro_rows]
+    parts = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    return [i for m in range(len(mine)) for part in parts for i in part[m]]
+
+
 def deepspeed_config(s: TrainLoop, bf16: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.offload_optimizer and s.zero_stage >= 1:
@@ -216,13 +229,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     table = ray.get(config["table"])
     plan = BatchPlan(table.num_rows, s.micro_batch_size, s.grad_accum, world, job.seed)
     metrics_path = Path(job.output_dir) / "metrics.jsonl"
+    tracker = None
+    if rank == 0 and s.tracking != "none":   # a restarted group goes on in the run it started
+        from .tracking import resume_tracking, start_tracking
+
+        tracker = resume_tracking(job.output_dir) or start_tracking(
+            s.tracking, job.output_dir, Path(job.output_dir).name, job.to_dict(), s.tracking_uri, s.tracking_project)
     t0, seen = time.perf_counter(), 0
     while step < s.max_steps:
         losses: list[float] = []
         infos: list[dict[str, float]] = []
         lr = float(engine.get_lr()[0])      # the rate this step applies (the scheduler moves on at its end)
-        for m in range(s.grad_accum):
-            rows = table.take(plan.rows(step, m, rank)).to_pylist()
+        taken = [plan.rows(step, m, rank) for m in range(s.grad_accum)]
+        for indices in taken:
+            rows = table.take(indices).to_pylist()
             loss, info = task.loss(rows, step)
             engine.backward(loss)
             engine.step()
@@ -243,7 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {"step": step, "loss": mean_over_ranks(losses), "lr": lr,
                    "epoch": step / plan.steps_per_epoch, "samples_per_s": seen * world / max(elapsed, 1e-9),
-                   **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names}}
+                   **{k: float(np.mean([i[k] for i in infos if k in i])) for k in task.metric_names},
+                   "rows": rows_over_ranks(taken)}   # every rank's table rows (the console and the plot skip it)
         if job.report_memory:
             metrics.update(rank_memory(engine))
         if step % s.checkpoint_every == 0 or step == s.max_steps:   # every rank: a collective
@@ -252,12 +273,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with metrics_path.open("a") as f:
                 f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+            if tracker is not None:
+                tracker.log(metrics, step)
         # ray.train.report synchronises every worker with the controller (about 2 s a call here), so it
         # goes with checkpoints only; per-step metrics are in metrics.jsonl.
         if step % s.checkpoint_every == 0 or step == s.max_steps:
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="ckpt", client_state={"step": step})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+                ray.train.report({k: v for k, v in metrics.items() if k != "rows"},
+                                 checkpoint=Checkpoint.from_directory(d))
+    if tracker is not None:
+        tracker.close()
 
 
 def gather_visual_tokens(processor) -> dict[str, Any] | None:
@@ -337,7 +363,7 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
         run_config=RunConfig(storage_path=str(out / "ray_results"), name=name,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=s.max_failures)))
-    from ..utils.logs import watch_metrics
+    from .watch import watch_metrics
 
     # Rank 0 appends a line per step to metrics.jsonl; a thread here turns it into the console's progress line.
     with watch_metrics(out / "metrics.jsonl", f"train {name}", s.max_steps, logger):
@@ -347,6 +373,8 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
     with result.checkpoint.as_directory() as d:
         model_dir = export_model(d, job, out / "model")
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:   # each step's table rows stay in the file only (not in the card, the result or the plot)
+        m.pop("rows", None)
     from ..models.card import write_model_card
 
     write_model_card(model_dir, name=name, base_model=job.model, recipe=job.to_dict(),
@@ -384,9 +412,9 @@ def export_model(checkpoint_dir: str | os.PathLike, job: TrainJob, out_dir: str 
     if unexpected or trainable_missing:
         raise RuntimeError(f"checkpoint does not match the model: unexpected {unexpected[:5]}, "
                            f"missing {trainable_missing[:5]}")
-    processor = load_processor(job.model)
-    # Embedder.save writes the backbone (adapters merged) with its tokenizer and image processor: the same
-    # folder layout for an embedder and a reranker.
+    processor = load_processor(job.model, image_options=job.images)
+    # Embedder.save writes the backbone (adapters merged) with its tokenizer and image processor (at the training
+    # budget's pixel range): the same folder layout for an embedder and a reranker.
     return Embedder(model.eval(), processor, job.input_format).save(out_dir)
 
 

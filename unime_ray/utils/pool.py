@@ -9,7 +9,7 @@ where a function takes ``pool: Pool | None``) runs in the caller's process witho
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from pydantic import Field, model_validator
 
@@ -19,18 +19,21 @@ from .settings import Section
 class Pool(Section):
     """Actors (min..max, autoscaling), resources per actor, and rows handed to an actor at a time."""
 
-    ray: bool = True                    # false: run in this process (no Ray), e.g. debugging or small data
-    min_actors: int = Field(default=1, ge=1)
-    max_actors: int = Field(default=2, ge=1)
-    num_cpus_per_actor: float = Field(default=1.0, gt=0)
-    num_gpus_per_actor: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=16, ge=1)   # rows per call of an actor
+    ray: bool = Field(default=True, description="on Ray actors; false: in this process, e.g. debugging or small data")
+    min_actors: int = Field(default=1, ge=1, description="actors kept while the map runs")
+    max_actors: int = Field(default=2, ge=1, description="actors the pool may grow to while work is queued")
+    num_cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs each actor reserves")
+    num_gpus_per_actor: float = Field(default=0.0, ge=0, description="GPUs each actor reserves (fractions share one)")
+    batch_size: int = Field(default=16, ge=1, description="rows per call of an actor")
 
     @model_validator(mode="after")
     def _sizes(self):
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
         return self
+
+    # the settings the tool commands (embed, eval, index) take as flags
+    FLAGS: ClassVar[tuple[str, ...]] = ("ray", "min_actors", "max_actors", "num_gpus_per_actor", "batch_size")
 
     @classmethod
     def in_process(cls, batch_size: int = 16) -> "Pool":

@@ -90,7 +90,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
     import ray
 
-    from .logs import log_path, verbose
+    from .console import log_path, verbose
 
     if ray.is_initialized():
         _route_worker_output()
@@ -131,7 +131,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         pass
     try:
         logs_dir = ray._private.worker._global_node.get_logs_dir_path()
-        from .logs import log_only
+        from .console import log_only
 
         log_only(logger, logging.INFO, "Ray's own logs (every process): %s", logs_dir)
     except Exception:
@@ -172,7 +172,7 @@ def _worker_lines_to_log(data: dict) -> None:
 
 def _route_worker_output() -> None:
     """While a run logs to its file and is not verbose: worker output goes there instead of the console."""
-    from .logs import log_path, verbose
+    from .console import log_path, verbose
 
     if log_path() is None or verbose():
         return

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .logs import Progress
 from .parquet import iter_batches, shard_paths, write_table_atomic
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 

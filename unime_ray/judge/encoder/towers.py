@@ -87,9 +87,6 @@ class TowerSpec:
     max_length: int = 128          # text towers: tokens
     batch_size: int = 32
 
-    TEXT_KINDS = ("hf-text", "clip-text", "none")
-    IMAGE_KINDS = ("efficientnet-lite0", "clip-image", "none")
-
     @classmethod
     def of(cls, value: "TowerSpec | dict[str, Any] | None", default_kind: str) -> "TowerSpec":
         if isinstance(value, TowerSpec):

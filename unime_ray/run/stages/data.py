@@ -19,8 +19,6 @@ from ..stage import Context, Section, Stage
 
 logger = logging.getLogger(__name__)
 
-TABLES = ("train_pairs", "train_candidates", "eval_pairs", "eval_candidates")
-
 
 def run_data(ctx: Context) -> DataResult:
     d = ctx.cfg.data
@@ -65,7 +63,7 @@ def plot_accounting(rows: list[list[Any]], path: Path) -> Path | None:
 
 
 def report_data(s: Section) -> list[str]:
-    summ = s.result.get("summary")
+    summ = s.result.summary
     if not summ:
         return []
     items = summ.get("items", {})
@@ -138,7 +136,7 @@ def hold_out_dev(train: Path, out: Path, account: dict[str, Any], d) -> dict[str
 
 def report_prepare(s: Section) -> list[str]:
     rows = []
-    for name, acc in s.result.get("tables", {}).items():
+    for name, acc in s.result.tables.items():
         reasons = ", ".join([f"{k}: {v}" for k, v in acc.get("reasons", {}).items()]
                             + ([f"held out as dev_pairs: {acc['rows_held_out']}"] if acc.get("rows_held_out") else [])
                             ) or "-"

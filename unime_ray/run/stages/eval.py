@@ -16,6 +16,17 @@ from ..stage import Context, Section, Stage
 logger = logging.getLogger(__name__)
 
 
+def track_evaluation(model_dir: str, res: dict[str, Any]) -> None:
+    """A trained model's results, into the tracked run of its training (``train.tracking``), at its last step."""
+    from ...models.card import read_card
+    from ...train.tracking import log_final_evaluation
+
+    folder = Path(model_dir)
+    if folder.is_dir():
+        step = int((read_card(folder).get("metrics") or {}).get("step") or 0)
+        log_final_evaluation(folder.parent, {"precision_at_1": res["per_dataset"], **(res.get("summary") or {})}, step)
+
+
 def eval_models(ctx: Context) -> list[dict[str, Any]]:
     """What the eval step measures: the retriever, UniME-V2 and every comparison run, labelled."""
     cfg = ctx.cfg
@@ -123,6 +134,7 @@ def run_eval(ctx: Context) -> EvalResult:
                 write_json_atomic(res, done)
             if res.get("per_dataset") and not is_judge:   # a trained model carries its results in its card
                 record_in_card(m["model"], evaluation_of(res), str(table) if "pairs" in ev.sets else ev.mmeb_dir)
+                track_evaluation(m["model"], res)
         vt = [r.get("visual_tokens") or {} for r in (res, res.get("mmeb") or {})]
         tokens = ctx.visual_tokens(eval=[v.get("embedder") for v in vt], reranker=[v.get("reranker") for v in vt])
         results[m["label"]] = ModelEval(**{**m, "per_dataset": res.get("per_dataset"), "summary": res.get("summary"),

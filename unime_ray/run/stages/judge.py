@@ -41,11 +41,11 @@ def run_judge_fit(ctx: Context) -> dict[str, Any]:
     for f, info in tables.items():
         settings = train_settings(cfg, jf, cfg.model_ref(cfg.models.judge), out_dir / f"fold{f}", "reranker",
                                    prepared.image_root, role="judge")
-        out = run_job(info["table"], settings, f"judge-fold{f}").model_dump()
-        folds[str(f)] = {"model": out["model"], "queries": info["queries"], "steps": out["steps"],
-                         "final": out["final"], "visual_tokens": out.get("visual_tokens")}
+        out = run_job(info["table"], settings, f"judge-fold{f}")
+        folds[str(f)] = {"model": out.model, "queries": info["queries"], "steps": out.steps, "final": out.final,
+                         "visual_tokens": out.visual_tokens}
         logger.info("judge_fit fold %d: %d queries, final loss %.4f", f, info["queries"],
-                    out["final"].get("loss", float("nan")))
+                    out.final.get("loss", float("nan")))
     return {"enabled": True, "folds": folds, "num_folds": jf.folds,
             "note": "stand-in judge: fine-tuned offline on the training pairs with cross-fitting",
             "visual_tokens": ctx.visual_tokens(judge=[f.get("visual_tokens") for f in folds.values()])}
@@ -132,12 +132,12 @@ def report_judge_fit(s: Section) -> list[str]:
         return []
     if fit.kind == "dual_encoder":
         parts = ["\n## Stand-in judge: dual encoder (offline: no pretrained MLLM judge)\n",
-                 f"Frozen pretrained towers (text `{fit.get('text_tower').get('kind')}` "
-                 f"{fit.get('text_tower').get('path') or ''}, image `{fit.get('image_tower').get('kind')}`) with "
-                 f"{fit.get('method')}-fitted projection heads and a Platt calibration on held-out pairs, "
+                 f"Frozen pretrained towers (text `{fit.text_tower.get('kind')}` "
+                 f"{fit.text_tower.get('path') or ''}, image `{fit.image_tower.get('kind')}`) with "
+                 f"{fit.method}-fitted projection heads and a Platt calibration on held-out pairs, "
                  f"{fit.num_folds}-fold cross-fitted: each fold's queries were scored by the judge fitted on "
-                 f"another fold. Tower features for the {fit.get('feature_items')} distinct query and pool "
-                 f"items (each distinct image and text encoded once) took {fit.get('feature_seconds')} s.\n"]
+                 f"another fold. Tower features for the {fit.feature_items} distinct query and pool "
+                 f"items (each distinct image and text encoded once) took {fit.feature_seconds} s.\n"]
         parts.append(markdown_table(["fold", "training queries", "held-out AUC (fitting fold)", "fit seconds",
                                      "judge"],
                                     [[k, v["queries"], v.get("heldout_auc"), v.get("seconds"), f"`{v['model']}`"]

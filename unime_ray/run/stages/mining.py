@@ -39,28 +39,27 @@ def _mine_imported(ctx: Context, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def report_mine(s: Section) -> list[str]:
-    mine = s.result
+    mine: MineResult = s.result  # type: ignore[assignment]
     parts: list[str] = []
-    if mine.get("queries") is not None:
+    if mine.queries is not None:
         parts.append("\n## Hard-negative mining\n")
         st = mine.settings or {}
         parts.append(f"num_negatives {st.get('num_negatives')}, beta {st.get('beta')}, interval {st.get('interval')}; "
-                     f"training table `{mine.get('training_table')}`"
-                     + (f", official JSON `{mine.get('official_json')}`" if mine.get("official_json") else "") + "\n")
+                     f"training table `{mine.training_table}`"
+                     + (f", official JSON `{mine.official_json}`" if mine.official_json else "") + "\n")
         parts.append(markdown_table(
             ["queries", "mined", "quarantined", "false negatives dropped", "fallbacks (no survivor)",
              "cyclic repeats (< k survivors)", "mean positive score", "mean negative score"],
-            [[mine.get("queries"), mine.get("mined"), mine.get("quarantined"), mine.get("false_negatives"),
-              mine.get("fallbacks"), mine.get("repeated_fill"), mine.get("mean_positive_score"),
-              mine.get("mean_negative_score")]]))
-    if mine.get("imported"):
+            [[mine.queries, mine.mined, mine.quarantined, mine.false_negatives, mine.fallbacks, mine.repeated_fill,
+              mine.mean_positive_score, mine.mean_negative_score]]))
+    if mine.imported:
         parts.append("\n## Hard negatives (imported)\n")
         parts.append("Global retrieval, the judge and mining did not run: the training table "
-                     f"`{mine.get('training_table')}` came with judge-scored negatives from "
-                     f"`{mine.get('imported_from')}` ({mine.get('format')}; mine.from_imported: use).\n")
+                     f"`{mine.training_table}` came with judge-scored negatives from "
+                     f"`{mine.imported_from}` ({mine.format}; mine.from_imported: use).\n")
         parts.append(markdown_table(["rows", "negatives per row", "mean positive score", "mean negative score"],
-                                    [[mine.get("rows"), f"{mine.get('min_negatives')}-{mine.get('max_negatives')}",
-                                      mine.get("mean_positive_score"), mine.get("mean_negative_score")]]))
+                                    [[mine.rows, f"{mine.min_negatives}-{mine.max_negatives}",
+                                      mine.mean_positive_score, mine.mean_negative_score]]))
     if mine.histogram:
         parts.append(f"\n![judge scores]({s.link(mine.histogram)})\n")
     return parts

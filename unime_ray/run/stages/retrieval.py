@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from ...utils.markdown import markdown_table
-from ..results import PrepareResult, RetrieveResult, imported_stage, imported_training
+from ..results import EmbedResult, PrepareResult, RetrieveResult, imported_stage, imported_training
 from ..specs import IMPORTED_READS, RETRIEVER_READS, retriever_spec
 from ..stage import Context, Section, Stage
 
@@ -40,13 +40,13 @@ def run_embed(ctx: Context) -> dict[str, Any]:
 
 
 def report_embed(s: Section) -> list[str]:
-    emb = s.result
-    if not emb.get("tables"):
+    emb: EmbedResult = s.result  # type: ignore[assignment]
+    if not emb.tables:
         return []
-    return ["\n## Embedding\n", f"Embedder: `{emb.get('embedder')}`\n",
+    return ["\n## Embedding\n", f"Embedder: `{emb.embedder}`\n",
             markdown_table(["table", "rows embedded (this run)", "seconds", "items/s"],
                            [[t, st["rows_embedded"], st["seconds"], st["items_per_s"]]
-                            for t, st in emb.get("tables").items()])]
+                            for t, st in emb.tables.items()])]
 
 
 def run_retrieve(ctx: Context) -> dict[str, Any]:
@@ -71,19 +71,19 @@ def run_retrieve(ctx: Context) -> dict[str, Any]:
 
 
 def report_retrieve(s: Section) -> list[str]:
-    ret = s.result
+    ret: RetrieveResult = s.result  # type: ignore[assignment]
     if ret.queries is None:
         return []
     return ["\n## Global retrieval\n", markdown_table(
         ["queries", "mean candidates", "queries without candidates", "mean dropped by delta", "pools",
          "search rows/s"],
-        [[ret.get("queries"), ret.get("mean_candidates"), ret.get("queries_without_candidates"),
-          ret.get("mean_dropped_by_delta"), ret.get("pools"), (ret.search or {}).get("rows_per_s")]])]
+        [[ret.queries, ret.mean_candidates, ret.queries_without_candidates, ret.mean_dropped_by_delta, ret.pools,
+          (ret.search or {}).get("rows_per_s")]])]
 
 
 EMBED = Stage("embed", "encode the configured tables with S1's embedder (Ray Data actor pool)", run_embed,
-              reads=(*RETRIEVER_READS, *IMPORTED_READS, "embed"), report=report_embed, optional=True,
-              command="")
+              reads=(*RETRIEVER_READS, *IMPORTED_READS, "embed"), result=EmbedResult, report=report_embed,
+              optional=True, command="")
 RETRIEVE = Stage("retrieve", "stage S1: top-K candidates per query below delta (sharded FAISS)", run_retrieve,
                  reads=(*RETRIEVER_READS, *IMPORTED_READS, "retrieve", "embed.pool", "seed"), result=RetrieveResult,
                  report=report_retrieve)

@@ -32,10 +32,10 @@ def run_baseline(ctx: Context) -> TrainStageResult:
     settings = train_settings(cfg, cfg.baseline, cfg.model_ref(cfg.models.embedder), ctx.dir,
                               "embedder", prepared.image_root)
     ctx.init_ray()
-    out = run_job(prepared.path("train_pairs"), settings, "baseline").model_dump()
-    logger.info("baseline: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return TrainStageResult(**{**out, "enabled": True,
-                          "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
+    out = run_job(prepared.path("train_pairs"), settings, "baseline")
+    logger.info("baseline: %d steps, final loss %.4f", out.steps, out.final.get("loss", float("nan")))
+    return TrainStageResult(**{**out.model_dump(), "enabled": True,
+                               "visual_tokens": ctx.visual_tokens(embedder=out.visual_tokens)})
 
 
 def _embedder_init(ctx: Context) -> str:
@@ -61,10 +61,10 @@ def run_train(ctx: Context) -> TrainStageResult:
     _check_imported_negatives(mined, cfg.train.num_negatives)
     settings = train_settings(cfg, cfg.train, _embedder_init(ctx), ctx.dir, "embedder", prepared.image_root)
     ctx.init_ray()
-    out = run_job(mined.training_table, settings, cfg.name).model_dump()
-    logger.info("train: %d steps, final loss %.4f, model at %s", out["steps"], out["final"].get("loss", float("nan")),
-                out["model"])
-    return TrainStageResult(**{**out, "visual_tokens": ctx.visual_tokens(embedder=out.get("visual_tokens"))})
+    out = run_job(mined.training_table, settings, cfg.name)
+    logger.info("train: %d steps, final loss %.4f, model at %s", out.steps, out.final.get("loss", float("nan")),
+                out.model)
+    return TrainStageResult(**{**out.model_dump(), "visual_tokens": ctx.visual_tokens(embedder=out.visual_tokens)})
 
 
 def variant_runs(cfg: RunConfig) -> list[tuple[str, int, dict[str, Any]]]:
@@ -91,16 +91,16 @@ def run_ablations(ctx: Context) -> AblationsResult:
     tallies = []
     for name, seed, changes in variant_runs(cfg):
         if name == "unime-v2" and seed == cfg.seed:
-            out = main.model_dump()
+            out = main
         else:
             _check_imported_negatives(mined, changes.get("num_negatives", cfg.train.num_negatives))
             settings = train_settings(cfg, cfg.train, init, ctx.dir / f"{name}-seed{seed}",
                                       "embedder", prepared.image_root, seed=seed, **changes)
             ctx.init_ray()
-            out = run_job(mined.training_table, settings, f"{name}-seed{seed}").model_dump()
-            tallies.append(out.get("visual_tokens"))
+            out = run_job(mined.training_table, settings, f"{name}-seed{seed}")
+            tallies.append(out.visual_tokens)
         variants.setdefault(name, {})[str(seed)] = VariantRun(
-            model=out["model"], steps=out["steps"], final=out["final"],
+            model=out.model, steps=out.steps, final=out.final,
             objective=changes.get("objective", cfg.train.objective))
     return AblationsResult(variants=variants, init=init, visual_tokens=ctx.visual_tokens(embedder=tallies))
 
@@ -124,10 +124,10 @@ def run_rerank(ctx: Context) -> TrainStageResult:
         init = fitted.folds["0"]["model"]
     settings = train_settings(cfg, r, init, ctx.dir, "reranker", prepared.image_root)
     ctx.init_ray()
-    out = run_job(mined.training_table, settings, "reranker").model_dump()
-    logger.info("rerank: %d steps, final loss %.4f", out["steps"], out["final"].get("loss", float("nan")))
-    return TrainStageResult(**{**out, "enabled": True, "init": init,
-                          "visual_tokens": ctx.visual_tokens(reranker=out.get("visual_tokens"))})
+    out = run_job(mined.training_table, settings, "reranker")
+    logger.info("rerank: %d steps, final loss %.4f", out.steps, out.final.get("loss", float("nan")))
+    return TrainStageResult(**{**out.model_dump(), "enabled": True, "init": init,
+                               "visual_tokens": ctx.visual_tokens(reranker=out.visual_tokens)})
 
 
 def report_baseline(s: Section) -> list[str]:
@@ -146,12 +146,12 @@ def report_train(s: Section) -> list[str]:
     if not tr.model:
         return []
     f = tr.final
-    parts = ["\n## Embedder training\n", f"Model: `{tr.model}`; global batch {tr.get('global_batch')}\n",
+    parts = ["\n## Embedder training\n", f"Model: `{tr.model}`; global batch {tr.global_batch}\n",
              markdown_table(["steps", "final loss", "top-1 agrees with judge", "positive ranked first", "samples/s"],
                             [[tr.steps, f.get("loss"), f.get("agreement_top1"), f.get("positive_top1"),
                               f.get("samples_per_s")]])]
-    if tr.get("plot"):
-        parts.append(f"\n![training curve]({s.link(tr.get('plot'))})\n")
+    if tr.plot:
+        parts.append(f"\n![training curve]({s.link(tr.plot)})\n")
     return parts
 
 
