@@ -1,5 +1,4 @@
-"""What keeps S2-S3 memory bounded by a shard gives what the whole-table versions gave: the memory-mapped id lookup
-(a dict of the rows) and the streamed JSON list (``json.dumps`` of the list)."""
+"""The memory-mapped id lookup the judge and mining join content with gives what a dict of the rows would."""
 
 from __future__ import annotations
 
@@ -29,13 +28,3 @@ def test_lookup_equals_a_dict_of_the_rows_across_shards(tmp_path):
     _, found = RowLookup(path).find(["c2", "nope", "c6"])
     assert found.tolist() == [True, False, True]
 
-
-def test_streamed_json_list_equals_json_dumps_of_the_list(tmp_path):
-    import numpy as np
-
-    from unime_ray.utils.files import write_json_atomic, write_json_list_atomic
-
-    for items in ([], [{}], [{"a": [1, {"b": "x\ny é"}], "c": np.float32(0.5)}, [], [1, 2], "s", {"n": None}]):
-        write_json_atomic(items, tmp_path / "whole.json", ensure_ascii=False)
-        assert write_json_list_atomic(iter(items), tmp_path / "streamed.json", ensure_ascii=False) == len(items)
-        assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()

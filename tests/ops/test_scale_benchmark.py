@@ -15,7 +15,7 @@ import psutil
 
 from unime_ray.data.io import read_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARDS = 20
 
 
