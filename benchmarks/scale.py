@@ -263,6 +263,9 @@ def report(paths: list[Path], png: Path) -> str:
         if plt:
             axes[0].loglog(ns, sec, "o-", label=stage)
             axes[1].loglog(ns, rss, "o-", label=stage)
+    loads = [f"{max(v.get('load_average_1min', 0) for v in r['stages'].values()):.1f}" for r in runs]
+    lines.append("| " + " | ".join(["highest 1-min load average at a stage's end (2 cores; shared machine)", *loads,
+                                    "", ""]) + " |")
     if plt:
         axes[0].set(xlabel="queries N", ylabel="seconds", title="time per stage")
         axes[1].set(xlabel="queries N", ylabel="peak RSS, GiB (max of driver, largest worker)",
