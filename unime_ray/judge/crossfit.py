@@ -102,21 +102,33 @@ def merge_score_tables(fold_dirs: list[str | os.PathLike], out_dir: str | os.Pat
 def score_summary(scores_table: str | os.PathLike) -> dict[str, float | None]:
     """Mean score of positives and of candidates, and how well the judge separates them: the probability that
     a query's positive outscores one of its candidates (ties count half; 0.5 = chance). A quick check that a
-    stand-in (or any) judge carries signal before its scores train anything."""
-    from ..data.io import read_table
+    stand-in (or any) judge carries signal before its scores train anything. Read one shard at a time: the judge
+    writes all pairs of a query into one shard."""
+    import numpy as np
+    import pyarrow.compute as pc
 
-    t = [r for r in read_table(scores_table, ["query_id", "is_positive", "score", "error"]).to_pylist()
-         if r["error"] is None and r["score"] is not None]
-    pos = {r["query_id"]: r["score"] for r in t if r["is_positive"]}
-    cands = [r for r in t if not r["is_positive"]]
     wins = total = 0.0
-    for r in cands:
-        if r["query_id"] in pos:
-            d = pos[r["query_id"]] - r["score"]
-            wins += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
-            total += 1
-    return {"mean_score_positive": sum(pos.values()) / len(pos) if pos else None,
-            "mean_score_candidates": sum(r["score"] for r in cands) / len(cands) if cands else None,
+    n, sums = np.zeros(2, dtype=np.int64), np.zeros(2)     # [candidates, positives]
+    for shard in shard_paths(scores_table):
+        t = pq.read_table(shard, columns=["query_id", "is_positive", "score", "error"])
+        t = t.filter(pc.and_(pc.is_null(t.column("error")), pc.is_valid(t.column("score"))))
+        positive = np.asarray(t.column("is_positive").to_numpy(zero_copy_only=False), dtype=bool)
+        score = np.asarray(t.column("score").to_numpy(zero_copy_only=False), dtype=np.float64)
+        query = t.column("query_id").combine_chunks()
+        # a query's last positive row is its positive (reversed, so the first match is the last row)
+        pos_query, pos_score = query.filter(pa.array(positive))[::-1], score[positive][::-1]
+        _, first = np.unique(np.asarray(pos_query.to_pylist(), dtype=object), return_index=True)
+        n[1] += len(first)
+        sums[1] += pos_score[first].sum()
+        n[0] += (~positive).sum()
+        sums[0] += score[~positive].sum()
+        at = pc.index_in(query.filter(pa.array(~positive)), value_set=pos_query)
+        has = np.asarray(at.is_valid(), dtype=bool)
+        d = pos_score[np.asarray(at.filter(at.is_valid()), dtype=np.int64)] - score[~positive][has]
+        wins += float((d > 0).sum() + 0.5 * (d == 0).sum())
+        total += float(has.sum())
+    return {"mean_score_positive": float(sums[1] / n[1]) if n[1] else None,
+            "mean_score_candidates": float(sums[0] / n[0]) if n[0] else None,
             "positive_auc": wins / total if total else None}
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from ..data.convert.official import export_official_json
 from ..data.io import iter_rows, read_table, rows_to_table, shard_paths, write_table_atomic
+from ..data.lookup import RowLookup, build_lookup
 from ..data.schema import PAIR_SCHEMA, empty_row, item_from_row, item_to_columns, negatives_to_columns
 from ..utils.plots import pyplot
 from .config import MineConfig
@@ -40,13 +41,14 @@ def query_seed(seed: int, query_id: str) -> int:
     return int(hashlib.sha1(f"{seed}:{query_id}".encode()).hexdigest()[:12], 16)
 
 
-def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, pool: dict[str, dict[str, Any]],
+def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, pool: RowLookup,
                settings: MineConfig, seed: int = 0
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """(training rows, quarantined queries, statistics) of one shard."""
+    """(training rows, quarantined queries, statistics) of one shard; the negatives' content is read from
+    ``pool`` once for the whole shard."""
     scores = {(r["query_id"], r["cand_id"]): (r["score"], r["error"]) for r in iter_rows(scores_shard)}
     queries = {r["id"]: r for r in iter_rows(pairs_shard)}
-    rows, bad = [], []
+    rows, bad, mined = [], [], []
     stats = {"queries": 0, "mined": 0, "quarantined": 0, "fallbacks": 0, "false_negatives": 0,
              "unscored_candidates": 0, "no_candidates": 0, "repeated_fill": 0}
     for cand in iter_rows(candidates_shard, columns=["query_id", "pos_id", "cand_ids"]):
@@ -76,15 +78,18 @@ def mine_shard(candidates_shard: Path, scores_shard: Path, pairs_shard: Path, po
         stats["false_negatives"] += outcome.false_negatives
         stats["fallbacks"] += int(outcome.fallback and bool(ids))
         stats["repeated_fill"] += int(0 < outcome.survivors < settings.num_negatives)
+        mined.append((qid, float(pos_score), outcome.negatives))
+        stats["mined"] += 1
+    needed = sorted({cid for _, _, negatives in mined for cid, _ in negatives})
+    content = dict(zip(needed, pool.take(needed, what="candidate").to_pylist()))
+    for qid, pos_score, negatives in mined:
         q = queries[qid]
         row = empty_row(PAIR_SCHEMA)
-        row.update(id=qid, task=q["task"], pos_id=q["pos_id"], pos_score=float(pos_score))
+        row.update(id=qid, task=q["task"], pos_id=q["pos_id"], pos_score=pos_score)
         row.update(item_to_columns(item_from_row(q, "query_"), "query_"))
         row.update(item_to_columns(item_from_row(q, "pos_"), "pos_"))
-        negatives = [(item_from_row(pool[cid], ""), s, cid) for cid, s in outcome.negatives]
-        row.update(negatives_to_columns(negatives))
+        row.update(negatives_to_columns([(item_from_row(content[cid], ""), s, cid) for cid, s in negatives]))
         rows.append(row)
-        stats["mined"] += 1
     return rows, bad, stats
 
 
@@ -102,7 +107,7 @@ def run_mining(candidates_table: str | os.PathLike, scores_table: str | os.PathL
         if target.exists() and (out_dir / "stats" / f"{shard.name}.json").exists():
             continue
         if pool is None:
-            pool = {r["id"]: r for r in iter_rows(pool_table, columns=["id", *_ITEM])}
+            pool = RowLookup(build_lookup(pool_table, out_dir / "content" / "pool.arrow", _ITEM))
         for needed, have in ((score_shards, "scores"), (pair_shards, "pairs")):
             if shard.name not in needed:
                 raise FileNotFoundError(f"no {have} shard {shard.name} for candidates shard {shard}")
@@ -155,18 +160,26 @@ def scored_negatives(pairs_table: str | os.PathLike) -> dict[str, Any]:
 
 
 def score_summary(training_table: str | os.PathLike, plot_path: Path | None = None) -> dict[str, Any]:
-    """Means of positive and negative judge scores, and a histogram plot of both."""
-    t = read_table(training_table, ["pos_score", "neg_score"])
-    pos = np.asarray(t.column("pos_score").to_pylist(), dtype=float)
-    neg = np.asarray([s for lst in t.column("neg_score").to_pylist() for s in (lst or [])], dtype=float)
-    out = {"mean_positive_score": float(pos.mean()) if len(pos) else None,
-           "mean_negative_score": float(neg.mean()) if len(neg) else None}
-    plt = pyplot() if plot_path is not None and len(pos) else None
+    """Means of positive and negative judge scores, and a histogram plot of both (summed shard by shard)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    bins = np.linspace(0, 1, 41)
+    n, sums, hist = np.zeros(2, dtype=np.int64), np.zeros(2), np.zeros((2, len(bins) - 1), dtype=np.int64)
+    for shard in shard_paths(training_table):
+        t = pq.read_table(shard, columns=["pos_score", "neg_score"])
+        for j, col in enumerate((t.column("pos_score"), pc.list_flatten(t.column("neg_score")))):
+            values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=float)   # nulls read as NaN
+            n[j] += len(values)
+            sums[j] += values.sum()
+            hist[j] += np.histogram(values, bins=bins)[0]
+    out = {"mean_positive_score": float(sums[0] / n[0]) if n[0] else None,
+           "mean_negative_score": float(sums[1] / n[1]) if n[1] else None}
+    plt = pyplot() if plot_path is not None and n[0] else None
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 3))
-        bins = np.linspace(0, 1, 41)
-        ax.hist(pos, bins=bins, alpha=0.6, label=f"positives ({len(pos)})", color="#4c72b0")
-        ax.hist(neg, bins=bins, alpha=0.6, label=f"mined negatives ({len(neg)})", color="#dd8452")
+        ax.stairs(hist[0], bins, fill=True, alpha=0.6, label=f"positives ({n[0]})", color="#4c72b0")
+        ax.stairs(hist[1], bins, fill=True, alpha=0.6, label=f"mined negatives ({n[1]})", color="#dd8452")
         ax.set_xlabel("judge score s = e_yes / (e_yes + e_no)")
         ax.set_ylabel("count")
         ax.legend(fontsize=8)

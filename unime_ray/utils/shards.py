@@ -150,25 +150,86 @@ def map_shards_ray(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLike, 
             write_table_atomic(build_table({}), outputs[name])
             del expected[name]
     if expected:
-        ds = ray.data.read_parquet([str(s) for s, _ in todo if s.name in expected], columns=columns,
-                                   include_paths=True)
+        files = [str(s) for s, _ in todo if s.name in expected]
+        # a read task per shard: small shards would otherwise merge into one block, leaving all but one actor idle
+        ds = ray.data.read_parquet(files, columns=columns, include_paths=True, override_num_blocks=len(files))
         mapped = ds.map_batches(_WithPath, fn_constructor_kwargs={"fn_cls": fn_cls, "fn_kwargs": fn_kwargs},
                                 batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus,
                                 compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors))
+        # per shard: the output batches' slices (arrays, not per-row Python objects) and the rows they hold
         buffers: dict[str, dict[str, list]] = {}
+        done: Counter = Counter()
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
             names = batch.pop("__shard__")
             _add_visual_tokens(tokens, batch.pop(VISUAL_TOKENS_COLUMN, None))
             for name in np.unique(names):
+                name = str(name)
                 idx = np.nonzero(names == name)[0]
-                buf = buffers.setdefault(str(name), defaultdict(list))
+                buf = buffers.setdefault(name, defaultdict(list))
                 for k, v in batch.items():
-                    buf[k].extend(v[i] for i in idx)
+                    buf[k].append(v[idx])
+                done[name] += len(idx)
                 progress.update(len(idx))
-                n_done = len(next(iter(buf.values())))
-                if n_done == expected[str(name)]:
-                    _write_shard(build_table(dict(buffers.pop(str(name)))), outputs[str(name)], what)
+                if done[name] == expected[name]:
+                    cols = {k: list(np.concatenate(parts)) for k, parts in buffers.pop(name).items()}
+                    _write_shard(build_table(cols), outputs[name], what)
         if buffers:
             raise RuntimeError(f"incomplete output for shards {sorted(buffers)}")
+    return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
+            "rows_per_s": round(progress.rate, 2) if total else 0.0, "visual_tokens": _tally(tokens)}
+
+
+class _ShardWorker:
+    """A Ray actor that maps whole shards: reads one, calls its ``fn_cls`` instance a batch at a time, writes the
+    output shard itself (atomically), so a shard is on disk the moment it is done."""
+
+    def __init__(self, fn_cls, fn_kwargs: dict[str, Any], build_table: TableBuilder, columns: list[str] | None,
+                 batch_size: int, what: str):
+        self.fn, self.build_table, self.columns, self.batch_size, self.what = (
+            fn_cls(**fn_kwargs), build_table, columns, batch_size, what)
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, shard: str, out: str) -> tuple[int, dict[int, int]]:
+        """(rows mapped, the visual-token histogram of the images they held)."""
+        acc: dict[str, list] = defaultdict(list)
+        tokens: Counter = Counter()
+        rows = 0
+        for batch in iter_batches(shard, batch_size=self.batch_size, columns=self.columns):
+            res = self.fn(batch.to_pydict())
+            _add_visual_tokens(tokens, res.pop(VISUAL_TOKENS_COLUMN, None))
+            for k, v in res.items():
+                if len(v) != batch.num_rows:
+                    raise RuntimeError(f"map function returned {len(v)} values of {k!r} for {batch.num_rows} rows")
+                acc[k].extend(v)
+            rows += batch.num_rows
+        _write_shard(self.build_table(dict(acc)), Path(out), self.what)
+        return rows, dict(tokens)
+
+
+def map_shards_actors(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLike, out_dir: str | os.PathLike,
+                      build_table: TableBuilder, columns: list[str] | None = None, batch_size: int = 64,
+                      max_actors: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                      what: str = "rows") -> dict[str, Any]:
+    """Ray driver handing whole pending shards to ``max_actors`` actors (the output folder must be on storage the
+    actors share). Each output shard is written as soon as it is done, so a killed run keeps every finished shard;
+    memory is one shard per actor, and the driver holds none."""
+    import ray
+    from ray.util import ActorPool
+
+    todo = pending_shards(table, out_dir)
+    total = sum(shard_rows(s) for s, _ in todo)
+    progress = Progress(logger, f"{what} ({Path(table).name}, Ray)", total, unit="rows")
+    tokens: Counter = Counter()
+    if todo:
+        worker = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_ShardWorker)
+        actors = [worker.remote(fn_cls, fn_kwargs, build_table, columns, batch_size, what)
+                  for _ in range(min(max_actors, len(todo)))]
+        ray.get([a.ready.remote() for a in actors])
+        for rows, hist in ActorPool(actors).map_unordered(lambda a, job: a.run.remote(*job),
+                                                           [(str(s), str(o)) for s, o in todo]):
+            tokens.update(hist)
+            progress.update(rows)
     return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
             "rows_per_s": round(progress.rate, 2) if total else 0.0, "visual_tokens": _tally(tokens)}

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ...utils.files import write_json_atomic
+from ...utils.files import write_json_list_atomic
 from ..io import iter_rows
 from ..schema import item_from_row, negatives_from_row
 from ..validate import DataError
@@ -63,6 +63,4 @@ def export_official_json(pairs: str | os.PathLike | Iterable[Mapping[str, Any]],
     """Write a canonical pair table as the official training JSON; inline images go under ``image_dir``."""
     rows = iter_rows(pairs) if isinstance(pairs, (str, os.PathLike)) else pairs
     spill = ImageSpill(image_dir)
-    records = [row_to_official_record(r, spill) for r in rows]
-    write_json_atomic(records, out_json, ensure_ascii=False)
-    return len(records)
+    return write_json_list_atomic((row_to_official_record(r, spill) for r in rows), out_json, ensure_ascii=False)

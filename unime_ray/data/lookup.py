@@ -1,0 +1,84 @@
+"""Rows of a table by id without holding the table in memory: what lets the judge and mining join a shard's
+query and candidate content while the pool grows with the job.
+
+:func:`build_lookup` copies the id and content columns of a Parquet table, batch by batch, into one Arrow IPC
+file plus a sorted id index (two ``.npy`` arrays). :class:`RowLookup` memory-maps both: a process holds only
+the pages it touches (shared through the page cache by every actor on the node) and the rows it asked for.
+When an id occurs more than once, the last occurrence wins (what a dict built from the rows would hold).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyarrow import ipc
+
+from ..utils.parquet import iter_batches
+
+
+def build_lookup(table: str | os.PathLike, path: str | os.PathLike, columns: Sequence[str], strip: str = "") -> Path:
+    """Write ``path`` (an Arrow file of ``id`` + ``columns``, each stored without the prefix ``strip``) and its
+    id index, atomically; kept when present."""
+    path = Path(path)
+    if path.is_file() and _index_paths(path)[1].is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    ids = []
+    writer = schema = None
+    for batch in iter_batches(table, batch_size=8192, columns=["id", *columns]):
+        batch = batch.rename_columns([c.removeprefix(strip) for c in batch.schema.names])
+        if writer is None:
+            schema = batch.schema
+            writer = ipc.new_file(str(tmp), schema)
+        writer.write_batch(batch if batch.schema == schema else batch.cast(schema))
+        ids.extend(s.encode() for s in batch.column(0).to_pylist())
+    if writer is None:
+        raise FileNotFoundError(f"table {table} has no rows to look up")
+    writer.close()
+    keys = np.array(ids, dtype=bytes)
+    order = np.argsort(keys, kind="stable")
+    keys_path, rows_path = _index_paths(path)
+    np.save(keys_path, keys[order])
+    np.save(rows_path, order.astype(np.int64))
+    os.replace(tmp, path)    # the Arrow file last: its presence means the index is complete
+    return path
+
+
+def _index_paths(path: Path) -> tuple[Path, Path]:
+    return path.with_suffix(".ids.npy"), path.with_suffix(".rows.npy")
+
+
+class RowLookup:
+    """Rows of a :func:`build_lookup` file by id (memory-mapped; cheap to open in every actor)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.table = ipc.open_file(pa.memory_map(str(self.path))).read_all()
+        keys_path, rows_path = _index_paths(self.path)
+        self.keys = np.load(keys_path, mmap_mode="r")
+        self.rows = np.load(rows_path, mmap_mode="r")
+
+    def find(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each id, whether it was found)."""
+        want = np.array([str(i).encode() for i in ids], dtype=bytes) if len(ids) else np.array([], dtype="S1")
+        pos = np.searchsorted(self.keys, want, side="right") - 1    # the last of equal ids
+        found = (pos >= 0) & (self.keys[np.maximum(pos, 0)] == want)
+        return np.asarray(self.rows[np.maximum(pos, 0)]), found
+
+    def take(self, ids: Sequence[str], what: str = "id") -> pa.Table:
+        """The rows of ``ids``, in that order; a ``KeyError`` names the first id not in the table."""
+        rows, found = self.find(ids)
+        if not found.all():
+            raise KeyError(f"{what} {ids[int(np.argmin(found))]!r} is not in {self.path.name}")
+        return self.table.take(pa.array(rows, type=pa.int64()))
+
+    def columns(self, ids: Sequence[str], prefix: str = "", what: str = "id") -> dict[str, list[Any]]:
+        """``{prefix + column: values}`` of ``ids`` (the ``id`` column left out)."""
+        t = self.take(ids, what)
+        return {f"{prefix}{name}": t.column(name).to_pylist() for name in t.column_names if name != "id"}
