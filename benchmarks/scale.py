@@ -223,7 +223,7 @@ def read_training(table: Path, micro: int = 64) -> dict:
     """``fit``'s read: the table in the object store once, a worker takes each step's rows in BatchPlan order."""
     import ray
 
-    from unime_ray.data.io import read_table as read
+    from unime_ray.train.trainer import read_training_table
 
     @ray.remote(num_cpus=1)
     def epoch(ref, rows: int) -> int:
@@ -233,7 +233,7 @@ def read_training(table: Path, micro: int = 64) -> dict:
         plan = BatchPlan(rows, micro, 1, 1, 0)
         return sum(len(t.take(plan.rows(s, 0, 0)).to_pylist()) for s in range(plan.steps_per_epoch))
 
-    t = read(table)
+    t = read_training_table(table)
     return {"rows": ray.get(epoch.remote(ray.put(t), t.num_rows)), "table_mib": round(t.nbytes / 2 ** 20, 1)}
 
 

@@ -330,6 +330,14 @@ def rank_memory(engine) -> dict[str, int]:
     return {"param_bytes_per_rank": int(params), "optimizer_bytes_per_rank": int(state)}
 
 
+def read_training_table(path: str | os.PathLike):
+    """The training table as one contiguous chunk: a step's ``take`` from a table of many shards walks every
+    chunk (64 rows: 11 ms from 100 shards of 2,000 rows, 0.13 ms from one chunk), and slows as the table grows."""
+    from ..data.io import read_table
+
+    return read_table(path).combine_chunks()
+
+
 def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -> dict[str, Any]:
     """Fit on Ray (must be initialised), export the final model; returns paths and the last metrics."""
     import ray
@@ -341,13 +349,9 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
     s = job.settings
     # Materialised up front: on a small cluster the training workers hold every CPU, and a streaming read
     # would wait for a CPU forever. The table holds references to images, so it stays small.
-    # Shuffled once, globally: tables come grouped by task, and single-task batches both starve in-batch
-    # negatives of variety and (for classification) fill them with the query's own label.
-    from ..data.io import read_table
-
     # The table holds references to images, so it is small: every worker reads its rows from one copy in the
     # object store (zero-copy on a node), in the order BatchPlan gives, whatever the number of workers.
-    table = read_table(training_table)
+    table = read_training_table(training_table)
     rows = table.num_rows
     if s.max_steps is None:  # an epoch-based run: the steps follow from the table size and the global batch
         s = s.model_copy(update={"max_steps": s.steps_for(rows)})
