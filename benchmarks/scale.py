@@ -1,6 +1,6 @@
 """Paper scale: how time and memory of S1-S3 (retrieve -> judge -> mine) and the training table's read grow with N.
 
-    python benchmarks/scale.py --queries N [--candidates-per-query 50] [--dim 128] [--out DIR]
+    python benchmarks/scale.py --queries N [--candidates-per-query 50] [--dim 128] [--out DIR] [--address auto]
 
 Generates a seeded MMEB-train-shaped pair table of N queries (20 tasks; text, image-by-path and image+text
 queries and targets; each query's positive a distinct pool item, so the pool holds N candidates), then runs the
@@ -12,13 +12,20 @@ Two stand-ins, so that what is measured is the pipeline's own overhead:
 * **embedding**: no model runs; queries and pool get seeded unit vectors of dim D (clustered, each query near
   its positive), written in the embeddings-table format the retrieval stage reads;
 * **judge**: the real judge actor (content join from the lookups, Items, output rows), with a scorer that
-  returns (1 + cosine)/2 of the pair's vectors (a gather and a dot product per pair). It lives only here.
+  returns (1 + cosine)/2 of the pair's vectors, projected to 32 dims and stored as float16 (a gather and a dot
+  product per pair; 64 bytes a row, so the stand-in's own mapped arrays stay small next to the pipeline's
+  memory as N grows). It lives only here.
 
 Every step resumes: rerun with the same ``--out`` and finished shards are skipped (``tests/test_scale_resume.py``
 kills the whole process group during the judge and reruns). Memory: a thread samples the RSS of this process
 and of every process under it (Ray's workers, raylet, GCS) every 0.2 s; "private" is RSS minus file-backed and
 shared pages (the lookups and vectors are memory-mapped, Ray's object store is shared memory). The last line:
 per stage, rows/s and peak RSS of the driver and of the largest worker.
+
+``--address`` joins a running cluster instead of starting a local Ray (``ray job submit ... -- python
+benchmarks/scale.py --address auto ...``): the searchers and judge actors spread over its nodes, and the results
+record the nodes and how many shards each ran (``shards_per_node``); memory is then sampled for every Ray
+worker on this machine.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from unime_ray.data.schema import CANDIDATE_SCHEMA, PAIR_SCHEMA  # noqa: E402
 from unime_ray.judge.stage import JudgeActor, JudgeSpec  # noqa: E402
 
 TASKS = 20          # MMEB-train's 20 training datasets
+SCORER_DIM = 32     # the stand-in judge's vectors: a random projection of the embeddings
 GIB = 2 ** 30
 
 
@@ -64,8 +72,9 @@ def generate(out: Path, n: int, dim: int, rows_per_shard: int, seed: int) -> Non
     centers = rng.standard_normal((256, dim)).astype(np.float32)
     (out / "vectors").mkdir(exist_ok=True)
     # one array per side, row = the id's number: what the benchmark's scorer reads
-    vectors = {side: np.lib.format.open_memmap(out / "vectors" / f"{side}.npy", "w+", np.float32, (n, dim))
+    vectors = {side: np.lib.format.open_memmap(out / "vectors" / f"{side}.npy", "w+", np.float16, (n, SCORER_DIM))
                for side in "qp"}
+    projection = rng.standard_normal((dim, SCORER_DIM)).astype(np.float32)
     for j, lo in enumerate(range(0, n, rows_per_shard)):
         ids = np.arange(lo, min(n, lo + rows_per_shard))
         task = [f"task{i % TASKS:02d}" for i in ids]
@@ -79,7 +88,7 @@ def generate(out: Path, n: int, dim: int, rows_per_shard: int, seed: int) -> Non
                            out / "pool" / name)
         pos = _unit(centers[rng.integers(0, len(centers), len(ids))] + 0.8 * rng.standard_normal((len(ids), dim)))
         qv = _unit(pos + 0.5 * rng.standard_normal((len(ids), dim)) / np.sqrt(dim))
-        vectors["q"][ids], vectors["p"][ids] = qv, pos
+        vectors["q"][ids], vectors["p"][ids] = _unit(qv @ projection), _unit(pos @ projection)
         _write_embeddings(out / "query_embeddings" / name, pairs["id"], qv, task=task, pos_id=pairs["pos_id"])
         _write_embeddings(out / "candidate_embeddings" / name, pairs["pos_id"], pos)
     for v in vectors.values():
@@ -102,7 +111,7 @@ def _write_embeddings(path: Path, ids: list[str], vectors: np.ndarray, **extra: 
 
 # ------------------------------------------------------------------------------------------------ judge stand-in
 class _CosineScorer:
-    """(1 + cosine) / 2 of the pair's seeded vectors; ``ids`` is set by the actor before each call."""
+    """(1 + cosine) / 2 of the pair's projected vectors; ``ids`` is set by the actor before each call."""
 
     def __init__(self, vectors: str, seconds_per_batch: float = 0.0):
         self.q = np.load(Path(vectors) / "q.npy", mmap_mode="r")
@@ -115,7 +124,7 @@ class _CosineScorer:
         ci = np.fromiter((int(s[1:]) for s in self.ids[1]), dtype=np.int64, count=len(pairs))
         if self.pause:
             time.sleep(self.pause)
-        cos = np.einsum("ij,ij->i", self.q[qi], self.p[ci])
+        cos = np.einsum("ij,ij->i", self.q[qi].astype(np.float32), self.p[ci].astype(np.float32))
         return (1 + cos.astype(np.float64)) / 2, [None] * len(pairs)
 
 
@@ -134,9 +143,9 @@ class CosineJudgeActor(JudgeActor):
 class MemorySampler(threading.Thread):
     """Peak RSS (and private RSS) per stage of this process, of Ray workers and of Ray's other processes."""
 
-    def __init__(self, every: float = 0.2):
+    def __init__(self, every: float = 0.2, machine_wide: bool = False):
         super().__init__(daemon=True)
-        self.every, self.stage, self.peaks = every, "setup", {}
+        self.every, self.stage, self.peaks, self.machine_wide = every, "setup", {}, machine_wide
         self.me = psutil.Process()
         self._kinds: dict[int, str] = {}
         self._done = threading.Event()
@@ -149,7 +158,9 @@ class MemorySampler(threading.Thread):
 
     def sample(self) -> None:
         peak = self.peaks.setdefault(self.stage, {})
-        for p in [self.me, *self.me.children(recursive=True)]:
+        others = ([p for p in psutil.process_iter() if p.pid != self.me.pid and _is_ray_worker(p)]
+                  if self.machine_wide else self.me.children(recursive=True))
+        for p in [self.me, *others]:
             try:
                 kind = "driver" if p.pid == self.me.pid else self._kind(p)
                 m = p.memory_info()
@@ -164,6 +175,13 @@ class MemorySampler(threading.Thread):
 
     def stop(self) -> None:
         self._done.set()
+
+
+def _is_ray_worker(p: psutil.Process) -> bool:
+    try:
+        return p.name().startswith("ray::")
+    except psutil.Error:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -226,27 +244,43 @@ def read_training(table: Path, micro: int = 64) -> dict:
     from unime_ray.train.trainer import read_training_table
 
     @ray.remote(num_cpus=1)
-    def epoch(ref, rows: int) -> int:
+    def epoch(ref, rows: int) -> tuple[int, str]:
         from unime_ray.train.trainer import BatchPlan
+        from unime_ray.utils.shards import node_id
 
         t = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
         plan = BatchPlan(rows, micro, 1, 1, 0)
-        return sum(len(t.take(plan.rows(s, 0, 0)).to_pylist()) for s in range(plan.steps_per_epoch))
+        return sum(len(t.take(plan.rows(s, 0, 0)).to_pylist()) for s in range(plan.steps_per_epoch)), node_id()
 
     t = read_training_table(table)
-    return {"rows": ray.get(epoch.remote(ray.put(t), t.num_rows)), "table_mib": round(t.nbytes / 2 ** 20, 1)}
+    rows, node = ray.get(epoch.remote(ray.put(t), t.num_rows))
+    return {"rows": rows, "table_mib": round(t.nbytes / 2 ** 20, 1), "node": node}
+
+
+def cluster_nodes() -> list[dict]:
+    """The cluster's nodes: id (as ``shards_per_node`` names them), head or not, CPUs; and the driver's."""
+    import ray
+
+    from unime_ray.utils.shards import node_id
+
+    here = node_id()
+    return [{"node": n["NodeID"][:12], "head": "node:__internal_head__" in n["Resources"],
+             "cpus": n["Resources"].get("CPU", 0), "driver": n["NodeID"][:12] == here}
+            for n in ray.nodes() if n["Alive"]]
 
 
 def report(paths: list[Path], png: Path) -> str:
     """A Markdown table of seconds and peak RSS per stage against N, with the fitted log-log growth exponent
-    (slope of log seconds / log peak RSS on log N), and the plot of both."""
+    (slope of log seconds / log peak RSS on log N), the ratio of the largest N's peak to the peak of the run
+    nearest a tenth of it, and the plot of both."""
     from unime_ray.utils.plots import pyplot
 
     runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["queries"])
     ns = np.array([r["queries"] for r in runs], dtype=float)
     stages = [k for k in runs[0]["stages"] if k != "generate"]
-    head = ["stage", *(f"N={int(n):,}: s / rows/s / peak RSS GiB (driver, largest worker)" for n in ns),
-            "exponent: seconds", "exponent: peak RSS"]
+    tenth = int(np.argmin(np.abs(np.log(ns / (ns[-1] / 10)))))
+    head = ["stage", *(f"N={int(n):,}: s / rows/s / peak RSS GiB: driver, largest worker (private)" for n in ns),
+            "exponent: seconds", "exponent: peak RSS", f"peak RSS, N={int(ns[-1]):,} / N={int(ns[tenth]):,}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4)) if plt else (None, [None, None])
@@ -254,18 +288,19 @@ def report(paths: list[Path], png: Path) -> str:
         sec = np.array([r["stages"][stage]["seconds"] for r in runs])
         rss = np.array([max(r["stages"][stage]["peak"].get("driver", 0), r["stages"][stage]["peak"].get("worker", 0))
                         for r in runs]) / GIB
+        peaks = [r["stages"][stage]["peak"] for r in runs]
         cells = [f"{r['stages'][stage]['seconds']:,.1f} / {r['stages'][stage]['rows_per_s']:,.0f} / "
-                 f"{r['stages'][stage]['peak'].get('driver', 0) / GIB:.2f}, "
-                 f"{r['stages'][stage]['peak'].get('worker', 0) / GIB:.2f}" for r in runs]
+                 f"{p.get('driver', 0) / GIB:.2f}, {p.get('worker', 0) / GIB:.2f} "
+                 f"({p.get('worker_private', 0) / GIB:.2f})" for r, p in zip(runs, peaks)]
         slope = [f"{np.polyfit(np.log(ns), np.log(np.maximum(v, 1e-3)), 1)[0]:.2f}" if len(ns) > 1 else "-"
                  for v in (sec, rss)]
-        lines.append("| " + " | ".join([stage, *cells, *slope]) + " |")
+        lines.append("| " + " | ".join([stage, *cells, *slope, f"{rss[-1] / rss[tenth]:.2f}x"]) + " |")
         if plt:
             axes[0].loglog(ns, sec, "o-", label=stage)
             axes[1].loglog(ns, rss, "o-", label=stage)
     loads = [f"{max(v.get('load_average_1min', 0) for v in r['stages'].values()):.1f}" for r in runs]
     lines.append("| " + " | ".join(["highest 1-min load average at a stage's end (2 cores; shared machine)", *loads,
-                                    "", ""]) + " |")
+                                    "", "", ""]) + " |")
     if plt:
         axes[0].set(xlabel="queries N", ylabel="seconds", title="time per stage")
         axes[1].set(xlabel="queries N", ylabel="peak RSS, GiB (max of driver, largest worker)",
@@ -289,6 +324,8 @@ def main() -> None:
     ap.add_argument("--ivf-above", type=int, default=20_000, help="per-task pool size from which IVF is used")
     ap.add_argument("--judge-seconds-per-batch", type=float, default=0.0, help="slow the stand-in judge (tests)")
     ap.add_argument("--out", type=Path, default=None, help="working folder (rerun with it to resume)")
+    ap.add_argument("--address", default=None, help="join this Ray cluster ('auto': the one of a submitted job) "
+                                                    "instead of starting a local Ray")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.report:
@@ -298,8 +335,9 @@ def main() -> None:
         ap.error("--queries is required (or --report)")
     out = (a.out or Path(f"/tmp/unime_scale_{a.queries}")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.pop("RAY_ADDRESS", None)
-    sampler = MemorySampler()
+    if a.address is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    sampler = MemorySampler(machine_wide=a.address is not None)
     sampler.start()
     timings: dict[str, dict] = {}
 
@@ -318,7 +356,12 @@ def main() -> None:
     from unime_ray.utils.ray_utils import init_ray
 
     sampler.stage = "ray start"
-    init_ray(num_cpus=a.judge_actors + 1, include_dashboard=False)   # one CPU left for Ray Data's reads
+    if a.address is None:
+        init_ray(num_cpus=a.judge_actors + 1, include_dashboard=False)   # one CPU left for Ray Data's reads
+    else:
+        init_ray(address=a.address)
+    nodes = cluster_nodes()
+    print(f"nodes: {json.dumps(nodes)}", flush=True)
     step("retrieve", lambda r: a.queries, retrieve, out, a.queries, a.candidates_per_query, a.ivf_above, a.seed)
     judged = step("judge", lambda r: r["pairs"], judge, out, a.judge_actors, a.judge_batch,
                   a.judge_seconds_per_batch)
@@ -326,9 +369,10 @@ def main() -> None:
     step("train read", lambda r: r["rows"], read_training, out / "mine" / "train")
     sampler.stop()
     pairs = judged["pairs"]
-    summary = {"queries": a.queries, "pairs": pairs, "dim": a.dim, "args": {k: str(v) for k, v in vars(a).items()},
-               "stand_ins": "embedding: seeded unit vectors; judge: (1+cos)/2 of the pair's vectors (benchmark "
-                            "only), so judge pairs/s is the pipeline's own per-pair overhead",
+    summary = {"queries": a.queries, "pairs": pairs, "nodes": nodes, "dim": a.dim,
+               "args": {k: str(v) for k, v in vars(a).items()},
+               "stand_ins": "embedding: seeded unit vectors; judge: (1+cos)/2 of the pair's 32-dim projected vectors "
+                            "(benchmark only), so judge pairs/s is the pipeline's own per-pair overhead",
                "stages": {k: {**v, "peak": sampler.peaks.get(k, {})} for k, v in timings.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     print(" | ".join(f"{k}: {v['rows_per_s']:.0f} rows/s, peak RSS driver "

@@ -181,11 +181,13 @@ def test_retrieval_stage_matches_brute_force_and_resumes(tiny_models, synthetic_
     (out / "query_embeddings" / "part-00001.parquet").unlink()
     (out / "candidates" / "part-00001.parquet").unlink()
     (out / "candidates" / "part-00002.parquet").unlink()
+    (out / "index" / "shapes_i2t" / "vectors.npy").unlink()    # an index saved before the searchers' vectors file
     again = run_retrieval(pairs, cands, out, spec, settings, pool=Pool.in_process(8))
     assert again["query_embedding"]["rows_embedded"] == 25
     assert again["candidate_embedding"]["rows_embedded"] == 0
     assert again["search"]["shards_written"] == 2
     second = _check_candidates(out, pairs, settings)
+    assert (out / "index" / "shapes_i2t" / "vectors.npy").is_file()
     assert sorted(first, key=lambda r: r["query_id"]) == sorted(second, key=lambda r: r["query_id"])
 
 
@@ -196,6 +198,8 @@ def test_retrieval_stage_on_ray_equals_local(tiny_models, ray_local, synthetic_s
     local = run_retrieval(pairs, None, tmp_path / "local", spec, settings)
     ray_run = run_retrieval(pairs, None, tmp_path / "ray", spec, settings, pool=Pool())
     assert local["pools"] == ray_run["pools"] == 1
+    # which node searched what: every shard once, on the one node of this local Ray
+    assert list(ray_run["search"]["shards_per_node"].values()) == [ray_run["search"]["shards_written"]]
     a = {r["query_id"]: r for r in read_table(tmp_path / "local" / "candidates").to_pylist()}
     b = {r["query_id"]: r for r in read_table(tmp_path / "ray" / "candidates").to_pylist()}
     assert a.keys() == b.keys()

@@ -20,6 +20,11 @@ from pyarrow import ipc
 
 from ..utils.parquet import iter_batches
 
+# Rows per record batch of a lookup file. A take from a table of several batches concatenates them first (pyarrow
+# 26: a copy of the whole column per call), so RowLookup takes batch by batch: big batches keep that loop short,
+# and the builder holds one batch, whatever the table's size.
+BATCH_ROWS = 1 << 17
+
 
 def build_lookup(table: str | os.PathLike, path: str | os.PathLike, columns: Sequence[str], strip: str = "") -> Path:
     """Write ``path`` (an Arrow file of ``id`` + ``columns``, each stored without the prefix ``strip``) and its
@@ -29,17 +34,26 @@ def build_lookup(table: str | os.PathLike, path: str | os.PathLike, columns: Seq
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    ids = []
+    ids, pending = [], []
     writer = schema = None
+
+    def flush() -> None:
+        writer.write_table(pa.Table.from_batches(pending, schema).combine_chunks())
+        pending.clear()
+
     for batch in iter_batches(table, batch_size=8192, columns=["id", *columns]):
         batch = batch.rename_columns([c.removeprefix(strip) for c in batch.schema.names])
         if writer is None:
             schema = batch.schema
             writer = ipc.new_file(str(tmp), schema)
-        writer.write_batch(batch if batch.schema == schema else batch.cast(schema))
+        pending.append(batch if batch.schema == schema else batch.cast(schema))
         ids.extend(s.encode() for s in batch.column(0).to_pylist())
+        if sum(b.num_rows for b in pending) >= BATCH_ROWS:
+            flush()
     if writer is None:
         raise FileNotFoundError(f"table {table} has no rows to look up")
+    if pending:
+        flush()
     writer.close()
     keys = np.array(ids, dtype=bytes)
     order = np.argsort(keys, kind="stable")
@@ -59,7 +73,9 @@ class RowLookup:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.table = ipc.open_file(pa.memory_map(str(self.path))).read_all()
+        reader = ipc.open_file(pa.memory_map(str(self.path)))
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])
         keys_path, rows_path = _index_paths(self.path)
         self.keys = np.load(keys_path, mmap_mode="r")
         self.rows = np.load(rows_path, mmap_mode="r")
@@ -76,7 +92,13 @@ class RowLookup:
         rows, found = self.find(ids)
         if not found.all():
             raise KeyError(f"{what} {ids[int(np.argmin(found))]!r} is not in {self.path.name}")
-        return self.table.take(pa.array(rows, type=pa.int64()))
+        batch = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(batch, kind="stable")
+        cuts = np.flatnonzero(np.diff(batch[order])) + 1
+        parts = [self.batches[batch[g[0]]].take(pa.array(rows[g] - self.starts[batch[g[0]]], type=pa.int64()))
+                 for g in np.split(order, cuts) if len(g)]
+        grouped = pa.Table.from_batches(parts, self.batches[0].schema).combine_chunks()
+        return grouped.take(pa.array(np.argsort(order), type=pa.int64()))    # back to the order of ``ids``
 
     def columns(self, ids: Sequence[str], prefix: str = "", what: str = "id") -> dict[str, list[Any]]:
         """``{prefix + column: values}`` of ``ids`` (the ``id`` column left out)."""

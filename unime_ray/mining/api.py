@@ -86,7 +86,8 @@ def mine_hard_negatives(pairs: Any, *, retriever: Any, judge: Any, candidates: A
     all pairs are the pool (per task, as MMEB-train). ``retriever``: an :class:`~unime_ray.Embedder` or a
     model name/folder; ``judge``: a :class:`~unime_ray.Judge` or a model name/folder, or a list of k of them,
     the judge fitted on each fold of :func:`~unime_ray.judge.crossfit.query_folds` ``(pairs, k, seed)``: then
-    scoring is cross-fitted (a fold's queries scored by another fold's judge, as the pipeline's stand-in judges). ``delta``: drop
+    scoring is cross-fitted (a fold's queries scored by another fold's judge, as the pipeline's stand-in
+    judges). ``delta``: drop
     candidates at or above the query's similarity to its positive (``"positive"``), a number, or None; ``fill``:
     search deeper so that ``top_k`` remain after that drop (the paper's Rank_50 over x < delta) instead of
     filtering the first ``top_k``.

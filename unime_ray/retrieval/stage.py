@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..data.io import iter_rows, read_table, write_rows, write_table_atomic
 from ..data.schema import CANDIDATE_SCHEMA, empty_row
@@ -71,12 +72,22 @@ class SearchActor:
 
             faiss.omp_set_num_threads(threads)
         self.settings = RetrieveConfig.model_validate(settings)
+        # per pool: the index, its ids, and its vectors memory-mapped (read for the positives only), so the
+        # pool's vectors are held once, by the index
         self.groups: dict[str, tuple[ShardedIndex, list[str], np.ndarray]] = {}
+        self.positions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         meta = json.loads((Path(index_dir) / "groups.json").read_text())
         for group, folder in meta.items():
-            ids, vecs = read_embeddings(Path(folder) / "vectors")
-            self.groups[group] = (ShardedIndex.load(folder), ids, vecs)
-        self.positions = {g: {cid: i for i, cid in enumerate(ids)} for g, (_, ids, _) in self.groups.items()}
+            ids = read_table(Path(folder) / "vectors", ["id"]).column("id").to_pylist()
+            self.groups[group] = (ShardedIndex.load(folder), ids, np.load(_vectors_file(folder), mmap_mode="r"))
+            keys = np.array(ids)
+            order = np.argsort(keys, kind="stable")
+            self.positions[group] = (keys[order], order)
+
+    def _position(self, group: str, cid: str) -> int | None:
+        keys, order = self.positions[group]
+        j = int(np.searchsorted(keys, cid))
+        return int(order[j]) if j < len(keys) and keys[j] == cid else None
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         n = len(batch["id"])
@@ -91,7 +102,7 @@ class SearchActor:
             q = np.stack([np.asarray(batch["embedding"][i], dtype=np.float32) for i in rows])
             pos_sims = []
             for i, qi in zip(rows, q):
-                p = self.positions[group].get(batch["pos_id"][i])
+                p = self._position(group, batch["pos_id"][i])
                 if p is None:
                     raise KeyError(f"query {batch['id'][i]!r}: its positive {batch['pos_id'][i]!r} is not in the "
                                    f"candidate pool {group!r}")
@@ -158,25 +169,74 @@ def build_indexes(candidate_embeddings: str | os.PathLike, candidates: str | os.
     groups_file = out_dir / "groups.json"
     if groups_file.is_file():
         return json.loads(groups_file.read_text())
-    ids, vecs = read_embeddings(candidate_embeddings)
-    task_of = {r["id"]: r["task"] for r in iter_rows(candidates, columns=["id", "task"])}
-    keys = [task_of[i] if settings.pool == "task" else GLOBAL_POOL for i in ids]
+    # memory: the ids and pools of all rows (Arrow and numpy), the vectors of one pool at a time
+    ids = read_table(candidate_embeddings, ["id"]).column("id")
+    if settings.pool == "task":
+        tasks = read_table(candidates, ["id", "task"])
+        tasks = tasks.take(_last_of_each(tasks.column("id")))      # an id listed twice: its last row, as a dict
+        rows = pa.table({"id": ids, "row": np.arange(len(ids))}).join(tasks, "id").sort_by("row")
+        if rows.num_rows != len(ids):
+            missing = set(ids.to_pylist()) - set(tasks.column("id").to_pylist())
+            raise KeyError(f"candidate {sorted(missing)[0]!r} has an embedding but no row in {candidates}")
+        coded = rows.column("task").combine_chunks().dictionary_encode()
+        codes, names = coded.indices.to_numpy(zero_copy_only=False), coded.dictionary.to_pylist()
+    else:
+        codes, names = np.zeros(len(ids), dtype=np.int64), [GLOBAL_POOL]
     folders = {}
-    for group in sorted(set(keys)):
-        sel = [j for j, g in enumerate(keys) if g == group]
+    for group in sorted(names):
+        sel = np.flatnonzero(codes == names.index(group))
         folder = out_dir / _safe_name(group)
         if not (folder / "index.json").is_file():
             tmp = out_dir / f".{_safe_name(group)}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            write_table_atomic(embeddings_table([ids[j] for j in sel], vecs[sel]),
+            vecs = _embedding_rows(candidate_embeddings, sel)
+            write_table_atomic(embeddings_table(ids.take(sel).to_pylist(), vecs),
                                tmp / "vectors" / "part-00000.parquet")
-            ShardedIndex.build(vecs[sel], settings, seed).save(tmp)
+            np.save(tmp / VECTORS_FILE, vecs)
+            ShardedIndex.build(vecs, settings, seed).save(tmp)
+            del vecs
             os.replace(tmp, folder)
         folders[group] = str(folder)
         logger.info("index %s: %d candidates, %s x%d shard(s)", group, len(sel), settings.index_kind,
                     settings.num_shards)
     groups_file.write_text(json.dumps(folders, indent=1))
     return folders
+
+
+VECTORS_FILE = "vectors.npy"     # a pool's vectors in index order, for the searchers' memory maps
+
+
+def _vectors_file(folder: str | os.PathLike) -> Path:
+    """``folder``'s vectors as .npy (written here for an index built before the file existed)."""
+    path = Path(folder) / VECTORS_FILE
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+        np.save(tmp, read_embeddings(Path(folder) / "vectors")[1])
+        os.replace(tmp, path)
+    return path
+
+
+def _last_of_each(ids: pa.ChunkedArray) -> np.ndarray:
+    """Rows of the last occurrence of each distinct id."""
+    coded = ids.combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    _, first_from_end = np.unique(coded[::-1], return_index=True)
+    return np.sort(len(coded) - 1 - first_from_end)
+
+
+def _embedding_rows(table: str | os.PathLike, rows: np.ndarray) -> np.ndarray:
+    """[len(rows), dim] float32: the embeddings at these row numbers (ascending) of a table, shard by shard."""
+    from ..data.io import shard_paths
+    from ..utils.shards import shard_rows
+
+    parts, start = [], 0
+    for shard in shard_paths(table):
+        n = shard_rows(shard)
+        local = rows[(rows >= start) & (rows < start + n)] - start
+        if len(local):
+            col = pq.read_table(shard, columns=["embedding"]).column("embedding").take(pa.array(local))
+            parts.append(col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(local), -1))
+        start += n
+    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def _safe_name(name: str) -> str:
@@ -206,7 +266,7 @@ def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.Path
     CPU-bound faiss work, so whole shards per call keep Ray's overhead to one round trip per shard.
     """
     from ..utils.progress import Progress
-    from ..utils.shards import pending_shards, shard_rows
+    from ..utils.shards import pending_shards, run_shards_on, shard_rows, spread_actors
 
     on_ray = pool is not None and pool.ray
     todo = pending_shards(query_embeddings, out_dir)
@@ -214,17 +274,13 @@ def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.Path
     progress = Progress(logger, f"searched ({Path(query_embeddings).name}{', Ray' if on_ray else ''})", total)
     kwargs = {"index_dir": str(index_dir), "settings": settings.model_dump(),
               "threads": threads or (max(1, int(pool.num_cpus_per_actor)) if on_ray else None)}
+    per_node: dict[str, int] = {}
     if todo and on_ray:
-        import ray
-        from ray.util import ActorPool
-
-        remote_cls = ray.remote(num_cpus=pool.num_cpus_per_actor)(_RemoteSearcher)
-        searchers = [remote_cls.remote(kwargs) for _ in range(min(pool.max_actors, len(todo)))]
-        ray.get([a.ready.remote() for a in searchers])  # process start + index load, timed apart from search
+        # process start + index load, timed apart from search
+        searchers = spread_actors(_RemoteSearcher, min(pool.max_actors, len(todo)), kwargs,
+                                  num_cpus=pool.num_cpus_per_actor)
         setup = progress.elapsed
-        actors = ActorPool(searchers)
-        for n in actors.map_unordered(lambda a, job: a.run.remote(*job), [(str(s), str(o)) for s, o in todo]):
-            progress.update(n)
+        per_node = run_shards_on(searchers, todo, progress.update)
     elif todo:
         actor = SearchActor(**kwargs)
         setup = progress.elapsed
@@ -232,7 +288,7 @@ def search_queries(query_embeddings: str | os.PathLike, index_dir: str | os.Path
             progress.update(search_shard(actor, s, o))
     return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
             "setup_seconds": round(setup, 3) if todo else 0.0,
-            "rows_per_s": round(progress.rate, 2) if total else 0.0}
+            "rows_per_s": round(progress.rate, 2) if total else 0.0, "shards_per_node": per_node}
 
 
 class _RemoteSearcher:
@@ -241,8 +297,10 @@ class _RemoteSearcher:
     def __init__(self, kwargs: dict[str, Any]):
         self.searcher = SearchActor(**kwargs)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        from ..utils.shards import node_id
+
+        return node_id()
 
     def run(self, shard: str, out: str) -> int:
         return search_shard(self.searcher, shard, out)

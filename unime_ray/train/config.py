@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from ..judge.config import EncoderJudgeFitConfig
 from ..utils.settings import Section
+from .tracking import Tracking
 
 Objective = Literal["judge_alignment", "hard_label", "infonce"]
 
@@ -59,7 +60,7 @@ class TrainLoop(Section):
                                   "the last)")
     max_failures: int = Field(default=1, ge=0, description="worker failures Ray Train recovers from, restarting "
                               "at the last checkpoint")
-    tracking: Literal["none", "mlflow", "tensorboard", "wandb"] = Field(
+    tracking: Tracking = Field(
         default="none", description="also send metrics.jsonl's records, the settings and the final eval there")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI, or the TensorBoard / W&B "
                                      "folder; null: MLFLOW_TRACKING_URI, else a folder in the training's output")

@@ -76,7 +76,8 @@ def batch_loss(embedder, examples, objective: str, temperature: float,
         if width > 1:  # with in-batch negatives only there is nothing to agree on
             info["agreement_top1"] = (sim.argmax(1) == scores.nan_to_num(-1).argmax(1)).float().mean().item()
         if objective == "infonce":  # the in-batch view: is each query's own positive the best of the batch?
-            info["inbatch_top1"] = ((q @ positives.T).argmax(1) == torch.arange(n, device=q.device)).float().mean().item()
+            own = torch.arange(n, device=q.device)
+            info["inbatch_top1"] = ((q @ positives.T).argmax(1) == own).float().mean().item()
     return loss, info
 
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from ..utils.files import write_json_atomic
+
 Tracking = Literal["none", "mlflow", "tensorboard", "wandb"]
 RECORD = "tracking.json"
 
@@ -118,7 +120,7 @@ class Tracker:
         """Record where this run went (``tracking.json``), for :func:`resume_tracking`."""
         record = {"kind": self.kind, "where": self.where, "name": self.name, "run_id": self.run_id,
                   "project": self.project}
-        (Path(folder) / RECORD).write_text(json.dumps(record, indent=1))
+        write_json_atomic(record, Path(folder) / RECORD, indent=1)
 
 
 def start_tracking(kind: Tracking, out_dir: str | os.PathLike, name: str, config: Mapping[str, Any],

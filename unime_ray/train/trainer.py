@@ -376,7 +376,7 @@ def fit(training_table: str | os.PathLike, job: TrainJob, name: str = "train") -
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as d:
         model_dir = export_model(d, job, out / "model")
-    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:   # each step's table rows stay in the file only (not in the card, the result or the plot)
         m.pop("rows", None)
     from ..models.card import write_model_card

@@ -188,8 +188,8 @@ class _ShardWorker:
         self.fn, self.build_table, self.columns, self.batch_size, self.what = (
             fn_cls(**fn_kwargs), build_table, columns, batch_size, what)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        return node_id()
 
     def run(self, shard: str, out: str) -> tuple[int, dict[int, int]]:
         """(rows mapped, the visual-token histogram of the images they held)."""
@@ -215,21 +215,57 @@ def map_shards_actors(fn_cls, fn_kwargs: dict[str, Any], table: str | os.PathLik
     """Ray driver handing whole pending shards to ``max_actors`` actors (the output folder must be on storage the
     actors share). Each output shard is written as soon as it is done, so a killed run keeps every finished shard;
     memory is one shard per actor, and the driver holds none."""
-    import ray
-    from ray.util import ActorPool
-
     todo = pending_shards(table, out_dir)
     total = sum(shard_rows(s) for s, _ in todo)
     progress = Progress(logger, f"{what} ({Path(table).name}, Ray)", total, unit="rows")
     tokens: Counter = Counter()
+    per_node: dict[str, int] = {}
     if todo:
-        worker = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_ShardWorker)
-        actors = [worker.remote(fn_cls, fn_kwargs, build_table, columns, batch_size, what)
-                  for _ in range(min(max_actors, len(todo)))]
-        ray.get([a.ready.remote() for a in actors])
-        for rows, hist in ActorPool(actors).map_unordered(lambda a, job: a.run.remote(*job),
-                                                           [(str(s), str(o)) for s, o in todo]):
-            tokens.update(hist)
-            progress.update(rows)
+        actors = spread_actors(_ShardWorker, min(max_actors, len(todo)), fn_cls, fn_kwargs, build_table, columns,
+                               batch_size, what, num_cpus=num_cpus, num_gpus=num_gpus)
+
+        def done(result: tuple[int, dict[int, int]]) -> None:
+            tokens.update(result[1])
+            progress.update(result[0])
+
+        per_node = run_shards_on(actors, todo, done)
     return {"rows": total, "shards_written": len(todo), "seconds": round(progress.elapsed, 3),
-            "rows_per_s": round(progress.rate, 2) if total else 0.0, "visual_tokens": _tally(tokens)}
+            "rows_per_s": round(progress.rate, 2) if total else 0.0, "visual_tokens": _tally(tokens),
+            "shards_per_node": per_node}
+
+
+def node_id() -> str:
+    """The Ray node this process runs on: the first 12 hex digits of its id (enough to tell nodes apart)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12]
+
+
+def spread_actors(cls, count: int, *args, num_cpus: float = 1.0, num_gpus: float = 0.0) -> dict[Any, str]:
+    """``count`` Ray actors of ``cls(*args)`` spread over the cluster's nodes (a pool of judges or searchers
+    should use every node, not fill the driver's first), each built; ``{actor: its node}``. ``cls`` has a
+    ``ready()`` that returns :func:`node_id`."""
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD")(cls)
+    actors = [remote.remote(*args) for _ in range(count)]
+    return dict(zip(actors, ray.get([a.ready.remote() for a in actors])))
+
+
+def run_shards_on(actors: dict[Any, str], jobs: list[tuple[Path, Path]], on_result: Callable[[Any], None]
+                  ) -> dict[str, int]:
+    """Hand each (input shard, output shard) to the next free actor's ``run``; ``on_result`` sees each result
+    as it comes. Returns how many shards each node ran."""
+    import ray
+
+    free, running, queue, per_node = list(actors), {}, list(jobs), Counter()
+    while queue or running:
+        while free and queue:
+            actor, (shard, out) = free.pop(), queue.pop(0)
+            running[actor.run.remote(str(shard), str(out))] = actor
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor = running.pop(ref)
+        on_result(ray.get(ref))
+        free.append(actor)
+        per_node[actors[actor]] += 1
+    return dict(sorted(per_node.items()))
