@@ -120,7 +120,7 @@ class Tracker:
         """Record where this run went (``tracking.json``), for :func:`resume_tracking`."""
         record = {"kind": self.kind, "where": self.where, "name": self.name, "run_id": self.run_id,
                   "project": self.project}
-        write_json_atomic(record, Path(folder) / RECORD, indent=1)
+        write_json_atomic(record, Path(folder) / RECORD)
 
 
 def start_tracking(kind: Tracking, out_dir: str | os.PathLike, name: str, config: Mapping[str, Any],
