@@ -206,3 +206,30 @@ def test_retrieval_stage_on_ray_equals_local(tiny_models, ray_local, synthetic_s
     for k in a:
         assert a[k]["cand_ids"] == b[k]["cand_ids"] and a[k]["n_dropped"] == b[k]["n_dropped"]
         assert a[k]["pos_id"] not in a[k]["cand_ids"]
+
+
+def test_build_indexes_groups_by_the_pool_rows_last_wins_and_names_a_missing_one(tmp_path):
+    """Each embedding goes to its pool row's task (an id listed twice: its last row, as a dict of the rows);
+    an embedding without a pool row is an error naming it. The searchers find positives by id in each pool."""
+    import pyarrow as pa
+
+    from unime_ray.data.io import write_table_atomic
+    from unime_ray.data.schema import CANDIDATE_SCHEMA
+    from unime_ray.models.encode import embeddings_table
+    from unime_ray.retrieval.stage import SearchActor, build_indexes
+
+    ids = [f"c{i}" for i in range(6)]
+    vectors = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    pool = {"id": [*ids[:5], "c0"], "task": ["a", "b", "a", "b", "a", "b"]}       # c5 missing, c0 twice
+    write_table_atomic(pa.table({f.name: pool.get(f.name, [None] * 6) for f in CANDIDATE_SCHEMA},
+                                schema=CANDIDATE_SCHEMA), tmp_path / "pool" / "part-00000.parquet")
+    write_table_atomic(embeddings_table(ids, vectors), tmp_path / "emb" / "part-00000.parquet")
+    with pytest.raises(KeyError, match="candidate 'c5' has an embedding but no row"):
+        build_indexes(tmp_path / "emb", tmp_path / "pool", tmp_path / "index", RetrieveConfig(top_k=2))
+    write_table_atomic(embeddings_table(ids[:5], vectors[:5]), tmp_path / "emb" / "part-00000.parquet")
+    groups = build_indexes(tmp_path / "emb", tmp_path / "pool", tmp_path / "index", RetrieveConfig(top_k=2))
+    assert {g: read_table(f"{folder}/vectors", ["id"]).column("id").to_pylist() for g, folder in groups.items()} == {
+        "a": ["c2", "c4"], "b": ["c0", "c1", "c3"]}
+    searcher = SearchActor(str(tmp_path / "index"), RetrieveConfig(top_k=2).model_dump())
+    assert searcher._position("b", "zz") is None
+    np.testing.assert_array_equal(searcher.groups["b"][2][searcher._position("b", "c3")], vectors[3])

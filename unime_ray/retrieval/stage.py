@@ -174,7 +174,7 @@ def build_indexes(candidate_embeddings: str | os.PathLike, candidates: str | os.
     if settings.pool == "task":
         tasks = read_table(candidates, ["id", "task"])
         tasks = tasks.take(_last_of_each(tasks.column("id")))      # an id listed twice: its last row, as a dict
-        rows = pa.table({"id": ids, "row": np.arange(len(ids))}).join(tasks, "id").sort_by("row")
+        rows = pa.table({"id": ids, "row": np.arange(len(ids))}).join(tasks, "id", join_type="inner").sort_by("row")
         if rows.num_rows != len(ids):
             missing = set(ids.to_pylist()) - set(tasks.column("id").to_pylist())
             raise KeyError(f"candidate {sorted(missing)[0]!r} has an embedding but no row in {candidates}")
