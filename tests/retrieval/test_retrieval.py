@@ -214,6 +214,7 @@ def test_build_indexes_groups_by_the_pool_rows_last_wins_and_names_a_missing_one
     import pyarrow as pa
 
     from unime_ray.data.io import write_table_atomic
+    from unime_ray.data.lookup import find_rows
     from unime_ray.data.schema import CANDIDATE_SCHEMA
     from unime_ray.models.encode import embeddings_table
     from unime_ray.retrieval.stage import SearchActor, build_indexes
@@ -231,5 +232,6 @@ def test_build_indexes_groups_by_the_pool_rows_last_wins_and_names_a_missing_one
     assert {g: read_table(f"{folder}/vectors", ["id"]).column("id").to_pylist() for g, folder in groups.items()} == {
         "a": ["c2", "c4"], "b": ["c0", "c1", "c3"]}
     searcher = SearchActor(str(tmp_path / "index"), RetrieveConfig(top_k=2).model_dump())
-    assert searcher._position("b", "zz") is None
-    np.testing.assert_array_equal(searcher.groups["b"][2][searcher._position("b", "c3")], vectors[3])
+    at, found = find_rows(*searcher.positions["b"], ["zz", "c3"])
+    assert found.tolist() == [False, True]
+    np.testing.assert_array_equal(searcher.groups["b"][2][at[1]], vectors[3])

@@ -47,7 +47,7 @@ def build_lookup(table: str | os.PathLike, path: str | os.PathLike, columns: Seq
             schema = batch.schema
             writer = ipc.new_file(str(tmp), schema)
         pending.append(batch if batch.schema == schema else batch.cast(schema))
-        ids.extend(s.encode() for s in batch.column(0).to_pylist())
+        ids.extend(batch.column(0).to_pylist())
         if sum(b.num_rows for b in pending) >= BATCH_ROWS:
             flush()
     if writer is None:
@@ -55,13 +55,28 @@ def build_lookup(table: str | os.PathLike, path: str | os.PathLike, columns: Seq
     if pending:
         flush()
     writer.close()
-    keys = np.array(ids, dtype=bytes)
-    order = np.argsort(keys, kind="stable")
+    keys, rows = sorted_ids(ids)
     keys_path, rows_path = _index_paths(path)
-    np.save(keys_path, keys[order])
-    np.save(rows_path, order.astype(np.int64))
+    np.save(keys_path, keys)
+    np.save(rows_path, rows)
     os.replace(tmp, path)    # the Arrow file last: its presence means the index is complete
     return path
+
+
+def sorted_ids(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the ids sorted, as UTF-8 bytes; the row number of each): the index :func:`find_rows` searches."""
+    keys = np.array([str(i).encode() for i in ids], dtype=bytes) if len(ids) else np.array([], dtype="S1")
+    order = np.argsort(keys, kind="stable")
+    return keys[order], order.astype(np.int64)
+
+
+def find_rows(keys: np.ndarray, rows: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each id, whether it was found) in a :func:`sorted_ids` index; of equal ids, the last row."""
+    want = np.array([str(i).encode() for i in ids], dtype=bytes) if len(ids) else np.array([], dtype="S1")
+    if not len(keys):
+        return np.zeros(len(want), dtype=np.int64), np.zeros(len(want), dtype=bool)
+    pos = np.maximum(np.searchsorted(keys, want, side="right") - 1, 0)
+    return np.asarray(rows[pos]), keys[pos] == want
 
 
 def _index_paths(path: Path) -> tuple[Path, Path]:
@@ -82,10 +97,7 @@ class RowLookup:
 
     def find(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(row of each id, whether it was found)."""
-        want = np.array([str(i).encode() for i in ids], dtype=bytes) if len(ids) else np.array([], dtype="S1")
-        pos = np.searchsorted(self.keys, want, side="right") - 1    # the last of equal ids
-        found = (pos >= 0) & (self.keys[np.maximum(pos, 0)] == want)
-        return np.asarray(self.rows[np.maximum(pos, 0)]), found
+        return find_rows(self.keys, self.rows, ids)
 
     def take(self, ids: Sequence[str], what: str = "id") -> pa.Table:
         """The rows of ``ids``, in that order; a ``KeyError`` names the first id not in the table."""

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..data.io import iter_rows, read_table, write_rows, write_table_atomic
+from ..data.lookup import find_rows, sorted_ids
 from ..data.schema import CANDIDATE_SCHEMA, empty_row
 from ..models.encode import EmbedderSpec, embed_table, embeddings_table, read_embeddings
 from ..utils.pool import Pool
@@ -75,19 +76,12 @@ class SearchActor:
         # per pool: the index, its ids, and its vectors memory-mapped (read for the positives only), so the
         # pool's vectors are held once, by the index
         self.groups: dict[str, tuple[ShardedIndex, list[str], np.ndarray]] = {}
-        self.positions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.positions: dict[str, tuple[np.ndarray, np.ndarray]] = {}     # sorted ids, for find_rows
         meta = json.loads((Path(index_dir) / "groups.json").read_text())
         for group, folder in meta.items():
             ids = read_table(Path(folder) / "vectors", ["id"]).column("id").to_pylist()
             self.groups[group] = (ShardedIndex.load(folder), ids, np.load(_vectors_file(folder), mmap_mode="r"))
-            keys = np.array(ids)
-            order = np.argsort(keys, kind="stable")
-            self.positions[group] = (keys[order], order)
-
-    def _position(self, group: str, cid: str) -> int | None:
-        keys, order = self.positions[group]
-        j = int(np.searchsorted(keys, cid))
-        return int(order[j]) if j < len(keys) and keys[j] == cid else None
+            self.positions[group] = sorted_ids(ids)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         n = len(batch["id"])
@@ -100,13 +94,12 @@ class SearchActor:
                 raise KeyError(f"no candidate pool for task {group!r}")
             index, ids, vecs = self.groups[group]
             q = np.stack([np.asarray(batch["embedding"][i], dtype=np.float32) for i in rows])
-            pos_sims = []
-            for i, qi in zip(rows, q):
-                p = self._position(group, batch["pos_id"][i])
-                if p is None:
-                    raise KeyError(f"query {batch['id'][i]!r}: its positive {batch['pos_id'][i]!r} is not in the "
-                                   f"candidate pool {group!r}")
-                pos_sims.append(float(vecs[p] @ qi))
+            at, found = find_rows(*self.positions[group], [batch["pos_id"][i] for i in rows])
+            if not found.all():
+                i = rows[int(np.argmin(found))]
+                raise KeyError(f"query {batch['id'][i]!r}: its positive {batch['pos_id'][i]!r} is not in the "
+                               f"candidate pool {group!r}")
+            pos_sims = [float(vecs[p] @ qi) for p, qi in zip(at, q)]
             results = self._search(index, ids, q, rows, batch, pos_sims)
             for i, ps, (kept_ids, kept_scores, dropped) in zip(rows, pos_sims, results):
                 out["query_id"][i] = batch["id"][i]
@@ -173,12 +166,12 @@ def build_indexes(candidate_embeddings: str | os.PathLike, candidates: str | os.
     ids = read_table(candidate_embeddings, ["id"]).column("id")
     if settings.pool == "task":
         tasks = read_table(candidates, ["id", "task"])
-        tasks = tasks.take(_last_of_each(tasks.column("id")))      # an id listed twice: its last row, as a dict
-        rows = pa.table({"id": ids, "row": np.arange(len(ids))}).join(tasks, "id", join_type="inner").sort_by("row")
-        if rows.num_rows != len(ids):
-            missing = set(ids.to_pylist()) - set(tasks.column("id").to_pylist())
-            raise KeyError(f"candidate {sorted(missing)[0]!r} has an embedding but no row in {candidates}")
-        coded = rows.column("task").combine_chunks().dictionary_encode()
+        # an id listed twice: its last row, as a dict of the rows would hold
+        wanted = ids.to_pylist()
+        at, found = find_rows(*sorted_ids(tasks.column("id").to_pylist()), wanted)
+        if not found.all():
+            raise KeyError(f"candidate {wanted[int(np.argmin(found))]!r} has an embedding but no row in {candidates}")
+        coded = tasks.column("task").take(pa.array(at)).combine_chunks().dictionary_encode()
         codes, names = coded.indices.to_numpy(zero_copy_only=False), coded.dictionary.to_pylist()
     else:
         codes, names = np.zeros(len(ids), dtype=np.int64), [GLOBAL_POOL]
@@ -214,13 +207,6 @@ def _vectors_file(folder: str | os.PathLike) -> Path:
         np.save(tmp, read_embeddings(Path(folder) / "vectors")[1])
         os.replace(tmp, path)
     return path
-
-
-def _last_of_each(ids: pa.ChunkedArray) -> np.ndarray:
-    """Rows of the last occurrence of each distinct id."""
-    coded = ids.combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
-    _, first_from_end = np.unique(coded[::-1], return_index=True)
-    return np.sort(len(coded) - 1 - first_from_end)
 
 
 def _embedding_rows(table: str | os.PathLike, rows: np.ndarray) -> np.ndarray:
